@@ -1,0 +1,57 @@
+//! `DesiredState`: one deployment's Scores for one device, at one generation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DeploymentName, DeviceId, DeviceScore};
+
+/// The document format this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+fn format_version() -> u32 {
+    FORMAT_VERSION
+}
+
+/// The desired state of one deployment on one device. The agent runs its
+/// Scores in the order listed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Document format, [`FORMAT_VERSION`].
+    #[serde(default = "format_version")]
+    pub format: u32,
+    /// The device this document is for.
+    pub device_id: DeviceId,
+    /// The deployment, unique per device.
+    pub deployment: DeploymentName,
+    /// Increases with every change; the device applies only newer generations.
+    pub generation: u64,
+    /// When it was issued, in seconds since the Unix epoch (0: unknown).
+    #[serde(default)]
+    pub issued_at: u64,
+    /// After this time (seconds since the Unix epoch) the device refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// The Scores, in the order they run.
+    pub scores: Vec<Box<dyn DeviceScore>>,
+}
+
+impl DesiredState {
+    /// A document issued now.
+    pub fn new(
+        device_id: DeviceId,
+        deployment: DeploymentName,
+        generation: u64,
+        scores: Vec<Box<dyn DeviceScore>>,
+    ) -> Self {
+        let issued_at =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self {
+            format: FORMAT_VERSION,
+            device_id,
+            deployment,
+            generation,
+            issued_at,
+            expires_at: None,
+            scores,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The wire format of Harmony device Scores: what an operator writes and a device reads.
+//!
+//! This crate is shared by the agent and by operator tools, so both produce
+//! the same bytes. It holds serde types, the CBOR codec and names, and
+//! deliberately no async runtime and no NATS client.
+
+mod codec;
+mod document;
+mod ids;
+mod registry;
+
+pub use codec::{decode, decode_json, encode, to_json_pretty, DecodeError, DecodeLimits, EncodeError};
+pub use document::{DesiredState, FORMAT_VERSION};
+pub use ids::{DeploymentName, DeviceId, IdError};
+pub use registry::{registered_scores, DeviceScore, ScoreRegistration};
+
+/// Re-exported for `inventory::submit!` in Score crates.
+pub use inventory;

@@ -1,0 +1,45 @@
+//! The Scores a Harmony device can run, one per module, each registered for the wire.
+//!
+//! Every module holds a `FooScore` (serde data), its `FooInterpret` (the
+//! doing), its wire registration and its tests.
+
+mod directory;
+mod file;
+
+use serde::{Deserialize, Serialize};
+
+pub use directory::{DirectoryInterpret, DirectoryScore};
+pub use file::{FileInterpret, FileScore};
+
+/// Whether a Score's resource should exist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceState {
+    /// It exists as the Score describes (the default).
+    #[default]
+    Present,
+    /// It does not exist.
+    Absent,
+}
+
+/// Call once from a binary that never names a Score type otherwise: it makes
+/// the linker keep this crate, and with it the Scores' wire registrations
+/// (`typetag` and `inventory` silently lose crates that nothing references).
+pub fn ensure_linked() {
+    std::hint::black_box(file::TAG);
+}
+
+/// Formats permission bits the way people write them (`0644`).
+pub(crate) fn octal(mode: u32) -> String {
+    format!("{mode:04o}")
+}
+
+/// A mode a Score may ask for: permission bits only.
+pub(crate) fn check_mode(mode: Option<u32>) -> Result<(), harmony_topology::InterpretError> {
+    match mode {
+        Some(m) if m > 0o7777 => Err(harmony_topology::InterpretError::new(format!(
+            "mode {m} ({m:o} octal) is not a permission mode"
+        ))),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,229 @@
+//! The wire form of every registered Score: golden fixtures, round trips, and rejected documents.
+
+use std::path::PathBuf;
+
+use harmony_score_wire::{
+    decode, decode_json, encode, registered_scores, DecodeError, DecodeLimits, DeploymentName, DesiredState,
+    DeviceId, DeviceScore,
+};
+use harmony_scores::{DirectoryScore, FileScore, PresenceState};
+use serde_json::{json, Value};
+
+fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wire")
+}
+
+/// `harmony.file/v1` → `harmony.file@v1`: the fixture's file stem.
+fn fixture_stem(tag: &str) -> String {
+    tag.replace('/', "@")
+}
+
+fn as_json(doc: &DesiredState) -> Value {
+    serde_json::to_value(doc).unwrap()
+}
+
+/// Every registered tag has `<stem>.json` (the expected value, written by
+/// hand) and `<stem>.cbor` (its bytes, made once with HARMONY_BLESS=1 and
+/// never rewritten). Today's code must read the CBOR as the JSON says and
+/// write the JSON back as exactly those bytes.
+#[test]
+fn every_registered_tag_has_a_golden_fixture_that_still_decodes() {
+    let bless = std::env::var_os("HARMONY_BLESS").is_some();
+    let mut missing = Vec::new();
+    for reg in registered_scores() {
+        let stem = fixture_stem(reg.tag);
+        let json_path = fixtures_dir().join(format!("{stem}.json"));
+        let cbor_path = fixtures_dir().join(format!("{stem}.cbor"));
+        let Ok(json_text) = std::fs::read(&json_path) else {
+            missing.push(json_path.display().to_string());
+            continue;
+        };
+        let expected: Value = serde_json::from_slice(&json_text).unwrap();
+        let from_json = decode_json(&json_text, &DecodeLimits::default()).unwrap();
+        assert!(
+            from_json.scores.iter().any(|s| s.typetag_name() == reg.tag),
+            "{stem}.json lacks a {} score",
+            reg.tag
+        );
+        if !cbor_path.exists() && bless {
+            std::fs::write(&cbor_path, encode(&from_json).unwrap()).unwrap();
+        }
+        let Ok(golden) = std::fs::read(&cbor_path) else {
+            missing.push(cbor_path.display().to_string());
+            continue;
+        };
+        let decoded = decode(&golden, &DecodeLimits::default()).unwrap();
+        assert_eq!(as_json(&decoded), expected, "{stem}.cbor no longer decodes to {stem}.json");
+        assert_eq!(encode(&decoded).unwrap(), golden, "{} changed its wire form", reg.tag);
+    }
+    assert!(
+        missing.is_empty(),
+        "registered tags without a golden fixture: {missing:?}; write the .json by hand, then run the tests once with HARMONY_BLESS=1"
+    );
+}
+
+/// typetag keeps its own registry; its error for an unknown tag lists every
+/// tag it knows. Both registries must agree, or the agent would list Scores
+/// it cannot decode (or decode Scores it does not list).
+#[test]
+fn typetag_and_inventory_registries_agree() {
+    let err = serde_json::from_value::<Box<dyn DeviceScore>>(json!({"type": "no.such/v0"})).unwrap_err();
+    let text = err.to_string();
+    let listed = text.split(", expected").nth(1).unwrap_or_else(|| panic!("unexpected error text: {text}"));
+    let mut typetag_tags: Vec<&str> = listed.split('`').skip(1).step_by(2).collect();
+    typetag_tags.sort();
+    let inventory_tags: Vec<&str> = registered_scores().iter().map(|r| r.tag).collect();
+    assert_eq!(typetag_tags, inventory_tags);
+}
+
+fn sample_document(scores: Vec<Box<dyn DeviceScore>>) -> DesiredState {
+    DesiredState::new(DeviceId::new("dev-1").unwrap(), DeploymentName::new("motd").unwrap(), 7, scores)
+}
+
+fn sample_scores() -> Vec<Box<dyn DeviceScore>> {
+    vec![
+        Box::new(DirectoryScore {
+            path: "/etc/app".into(),
+            mode: Some(0o750),
+            state: PresenceState::Present,
+        }),
+        Box::new(FileScore {
+            path: "/etc/app/conf".into(),
+            content: "a = 1\nü\n".into(),
+            mode: None,
+            state: PresenceState::Absent,
+        }),
+    ]
+}
+
+#[test]
+fn documents_round_trip_through_cbor_and_json_unchanged() {
+    let mut doc = sample_document(sample_scores());
+    doc.expires_at = Some(4_000_000_000);
+    let cbor = encode(&doc).unwrap();
+    let back = decode(&cbor, &DecodeLimits::default()).unwrap();
+    assert_eq!(as_json(&back), as_json(&doc));
+    let json_text = serde_json::to_vec(&doc).unwrap();
+    let from_json = decode_json(&json_text, &DecodeLimits::default()).unwrap();
+    assert_eq!(as_json(&from_json), as_json(&doc));
+    assert_eq!(encode(&from_json).unwrap(), cbor);
+}
+
+#[test]
+fn the_short_json_form_takes_defaults() {
+    let text = br#"{"device_id":"dev-1","deployment":"motd","generation":1,"scores":[{"type":"harmony.file/v1","path":"/etc/motd","content":"hello\n"}]}"#;
+    let doc = decode_json(text, &DecodeLimits::default()).unwrap();
+    assert_eq!((doc.format, doc.issued_at, doc.expires_at), (1, 0, None));
+    assert_eq!(doc.scores[0].resource(), "file:/etc/motd");
+}
+
+fn json_doc(scores: Value) -> Value {
+    json!({"device_id": "dev-1", "deployment": "motd", "generation": 1, "scores": scores})
+}
+
+fn cbor_of(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn unknown_tags_are_all_named_and_reject_the_whole_document() {
+    let value = json_doc(json!([
+        {"type": "harmony.file/v1", "path": "/a", "content": ""},
+        {"type": "acme.widget/v3"},
+        {"type": "harmony.file/v9", "path": "/b"},
+        {"type": "acme.widget/v3"},
+    ]));
+    let err = decode(&cbor_of(&value), &DecodeLimits::default()).unwrap_err();
+    assert_eq!(
+        err,
+        DecodeError::UnknownScoreTags { tags: vec!["acme.widget/v3".into(), "harmony.file/v9".into()] }
+    );
+    assert_eq!(err.to_string(), "unknown score tags: acme.widget/v3, harmony.file/v9");
+    assert_eq!(err.kind(), "unknown_score_tags");
+    let json_err = decode_json(value.to_string().as_bytes(), &DecodeLimits::default()).unwrap_err();
+    assert_eq!(json_err, err);
+}
+
+#[test]
+fn truncated_and_garbage_cbor_are_rejected_with_typed_errors() {
+    let cbor = encode(&sample_document(sample_scores())).unwrap();
+    for cut in [1, cbor.len() / 2, cbor.len() - 1] {
+        assert_eq!(
+            decode(&cbor[..cut], &DecodeLimits::default()).unwrap_err(),
+            DecodeError::Truncated,
+            "cut {cut}"
+        );
+    }
+    assert_eq!(decode(&[], &DecodeLimits::default()).unwrap_err(), DecodeError::Truncated);
+    let mut trailing = cbor.clone();
+    trailing.push(0);
+    assert!(matches!(decode(&trailing, &DecodeLimits::default()), Err(DecodeError::Malformed { .. })));
+    let err = decode(&[0xff, 0x00, 0x13], &DecodeLimits::default()).unwrap_err();
+    assert!(matches!(err, DecodeError::Malformed { .. }), "{err:?}");
+    assert!(!err.to_string().contains('\n'));
+    assert!(matches!(
+        decode(&cbor_of(&json!([1, 2])), &DecodeLimits::default()),
+        Err(DecodeError::Malformed { .. })
+    ));
+    assert_eq!(
+        decode_json(b"{\"device_id\":", &DecodeLimits::default()).unwrap_err(),
+        DecodeError::Truncated
+    );
+}
+
+#[test]
+fn size_count_and_depth_are_bounded() {
+    let big = "x".repeat(2 * 1024 * 1024);
+    let value = json_doc(json!([{"type": "harmony.file/v1", "path": "/a", "content": big}]));
+    let cbor = cbor_of(&value);
+    assert!(matches!(
+        decode(&cbor, &DecodeLimits::default()),
+        Err(DecodeError::TooLarge { limit: 1048576, .. })
+    ));
+    assert!(decode(&cbor, &DecodeLimits::default().max_bytes(4 * 1024 * 1024)).is_ok());
+
+    let many: Vec<Value> =
+        (0..1025).map(|i| json!({"type": "harmony.file/v1", "path": format!("/f{i}")})).collect();
+    let err = decode(&cbor_of(&json_doc(Value::Array(many))), &DecodeLimits::default()).unwrap_err();
+    assert_eq!(err, DecodeError::TooManyScores { count: 1025, limit: 1024 });
+
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!([deep]);
+    }
+    let value = json_doc(json!([{"type": "harmony.file/v1", "path": "/a", "extra": deep}]));
+    assert_eq!(
+        decode(&cbor_of(&value), &DecodeLimits::default()).unwrap_err(),
+        DecodeError::TooDeep { limit: 32 }
+    );
+    // Deeper than ciborium's own recursion guard must not overflow the stack either.
+    let mut bomb = vec![0x81u8; 100_000];
+    bomb.push(0x01);
+    assert!(matches!(decode(&bomb, &DecodeLimits::default()), Err(DecodeError::TooDeep { .. })));
+}
+
+#[test]
+fn invalid_ids_formats_and_fields_are_typed() {
+    let limits = DecodeLimits::default();
+    let mut value = json_doc(json!([]));
+    value["device_id"] = json!("Dev_1");
+    assert!(matches!(decode(&cbor_of(&value), &limits), Err(DecodeError::InvalidDeviceId { .. })));
+    let mut value = json_doc(json!([]));
+    value["deployment"] = json!("a.b");
+    assert!(matches!(decode(&cbor_of(&value), &limits), Err(DecodeError::InvalidDeploymentName { .. })));
+    let mut value = json_doc(json!([]));
+    value["format"] = json!(2);
+    assert_eq!(decode(&cbor_of(&value), &limits).unwrap_err(), DecodeError::UnsupportedFormat { format: 2 });
+    let value =
+        json_doc(json!([{"type": "harmony.file/v1", "path": "/a"}, {"type": "harmony.file/v1", "path": 5}]));
+    let err = decode(&cbor_of(&value), &limits).unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::InvalidScore { index: 1, tag, .. } if tag == "harmony.file/v1"),
+        "{err:?}"
+    );
+    let mut value = json_doc(json!([]));
+    value.as_object_mut().unwrap().remove("generation");
+    assert!(matches!(decode(&cbor_of(&value), &limits), Err(DecodeError::Malformed { .. })));
+}

@@ -1,0 +1,22 @@
+//! The Harmony core (Score → Topology → Interpret) and the topology of one device.
+//!
+//! Names and shapes mirror Harmony's own so that a Harmony Score moves over
+//! with few edits: a [`Score`] is declarative data, its [`Interpret`] does the
+//! work against a [`Topology`], and the [`Maestro`] runs them.
+
+mod interpret;
+mod inventory;
+pub mod local;
+mod maestro;
+mod score;
+mod topology;
+
+pub use interpret::{Id, Interpret, InterpretError, InterpretName, InterpretStatus, Outcome, Version};
+pub use inventory::Inventory;
+pub use local::{Filesystem, FilesystemError, LocalDeviceTopology, PathEntry};
+pub use maestro::{Maestro, MaestroError};
+pub use score::Score;
+pub use topology::{PreparationError, PreparationOutcome, Topology};
+
+/// Re-exported so that Score crates implement [`Interpret`] with the same macro.
+pub use async_trait::async_trait;
