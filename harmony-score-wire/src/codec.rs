@@ -62,6 +62,9 @@ pub enum DecodeError {
     /// A document format this binary does not read.
     #[error("unsupported document format {format} (this binary reads {FORMAT_VERSION})")]
     UnsupportedFormat { format: u64 },
+    /// Two Scores of the document own the same resource.
+    #[error("two scores own {resource}")]
+    DuplicateResource { resource: String },
     /// A Score whose tag is known but whose fields are not valid.
     #[error("score #{index} ({tag}): {message}")]
     InvalidScore { index: usize, tag: String, message: String },
@@ -81,6 +84,7 @@ impl DecodeError {
             DecodeError::InvalidDeploymentName { .. } => "invalid_deployment_name",
             DecodeError::UnsupportedFormat { .. } => "unsupported_format",
             DecodeError::InvalidScore { .. } => "invalid_score",
+            DecodeError::DuplicateResource { .. } => "duplicate_resource",
         }
     }
 
@@ -223,7 +227,7 @@ fn decode_value(value: Value, limits: &DecodeLimits) -> Result<DesiredState, Dec
         unknown.dedup();
         return Err(DecodeError::UnknownScoreTags { tags: unknown });
     }
-    value.deserialized::<DesiredState>().map_err(|err| {
+    let doc = value.deserialized::<DesiredState>().map_err(|err| {
         // Find the Score at fault so the error names it; the whole document
         // is decoded only once when nothing is wrong.
         for (index, (score, tag)) in scores.iter().zip(&tags).enumerate() {
@@ -233,7 +237,15 @@ fn decode_value(value: Value, limits: &DecodeLimits) -> Result<DesiredState, Dec
             }
         }
         DecodeError::malformed(err)
-    })
+    })?;
+    let mut resources = std::collections::HashSet::new();
+    for score in &doc.scores {
+        let resource = score.resource();
+        if !resources.insert(resource.clone()) {
+            return Err(DecodeError::DuplicateResource { resource });
+        }
+    }
+    Ok(doc)
 }
 
 fn score_tags(scores: &[Value]) -> Result<Vec<&str>, DecodeError> {

@@ -55,3 +55,14 @@ impl DesiredState {
         }
     }
 }
+
+/// The value of a device's index key (`<device>._index`): every deployment
+/// the operator wrote for it, with its generation. Written by the operator
+/// with compare-and-set together with each deployment key, so the device can
+/// discover its deployments with direct gets alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentIndex {
+    /// Deployment → generation last written.
+    #[serde(default)]
+    pub deployments: std::collections::BTreeMap<DeploymentName, u64>,
+}

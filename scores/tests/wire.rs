@@ -227,3 +227,13 @@ fn invalid_ids_formats_and_fields_are_typed() {
     value.as_object_mut().unwrap().remove("generation");
     assert!(matches!(decode(&cbor_of(&value), &limits), Err(DecodeError::Malformed { .. })));
 }
+
+#[test]
+fn two_scores_owning_one_resource_reject_the_document() {
+    let value = json_doc(json!([
+        {"type": "harmony.file/v1", "path": "/a", "content": "1"},
+        {"type": "harmony.file/v1", "path": "/a", "content": "2"},
+    ]));
+    let err = decode(&cbor_of(&value), &DecodeLimits::default()).unwrap_err();
+    assert_eq!(err, DecodeError::DuplicateResource { resource: "file:/a".into() });
+}

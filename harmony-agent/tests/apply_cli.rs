@@ -1,0 +1,214 @@
+//! `harmony-agent apply` and `harmony-agent scores`, run as the binary against a temp root.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use harmony_score_wire::{decode_json, encode, DecodeLimits};
+use serde_json::{json, Value};
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_harmony-agent")).args(args).output().unwrap()
+}
+
+fn apply(doc: &Path, root: &Path) -> (i32, String, String) {
+    let out = agent(&["apply", doc.to_str().unwrap(), "--root", root.to_str().unwrap()]);
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn doc(scores: Value) -> Value {
+    json!({"device_id": "dev-1", "deployment": "motd", "generation": 1, "scores": scores})
+}
+
+/// Writes `value` as `name` in `dir`: JSON when `name` ends in `.json`,
+/// else CBOR through the wire encoder.
+fn write_doc(dir: &Path, name: &str, value: &Value) -> PathBuf {
+    harmony_scores::ensure_linked();
+    let path = dir.join(name);
+    let text = serde_json::to_vec(value).unwrap();
+    if name.ends_with(".json") {
+        std::fs::write(&path, text).unwrap();
+    } else {
+        std::fs::write(&path, encode(&decode_json(&text, &DecodeLimits::default()).unwrap()).unwrap())
+            .unwrap();
+    }
+    path
+}
+
+fn tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            out.push(path.strip_prefix(root).unwrap().display().to_string());
+            if path.is_dir() && !path.is_symlink() {
+                stack.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn apply_creates_then_second_run_is_all_noop_and_touches_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let value = doc(json!([
+        {"type": "harmony.directory/v1", "path": "/etc/app", "mode": 0o750},
+        {"type": "harmony.file/v1", "path": "/etc/app/conf", "content": "a = 1\n", "mode": 0o600},
+        {"type": "harmony.file/v1", "path": "/etc/motd", "content": "hello\n"},
+    ]));
+    for name in ["doc.cbor", "doc.json"] {
+        let path = write_doc(work.path(), name, &value);
+        std::fs::remove_dir_all(root.path()).unwrap();
+        std::fs::create_dir(root.path()).unwrap();
+
+        let (code, stdout, stderr) = apply(&path, root.path());
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert_eq!(stdout.lines().filter(|l| l.contains("\tSUCCESS\t")).count(), 3, "{stdout}");
+        assert!(stdout.starts_with("harmony.directory/v1\tdirectory [/etc/app]\tSUCCESS\t"), "{stdout}");
+        let conf = root.path().join("etc/app/conf");
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "a = 1\n");
+        assert_eq!(std::fs::metadata(&conf).unwrap().permissions().mode() & 0o7777, 0o600);
+        assert_eq!(
+            std::fs::metadata(root.path().join("etc/app")).unwrap().permissions().mode() & 0o7777,
+            0o750
+        );
+        assert_eq!(
+            std::fs::metadata(root.path().join("etc/motd")).unwrap().permissions().mode() & 0o7777,
+            0o644
+        );
+        let before: Vec<_> = ["etc/app", "etc/app/conf", "etc/motd"]
+            .iter()
+            .map(|p| std::fs::metadata(root.path().join(p)).unwrap())
+            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.mode()))
+            .collect();
+
+        let (code, stdout, _) = apply(&path, root.path());
+        assert_eq!(code, 0);
+        assert_eq!(stdout.lines().filter(|l| l.contains("\tNOOP\t")).count(), 3, "{stdout}");
+        let after: Vec<_> = ["etc/app", "etc/app/conf", "etc/motd"]
+            .iter()
+            .map(|p| std::fs::metadata(root.path().join(p)).unwrap())
+            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.mode()))
+            .collect();
+        assert_eq!(before, after);
+    }
+}
+
+#[test]
+fn absent_removes_and_changed_content_is_rewritten() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let first = write_doc(
+        work.path(),
+        "1.json",
+        &doc(json!([{"type": "harmony.file/v1", "path": "/f", "content": "1"}])),
+    );
+    assert_eq!(apply(&first, root.path()).0, 0);
+    let second = write_doc(
+        work.path(),
+        "2.json",
+        &doc(json!([{"type": "harmony.file/v1", "path": "/f", "content": "2"}])),
+    );
+    let (code, stdout, _) = apply(&second, root.path());
+    assert_eq!((code, std::fs::read_to_string(root.path().join("f")).unwrap()), (0, "2".to_owned()));
+    assert!(stdout.contains("content updated"), "{stdout}");
+    let gone = write_doc(
+        work.path(),
+        "3.json",
+        &doc(json!([{"type": "harmony.file/v1", "path": "/f", "state": "absent"}])),
+    );
+    let (code, stdout, _) = apply(&gone, root.path());
+    assert_eq!(code, 0);
+    assert!(stdout.contains("\tSUCCESS\t/f removed"), "{stdout}");
+    assert!(!root.path().join("f").exists());
+}
+
+#[test]
+fn rejected_documents_exit_2_and_write_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let valid_file = json!({"type": "harmony.file/v1", "path": "/written", "content": "x"});
+
+    let unknown = doc(json!([valid_file, {"type": "acme.widget/v1"}]));
+    let path = work.path().join("unknown.json");
+    std::fs::write(&path, unknown.to_string()).unwrap();
+    let (code, _, stderr) = apply(&path, root.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unknown_score_tags") && stderr.contains("acme.widget/v1"), "{stderr}");
+
+    let good = write_doc(work.path(), "good.cbor", &doc(json!([valid_file])));
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = work.path().join("truncated.cbor");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 3]).unwrap();
+    let (code, _, stderr) = apply(&truncated, root.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("truncated"), "{stderr}");
+
+    let mut bad_id = doc(json!([valid_file]));
+    bad_id["device_id"] = json!("Not_A_Label");
+    let path = work.path().join("bad-id.json");
+    std::fs::write(&path, bad_id.to_string()).unwrap();
+    let (code, _, stderr) = apply(&path, root.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("invalid_device_id"), "{stderr}");
+
+    let big =
+        doc(json!([valid_file, {"type": "harmony.file/v1", "path": "/big", "content": "x".repeat(1 << 20)}]));
+    let path = work.path().join("big.json");
+    std::fs::write(&path, big.to_string()).unwrap();
+    let (code, _, stderr) = apply(&path, root.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("too_large"), "{stderr}");
+
+    let (code, _, stderr) = apply(&work.path().join("missing.cbor"), root.path());
+    assert_eq!(code, 2, "{stderr}");
+
+    assert_eq!(tree(root.path()), Vec::<String>::new());
+}
+
+#[test]
+fn escaping_paths_fail_without_stopping_other_scores_or_touching_the_outside() {
+    let work = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+    let path = write_doc(
+        work.path(),
+        "escape.json",
+        &doc(json!([
+            {"type": "harmony.file/v1", "path": "/../escaped", "content": "x"},
+            {"type": "harmony.file/v1", "path": "/link/escaped", "content": "x"},
+            {"type": "harmony.directory/v1", "path": "/link/dir"},
+            {"type": "harmony.file/v1", "path": "/inside", "content": "x"},
+        ])),
+    );
+    let (code, stdout, _) = apply(&path, root.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("\tFAILURE\t") && l.contains("escapes the device root")).count(),
+        3,
+        "{stdout}"
+    );
+    assert!(stdout.contains("file [/inside]\tSUCCESS"), "{stdout}");
+    assert_eq!(tree(outside.path()), Vec::<String>::new());
+    assert!(!root.path().parent().unwrap().join("escaped").exists());
+    assert_eq!(tree(root.path()), vec!["inside".to_owned(), "link".to_owned()]);
+}
+
+#[test]
+fn scores_lists_every_registered_tag_with_version_and_summary() {
+    let out = agent(&["scores"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let tags: Vec<&str> = text.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(tags, ["harmony.directory/v1", "harmony.file/v1"]);
+    assert!(text.lines().all(|l| l.split('\t').count() == 3 && l.split('\t').nth(1) == Some("v1")), "{text}");
+}

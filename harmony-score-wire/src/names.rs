@@ -1,0 +1,87 @@
+//! NATS bucket, key and subject names, in one place so both sides agree.
+
+use crate::{DeploymentName, DeviceId};
+
+/// KV bucket of desired state: key `<device>.<deployment>` → `DesiredState` (CBOR).
+pub const DESIRED_STATE_BUCKET: &str = "harmony-desired-state";
+/// KV bucket of agent status: key `<device>` → `AgentStatus` (CBOR).
+pub const AGENT_STATUS_BUCKET: &str = "harmony-agent-status";
+/// The reserved deployment-key suffix of a device's index of deployments.
+pub const INDEX_SUFFIX: &str = "_index";
+
+/// `<device>.<deployment>`: the desired-state key of one deployment.
+pub fn desired_state_key(device: &DeviceId, deployment: &DeploymentName) -> String {
+    format!("{device}.{deployment}")
+}
+
+/// `<device>._index`: the key listing a device's deployments and their generations.
+pub fn index_key(device: &DeviceId) -> String {
+    format!("{device}.{INDEX_SUFFIX}")
+}
+
+/// `<device>`: the device's status key.
+pub fn status_key(device: &DeviceId) -> String {
+    device.to_string()
+}
+
+/// `$KV.harmony-desired-state.<device>.>`: the subject a device follows its keys on.
+pub fn desired_state_subjects(device: &DeviceId) -> String {
+    format!("$KV.{DESIRED_STATE_BUCKET}.{device}.>")
+}
+
+/// `device-commands.<device>.<verb>`: request/reply commands to one device.
+pub fn command_subject(device: &DeviceId, verb: &str) -> String {
+    format!("device-commands.{device}.{verb}")
+}
+
+/// `_INBOX_<device>`: the inbox prefix a device's connection uses, so its
+/// credentials can be confined to its own replies.
+pub fn inbox_prefix(device: &DeviceId) -> String {
+    format!("_INBOX_{device}")
+}
+
+/// `harmony.heartbeat.<device>`: the device's heartbeat subject.
+pub fn heartbeat_subject(device: &DeviceId) -> String {
+    format!("harmony.heartbeat.{device}")
+}
+
+/// `harmony.info.<device>`: where the device publishes its `DeviceInfo`.
+pub fn info_subject(device: &DeviceId) -> String {
+    format!("harmony.info.{device}")
+}
+
+/// Splits a desired-state key into device and deployment; `None` for keys of
+/// another shape. The index key yields `Some((device, None))`.
+pub fn parse_desired_state_key(key: &str) -> Option<(DeviceId, Option<DeploymentName>)> {
+    let (device, rest) = key.split_once('.')?;
+    let device = DeviceId::new(device).ok()?;
+    if rest == INDEX_SUFFIX {
+        return Some((device, None));
+    }
+    Some((device, Some(DeploymentName::new(rest).ok()?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // These literals are the contract with deployed agents and operator
+    // tools: changing one is a wire break.
+    #[test]
+    fn names_are_locked() {
+        let d = DeviceId::new("dev-1").unwrap();
+        let n = DeploymentName::new("web").unwrap();
+        assert_eq!(desired_state_key(&d, &n), "dev-1.web");
+        assert_eq!(index_key(&d), "dev-1._index");
+        assert_eq!(status_key(&d), "dev-1");
+        assert_eq!(desired_state_subjects(&d), "$KV.harmony-desired-state.dev-1.>");
+        assert_eq!(command_subject(&d, "ping"), "device-commands.dev-1.ping");
+        assert_eq!(inbox_prefix(&d), "_INBOX_dev-1");
+        assert_eq!(heartbeat_subject(&d), "harmony.heartbeat.dev-1");
+        assert_eq!(info_subject(&d), "harmony.info.dev-1");
+        assert_eq!(parse_desired_state_key("dev-1.web"), Some((d.clone(), Some(n))));
+        assert_eq!(parse_desired_state_key("dev-1._index"), Some((d, None)));
+        assert_eq!(parse_desired_state_key("dev-1.a.b"), None);
+        assert_eq!(parse_desired_state_key("nodot"), None);
+    }
+}
