@@ -23,7 +23,12 @@ fn document(count: usize) -> DesiredState {
             }) as Box<dyn DeviceScore>
         })
         .collect();
-    DesiredState::new(DeviceId::new("bench-device").unwrap(), DeploymentName::new("bench").unwrap(), 1, scores)
+    DesiredState::new(
+        DeviceId::new("bench-device").unwrap(),
+        DeploymentName::new("bench").unwrap(),
+        1,
+        scores,
+    )
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -53,7 +58,8 @@ fn main() {
     for _ in 0..RUNS {
         let root = tempfile::tempdir().unwrap();
         rt.block_on(async {
-            let maestro = Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(root.path())).await.unwrap();
+            let maestro =
+                Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(root.path())).await.unwrap();
             let start = Instant::now();
             let report = run_scores(&maestro, doc.scores.iter().map(|s| s.as_ref())).await;
             first.push(start.elapsed());

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use harmony_agent::run_scores;
+use harmony_agent::config::ConfigLayer;
+use harmony_agent::{daemon, run_scores};
 use harmony_score_wire::{read_document_file, registered_scores, DecodeLimits};
 use harmony_topology::{Inventory, LocalDeviceTopology, Maestro};
 
@@ -30,6 +31,49 @@ enum Command {
     },
     /// Lists the Score tags this agent runs: tag, version, summary.
     Scores,
+    /// Runs the agent daemon: follows this device's desired state and keeps it applied.
+    Run(RunArgs),
+}
+
+/// Flags of `run`; each overrides the same setting of `--config`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML configuration file (see docs/agent.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This device's id (RFC 1123 label).
+    #[arg(long)]
+    device_id: Option<String>,
+    /// NATS server URLs, comma-separated.
+    #[arg(long)]
+    nats: Option<String>,
+    /// NATS credentials file.
+    #[arg(long)]
+    creds: Option<PathBuf>,
+    /// Where accepted desired state is persisted.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Directory every Score path is resolved under (default /).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Seconds between full re-reads and drift repair (default 60).
+    #[arg(long)]
+    resync: Option<u64>,
+    /// Seconds between heartbeats (default 30).
+    #[arg(long)]
+    heartbeat: Option<u64>,
+    /// `nats` (default) or `dir:PATH` for a folder of documents.
+    #[arg(long)]
+    source: Option<String>,
+    /// A label published in the device info, `key=value`; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label {text:?} is not key=value"))
 }
 
 fn main() -> ExitCode {
@@ -38,6 +82,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Apply { doc, root } => apply(doc, root),
+        Command::Run(args) => run(args),
         Command::Scores => {
             for reg in registered_scores() {
                 println!("{}\t{}\t{}", reg.tag, reg.version(), reg.summary);
@@ -49,8 +94,13 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HARMONY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -102,4 +152,66 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match ConfigLayer::from_file(path) {
+            Ok(layer) => layer,
+            Err(err) => {
+                eprintln!("harmony-agent: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        None => ConfigLayer::default(),
+    };
+    let flags = ConfigLayer {
+        device_id: args.device_id,
+        nats: args.nats.map(|n| vec![n]),
+        creds: args.creds,
+        state_dir: args.state_dir,
+        root: args.root,
+        resync_secs: args.resync,
+        heartbeat_secs: args.heartbeat,
+        source: args.source,
+        labels: args.labels.into_iter().collect(),
+    };
+    let config = match file.overridden_by(flags).resolve() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("harmony-agent: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("harmony-agent: cannot start runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(daemon::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("harmony-agent: {}", error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers, fall back to Ctrl-C alone.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -164,6 +164,16 @@ pub fn decode_json(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredState, 
     decode_value(value, limits)
 }
 
+/// The `generation` of a document that may not decode, so that a rejection
+/// can still say which generation it refused. `None` when it cannot be read.
+pub fn peek_generation(bytes: &[u8], limits: &DecodeLimits) -> Option<u64> {
+    check_size(bytes, limits).ok()?;
+    let value: Value = ciborium::de::from_reader_with_recursion_limit(bytes, limits.max_depth + 1).ok()?;
+    let Value::Map(fields) = value else { return None };
+    let (_, generation) = fields.into_iter().find(|(k, _)| k.as_text() == Some("generation"))?;
+    u64::try_from(generation.as_integer()?).ok()
+}
+
 fn check_size(bytes: &[u8], limits: &DecodeLimits) -> Result<(), DecodeError> {
     if bytes.len() > limits.max_bytes {
         return Err(DecodeError::TooLarge { size: bytes.len(), limit: limits.max_bytes });
@@ -278,4 +288,34 @@ fn depth(value: &Value) -> usize {
 /// ciborium and serde nest messages over several lines; status lines need one.
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Why a status, index or reply value could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode {what}: {message}")]
+pub struct ValueDecodeError {
+    what: &'static str,
+    message: String,
+}
+
+/// Encodes any wire value (status, index, reply) as CBOR.
+pub fn to_cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    // Writing our own plain data types into a Vec cannot fail.
+    ciborium::into_writer(value, &mut bytes).expect("CBOR encoding of a wire value into memory");
+    bytes
+}
+
+/// Decodes a wire value (status, index, reply) of at most `max_bytes`; `what`
+/// names it in the error.
+pub fn from_cbor<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    max_bytes: usize,
+    what: &'static str,
+) -> Result<T, ValueDecodeError> {
+    if bytes.len() > max_bytes {
+        return Err(ValueDecodeError { what, message: format!("{} bytes, more than {max_bytes}", bytes.len()) });
+    }
+    ciborium::de::from_reader_with_recursion_limit(bytes, 64)
+        .map_err(|e| ValueDecodeError { what, message: one_line(&e.to_string()) })
 }

@@ -26,6 +26,10 @@ pub struct AgentStatus {
     /// The agent's last sign of life.
     #[serde(default)]
     pub heartbeat_at_ms: u64,
+    /// How often the agent beats; a status whose heartbeat is older than
+    /// three intervals is stale.
+    #[serde(default)]
+    pub heartbeat_interval_ms: u64,
     /// What the device is and supports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<DeviceInfo>,
@@ -164,4 +168,20 @@ impl DeviceInfo {
     pub fn supports(&self, tag: &str) -> bool {
         self.scores.iter().any(|s| s.tag == tag)
     }
+}
+
+/// The reply to a `device-commands.<device>.<verb>` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandReply {
+    /// The answering device.
+    pub device_id: DeviceId,
+    /// The verb answered (`ping`, `reconcile`).
+    pub verb: String,
+    /// Whether the command did what it was asked.
+    pub ok: bool,
+    /// One line.
+    pub message: String,
+    /// The agent's version.
+    #[serde(default)]
+    pub agent_version: String,
 }

@@ -1,1 +1,108 @@
-//! placeholder
+//! Test harness for end-to-end tests: a real `nats-server` owned by a guard, and the workspace binaries.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The nats-server binary: `$HARMONY_NATS_SERVER`, or what
+/// `scripts/install-nats-server` installs (pinned, 2.10 or newer).
+pub fn nats_server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("HARMONY_NATS_SERVER") {
+            return PathBuf::from(path);
+        }
+        let script = workspace_root().join("scripts/install-nats-server");
+        let out = Command::new(&script).stderr(Stdio::inherit()).output().expect("run scripts/install-nats-server");
+        assert!(out.status.success(), "scripts/install-nats-server failed");
+        PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+    })
+}
+
+/// The workspace's root folder.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A workspace binary (`harmony-agent`, `harmony-fleet`) from the same
+/// target folder as the running test; built on demand if missing.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target layout").join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", name, "--bin", name])
+            .current_dir(workspace_root())
+            .status()
+            .expect("cargo build");
+        assert!(status.success() && path.exists(), "cannot build {name}");
+    }
+    path
+}
+
+/// A free TCP port on loopback (closed again, so a server can take it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A running `nats-server` with JetStream in a temp store, killed (and its
+/// store deleted) on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server on a free loopback port and waits until it accepts connections.
+    pub fn start() -> Self {
+        let mut server =
+            Self { child: None, port: free_port(), store: tempfile::tempdir().expect("store dir") };
+        server.spawn();
+        server
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (its store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

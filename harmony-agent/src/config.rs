@@ -1,0 +1,215 @@
+//! The agent's configuration: an optional TOML file, overridden by command-line flags.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use harmony_score_wire::DeviceId;
+use serde::Deserialize;
+
+/// Where the agent reads desired state from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// NATS JetStream KV (the fleet path).
+    Nats,
+    /// A folder of documents (`*.cbor`, `*.json`), for air-gapped devices.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Source {
+    type Err = ConfigError;
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        match text.split_once(':') {
+            None if text == "nats" => Ok(Source::Nats),
+            Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(PathBuf::from(path))),
+            _ => Err(ConfigError::Invalid(format!("source {text:?} is neither \"nats\" nor \"dir:PATH\""))),
+        }
+    }
+}
+
+/// The agent's settings after the file and the flags are merged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// This device's id.
+    pub device_id: DeviceId,
+    /// NATS server URLs, tried in turn.
+    pub nats_urls: Vec<String>,
+    /// NATS credentials file.
+    pub creds: Option<PathBuf>,
+    /// Where accepted desired state and ownership are persisted.
+    pub state_dir: PathBuf,
+    /// Directory every Score path is resolved under.
+    pub root: PathBuf,
+    /// How often keys are re-read and everything re-reconciled.
+    pub resync: Duration,
+    /// How often the status heartbeat is written.
+    pub heartbeat: Duration,
+    /// Where desired state comes from.
+    pub source: Source,
+    /// Labels published in the device info.
+    pub labels: BTreeMap<String, String>,
+}
+
+// Written by hand so a credentials path never gets more than its name in logs.
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("device_id", &self.device_id)
+            .field("nats_urls", &self.nats_urls)
+            .field("creds", &self.creds.as_ref().map(|_| "<set>"))
+            .field("state_dir", &self.state_dir)
+            .field("root", &self.root)
+            .field("resync", &self.resync)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every setting, each optional: the TOML file and the flags both fill one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    /// `device_id = "dev-1"`.
+    pub device_id: Option<String>,
+    /// `nats = ["nats://a:4222", "nats://b:4222"]`.
+    pub nats: Option<Vec<String>>,
+    /// `creds = "/etc/harmony/device.creds"`.
+    pub creds: Option<PathBuf>,
+    /// `state_dir = "/var/lib/harmony-agent"`.
+    pub state_dir: Option<PathBuf>,
+    /// `root = "/"`.
+    pub root: Option<PathBuf>,
+    /// `resync_secs = 60`.
+    pub resync_secs: Option<u64>,
+    /// `heartbeat_secs = 30`.
+    pub heartbeat_secs: Option<u64>,
+    /// `source = "nats"` or `"dir:/path"`.
+    pub source: Option<String>,
+    /// `[labels]` table.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    ReadFailed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for the agent.
+    #[error("invalid config {path}: {message}")]
+    ParseFailed { path: PathBuf, message: String },
+    /// A required setting is missing.
+    #[error("missing setting: {0}")]
+    Missing(&'static str),
+    /// A setting has an invalid value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigLayer {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::ReadFailed { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::ParseFailed {
+            path: path.to_owned(),
+            message: e.to_string().replace('\n', " "),
+        })
+    }
+
+    /// This layer with every setting `over` has replacing its own.
+    #[must_use]
+    pub fn overridden_by(mut self, over: ConfigLayer) -> Self {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if over.$field.is_some() { self.$field = over.$field; } )* };
+        }
+        take!(device_id, nats, creds, state_dir, root, resync_secs, heartbeat_secs, source);
+        self.labels.extend(over.labels);
+        self
+    }
+
+    /// Validates and fills defaults.
+    pub fn resolve(self) -> Result<AgentConfig, ConfigError> {
+        let device_id = DeviceId::new(self.device_id.ok_or(ConfigError::Missing("device_id"))?)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let source = self.source.as_deref().unwrap_or("nats").parse()?;
+        let nats_urls: Vec<String> = self
+            .nats
+            .unwrap_or_else(|| vec!["nats://127.0.0.1:4222".to_owned()])
+            .iter()
+            .flat_map(|u| u.split(','))
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if nats_urls.is_empty() && source == Source::Nats {
+            return Err(ConfigError::Missing("nats"));
+        }
+        let secs = |v: Option<u64>, default: u64, name: &str| match v.unwrap_or(default) {
+            0 => Err(ConfigError::Invalid(format!("{name} must be at least 1 second"))),
+            s => Ok(Duration::from_secs(s)),
+        };
+        Ok(AgentConfig {
+            device_id,
+            nats_urls,
+            creds: self.creds,
+            state_dir: self.state_dir.ok_or(ConfigError::Missing("state_dir"))?,
+            root: self.root.unwrap_or_else(|| PathBuf::from("/")),
+            resync: secs(self.resync_secs, 60, "resync_secs")?,
+            heartbeat: secs(self.heartbeat_secs, 30, "heartbeat_secs")?,
+            source,
+            labels: self.labels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "device_id = \"dev-1\"\nnats = [\"nats://a:4222\"]\nstate_dir = \"/var/lib/h\"\nresync_secs = 5\n[labels]\nsite = \"x\"\n",
+        )
+        .unwrap();
+        let flags = ConfigLayer {
+            nats: Some(vec!["nats://b:1,nats://c:2".into()]),
+            labels: [("rack".to_owned(), "7".to_owned())].into(),
+            ..Default::default()
+        };
+        let config = ConfigLayer::from_file(&path).unwrap().overridden_by(flags).resolve().unwrap();
+        assert_eq!(config.device_id.as_str(), "dev-1");
+        assert_eq!(config.nats_urls, ["nats://b:1", "nats://c:2"]);
+        assert_eq!(config.resync, Duration::from_secs(5));
+        assert_eq!(config.heartbeat, Duration::from_secs(30));
+        assert_eq!(config.root, PathBuf::from("/"));
+        assert_eq!(config.source, Source::Nats);
+        assert_eq!(config.labels.len(), 2);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let bad_id = ConfigLayer {
+            device_id: Some("Dev_1".into()),
+            state_dir: Some("/s".into()),
+            ..Default::default()
+        };
+        assert!(matches!(bad_id.resolve(), Err(ConfigError::Invalid(m)) if m.contains("device id")));
+        let no_state = ConfigLayer { device_id: Some("d".into()), ..Default::default() };
+        assert!(matches!(no_state.resolve(), Err(ConfigError::Missing("state_dir"))));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "device_idd = \"x\"\n").unwrap();
+        assert!(matches!(ConfigLayer::from_file(&path), Err(ConfigError::ParseFailed { .. })));
+        assert_eq!("dir:/srv/docs".parse::<Source>().unwrap(), Source::Dir("/srv/docs".into()));
+        assert!("http://x".parse::<Source>().is_err());
+    }
+}
