@@ -15,7 +15,8 @@ pub fn nats_server_bin() -> &'static Path {
             return PathBuf::from(path);
         }
         let script = workspace_root().join("scripts/install-nats-server");
-        let out = Command::new(&script).stderr(Stdio::inherit()).output().expect("run scripts/install-nats-server");
+        let out =
+            Command::new(&script).stderr(Stdio::inherit()).output().expect("run scripts/install-nats-server");
         assert!(out.status.success(), "scripts/install-nats-server failed");
         PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
     })
@@ -102,6 +103,58 @@ impl NatsServer {
 }
 
 impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `harmony-agent run` process, stopped with SIGTERM (then killed) on drop.
+pub struct AgentProcess {
+    child: Option<Child>,
+    /// Where its log goes.
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `harmony-agent run` with `args`, logging to `log`.
+    pub fn start(args: &[&str], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("agent log");
+        let child = Command::new(workspace_bin("harmony-agent"))
+            .arg("run")
+            .args(args)
+            .env("HARMONY_LOG", "harmony_agent=debug,info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start harmony-agent");
+        Self { child: Some(child), log: log.to_path_buf() }
+    }
+
+    /// Sends SIGTERM and waits up to 10 s for the process to exit; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log so far, for assertion messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
     }

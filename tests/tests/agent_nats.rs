@@ -1,0 +1,306 @@
+//! The fleet path end to end: a real nats-server, the real `harmony-agent` binary, the operator's `FleetClient`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use harmony_e2e::{AgentProcess, NatsServer};
+use harmony_fleet::{DeployRequest, FleetClient, FleetError};
+use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore, Phase};
+use harmony_scores::{FileScore, PresenceState};
+use harmony_topology::{
+    async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
+    LocalDeviceTopology, Outcome, Score, Version,
+};
+use serde::{Deserialize, Serialize};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A Score this test binary knows and the agent binary does not: what an
+/// operator newer than its devices would send.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NewerScore {
+    path: String,
+}
+
+impl Score<LocalDeviceTopology> for NewerScore {
+    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
+        Box::new(NewerInterpret)
+    }
+    fn name(&self) -> String {
+        format!("newer [{}]", self.path)
+    }
+}
+
+#[derive(Debug)]
+struct NewerInterpret;
+
+#[async_trait]
+impl Interpret<LocalDeviceTopology> for NewerInterpret {
+    async fn execute(&self, _: &Inventory, _: &LocalDeviceTopology) -> Result<Outcome, InterpretError> {
+        Ok(Outcome::success("ran"))
+    }
+    fn get_name(&self) -> InterpretName {
+        InterpretName::Custom("Newer")
+    }
+    fn get_version(&self) -> Version {
+        Version::from("1.0.0")
+    }
+    fn get_status(&self) -> InterpretStatus {
+        InterpretStatus::QUEUED
+    }
+    fn get_children(&self) -> Vec<Id> {
+        Vec::new()
+    }
+}
+
+#[typetag::serde(name = "test.newer/v1")]
+impl DeviceScore for NewerScore {
+    fn resource(&self) -> String {
+        format!("newer:{}", self.path)
+    }
+    fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+        None
+    }
+}
+
+struct Fixture {
+    nats: NatsServer,
+    client: FleetClient,
+    dir: tempfile::TempDir,
+    device: DeviceId,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        harmony_scores::ensure_linked();
+        let nats = NatsServer::start();
+        let client =
+            tokio::time::timeout(WAIT, FleetClient::connect(&[nats.url()], None)).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, client.ensure_buckets()).await.unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("root")).unwrap();
+        Self { nats, client, dir, device: DeviceId::new("dev-1").unwrap() }
+    }
+
+    fn root(&self, path: &str) -> PathBuf {
+        self.dir.path().join("root").join(path.trim_start_matches('/'))
+    }
+
+    fn start_agent(&self, log: &str) -> AgentProcess {
+        let root = self.dir.path().join("root");
+        let state = self.dir.path().join("state");
+        let url = self.nats.url();
+        let args = [
+            "--device-id",
+            self.device.as_str(),
+            "--nats",
+            &url,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--resync",
+            "5",
+            "--heartbeat",
+            "2",
+        ];
+        AgentProcess::start(&args, &self.dir.path().join(log))
+    }
+
+    /// Waits until the agent answers a ping (it then has its subscriptions).
+    async fn until_online(&self, agent: &AgentProcess) {
+        let ping = async {
+            loop {
+                if self.client.ping(&self.device, Duration::from_secs(1)).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, ping)
+            .await
+            .unwrap_or_else(|_| panic!("agent never answered:\n{}", agent.log_text()));
+    }
+
+    async fn deploy(&self, deployment: &str, scores: Vec<Box<dyn DeviceScore>>) -> u64 {
+        let request =
+            DeployRequest::new(self.device.clone(), DeploymentName::new(deployment).unwrap(), scores);
+        tokio::time::timeout(WAIT, self.client.deploy(request.force(true))).await.unwrap().unwrap().generation
+    }
+
+    async fn wait_applied(
+        &self,
+        agent: &AgentProcess,
+        deployment: &str,
+        generation: u64,
+    ) -> harmony_score_wire::DeploymentStatus {
+        let name = DeploymentName::new(deployment).unwrap();
+        self.client
+            .wait_for_generation(&self.device, &name, generation, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("generation {generation} not applied: {e:?}\n{}", agent.log_text()))
+    }
+}
+
+fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
+    Box::new(FileScore {
+        path: path.into(),
+        content: content.into(),
+        mode: None,
+        state: PresenceState::Present,
+    })
+}
+
+fn statuses(status: &harmony_score_wire::DeploymentStatus) -> Vec<InterpretStatus> {
+    status.scores.iter().map(|s| s.status).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
+    let f = Fixture::new().await;
+    let agent = f.start_agent("agent.log");
+    f.until_online(&agent).await;
+
+    let g1 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
+    let status = f.wait_applied(&agent, "web", g1).await;
+    assert_eq!(statuses(&status), [InterpretStatus::SUCCESS, InterpretStatus::SUCCESS]);
+    assert_eq!((status.phase, status.observed_generation), (Phase::Applied, g1));
+    assert_eq!(std::fs::read_to_string(f.root("/etc/web.conf")).unwrap(), "port = 80\n");
+    assert_eq!(status.scores[0].tag, "harmony.file/v1");
+    assert_eq!(status.scores[0].resource, "file:/etc/web.conf");
+
+    let g2 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
+    assert_eq!(g2, g1 + 1);
+    let status = f.wait_applied(&agent, "web", g2).await;
+    assert_eq!(statuses(&status), [InterpretStatus::NOOP, InterpretStatus::NOOP]);
+
+    // Update one file and drop the other: the dropped one is pruned.
+    let g3 = f.deploy("web", vec![file("/etc/web.conf", "port = 8080\n")]).await;
+    let status = f.wait_applied(&agent, "web", g3).await;
+    assert_eq!(std::fs::read_to_string(f.root("/etc/web.conf")).unwrap(), "port = 8080\n");
+    assert!(!f.root("/etc/motd").exists());
+    assert_eq!(statuses(&status), [InterpretStatus::SUCCESS, InterpretStatus::SUCCESS]);
+    assert!(status.scores[1].message.starts_with("pruned:"), "{:?}", status.scores[1]);
+
+    let web = DeploymentName::new("web").unwrap();
+    assert!(tokio::time::timeout(WAIT, f.client.delete(&f.device, &web)).await.unwrap().unwrap());
+    tokio::time::timeout(WAIT, f.client.wait_for_prune(&f.device, &web, WAIT)).await.unwrap().unwrap();
+    assert!(!f.root("/etc/web.conf").exists());
+    let (status, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
+    assert_eq!(status.deployments[&web].phase, Phase::Pruned);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_started_later_reads_current_values_and_a_restart_resumes_without_changes() {
+    let f = Fixture::new().await;
+    let g1 = f.deploy("app", vec![file("/srv/app/config", "v1\n")]).await;
+
+    let mut agent = f.start_agent("agent-1.log");
+    let status = f.wait_applied(&agent, "app", g1).await;
+    assert_eq!(statuses(&status), [InterpretStatus::SUCCESS]);
+    let before = std::fs::metadata(f.root("/srv/app/config")).unwrap();
+    assert_eq!(agent.stop(), Some(0), "{}", agent.log_text());
+
+    let agent = f.start_agent("agent-2.log");
+    f.until_online(&agent).await;
+    // The restarted agent reports the persisted generation again, all NOOP.
+    let fresh = async {
+        loop {
+            if let Some((status, _)) = f.client.device_status(&f.device).await.unwrap() {
+                let started = status.info.as_ref().map_or(0, |i| i.started_at_ms);
+                if started > before.mtime() as u64 * 1000
+                    && status.deployments.contains_key(&DeploymentName::new("app").unwrap())
+                {
+                    return status;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let status = tokio::time::timeout(WAIT, fresh).await.unwrap();
+    let app = &status.deployments[&DeploymentName::new("app").unwrap()];
+    assert_eq!((app.phase, app.observed_generation), (Phase::Applied, g1));
+    assert_eq!(statuses(app), [InterpretStatus::NOOP]);
+    let after = std::fs::metadata(f.root("/srv/app/config")).unwrap();
+    assert_eq!(
+        (before.ino(), before.mtime_nsec(), before.mtime()),
+        (after.ino(), after.mtime_nsec(), after.mtime())
+    );
+    assert!(agent.log_text().contains("applying persisted desired state"), "{}", agent.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_written_right_after_a_server_restart_is_applied() {
+    let mut f = Fixture::new().await;
+    let agent = f.start_agent("agent.log");
+    f.until_online(&agent).await;
+    let g1 = f.deploy("app", vec![file("/etc/app", "1")]).await;
+    f.wait_applied(&agent, "app", g1).await;
+
+    f.nats.restart();
+    // The operator reconnects too; write as soon as the server takes writes.
+    let write = async {
+        loop {
+            let request = DeployRequest::new(
+                f.device.clone(),
+                DeploymentName::new("app").unwrap(),
+                vec![file("/etc/app", "2")],
+            );
+            match f.client.deploy(request.force(true)).await {
+                Ok(deployed) => return deployed.generation,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    };
+    let g2 = tokio::time::timeout(WAIT, write).await.unwrap();
+    f.wait_applied(&agent, "app", g2).await;
+    assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps_running() {
+    let f = Fixture::new().await;
+    let agent = f.start_agent("agent.log");
+    f.until_online(&agent).await;
+    let g1 = f.deploy("app", vec![file("/etc/app", "good")]).await;
+    f.wait_applied(&agent, "app", g1).await;
+
+    let g2 =
+        f.deploy("app", vec![file("/etc/app", "changed"), Box::new(NewerScore { path: "/x".into() })]).await;
+    let name = DeploymentName::new("app").unwrap();
+    let err = f.client.wait_for_generation(&f.device, &name, g2, WAIT).await.unwrap_err();
+    let FleetError::DeploymentFailed { status, .. } = err else { panic!("{err:?}") };
+    assert_eq!(
+        (status.phase, status.desired_generation, status.observed_generation),
+        (Phase::Rejected, g2, g1)
+    );
+    let error = status.error.as_ref().unwrap();
+    assert_eq!(error.kind, "unknown_score_tags");
+    assert!(error.message.contains("test.newer/v1"), "{}", error.message);
+    assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "good");
+
+    // A newer good generation replaces the rejected one.
+    let g3 = f.deploy("app", vec![file("/etc/app", "fixed")]).await;
+    let status = f.wait_applied(&agent, "app", g3).await;
+    assert!(status.error.is_none());
+    assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "fixed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_and_reconcile_commands_answer_and_reconcile_repairs_drift() {
+    let f = Fixture::new().await;
+    let agent = f.start_agent("agent.log");
+    f.until_online(&agent).await;
+    let reply =
+        tokio::time::timeout(WAIT, f.client.ping(&f.device, Duration::from_secs(5))).await.unwrap().unwrap();
+    assert!(reply.ok);
+    assert_eq!(reply.message, "pong");
+
+    let g1 = f.deploy("app", vec![file("/etc/app", "desired")]).await;
+    f.wait_applied(&agent, "app", g1).await;
+    std::fs::write(f.root("/etc/app"), "drifted").unwrap();
+    let reply = tokio::time::timeout(WAIT, f.client.reconcile(&f.device, WAIT)).await.unwrap().unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "desired");
+}
