@@ -47,8 +47,9 @@ struct LastRun {
 struct Deployment {
     record: DeploymentRecord,
     last_run: Option<LastRun>,
-    /// The newest refused generation and why, until a newer one is accepted.
-    rejected: Option<(u64, StatusError)>,
+    /// The newest refused document's generation (`None`: unreadable) and
+    /// why, until a newer one is accepted.
+    rejected: Option<(Option<u64>, StatusError)>,
     /// Deleted and fully undone.
     pruned: bool,
     retry: Option<(u32, Instant)>,
@@ -67,8 +68,10 @@ impl Deployment {
     /// Status is derived, never stored: one place decides the phase.
     fn status(&self) -> DeploymentStatus {
         let accepted = self.generation().unwrap_or(0);
-        let rejected =
-            self.rejected.as_ref().filter(|(g, _)| self.record.document.is_none() || *g > accepted);
+        let rejected = self
+            .rejected
+            .as_ref()
+            .filter(|(g, _)| self.record.document.is_none() || g.is_none_or(|g| g > accepted));
         let failed = self.last_run.as_ref().is_some_and(|r| !r.ok);
         let (phase, error) = if self.pruned {
             (Phase::Pruned, None)
@@ -87,7 +90,7 @@ impl Deployment {
         DeploymentStatus {
             desired_generation: accepted
                 .max(self.record.observed_generation)
-                .max(self.rejected.as_ref().map_or(0, |(g, _)| *g)),
+                .max(self.rejected.as_ref().and_then(|(g, _)| *g).unwrap_or(0)),
             observed_generation: self.record.observed_generation,
             phase,
             scores: self.last_run.as_ref().map(|r| r.scores.clone()).unwrap_or_default(),
@@ -307,11 +310,10 @@ impl Reconciler {
         message: String,
     ) -> bool {
         let entry = self.deployments.entry(name.clone()).or_default();
-        let generation = generation.unwrap_or_else(|| entry.status().desired_generation);
         if entry.rejected.as_ref().is_some_and(|(g, e)| *g == generation && e.kind == kind) {
             return false; // already reported
         }
-        warn!(deployment = %name, generation, kind, %message, "document rejected");
+        warn!(deployment = %name, ?generation, kind, %message, "document rejected");
         entry.rejected = Some((generation, StatusError { kind: kind.to_owned(), message }));
         entry.pruned = false;
         true

@@ -34,8 +34,10 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let path = exe.parent().and_then(Path::parent).expect("target layout").join(name);
     if !path.exists() {
+        let release = path.parent().and_then(Path::file_name).is_some_and(|p| p == "release");
         let status = Command::new(env!("CARGO"))
             .args(["build", "-p", name, "--bin", name])
+            .args(release.then_some("--release"))
             .current_dir(workspace_root())
             .status()
             .expect("cargo build");
@@ -146,6 +148,11 @@ impl AgentProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The log so far, for assertion messages.
