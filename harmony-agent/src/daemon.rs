@@ -78,7 +78,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let source_task = match &config.source {
         Source::Nats => tokio::spawn(source::nats::run(config.clone(), input_tx, status_rx, stop_rx)),
-        Source::Dir(dir) => tokio::spawn(source::dir::run(dir.clone(), input_tx, stop_rx)),
+        Source::Dir(dir) => tokio::spawn(source::dir::run(dir.clone(), input_tx, status_rx, stop_rx)),
     };
     info!(device = %config.device_id, source = ?config.source, "agent running");
 

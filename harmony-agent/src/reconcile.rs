@@ -229,7 +229,8 @@ impl Reconciler {
     /// The deployment's key was deleted: undo what it made.
     pub async fn delete(&mut self, name: &DeploymentName) -> bool {
         let Some(entry) = self.deployments.get_mut(name) else { return false };
-        if entry.pruned {
+        // Pruned, or already deleted and pruning (its retries run on their own schedule).
+        if entry.pruned || (entry.record.document.is_none() && entry.rejected.is_none()) {
             return false;
         }
         info!(deployment = %name, "deleted; pruning");

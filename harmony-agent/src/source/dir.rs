@@ -1,14 +1,16 @@
 //! A folder of documents as the source, for air-gapped devices.
 //!
 //! Each file `<deployment>.cbor` or `<deployment>.json` is that deployment's
-//! document; a removed file deletes the deployment. The folder is scanned
-//! every two seconds and a file is re-read when its size or mtime changes.
+//! document; a deployment the device knows whose file is gone is deleted
+//! (also when the file was removed while the agent was stopped). The folder
+//! is scanned every two seconds and a file is re-read when its size or
+//! mtime changes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use harmony_score_wire::DeploymentName;
+use harmony_score_wire::{AgentStatus, DeploymentName, Phase};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
@@ -24,7 +26,12 @@ const MAX_FILE_BYTES: u64 = 1024 * 1024 + 1;
 type Seen = BTreeMap<DeploymentName, (PathBuf, DocumentFormat, Option<SystemTime>, u64)>;
 
 /// Scans `dir` and feeds `inputs` until `stop` turns true.
-pub async fn run(dir: PathBuf, inputs: mpsc::Sender<Input>, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    dir: PathBuf,
+    inputs: mpsc::Sender<Input>,
+    status: watch::Receiver<AgentStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut seen: Seen = BTreeMap::new();
     let mut tick = tokio::time::interval(SCAN_EVERY);
     loop {
@@ -56,8 +63,15 @@ pub async fn run(dir: PathBuf, inputs: mpsc::Sender<Input>, mut stop: watch::Rec
                 Err(err) => warn!(file = %path.display(), cause = %err, "cannot read document"),
             }
         }
-        for name in seen.keys().filter(|n| !now.contains_key(*n)) {
-            if inputs.send(Input::Deleted { deployment: name.clone() }).await.is_err() {
+        let gone: Vec<DeploymentName> = status
+            .borrow()
+            .deployments
+            .iter()
+            .filter(|(name, d)| d.phase != Phase::Pruned && !now.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if inputs.send(Input::Deleted { deployment: name }).await.is_err() {
                 return;
             }
         }
