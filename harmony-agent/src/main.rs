@@ -103,8 +103,16 @@ fn init_logging() {
         .init();
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()
+/// Runs `work` on a single-threaded runtime (the agent is small; file work
+/// goes to the blocking pool).
+fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(work),
+        Err(err) => {
+            eprintln!("harmony-agent: cannot start runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn apply(doc: PathBuf, root: PathBuf) -> ExitCode {
@@ -115,14 +123,7 @@ fn apply(doc: PathBuf, root: PathBuf) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("harmony-agent: cannot start runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async {
+    block_on(async {
         let maestro = match Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(root)).await {
             Ok(m) => m,
             Err(err) => {
@@ -183,20 +184,15 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("harmony-agent: cannot start runtime: {err}");
-            return ExitCode::FAILURE;
+    block_on(async {
+        match daemon::run(config, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("harmony-agent: {}", error_chain(&err));
+                ExitCode::FAILURE
+            }
         }
-    };
-    match rt.block_on(daemon::run(config, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("harmony-agent: {}", error_chain(&err));
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

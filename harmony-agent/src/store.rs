@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use harmony_score_wire::{from_cbor, to_cbor, DeploymentName, DesiredState, DeviceScore};
+use harmony_score_wire::{from_cbor, try_to_cbor, DeploymentName, DesiredState, DeviceScore};
 use harmony_topology::local::write_file_atomic;
 use serde::{Deserialize, Serialize};
 
@@ -43,10 +43,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    /// A record could not be decoded (for example a Score tag this build no longer has).
+    /// A record could not be encoded or decoded (for example a Score tag this build no longer has).
     #[error("state {path}: {message}")]
     CorruptRecord { path: PathBuf, message: String },
 }
+
+/// A deployment's name and its record as loaded (or why it could not be).
+pub type LoadedRecord = (DeploymentName, Result<DeploymentRecord, StoreError>);
 
 /// The folder of deployment records.
 #[derive(Debug, Clone)]
@@ -67,9 +70,7 @@ impl Store {
     }
 
     /// Every record on disk; a record that cannot be read is returned as its error.
-    pub fn load_all(
-        &self,
-    ) -> Result<Vec<(DeploymentName, Result<DeploymentRecord, StoreError>)>, StoreError> {
+    pub fn load_all(&self) -> Result<Vec<LoadedRecord>, StoreError> {
         let io = |source| StoreError::IoFailed { path: self.dir.clone(), source };
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io)? {
@@ -95,8 +96,9 @@ impl Store {
     /// Writes a record atomically (0600: documents may hold secrets).
     pub fn save(&self, name: &DeploymentName, record: &DeploymentRecord) -> Result<(), StoreError> {
         let path = self.path(name);
-        write_file_atomic(&path, &to_cbor(record), 0o600)
-            .map_err(|source| StoreError::IoFailed { path, source })
+        let bytes = try_to_cbor(record)
+            .map_err(|e| StoreError::CorruptRecord { path: path.clone(), message: e.to_string() })?;
+        write_file_atomic(&path, &bytes, 0o600).map_err(|source| StoreError::IoFailed { path, source })
     }
 
     /// Removes a record; a missing one is not an error.

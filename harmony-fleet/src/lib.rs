@@ -1,3 +1,27 @@
-//! The operator side of a Harmony device fleet: build, encode and deploy desired state.
+//! The operator side of a Harmony device fleet: build, deploy and follow desired state.
+//!
+//! [`FleetClient`] writes each device's desired state to NATS JetStream KV
+//! (with compare-and-set, keeping the per-device index in step), reads what
+//! the agents report and sends them commands. Fleet automation is itself a
+//! Harmony Score: [`DeviceDeploymentScore`] runs against a [`FleetTopology`]
+//! (any topology with the [`DeviceFleet`] capability) through the `Maestro`.
 
+mod client;
+mod desired;
+mod error;
+pub mod report;
+mod score;
+mod topology;
+mod wait;
+
+pub use client::{BucketAction, BucketReport, FleetClient, DESIRED_STATE_HISTORY};
+pub use desired::{DeployRequest, Deployed};
+pub use error::{error_chain, FleetError, NatsError};
+pub use score::{DeviceDeploymentInterpret, DeviceDeploymentScore};
+pub use topology::{DeviceFleet, FleetTopology};
+pub use wait::{generation_progress, is_pruned, Progress};
+
+/// The NATS client this crate is built on, for callers that need the
+/// connection underneath ([`FleetClient::nats`], [`FleetClient::jetstream`]).
+pub use async_nats;
 pub use harmony_score_wire as wire;

@@ -1,15 +1,28 @@
-//! `harmony-fleet`: the operator's command line.
+//! `harmony-fleet`: the operator's command line (flags, logging, exit codes; the work is in `cli`).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod cli;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use harmony_score_wire::{encode, read_document_file, to_json_pretty, DecodeLimits, DesiredState};
+use harmony_fleet::{error_chain, FleetError};
+use harmony_score_wire::{DeploymentName, DeviceId};
+
+use crate::cli::{CliError, Connection};
+
+/// The server tried when neither `--nats` nor `$HARMONY_NATS` is set.
+const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
 #[derive(Parser)]
 #[command(name = "harmony-fleet", version, about = "Deploys Harmony Scores to a fleet of devices")]
 struct Cli {
+    /// NATS server URLs, comma-separated [default: $HARMONY_NATS, else nats://127.0.0.1:4222].
+    #[arg(long, global = true, value_name = "URL[,URL...]")]
+    nats: Option<String>,
+    /// NATS credentials file.
+    #[arg(long, global = true, value_name = "FILE")]
+    creds: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,39 +42,133 @@ enum Command {
         /// The document.
         doc: PathBuf,
     },
+    /// Writes a document as a device's desired state, at the deployment's next generation.
+    Deploy(cli::DeployArgs),
+    /// Deletes a deployment from a device (the device prunes what it owned).
+    Delete {
+        /// The device.
+        #[arg(long)]
+        device: DeviceId,
+        /// The deployment.
+        #[arg(long)]
+        deployment: DeploymentName,
+        /// Wait until the device reports the deployment pruned.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Shows what devices report: one row per device and deployment.
+    Status {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<DeviceId>,
+        /// Print the statuses as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the devices that reported, with their agent version, host and labels.
+    Devices,
+    /// Asks a device's agent to answer.
+    Ping {
+        /// The device.
+        device: DeviceId,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Asks a device's agent to reconcile now.
+    Reconcile {
+        /// The device.
+        device: DeviceId,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Creates the fleet's KV buckets where missing.
+    Init,
 }
 
 fn main() -> ExitCode {
     harmony_scores::ensure_linked();
+    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Encode { doc, output } => encode_file(&doc, output.as_deref()),
-        Command::Inspect { doc } => inspect_file(&doc),
+        Command::Encode { doc, output } => cli::encode_file(&doc, output.as_deref()),
+        Command::Inspect { doc } => cli::inspect_file(&doc),
+        command => run_online(command, connection(cli.nats, cli.creds)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("harmony-fleet: {message}");
-            ExitCode::from(2)
+        Err(err) => {
+            eprintln!("harmony-fleet: {}", describe(&err));
+            ExitCode::from(exit_code(&err))
         }
     }
 }
 
-fn read_doc(path: &Path) -> Result<DesiredState, String> {
-    read_document_file(path, &DecodeLimits::default()).map_err(|e| e.to_string())
-}
-
-fn encode_file(path: &Path, output: Option<&Path>) -> Result<(), String> {
-    let doc = read_doc(path)?;
-    let bytes = encode(&doc).map_err(|e| e.to_string())?;
-    match output {
-        Some(out) => std::fs::write(out, &bytes).map_err(|e| format!("cannot write {}: {e}", out.display())),
-        None => std::io::stdout().write_all(&bytes).map_err(|e| e.to_string()),
+/// 2: the input or the request must change (bad document, refused tags,
+/// stale generation); 1: the fleet said no or did not answer in time.
+fn exit_code(err: &CliError) -> u8 {
+    match err {
+        CliError::Usage(_) => 2,
+        CliError::Fleet(
+            FleetError::UnsupportedScores { .. }
+            | FleetError::NoDeviceInfo { .. }
+            | FleetError::StaleGeneration { .. },
+        ) => 2,
+        CliError::Fleet(_) | CliError::Failed(_) => 1,
     }
 }
 
-fn inspect_file(path: &Path) -> Result<(), String> {
-    let doc = read_doc(path)?;
-    println!("{}", to_json_pretty(&doc).map_err(|e| e.to_string())?);
-    Ok(())
+fn describe(err: &CliError) -> String {
+    match err {
+        CliError::Usage(message) | CliError::Failed(message) => message.clone(),
+        CliError::Fleet(err) => error_chain(err),
+    }
+}
+
+fn connection(nats: Option<String>, creds: Option<PathBuf>) -> Connection {
+    let urls = nats.or_else(|| std::env::var("HARMONY_NATS").ok()).unwrap_or_else(|| DEFAULT_NATS.to_owned());
+    let urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+    Connection { urls, creds }
+}
+
+fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(async move {
+        match command {
+            Command::Deploy(args) => cli::deploy(&conn, args).await,
+            Command::Delete { device, deployment, wait, timeout } => {
+                cli::delete(&conn, &device, &deployment, wait.then_some(secs(timeout))).await
+            }
+            Command::Status { device, json } => cli::status(&conn, device.as_ref(), json).await,
+            Command::Devices => cli::devices(&conn).await,
+            Command::Ping { device, timeout } => cli::command(&conn, &device, "ping", secs(timeout)).await,
+            Command::Reconcile { device, timeout } => {
+                cli::command(&conn, &device, "reconcile", secs(timeout)).await
+            }
+            Command::Init => cli::init(&conn).await,
+            Command::Encode { .. } | Command::Inspect { .. } => unreachable!("handled offline"),
+        }
+    })
+}
+
+fn secs(secs: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(secs)
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HARMONY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -298,12 +298,24 @@ pub struct ValueDecodeError {
     message: String,
 }
 
-/// Encodes any wire value (status, index, reply) as CBOR.
+/// Encodes a plain wire value (status, index, reply, timestamp) as CBOR.
+///
+/// These types are plain data whose `Serialize` cannot fail into memory;
+/// for anything holding Scores use [`try_to_cbor`].
 pub fn to_cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
     let mut bytes = Vec::new();
-    // Writing our own plain data types into a Vec cannot fail.
-    ciborium::into_writer(value, &mut bytes).expect("CBOR encoding of a wire value into memory");
+    // Writing plain data (no Scores, no custom Serialize) into a Vec has no
+    // failure path in ciborium; a panic here is a bug in a wire type.
+    ciborium::into_writer(value, &mut bytes).expect("CBOR encoding of a plain wire value into memory");
     bytes
+}
+
+/// Encodes a value that holds Scores (whose `Serialize` is each Score's own) as CBOR.
+pub fn try_to_cbor<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(value, &mut bytes)
+        .map_err(|e| EncodeError::SerializeFailed(one_line(&e.to_string())))?;
+    Ok(bytes)
 }
 
 /// Decodes a wire value (status, index, reply) of at most `max_bytes`; `what`
@@ -314,7 +326,10 @@ pub fn from_cbor<T: serde::de::DeserializeOwned>(
     what: &'static str,
 ) -> Result<T, ValueDecodeError> {
     if bytes.len() > max_bytes {
-        return Err(ValueDecodeError { what, message: format!("{} bytes, more than {max_bytes}", bytes.len()) });
+        return Err(ValueDecodeError {
+            what,
+            message: format!("{} bytes, more than {max_bytes}", bytes.len()),
+        });
     }
     ciborium::de::from_reader_with_recursion_limit(bytes, 64)
         .map_err(|e| ValueDecodeError { what, message: one_line(&e.to_string()) })

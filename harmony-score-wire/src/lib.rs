@@ -13,15 +13,16 @@ mod registry;
 mod status;
 
 pub use codec::{
-    decode, decode_json, encode, from_cbor, peek_generation, to_cbor, to_json_pretty, DecodeError, DecodeLimits, EncodeError,
-    ValueDecodeError,
+    decode, decode_json, encode, from_cbor, peek_generation, to_cbor, to_json_pretty, try_to_cbor,
+    DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
 };
 pub use document::{DeploymentIndex, DesiredState, FORMAT_VERSION};
 pub use file::{is_json_path, read_document_file, DocumentFileError};
 pub use ids::{DeploymentName, DeviceId, IdError};
 pub use registry::{registered_scores, DeviceScore, ScoreRegistration};
 pub use status::{
-    now_ms, AgentStatus, CommandReply, DeploymentStatus, DeviceInfo, Phase, ScoreStatus, StatusError, SupportedScore,
+    now_ms, AgentStatus, CommandReply, DeploymentStatus, DeviceInfo, Phase, ScoreStatus, StatusError,
+    SupportedScore,
 };
 
 /// Re-exported for `inventory::submit!` in Score crates.

@@ -1,7 +1,8 @@
 //! Time from `deploy` to the device's status showing the generation applied,
 //! over sequential deploys on loopback; plus the agent's binary size and idle RSS.
 //!
-//! `cargo bench -p harmony-e2e --bench deploy_latency [-- DEPLOYS]` (default 200).
+//! `cargo build --release --bins && cargo bench -p harmony-e2e --bench deploy_latency [-- DEPLOYS]`
+//! (default 200 deploys; the agent binary must be built first, in release).
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,223 @@
+//! The `harmony-fleet` subcommands, each a thin layer over `FleetClient` or `DeviceDeploymentScore`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use harmony_fleet::report::{devices_table, status_table};
+use harmony_fleet::{
+    error_chain, BucketAction, DeployRequest, DeviceDeploymentScore, FleetClient, FleetError, FleetTopology,
+};
+use harmony_score_wire::{
+    encode, now_ms, read_document_file, to_json_pretty, DecodeLimits, DeploymentName, DesiredState, DeviceId,
+};
+use harmony_topology::{InterpretStatus, Inventory, Maestro};
+
+/// Why a subcommand failed; `main` turns it into a message and an exit code.
+#[derive(Debug)]
+pub enum CliError {
+    /// The input must change: a document that is not valid, a bad flag.
+    Usage(String),
+    /// The fleet refused or failed.
+    Fleet(FleetError),
+    /// An operation ran and reported failure (details already printed).
+    Failed(String),
+}
+
+impl From<FleetError> for CliError {
+    fn from(err: FleetError) -> Self {
+        CliError::Fleet(err)
+    }
+}
+
+/// Where the fleet's NATS is.
+#[derive(Debug)]
+pub struct Connection {
+    /// Server URLs.
+    pub urls: Vec<String>,
+    /// Credentials file.
+    pub creds: Option<PathBuf>,
+}
+
+impl Connection {
+    async fn client(&self) -> Result<FleetClient, FleetError> {
+        FleetClient::connect(&self.urls, self.creds.as_deref()).await
+    }
+}
+
+/// `deploy`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The device (default: the document's).
+    #[arg(long)]
+    device: Option<DeviceId>,
+    /// The deployment (default: the document's).
+    #[arg(long)]
+    deployment: Option<DeploymentName>,
+    /// The document, CBOR or (by its .json extension) JSON. Its own
+    /// generation is ignored: the key's next one is written.
+    doc: PathBuf,
+    /// Write this generation instead of the next (it must be newer).
+    #[arg(long)]
+    generation: Option<u64>,
+    /// Deploy even Score tags the device did not list as supported.
+    #[arg(long)]
+    force: bool,
+    /// Wait until the device applied it; exit 1 when it failed or did not in time.
+    /// (A document identical to the deployed one is then not written again.)
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    timeout: u64,
+}
+
+fn read_doc(path: &Path) -> Result<DesiredState, CliError> {
+    read_document_file(path, &DecodeLimits::default()).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+/// `encode`: JSON document → CBOR.
+pub fn encode_file(path: &Path, output: Option<&Path>) -> Result<(), CliError> {
+    let doc = read_doc(path)?;
+    let bytes = encode(&doc).map_err(|e| CliError::Usage(error_chain(&e)))?;
+    match output {
+        Some(out) => std::fs::write(out, &bytes)
+            .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", out.display()))),
+        None => std::io::stdout().write_all(&bytes).map_err(|e| CliError::Failed(e.to_string())),
+    }
+}
+
+/// `inspect`: document → JSON on standard output.
+pub fn inspect_file(path: &Path) -> Result<(), CliError> {
+    let doc = read_doc(path)?;
+    println!("{}", to_json_pretty(&doc).map_err(|e| CliError::Usage(error_chain(&e)))?);
+    Ok(())
+}
+
+/// `deploy`: without `--wait`, one compare-and-set write; with it, the
+/// `DeviceDeploymentScore` for this one device, run by a `Maestro`.
+pub async fn deploy(conn: &Connection, args: DeployArgs) -> Result<(), CliError> {
+    let doc = read_doc(&args.doc)?;
+    let device = args.device.unwrap_or(doc.device_id);
+    let deployment = args.deployment.unwrap_or(doc.deployment);
+    let client = conn.client().await?;
+    if !args.wait {
+        let request = DeployRequest::new(device.clone(), deployment.clone(), doc.scores)
+            .generation(args.generation)
+            .expires_at(doc.expires_at)
+            .force(args.force);
+        let deployed = client.deploy(request).await?;
+        println!("{device}/{deployment}: generation {} written", deployed.generation);
+        return Ok(());
+    }
+    // Refuse before the Maestro runs, so that a refusal keeps its own exit code.
+    if !args.force {
+        client.check_supported(&device, &doc.scores).await?;
+    }
+    let maestro = Maestro::initialize(Inventory::empty(), FleetTopology::from_client(client))
+        .await
+        .map_err(|e| CliError::Failed(error_chain(&e)))?;
+    let score = DeviceDeploymentScore {
+        devices: vec![device],
+        deployment,
+        scores: doc.scores,
+        wait: Some(args.timeout),
+        force: args.force,
+        generation: args.generation,
+        expires_at: doc.expires_at,
+    };
+    let outcome = maestro.interpret(&score).await.map_err(|e| CliError::Failed(e.to_string()))?;
+    println!("{}: {}", outcome.status, outcome.message);
+    for line in &outcome.details {
+        println!("  {line}");
+    }
+    match outcome.status {
+        InterpretStatus::FAILURE => Err(CliError::Failed("deployment did not land".into())),
+        _ => Ok(()),
+    }
+}
+
+/// `delete`: the key gets a delete marker and leaves the index; with a wait,
+/// until the device reports it pruned.
+pub async fn delete(
+    conn: &Connection,
+    device: &DeviceId,
+    deployment: &DeploymentName,
+    wait: Option<Duration>,
+) -> Result<(), CliError> {
+    let client = conn.client().await?;
+    if client.delete(device, deployment).await? {
+        println!("{device}/{deployment}: deleted");
+    } else {
+        println!("{device}/{deployment}: was not deployed");
+    }
+    if let Some(timeout) = wait {
+        client.wait_for_prune(device, deployment, timeout).await?;
+        println!("{device}/{deployment}: pruned");
+    }
+    Ok(())
+}
+
+/// `status`: the table (or JSON) of what devices report.
+pub async fn status(conn: &Connection, device: Option<&DeviceId>, json: bool) -> Result<(), CliError> {
+    let client = conn.client().await?;
+    let statuses = match device {
+        Some(device) => match client.device_status(device).await? {
+            Some((status, _)) => vec![status],
+            None => return Err(CliError::Failed(format!("device {device} has not reported a status"))),
+        },
+        None => client.list_statuses().await?,
+    };
+    if json {
+        let text = serde_json::to_string_pretty(&statuses).map_err(|e| CliError::Failed(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", status_table(&statuses, now_ms()));
+    }
+    Ok(())
+}
+
+/// `devices`: one line per device that reported.
+pub async fn devices(conn: &Connection) -> Result<(), CliError> {
+    let statuses = conn.client().await?.list_statuses().await?;
+    print!("{}", devices_table(&statuses, now_ms()));
+    Ok(())
+}
+
+/// `ping` and `reconcile`: a request to the device's agent.
+pub async fn command(
+    conn: &Connection,
+    device: &DeviceId,
+    verb: &str,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    let client = conn.client().await?;
+    let reply = match verb {
+        "reconcile" => client.reconcile(device, timeout).await?,
+        _ => client.ping(device, timeout).await?,
+    };
+    let version = if reply.agent_version.is_empty() {
+        String::new()
+    } else {
+        format!(" (agent {})", reply.agent_version)
+    };
+    println!("{}: {}{version}", reply.device_id, reply.message);
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!("{device} answered that {verb} failed")))
+    }
+}
+
+/// `init`: the buckets, created where missing.
+pub async fn init(conn: &Connection) -> Result<(), CliError> {
+    for report in conn.client().await?.ensure_buckets().await? {
+        let what = match report.action {
+            BucketAction::Created => "created",
+            BucketAction::Existed => "exists",
+            BucketAction::Repaired => "repaired (rollups disabled, direct get allowed)",
+        };
+        println!("{}: {what}", report.bucket);
+    }
+    Ok(())
+}

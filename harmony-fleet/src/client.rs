@@ -1,0 +1,326 @@
+//! `FleetClient`: the operator's connection to a fleet — buckets, status reads and device commands.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use async_nats::jetstream::{self, context::GetStreamErrorKind, kv, stream};
+use async_nats::ConnectOptions;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use harmony_score_wire::names::{command_subject, status_key, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
+use harmony_score_wire::{from_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo};
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use crate::error::NatsError;
+use crate::FleetError;
+
+/// Largest status, index or reply value decoded (NATS' default max payload).
+pub(crate) const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// How many versions of each desired-state key the bucket keeps.
+pub const DESIRED_STATE_HISTORY: i64 = 5;
+
+/// The two KV buckets of a fleet, opened.
+#[derive(Debug, Clone)]
+pub(crate) struct Buckets {
+    pub(crate) desired: kv::Store,
+    pub(crate) status: kv::Store,
+}
+
+/// What [`FleetClient::ensure_buckets`] found or did for one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketAction {
+    /// The bucket did not exist and was created.
+    Created,
+    /// The bucket existed as it should.
+    Existed,
+    /// The status bucket existed with rollups allowed (a device could purge
+    /// every device's status) or without direct get; its stream was fixed.
+    Repaired,
+}
+
+/// One bucket's line in the report of [`FleetClient::ensure_buckets`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketReport {
+    /// The bucket's name.
+    pub bucket: &'static str,
+    /// What was done.
+    pub action: BucketAction,
+}
+
+/// A connection to a fleet's NATS: writes desired state, reads status and
+/// sends commands to devices. Cheap to clone; clones share the connection and
+/// the opened buckets.
+#[derive(Clone)]
+pub struct FleetClient {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    buckets: Arc<OnceCell<Buckets>>,
+}
+
+impl std::fmt::Debug for FleetClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetClient")
+            .field("state", &self.nats.connection_state())
+            .field("buckets_open", &self.buckets.initialized())
+            .finish()
+    }
+}
+
+impl FleetClient {
+    /// Connects to any of `urls` (tried in random order), with a NATS
+    /// credentials file when given. Fails fast when no server answers.
+    pub async fn connect(urls: &[String], creds: Option<&Path>) -> Result<Self, FleetError> {
+        let options = match creds {
+            Some(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| FleetError::CredentialsFailed { path: path.to_owned(), source })?,
+            None => ConnectOptions::new(),
+        };
+        let connect_failed = |source: NatsError| FleetError::ConnectFailed { urls: urls.join(","), source };
+        if urls.is_empty() {
+            return Err(connect_failed("no NATS URL given".into()));
+        }
+        let nats = options
+            .name("harmony-fleet")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(urls.to_vec())
+            .await
+            .map_err(|e| connect_failed(e.into()))?;
+        Ok(Self::from_nats(nats))
+    }
+
+    /// A fleet client over an existing connection.
+    pub fn from_nats(nats: async_nats::Client) -> Self {
+        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(nats.clone());
+        Self { nats, js, buckets: Arc::new(OnceCell::new()) }
+    }
+
+    /// The underlying NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// The JetStream context this client uses.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Creates the desired-state and status buckets where missing (idempotent)
+    /// and says, per bucket, what it found or did.
+    ///
+    /// The status bucket is a stream made by hand with the KV conventions and
+    /// `allow_rollup: false`: `kv::Config` has no such switch, and with
+    /// rollups allowed one device publishing `Nats-Rollup: all` on its own
+    /// status key would purge every device's status.
+    pub async fn ensure_buckets(&self) -> Result<Vec<BucketReport>, FleetError> {
+        let (report, buckets) = self.setup_buckets().await?;
+        // Another task may have opened them meanwhile; both handles are equal.
+        let _ = self.buckets.set(buckets);
+        Ok(report)
+    }
+
+    /// The buckets, ensured on first use.
+    pub(crate) async fn buckets(&self) -> Result<&Buckets, FleetError> {
+        self.buckets.get_or_try_init(|| async { Ok(self.setup_buckets().await?.1) }).await
+    }
+
+    async fn setup_buckets(&self) -> Result<(Vec<BucketReport>, Buckets), FleetError> {
+        let (desired_action, desired) = self.ensure_desired_bucket().await?;
+        let (status_action, status) = self.ensure_status_bucket().await?;
+        let report = vec![
+            BucketReport { bucket: DESIRED_STATE_BUCKET, action: desired_action },
+            BucketReport { bucket: AGENT_STATUS_BUCKET, action: status_action },
+        ];
+        Ok((report, Buckets { desired, status }))
+    }
+
+    async fn stream_exists(&self, name: &str) -> Result<Option<stream::Stream>, FleetError> {
+        match self.js.get_stream(name).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(err) => match err.kind() {
+                GetStreamErrorKind::JetStream(js_err)
+                    if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(None)
+                }
+                _ => Err(FleetError::nats(format!("look up stream {name}"), err)),
+            },
+        }
+    }
+
+    async fn ensure_desired_bucket(&self) -> Result<(BucketAction, kv::Store), FleetError> {
+        let name = DESIRED_STATE_BUCKET;
+        let action = if self.stream_exists(&format!("KV_{name}")).await?.is_some() {
+            BucketAction::Existed
+        } else {
+            self.js
+                .create_key_value(kv::Config {
+                    bucket: name.to_owned(),
+                    description: "Harmony desired state: <device>.<deployment> -> DesiredState (CBOR)".into(),
+                    history: DESIRED_STATE_HISTORY,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| FleetError::nats(format!("create bucket {name}"), e))?;
+            info!(bucket = name, "created bucket");
+            BucketAction::Created
+        };
+        let store = self
+            .js
+            .get_key_value(name)
+            .await
+            .map_err(|e| FleetError::nats(format!("open bucket {name}"), e))?;
+        Ok((action, store))
+    }
+
+    async fn ensure_status_bucket(&self) -> Result<(BucketAction, kv::Store), FleetError> {
+        let name = AGENT_STATUS_BUCKET;
+        let action = match self.stream_exists(&format!("KV_{name}")).await? {
+            Some(existing) => {
+                let config = &existing.cached_info().config;
+                if config.allow_rollup || !config.allow_direct {
+                    let fixed = stream::Config { allow_rollup: false, allow_direct: true, ..config.clone() };
+                    self.js
+                        .update_stream(fixed)
+                        .await
+                        .map_err(|e| FleetError::nats(format!("disable rollups on bucket {name}"), e))?;
+                    warn!(bucket = name, "status bucket allowed rollups or lacked direct get; fixed");
+                    BucketAction::Repaired
+                } else {
+                    BucketAction::Existed
+                }
+            }
+            None => {
+                self.js
+                    .create_stream(status_stream_config())
+                    .await
+                    .map_err(|e| FleetError::nats(format!("create bucket {name}"), e))?;
+                info!(bucket = name, "created bucket");
+                BucketAction::Created
+            }
+        };
+        let store = self
+            .js
+            .get_key_value(name)
+            .await
+            .map_err(|e| FleetError::nats(format!("open bucket {name}"), e))?;
+        Ok((action, store))
+    }
+
+    /// The device's last status and its revision in the bucket; `None` when
+    /// the device never reported (or its status was deleted).
+    pub async fn device_status(&self, device: &DeviceId) -> Result<Option<(AgentStatus, u64)>, FleetError> {
+        let buckets = self.buckets().await?;
+        read_status(&buckets.status, &status_key(device)).await
+    }
+
+    /// The last status of every device that reported, sorted by device id. A
+    /// status that cannot be decoded is skipped with a warning.
+    pub async fn list_statuses(&self) -> Result<Vec<AgentStatus>, FleetError> {
+        let store = &self.buckets().await?.status;
+        let keys: Vec<String> = store
+            .keys()
+            .await
+            .map_err(|e| FleetError::nats("list status keys", e))?
+            .try_collect()
+            .await
+            .map_err(|e| FleetError::nats("list status keys", e))?;
+        let reads = futures_util::stream::iter(keys).map(|key| async move {
+            match read_status(store, &key).await {
+                Ok(found) => found.map(|(status, _)| status),
+                Err(err) => {
+                    warn!(key = %key, cause = %err, "skipping unreadable status");
+                    None
+                }
+            }
+        });
+        let mut statuses: Vec<AgentStatus> =
+            reads.buffer_unordered(16).filter_map(|s| async { s }).collect().await;
+        statuses.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        Ok(statuses)
+    }
+
+    /// What the device last reported about itself (agent version, supported Scores, labels).
+    pub async fn device_info(&self, device: &DeviceId) -> Result<Option<DeviceInfo>, FleetError> {
+        Ok(self.device_status(device).await?.and_then(|(status, _)| status.info))
+    }
+
+    /// Asks the device's agent to answer; [`FleetError::DeviceOffline`] when no agent listens.
+    pub async fn ping(&self, device: &DeviceId, timeout: Duration) -> Result<CommandReply, FleetError> {
+        self.command(device, "ping", timeout).await
+    }
+
+    /// Asks the device's agent to reconcile now rather than at its next interval.
+    pub async fn reconcile(&self, device: &DeviceId, timeout: Duration) -> Result<CommandReply, FleetError> {
+        self.command(device, "reconcile", timeout).await
+    }
+
+    async fn command(
+        &self,
+        device: &DeviceId,
+        verb: &str,
+        timeout: Duration,
+    ) -> Result<CommandReply, FleetError> {
+        let subject = command_subject(device, verb);
+        let request = async_nats::Request::new().payload(Bytes::new()).timeout(Some(timeout));
+        let reply = match self.nats.send_request(subject.clone(), request).await {
+            Ok(reply) => reply,
+            Err(err) => {
+                return Err(match err.kind() {
+                    RequestErrorKind::NoResponders => FleetError::DeviceOffline { device: device.clone() },
+                    RequestErrorKind::TimedOut => FleetError::Timeout {
+                        what: format!("{device} to answer {verb}"),
+                        after: timeout,
+                        last: None,
+                    },
+                    _ => FleetError::nats(format!("request {subject}"), err),
+                })
+            }
+        };
+        let reply: CommandReply = from_cbor(&reply.payload, MAX_VALUE_BYTES, "command reply")
+            .map_err(|e| FleetError::BadReply { subject: subject.clone(), message: e.to_string() })?;
+        if reply.device_id != *device {
+            return Err(FleetError::BadReply {
+                subject,
+                message: format!("answered by device {} instead", reply.device_id),
+            });
+        }
+        Ok(reply)
+    }
+}
+
+/// Reads and decodes one status key; deleted or missing → `None`.
+async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus, u64)>, FleetError> {
+    let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read status {key}"), e))?;
+    match entry {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            let status = from_cbor(&entry.value, MAX_VALUE_BYTES, "agent status")
+                .map_err(|source| FleetError::BadValue { key: key.to_owned(), source })?;
+            Ok(Some((status, entry.revision)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The status bucket's stream: what `create_key_value` would make with
+/// history 1, but with rollups refused.
+fn status_stream_config() -> stream::Config {
+    stream::Config {
+        name: format!("KV_{AGENT_STATUS_BUCKET}"),
+        description: Some("Harmony agent status: <device> -> AgentStatus (CBOR)".into()),
+        subjects: vec![format!("$KV.{AGENT_STATUS_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: false,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    }
+}

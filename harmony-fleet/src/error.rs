@@ -1,0 +1,172 @@
+//! `FleetError`: what can go wrong talking to a fleet, in variants callers branch on.
+
+use std::time::Duration;
+
+use harmony_score_wire::{DeploymentName, DeploymentStatus, DeviceId, EncodeError, ValueDecodeError};
+
+/// The boxed cause of a failed NATS operation (async-nats has one error type per operation).
+pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a fleet operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetError {
+    /// No NATS server could be reached with the given URLs and credentials.
+    #[error("cannot connect to NATS at {urls}")]
+    ConnectFailed {
+        /// The URLs tried, comma-separated.
+        urls: String,
+        /// Why.
+        #[source]
+        source: NatsError,
+    },
+    /// The credentials file could not be read.
+    #[error("cannot read NATS credentials {path}")]
+    CredentialsFailed {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A NATS or JetStream operation failed.
+    #[error("{op} failed")]
+    Nats {
+        /// What was being done (`"create bucket harmony-desired-state"`).
+        op: String,
+        /// The client's error.
+        #[source]
+        source: NatsError,
+    },
+    /// No agent answers on the device's command subject (NATS "no responders").
+    #[error("device offline: no agent of {device} answered")]
+    DeviceOffline {
+        /// The device.
+        device: DeviceId,
+    },
+    /// Nothing conclusive happened in time.
+    #[error("timed out after {}s waiting for {what}", after.as_secs_f64())]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        after: Duration,
+        /// The deployment's last status seen while waiting, if any.
+        last: Option<Box<DeploymentStatus>>,
+    },
+    /// A device's reply could not be decoded or does not answer the request.
+    #[error("bad reply on {subject}: {message}")]
+    BadReply {
+        /// The request subject.
+        subject: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A value in a bucket could not be decoded.
+    #[error("bad value under key {key}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// Why.
+        #[source]
+        source: ValueDecodeError,
+    },
+    /// A stored desired-state document could not be decoded.
+    #[error("bad document under key {key}")]
+    BadDocument {
+        /// The key.
+        key: String,
+        /// Why.
+        #[source]
+        source: harmony_score_wire::DecodeError,
+    },
+    /// A compare-and-set write lost to concurrent writers too many times.
+    #[error("conflict on {key}: {reason}")]
+    Conflict {
+        /// The key.
+        key: String,
+        /// What conflicted.
+        reason: String,
+    },
+    /// An explicit generation that is not newer than the key's; nothing was written.
+    #[error("generation {requested} for {key} is not newer than its current generation {current}")]
+    StaleGeneration {
+        /// The key.
+        key: String,
+        /// The key's generation.
+        current: u64,
+        /// The generation asked for.
+        requested: u64,
+    },
+    /// The device did not list these Score tags as supported; nothing was written.
+    #[error("device {device} does not support score tags {} (use --force to deploy anyway)", tags.join(", "))]
+    UnsupportedScores {
+        /// The device.
+        device: DeviceId,
+        /// The tags it lacks, sorted.
+        tags: Vec<String>,
+    },
+    /// The device never reported which Scores it supports; nothing was written.
+    #[error("device {device} has never reported the score tags it supports (use --force to deploy anyway)")]
+    NoDeviceInfo {
+        /// The device.
+        device: DeviceId,
+    },
+    /// The device refused the document or failed to apply it.
+    #[error("{device}/{deployment}: {}", describe_failure(status))]
+    DeploymentFailed {
+        /// The device.
+        device: DeviceId,
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The device's status of the deployment.
+        status: Box<DeploymentStatus>,
+    },
+    /// The document could not be encoded.
+    #[error("cannot encode the document")]
+    EncodeFailed(#[source] EncodeError),
+}
+
+impl FleetError {
+    pub(crate) fn nats(op: impl Into<String>, source: impl Into<NatsError>) -> Self {
+        FleetError::Nats { op: op.into(), source: source.into() }
+    }
+
+    /// The deployment status this error carries (a failed or timed-out wait).
+    pub fn deployment_status(&self) -> Option<&DeploymentStatus> {
+        match self {
+            FleetError::DeploymentFailed { status, .. } => Some(status),
+            FleetError::Timeout { last, .. } => last.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+fn describe_failure(status: &DeploymentStatus) -> String {
+    let phase = format!("{:?}", status.phase).to_lowercase();
+    let mut text = format!("generation {} {phase}", status.desired_generation);
+    if let Some(err) = &status.error {
+        text.push_str(&format!(" ({}: {})", err.kind, err.message));
+    }
+    let failed: Vec<_> = status.scores.iter().filter(|s| !s.is_ok()).map(|s| s.name.as_str()).collect();
+    if !failed.is_empty() {
+        text.push_str(&format!("; failed: {}", failed.join(", ")));
+    }
+    text
+}
+
+/// An error and its causes on one line (`a: b: c`), for people and status lines.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their source's text in their own; say it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

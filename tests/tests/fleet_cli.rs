@@ -1,0 +1,138 @@
+//! The `harmony-fleet` binary against a real nats-server: refusals, exit codes, status output.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use harmony_e2e::{workspace_bin, NatsServer};
+use harmony_fleet::FleetClient;
+use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
+use harmony_score_wire::{
+    now_ms, to_cbor, AgentStatus, DeploymentName, DeviceId, DeviceInfo, SupportedScore,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f).await.expect("timed out")
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn fleet(server: &NatsServer, args: &[&str]) -> Run {
+    let out = within(
+        tokio::process::Command::new(workspace_bin("harmony-fleet"))
+            .arg("--nats")
+            .arg(server.url())
+            .args(args)
+            .output(),
+    )
+    .await
+    .unwrap();
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn write_doc(dir: &Path) -> String {
+    let path = dir.join("web.json");
+    std::fs::write(
+        &path,
+        r#"{"device_id":"dev-1","deployment":"web","generation":1,
+            "scores":[{"type":"harmony.file/v1","path":"/etc/web","content":"hi\n"}]}"#,
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// dev-1 reports that it decodes directories only.
+async fn report_directories_only(client: &FleetClient) {
+    within(client.ensure_buckets()).await.unwrap();
+    let status = AgentStatus {
+        device_id: DeviceId::new("dev-1").unwrap(),
+        agent_version: "0.1.0".into(),
+        updated_at_ms: now_ms(),
+        heartbeat_at_ms: now_ms(),
+        heartbeat_interval_ms: 10_000,
+        info: Some(DeviceInfo {
+            agent_version: "0.1.0".into(),
+            scores: vec![SupportedScore {
+                tag: "harmony.directory/v1".into(),
+                version: "v1".into(),
+                summary: String::new(),
+            }],
+            hostname: "edge-1".into(),
+            ..Default::default()
+        }),
+        deployments: Default::default(),
+    };
+    let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.unwrap();
+    within(kv.put(status_key(&status.device_id), to_cbor(&status).into())).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_refuses_unsupported_tags_with_exit_2_and_writes_nothing_unless_forced() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write_doc(dir.path());
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    report_directories_only(&client).await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let web = DeploymentName::new("web").unwrap();
+
+    let run = fleet(&server, &["deploy", &doc]).await;
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("harmony.file/v1") && run.stderr.contains("--force"), "{}", run.stderr);
+    assert!(within(client.desired_state(&device, &web)).await.unwrap().is_none());
+    assert!(within(client.deployment_index(&device)).await.unwrap().deployments.is_empty());
+
+    // The same refusal on the --wait path, before anything runs.
+    let run = fleet(&server, &["deploy", &doc, "--wait", "--timeout", "1"]).await;
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(within(client.desired_state(&device, &web)).await.unwrap().is_none());
+
+    let run = fleet(&server, &["deploy", "--device", "dev-1", "--deployment", "web", &doc, "--force"]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout.trim(), "dev-1/web: generation 1 written");
+    assert_eq!(within(client.deployment_index(&device)).await.unwrap().deployments[&web], 1);
+
+    // Waiting with no agent to apply it: exit 1, the outcome printed.
+    let run = fleet(&server, &["deploy", &doc, "--force", "--wait", "--timeout", "1"]).await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.starts_with("FAILURE"), "{}", run.stdout);
+    assert!(run.stdout.contains("timed out"), "{}", run.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_status_devices_and_ping_print_what_the_fleet_holds() {
+    let server = NatsServer::start();
+    let run = fleet(&server, &["init"]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "harmony-desired-state: created\nharmony-agent-status: created\n");
+    let run = fleet(&server, &["init"]).await;
+    assert_eq!(run.stdout, "harmony-desired-state: exists\nharmony-agent-status: exists\n");
+
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    report_directories_only(&client).await;
+    let run = fleet(&server, &["status", "--json"]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(json[0]["device_id"], "dev-1");
+
+    let run = fleet(&server, &["status"]).await;
+    let row = run.stdout.lines().nth(1).unwrap_or_default().to_owned();
+    assert!(row.starts_with("dev-1") && row.contains(" 0s"), "{}", run.stdout);
+
+    let run = fleet(&server, &["devices"]).await;
+    assert!(run.stdout.lines().nth(1).is_some_and(|l| l.contains("edge-1")), "{}", run.stdout);
+
+    let run = fleet(&server, &["ping", "dev-9", "--timeout", "2"]).await;
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("device offline"), "{}", run.stderr);
+}

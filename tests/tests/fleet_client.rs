@@ -1,0 +1,369 @@
+//! `FleetClient` against a real nats-server: buckets, deploy/delete with the index, tags, waits, commands.
+//!
+//! No agent runs here: where a device would report, the test writes the
+//! device's `AgentStatus` into the status bucket itself.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use harmony_e2e::NatsServer;
+use harmony_fleet::async_nats::{self, jetstream, HeaderMap};
+use harmony_fleet::{BucketAction, DeployRequest, FleetClient, FleetError};
+use harmony_score_wire::names::{command_subject, status_key, AGENT_STATUS_BUCKET};
+use harmony_score_wire::{
+    to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus, DeviceId, DeviceInfo, DeviceScore,
+    Phase, StatusError, SupportedScore,
+};
+use harmony_scores::{DirectoryScore, FileScore, PresenceState};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f).await.expect("timed out")
+}
+
+async fn connect(server: &NatsServer) -> FleetClient {
+    within(FleetClient::connect(&[server.url()], None)).await.unwrap()
+}
+
+fn dev(id: &str) -> DeviceId {
+    DeviceId::new(id).unwrap()
+}
+
+fn name(n: &str) -> DeploymentName {
+    DeploymentName::new(n).unwrap()
+}
+
+fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
+    Box::new(FileScore {
+        path: path.into(),
+        content: content.into(),
+        mode: None,
+        state: PresenceState::Present,
+    })
+}
+
+fn directory(path: &str) -> Box<dyn DeviceScore> {
+    Box::new(DirectoryScore { path: path.into(), mode: None, state: PresenceState::Present })
+}
+
+fn status(
+    device: &DeviceId,
+    tags: Option<&[&str]>,
+    deployments: Vec<(&str, DeploymentStatus)>,
+) -> AgentStatus {
+    let info = tags.map(|tags| DeviceInfo {
+        agent_version: "0.1.0".into(),
+        scores: tags
+            .iter()
+            .map(|t| SupportedScore { tag: (*t).into(), version: "v1".into(), summary: String::new() })
+            .collect(),
+        ..Default::default()
+    });
+    AgentStatus {
+        device_id: device.clone(),
+        agent_version: "0.1.0".into(),
+        updated_at_ms: harmony_score_wire::now_ms(),
+        heartbeat_at_ms: harmony_score_wire::now_ms(),
+        heartbeat_interval_ms: 10_000,
+        info,
+        deployments: deployments.into_iter().map(|(n, d)| (name(n), d)).collect(),
+    }
+}
+
+fn deployment(desired: u64, observed: u64, phase: Phase) -> DeploymentStatus {
+    DeploymentStatus {
+        desired_generation: desired,
+        observed_generation: observed,
+        phase,
+        scores: Vec::new(),
+        error: None,
+        last_attempt_at_ms: 0,
+        last_applied_at_ms: 0,
+    }
+}
+
+/// Writes a device's status as its agent would (the real bucket, by plain put).
+async fn report(client: &FleetClient, status: &AgentStatus) {
+    within(client.ensure_buckets()).await.unwrap();
+    let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.unwrap();
+    within(kv.put(status_key(&status.device_id), to_cbor(status).into())).await.unwrap();
+}
+
+const ALL_TAGS: &[&str] = &["harmony.file/v1", "harmony.directory/v1"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_buckets_is_idempotent_and_the_status_bucket_refuses_rollups() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let first = within(client.ensure_buckets()).await.unwrap();
+    assert!(first.iter().all(|r| r.action == BucketAction::Created), "{first:?}");
+    let again = within(client.ensure_buckets()).await.unwrap();
+    assert!(again.iter().all(|r| r.action == BucketAction::Existed), "{again:?}");
+    // A second operator finds them too.
+    let other = connect(&server).await;
+    assert!(within(other.ensure_buckets()).await.unwrap().iter().all(|r| r.action == BucketAction::Existed));
+
+    let mut stream = within(client.jetstream().get_stream("KV_harmony-agent-status")).await.unwrap();
+    let config = within(stream.info()).await.unwrap().config.clone();
+    assert!(!config.allow_rollup && config.allow_direct && config.deny_delete);
+    assert_eq!(config.max_messages_per_subject, 1);
+    assert_eq!(config.subjects, vec!["$KV.harmony-agent-status.>".to_owned()]);
+
+    let device = dev("dev-1");
+    report(&client, &status(&device, None, vec![])).await;
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Rollup", "all");
+    let ack = within(client.jetstream().publish_with_headers(
+        "$KV.harmony-agent-status.dev-1",
+        headers,
+        to_cbor(&status(&device, None, vec![])).into(),
+    ))
+    .await
+    .unwrap();
+    let err = within(std::future::IntoFuture::into_future(ack)).await.expect_err("a rollup must be refused");
+    assert!(err.to_string().contains("rollup"), "{err}");
+    // The status written before the refused rollup is still there.
+    assert!(within(client.device_status(&device)).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_buckets_repairs_a_status_bucket_that_allows_rollups() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    // What `create_key_value` makes: rollups allowed.
+    within(client.jetstream().create_key_value(jetstream::kv::Config {
+        bucket: AGENT_STATUS_BUCKET.into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let report = within(client.ensure_buckets()).await.unwrap();
+    assert_eq!(report[1].action, BucketAction::Repaired, "{report:?}");
+    let mut stream = within(client.jetstream().get_stream("KV_harmony-agent-status")).await.unwrap();
+    assert!(!within(stream.info()).await.unwrap().config.allow_rollup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_writes_the_key_then_the_index_and_generations_only_grow() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let device = dev("dev-1");
+    report(&client, &status(&device, Some(ALL_TAGS), vec![])).await;
+    let deploy =
+        |content: &str| DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", content)]);
+
+    assert_eq!(within(client.deploy(deploy("a"))).await.unwrap().generation, 1);
+    let doc = within(client.desired_state(&device, &name("web"))).await.unwrap().unwrap();
+    assert_eq!((doc.device_id.as_str(), doc.deployment.as_str(), doc.generation), ("dev-1", "web", 1));
+    assert!(doc.issued_at > 0);
+    assert_eq!(
+        within(client.deployment_index(&device)).await.unwrap().deployments,
+        BTreeMap::from([(name("web"), 1)])
+    );
+
+    assert_eq!(within(client.deploy(deploy("b"))).await.unwrap().generation, 2);
+    assert_eq!(within(client.deployment_index(&device)).await.unwrap().deployments[&name("web")], 2);
+
+    // An explicit generation must be newer.
+    let err = within(client.deploy(deploy("c").generation(Some(2)))).await.unwrap_err();
+    assert!(matches!(err, FleetError::StaleGeneration { current: 2, requested: 2, .. }), "{err:?}");
+    assert_eq!(within(client.deploy(deploy("c").generation(Some(10)))).await.unwrap().generation, 10);
+
+    // Unchanged Scores write nothing when asked so; changed ones do.
+    let same = within(client.deploy(deploy("c").skip_unchanged(true))).await.unwrap();
+    assert_eq!((same.generation, same.changed), (10, false));
+    let changed = within(client.deploy(deploy("d").skip_unchanged(true))).await.unwrap();
+    assert_eq!((changed.generation, changed.changed), (11, true));
+
+    // Delete: marker on the key, gone from the index; a redeploy continues the numbering.
+    assert!(within(client.delete(&device, &name("web"))).await.unwrap());
+    assert!(within(client.desired_state(&device, &name("web"))).await.unwrap().is_none());
+    assert!(within(client.deployment_index(&device)).await.unwrap().deployments.is_empty());
+    assert!(!within(client.delete(&device, &name("web"))).await.unwrap());
+    assert_eq!(within(client.deploy(deploy("e"))).await.unwrap().generation, 12);
+    assert_eq!(within(client.deployment_index(&device)).await.unwrap().deployments[&name("web")], 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_stored_document_is_replaced_not_a_dead_end() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    within(client.ensure_buckets()).await.unwrap();
+    let kv = within(client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
+    within(kv.put("dev-1.web", b"not a document".to_vec().into())).await.unwrap();
+    let request = DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "x")]).force(true);
+    assert_eq!(within(client.deploy(request)).await.unwrap().generation, 1);
+    assert_eq!(
+        within(client.desired_state(&dev("dev-1"), &name("web"))).await.unwrap().unwrap().generation,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operators_never_lose_each_others_index_entries_or_generations() {
+    let server = NatsServer::start();
+    let clients = [connect(&server).await, connect(&server).await];
+    let device = dev("dev-1");
+    within(clients[0].ensure_buckets()).await.unwrap();
+
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let client = clients[i % 2].clone();
+            let request =
+                DeployRequest::new(device.clone(), name(&format!("app-{i}")), vec![file("/etc/x", "x")]);
+            tokio::spawn(async move { client.deploy(request.force(true)).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(within(task).await.unwrap().unwrap().generation, 1);
+    }
+    let index = within(clients[1].deployment_index(&device)).await.unwrap();
+    assert_eq!(index.deployments.len(), 10, "{index:?}");
+    assert!(index.deployments.values().all(|g| *g == 1));
+
+    // Ten writers of one deployment: ten distinct generations, the index at the highest.
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let client = clients[i % 2].clone();
+            let request =
+                DeployRequest::new(device.clone(), name("shared"), vec![file("/etc/s", &i.to_string())]);
+            tokio::spawn(async move { client.deploy(request.force(true)).await })
+        })
+        .collect();
+    let mut generations = Vec::new();
+    for task in tasks {
+        generations.push(within(task).await.unwrap().unwrap().generation);
+    }
+    generations.sort();
+    assert_eq!(generations, (1..=10).collect::<Vec<_>>());
+    let index = within(clients[0].deployment_index(&device)).await.unwrap();
+    assert_eq!(index.deployments[&name("shared")], 10);
+    assert_eq!(index.deployments.len(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_score_tags_are_refused_unless_forced() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let device = dev("dev-1");
+    let request =
+        || DeployRequest::new(device.clone(), name("web"), vec![directory("/srv"), file("/srv/a", "")]);
+
+    // Never reported: refused, nothing written.
+    let err = within(client.deploy(request())).await.unwrap_err();
+    assert!(matches!(err, FleetError::NoDeviceInfo { .. }), "{err:?}");
+
+    report(&client, &status(&device, Some(&["harmony.directory/v1"]), vec![])).await;
+    let err = within(client.deploy(request())).await.unwrap_err();
+    let FleetError::UnsupportedScores { tags, .. } = &err else { panic!("{err:?}") };
+    assert_eq!(tags, &["harmony.file/v1".to_owned()]);
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert!(within(client.desired_state(&device, &name("web"))).await.unwrap().is_none());
+    assert!(within(client.deployment_index(&device)).await.unwrap().deployments.is_empty());
+
+    assert_eq!(within(client.deploy(request().force(true))).await.unwrap().generation, 1);
+    assert!(within(client.desired_state(&device, &name("web"))).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_are_listed_and_device_info_read() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    assert!(within(client.list_statuses()).await.unwrap().is_empty());
+    for id in ["dev-b", "dev-a"] {
+        report(&client, &status(&dev(id), Some(ALL_TAGS), vec![("web", deployment(1, 1, Phase::Applied))]))
+            .await;
+    }
+    let all = within(client.list_statuses()).await.unwrap();
+    assert_eq!(all.iter().map(|s| s.device_id.as_str()).collect::<Vec<_>>(), ["dev-a", "dev-b"]);
+    let info = within(client.device_info(&dev("dev-a"))).await.unwrap().unwrap();
+    assert!(info.supports("harmony.file/v1"));
+    assert!(within(client.device_info(&dev("dev-c"))).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_map_no_responders_to_device_offline_and_check_replies() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let device = dev("dev-1");
+    let err = within(client.ping(&device, Duration::from_secs(2))).await.unwrap_err();
+    assert!(matches!(err, FleetError::DeviceOffline { .. }), "{err:?}");
+
+    // A stand-in agent: answers ping properly, reconcile with garbage.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let mut pings = nats.subscribe(command_subject(&device, "ping")).await.unwrap();
+    let mut reconciles = nats.subscribe(command_subject(&device, "reconcile")).await.unwrap();
+    nats.flush().await.unwrap();
+    let responder = tokio::spawn(async move {
+        use harmony_fleet::async_nats::Subject;
+        let reply = CommandReply {
+            device_id: dev("dev-1"),
+            verb: "ping".into(),
+            ok: true,
+            message: "pong".into(),
+            agent_version: "0.1.0".into(),
+        };
+        let inbox = pings.next().await.and_then(|m| m.reply).unwrap_or_else(|| Subject::from("none"));
+        nats.publish(inbox, to_cbor(&reply).into()).await.unwrap();
+        let inbox = reconciles.next().await.and_then(|m| m.reply).unwrap_or_else(|| Subject::from("none"));
+        nats.publish(inbox, b"not cbor".to_vec().into()).await.unwrap();
+        nats.flush().await.unwrap();
+    });
+    let reply = within(client.ping(&device, Duration::from_secs(5))).await.unwrap();
+    assert_eq!((reply.ok, reply.message.as_str()), (true, "pong"));
+    let err = within(client.reconcile(&device, Duration::from_secs(5))).await.unwrap_err();
+    assert!(matches!(err, FleetError::BadReply { .. }), "{err:?}");
+    within(responder).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_generation_resolves_on_applied_fails_on_rejected_and_times_out() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    within(client.ensure_buckets()).await.unwrap();
+    let device = dev("dev-1");
+    let web = name("web");
+
+    // Applied, written while the wait runs (after an Applying report).
+    let writer = {
+        let client = client.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            report(&client, &status(&device, None, vec![("web", deployment(3, 2, Phase::Applying))])).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            report(&client, &status(&device, None, vec![("web", deployment(3, 3, Phase::Applied))])).await;
+        })
+    };
+    let applied = within(client.wait_for_generation(&device, &web, 3, WAIT)).await.unwrap();
+    assert_eq!((applied.observed_generation, applied.phase), (3, Phase::Applied));
+    within(writer).await.unwrap();
+
+    // Already there: resolves from the first read.
+    within(client.wait_for_generation(&device, &web, 2, WAIT)).await.unwrap();
+
+    // Rejected: an error carrying the status.
+    let mut rejected = deployment(4, 3, Phase::Rejected);
+    rejected.error =
+        Some(StatusError { kind: "unknown_score_tags".into(), message: "unknown score tags: x/v1".into() });
+    report(&client, &status(&device, None, vec![("web", rejected)])).await;
+    let err = within(client.wait_for_generation(&device, &web, 4, WAIT)).await.unwrap_err();
+    let FleetError::DeploymentFailed { status: rejected, .. } = &err else { panic!("{err:?}") };
+    assert_eq!(rejected.phase, Phase::Rejected);
+    assert!(err.to_string().contains("unknown_score_tags"), "{err}");
+
+    // Nothing conclusive: a timeout carrying the last status seen.
+    let err =
+        within(client.wait_for_generation(&device, &web, 5, Duration::from_millis(700))).await.unwrap_err();
+    let FleetError::Timeout { last, .. } = &err else { panic!("{err:?}") };
+    assert_eq!(last.as_ref().map(|s| s.desired_generation), Some(4));
+
+    // Prune: resolves once the deployment is reported pruned.
+    let err = within(client.wait_for_prune(&device, &web, Duration::from_millis(500))).await.unwrap_err();
+    assert!(matches!(err, FleetError::Timeout { .. }), "{err:?}");
+    report(&client, &status(&device, None, vec![("web", deployment(4, 3, Phase::Pruned))])).await;
+    within(client.wait_for_prune(&device, &web, WAIT)).await.unwrap();
+}

@@ -1,0 +1,198 @@
+//! `DeviceDeploymentScore` run by a `Maestro` on a `FleetTopology`, against stand-in agents that report status.
+
+use std::future::Future;
+use std::time::Duration;
+
+use harmony_e2e::NatsServer;
+use harmony_fleet::{DeviceDeploymentScore, FleetClient, FleetTopology};
+use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
+use harmony_score_wire::{
+    now_ms, to_cbor, AgentStatus, DeploymentName, DeploymentStatus, DeviceId, DeviceInfo, DeviceScore, Phase,
+    ScoreStatus, SupportedScore,
+};
+use harmony_scores::{FileScore, PresenceState};
+use harmony_topology::{InterpretStatus, Inventory, Maestro, Score};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f).await.expect("timed out")
+}
+
+fn dev(id: &str) -> DeviceId {
+    DeviceId::new(id).unwrap()
+}
+
+fn motd(content: &str) -> Vec<Box<dyn DeviceScore>> {
+    vec![Box::new(FileScore {
+        path: "/etc/motd".into(),
+        content: content.into(),
+        mode: None,
+        state: PresenceState::Present,
+    })]
+}
+
+fn score(devices: &[&str], content: &str, wait: Option<u64>) -> DeviceDeploymentScore {
+    DeviceDeploymentScore {
+        devices: devices.iter().map(|d| dev(d)).collect(),
+        deployment: DeploymentName::new("motd").unwrap(),
+        scores: motd(content),
+        wait,
+        force: false,
+        generation: None,
+        expires_at: None,
+    }
+}
+
+/// A stand-in agent: reports every deployment in the device's index at its
+/// indexed generation, in `phase`, with one Score status.
+fn fake_agent(client: FleetClient, device: DeviceId, phase: Phase) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let kv = client.jetstream().get_key_value(AGENT_STATUS_BUCKET).await.unwrap();
+        loop {
+            let index = client.deployment_index(&device).await.unwrap();
+            let (observed, score_status) = match phase {
+                Phase::Applied => (true, InterpretStatus::SUCCESS),
+                _ => (false, InterpretStatus::FAILURE),
+            };
+            let deployments = index
+                .deployments
+                .into_iter()
+                .map(|(name, generation)| {
+                    let status = DeploymentStatus {
+                        desired_generation: generation,
+                        observed_generation: if observed { generation } else { 0 },
+                        phase,
+                        scores: vec![ScoreStatus {
+                            tag: "harmony.file/v1".into(),
+                            name: "file [/etc/motd]".into(),
+                            resource: "file:/etc/motd".into(),
+                            status: score_status,
+                            message: "/etc/motd written".into(),
+                            details: Vec::new(),
+                        }],
+                        error: None,
+                        last_attempt_at_ms: now_ms(),
+                        last_applied_at_ms: 0,
+                    };
+                    (name, status)
+                })
+                .collect();
+            kv.put(status_key(&device), to_cbor(&agent_status(&device, deployments)).into()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+fn agent_status(
+    device: &DeviceId,
+    deployments: std::collections::BTreeMap<DeploymentName, DeploymentStatus>,
+) -> AgentStatus {
+    AgentStatus {
+        device_id: device.clone(),
+        agent_version: "0.1.0".into(),
+        updated_at_ms: now_ms(),
+        heartbeat_at_ms: now_ms(),
+        heartbeat_interval_ms: 10_000,
+        info: Some(DeviceInfo {
+            agent_version: "0.1.0".into(),
+            scores: vec![SupportedScore {
+                tag: "harmony.file/v1".into(),
+                version: "v1".into(),
+                summary: String::new(),
+            }],
+            ..Default::default()
+        }),
+        deployments,
+    }
+}
+
+async fn maestro(server: &NatsServer) -> (FleetClient, Maestro<FleetTopology>) {
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    let maestro = within(Maestro::initialize(Inventory::empty(), FleetTopology::from_client(client.clone())))
+        .await
+        .unwrap();
+    (client, maestro)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_to_each_device_waits_and_is_noop_when_nothing_changed() {
+    let server = NatsServer::start();
+    let (client, maestro) = maestro(&server).await;
+    let agents = [
+        fake_agent(client.clone(), dev("dev-1"), Phase::Applied),
+        fake_agent(client.clone(), dev("dev-2"), Phase::Applied),
+    ];
+    // The agents have reported (with their supported tags) once the statuses exist.
+    within(async {
+        while client.list_statuses().await.unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let first = within(maestro.interpret(&score(&["dev-1", "dev-2"], "hello\n", Some(10)))).await.unwrap();
+    assert_eq!(first.status, InterpretStatus::SUCCESS, "{first:?}");
+    assert_eq!(
+        first.details,
+        [
+            "dev-1: SUCCESS generation 1 written, applied (1 SUCCESS)",
+            "  file [/etc/motd]: SUCCESS /etc/motd written",
+            "dev-2: SUCCESS generation 1 written, applied (1 SUCCESS)",
+            "  file [/etc/motd]: SUCCESS /etc/motd written",
+        ]
+    );
+
+    let again = within(maestro.interpret(&score(&["dev-1", "dev-2"], "hello\n", Some(10)))).await.unwrap();
+    assert_eq!(again.status, InterpretStatus::NOOP, "{again:?}");
+    assert!(again.details[0].starts_with("dev-1: NOOP generation 1 already deployed"), "{again:?}");
+    assert_eq!(
+        within(client.deployment_index(&dev("dev-1"))).await.unwrap().deployments.values().sum::<u64>(),
+        1
+    );
+
+    let changed = within(maestro.interpret(&score(&["dev-1"], "changed\n", None))).await.unwrap();
+    assert_eq!(changed.status, InterpretStatus::SUCCESS);
+    assert_eq!(changed.details, ["dev-1: SUCCESS generation 2 written"]);
+    for agent in agents {
+        agent.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_fails_or_never_reported_fails_the_score_with_details() {
+    let server = NatsServer::start();
+    let (client, maestro) = maestro(&server).await;
+    let agent = fake_agent(client.clone(), dev("dev-bad"), Phase::Failed);
+    within(async {
+        while client.device_status(&dev("dev-bad")).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let outcome = within(maestro.interpret(&score(&["dev-bad", "dev-new"], "x", Some(10)))).await.unwrap();
+    assert_eq!(outcome.status, InterpretStatus::FAILURE, "{outcome:?}");
+    assert!(outcome.message.contains("2 of 2 devices failed"), "{}", outcome.message);
+    assert!(
+        outcome.details[0].starts_with("dev-bad: FAILURE generation 1 written, not applied"),
+        "{outcome:?}"
+    );
+    assert_eq!(outcome.details[1], "  file [/etc/motd]: FAILURE /etc/motd written");
+    assert!(
+        outcome.details[2].starts_with("dev-new: FAILURE not deployed: device dev-new has never reported")
+    );
+    agent.abort();
+}
+
+#[test]
+fn the_score_round_trips_through_json_with_its_wire_tags() {
+    harmony_scores::ensure_linked();
+    let original = score(&["dev-1"], "hello\n", Some(30));
+    let json = serde_json::to_value(&original).unwrap();
+    assert_eq!(json["scores"][0]["type"], "harmony.file/v1");
+    assert_eq!(json["wait"], 30);
+    let back: DeviceDeploymentScore = serde_json::from_value(json).unwrap();
+    assert_eq!(format!("{back:?}"), format!("{original:?}"));
+    assert_eq!(Score::<FleetTopology>::name(&back), "device deployment [motd]");
+}
