@@ -133,6 +133,13 @@ impl DeviceDeploymentInterpret {
             };
         };
         match fleet.wait_for_generation(device, &self.deployment, generation, timeout).await {
+            // An unchanged document did not run again: its Score statuses are
+            // those of the run that applied it, so they are not repeated.
+            Ok(_) if !deployed.changed => DeviceResult {
+                status,
+                line: format!("generation {generation} {verb} and applied"),
+                scores: Vec::new(),
+            },
             Ok(ds) => DeviceResult {
                 status,
                 line: format!("generation {generation} {verb}, applied ({})", scores_summary(&ds.scores)),
