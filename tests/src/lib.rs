@@ -150,6 +150,14 @@ impl AgentProcess {
         }
     }
 
+    /// Kills the process with SIGKILL (a crash, a power cut) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

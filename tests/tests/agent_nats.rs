@@ -304,3 +304,35 @@ async fn ping_and_reconcile_commands_answer_and_reconcile_repairs_drift() {
     assert!(reply.ok, "{reply:?}");
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "desired");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepted() {
+    let mut f = Fixture::new().await;
+    let mut agent = f.start_agent("agent-1.log");
+    f.until_online(&agent).await;
+    let g1 = f.deploy("app", vec![file("/etc/app", "accepted")]).await;
+    f.wait_applied(&agent, "app", g1).await;
+    agent.kill();
+
+    // The device loses its network and someone removes the file.
+    f.nats.stop();
+    std::fs::remove_file(f.root("/etc/app")).unwrap();
+    let agent = f.start_agent("agent-2.log");
+    let repaired = async {
+        while !f.root("/etc/app").exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, repaired)
+        .await
+        .unwrap_or_else(|_| panic!("not re-applied offline:\n{}", agent.log_text()));
+    assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "accepted");
+    let local: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.dir.path().join("state/status.json")).unwrap()).unwrap();
+    assert_eq!(local["deployments"]["app"]["observed_generation"], g1);
+
+    // When the server is back, the agent reports and follows again.
+    f.nats.restart();
+    let g2 = f.deploy("app", vec![file("/etc/app", "online again")]).await;
+    f.wait_applied(&agent, "app", g2).await;
+}
