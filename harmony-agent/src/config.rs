@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use harmony_score_wire::names::redact_userinfo;
 use harmony_score_wire::DeviceId;
 use serde::Deserialize;
 
@@ -55,7 +56,7 @@ impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
             .field("device_id", &self.device_id)
-            .field("nats_urls", &self.nats_urls)
+            .field("nats_urls", &self.nats_urls.iter().map(|u| redact_userinfo(u)).collect::<Vec<_>>())
             .field("creds", &self.creds.as_ref().map(|_| "<set>"))
             .field("state_dir", &self.state_dir)
             .field("root", &self.root)
@@ -193,6 +194,19 @@ mod tests {
         assert_eq!(config.root, PathBuf::from("/"));
         assert_eq!(config.source, Source::Nats);
         assert_eq!(config.labels.len(), 2);
+    }
+
+    #[test]
+    fn credentials_in_urls_never_reach_debug_output() {
+        let config = ConfigLayer {
+            device_id: Some("d".into()),
+            state_dir: Some("/s".into()),
+            nats: Some(vec!["nats://u:s3cret@h:1".into()]),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
     }
 
     #[test]

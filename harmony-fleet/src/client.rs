@@ -9,7 +9,9 @@ use async_nats::jetstream::{self, context::GetStreamErrorKind, kv, stream};
 use async_nats::ConnectOptions;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use harmony_score_wire::names::{command_subject, status_key, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
+use harmony_score_wire::names::{
+    command_subject, redact_userinfo, status_key, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
+};
 use harmony_score_wire::{from_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
@@ -79,10 +81,22 @@ impl FleetClient {
                 .map_err(|source| FleetError::CredentialsFailed { path: path.to_owned(), source })?,
             None => ConnectOptions::new(),
         };
-        let connect_failed = |source: NatsError| FleetError::ConnectFailed { urls: urls.join(","), source };
+        let connect_failed = |source: NatsError| FleetError::ConnectFailed {
+            urls: urls.iter().map(|u| redact_userinfo(u)).collect::<Vec<_>>().join(","),
+            source,
+        };
         if urls.is_empty() {
             return Err(connect_failed("no NATS URL given".into()));
         }
+        // async-nats 0.51 parses a URL's `user:password@` but does not send it.
+        let url_auth = urls
+            .iter()
+            .filter_map(|url| url.parse::<async_nats::ServerAddr>().ok())
+            .find_map(|addr| Some((addr.username()?.to_owned(), addr.password()?.to_owned())));
+        let options = match url_auth {
+            Some((user, password)) => options.user_and_password(user, password),
+            None => options,
+        };
         let nats = options
             .name("harmony-fleet")
             .connection_timeout(Duration::from_secs(5))

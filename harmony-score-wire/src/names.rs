@@ -61,6 +61,19 @@ pub fn parse_desired_state_key(key: &str) -> Option<(DeviceId, Option<Deployment
     Some((device, Some(DeploymentName::new(rest).ok()?)))
 }
 
+/// `nats://user:secret@host` → `nats://***@host`, for logs.
+pub fn redact_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, host)) if !rest.split('/').next().unwrap_or_default().is_empty() && !host.is_empty() => {
+                format!("{scheme}://***@{host}")
+            }
+            _ => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +96,12 @@ mod tests {
         assert_eq!(parse_desired_state_key("dev-1._index"), Some((d, None)));
         assert_eq!(parse_desired_state_key("dev-1.a.b"), None);
         assert_eq!(parse_desired_state_key("nodot"), None);
+    }
+
+    #[test]
+    fn url_credentials_are_redacted() {
+        assert_eq!(redact_userinfo("nats://dev-1:s3cret@10.0.0.5:4222"), "nats://***@10.0.0.5:4222");
+        assert_eq!(redact_userinfo("nats://10.0.0.5:4222"), "nats://10.0.0.5:4222");
+        assert_eq!(redact_userinfo("10.0.0.5:4222"), "10.0.0.5:4222");
     }
 }

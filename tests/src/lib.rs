@@ -57,13 +57,25 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store: tempfile::TempDir,
+    /// Extra configuration (accounts, users), written to a config file.
+    config: Option<String>,
 }
 
 impl NatsServer {
     /// Starts a server on a free loopback port and waits until it accepts connections.
     pub fn start() -> Self {
-        let mut server =
-            Self { child: None, port: free_port(), store: tempfile::tempdir().expect("store dir") };
+        Self::start_with(None)
+    }
+
+    /// Starts a server whose configuration file holds `config` (for example
+    /// an `accounts { … }` block with per-device users and permissions).
+    pub fn start_with_config(config: &str) -> Self {
+        Self::start_with(Some(config.to_owned()))
+    }
+
+    fn start_with(config: Option<String>) -> Self {
+        let store = tempfile::tempdir().expect("store dir");
+        let mut server = Self { child: None, port: free_port(), store, config };
         server.spawn();
         server
     }
@@ -88,13 +100,14 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
+        let mut command = Command::new(nats_server_bin());
+        command.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"]).arg(self.store.path());
+        if let Some(config) = &self.config {
+            let path = self.store.path().join("server.conf");
+            std::fs::write(&path, config).expect("write server config");
+            command.arg("-c").arg(path);
+        }
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start nats-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {

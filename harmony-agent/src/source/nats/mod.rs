@@ -46,6 +46,9 @@ pub async fn run(
                 let _ = tx.send(event);
             }
         });
+    if let Some((user, password)) = url_credentials(&config.nats_urls) {
+        options = options.user_and_password(user, password);
+    }
     if let Some(creds) = &config.creds {
         options = match options.credentials_file(creds).await {
             Ok(options) => options,
@@ -103,6 +106,7 @@ pub async fn run(
                 Event::ServerError(ServerError::Other(text)) if text.starts_with("Permissions Violation") => {
                     error!(%text, "NATS refused an operation: the device's credentials do not allow it");
                 }
+                Event::ClientError(err) => warn!(cause = %err, "NATS client error"),
                 other => debug!(event = %other, "NATS event"),
             },
             Some(message) = hints.next() => follower.on_hint(&message.subject).await,
@@ -116,6 +120,14 @@ pub async fn run(
     if let Err(err) = client.flush().await {
         debug!(cause = %err, "flush on shutdown");
     }
+}
+
+/// The `user:password@` of the first URL that has one: async-nats 0.51
+/// parses it but does not send it, so the agent passes it on itself.
+fn url_credentials(urls: &[String]) -> Option<(String, String)> {
+    urls.iter()
+        .filter_map(|url| url.parse::<async_nats::ServerAddr>().ok())
+        .find_map(|addr| Some((addr.username()?.to_owned(), addr.password()?.to_owned())))
 }
 
 async fn publish_info(client: &async_nats::Client, config: &AgentConfig, info: Option<&DeviceInfo>) {

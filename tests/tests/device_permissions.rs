@@ -1,0 +1,124 @@
+//! The agent under least-privilege NATS credentials (docs/security.md): it
+//! converges and reports using only its own keys and subjects, and those
+//! credentials reach nothing of another device.
+
+use std::time::Duration;
+
+use harmony_e2e::{AgentProcess, NatsServer};
+use harmony_fleet::async_nats::{self, jetstream};
+use harmony_fleet::{DeployRequest, FleetClient};
+use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore};
+use harmony_scores::{FileScore, PresenceState};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One user per device with exactly the permissions docs/security.md lists.
+fn device_user(id: &str) -> String {
+    format!(
+        r#"{{ user: "{id}", password: "pw-{id}", permissions: {{
+            publish: {{ allow: [
+                "$JS.API.DIRECT.GET.KV_harmony-desired-state.$KV.harmony-desired-state.{id}.>",
+                "$JS.API.DIRECT.GET.KV_harmony-agent-status.$KV.harmony-agent-status.{id}",
+                "$KV.harmony-agent-status.{id}",
+                "harmony.heartbeat.{id}",
+                "harmony.info.{id}"
+            ] }},
+            subscribe: {{ allow: [
+                "$KV.harmony-desired-state.{id}.>",
+                "_INBOX_{id}.>",
+                "device-commands.{id}.>"
+            ] }},
+            allow_responses: true
+        }} }}"#
+    )
+}
+
+fn server_config() -> String {
+    format!(
+        "accounts {{ FLEET {{ jetstream: enabled, users: [ {{ user: operator, password: op }}, {}, {} ] }} }}\n",
+        device_user("dev-1"),
+        device_user("dev-2")
+    )
+}
+
+fn file(path: &str, content: &str) -> Vec<Box<dyn DeviceScore>> {
+    vec![Box::new(FileScore {
+        path: path.into(),
+        content: content.into(),
+        mode: None,
+        state: PresenceState::Present,
+    })]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_device() {
+    harmony_scores::ensure_linked();
+    let nats = NatsServer::start_with_config(&server_config());
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let operator = format!("nats://operator:op@127.0.0.1:{port}");
+    let client = tokio::time::timeout(WAIT, FleetClient::connect(&[operator], None)).await.unwrap().unwrap();
+    client.ensure_buckets().await.unwrap();
+    let (dev1, dev2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
+    let app = DeploymentName::new("app").unwrap();
+    client
+        .deploy(DeployRequest::new(dev2.clone(), app.clone(), file("/secret", "dev-2 only")).force(true))
+        .await
+        .unwrap();
+    let g1 = client
+        .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("root")).unwrap();
+    let device_url = format!("nats://dev-1:pw-dev-1@127.0.0.1:{port}");
+    let state = dir.path().join("state");
+    let root = dir.path().join("root");
+    let agent = AgentProcess::start(
+        &[
+            "--device-id",
+            "dev-1",
+            "--nats",
+            &device_url,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--heartbeat",
+            "1",
+        ],
+        &dir.path().join("agent.log"),
+    );
+    let status = client.wait_for_generation(&dev1, &app, g1.generation, WAIT).await;
+    assert!(status.is_ok(), "{status:?}\n{}", agent.log_text());
+    let g2 =
+        client.deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v2"))).await.unwrap();
+    client.wait_for_generation(&dev1, &app, g2.generation, WAIT).await.unwrap();
+    assert_eq!(std::fs::read_to_string(root.join("etc/app")).unwrap(), "v2");
+    let reply = client.ping(&dev1, Duration::from_secs(5)).await.unwrap();
+    assert!(reply.ok);
+    // Several heartbeats (status writes with compare-and-set) went through.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!root.join("secret").exists());
+    let log = agent.log_text();
+    assert!(!log.contains("Permissions Violation"), "the agent stepped outside its permissions:\n{log}");
+
+    // The same credentials, used by hand, reach nothing of dev-2.
+    let device = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_INBOX_dev-1")
+        .user_and_password("dev-1".into(), "pw-dev-1".into())
+        .connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(device.clone());
+    let desired = js.get_stream_no_info("KV_harmony-desired-state").await.unwrap();
+    let own = desired.direct_get_last_for_subject("$KV.harmony-desired-state.dev-1.app").await;
+    assert!(own.is_ok(), "{own:?}");
+    let other = desired.direct_get_last_for_subject("$KV.harmony-desired-state.dev-2.app").await;
+    assert!(other.is_err(), "dev-1 read dev-2's desired state");
+    let write = js.publish("$KV.harmony-agent-status.dev-2", "forged".into()).await.unwrap().await;
+    assert!(write.is_err(), "dev-1 wrote dev-2's status");
+    let listing = js.get_key_value("harmony-desired-state").await;
+    assert!(listing.is_err(), "dev-1 could read the bucket's stream info (every key name)");
+    assert!(client.device_status(&dev2).await.unwrap().is_none());
+}
