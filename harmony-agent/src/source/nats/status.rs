@@ -7,7 +7,7 @@ use async_nats::{header, HeaderMap, HeaderValue};
 use harmony_score_wire::names::{heartbeat_subject, status_key, AGENT_STATUS_BUCKET};
 use harmony_score_wire::{now_ms, to_cbor, AgentStatus};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
 
@@ -45,6 +45,7 @@ pub(super) async fn write_loop(
     let mut revision: Option<u64> = None;
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     let mut dirty = true;
+    let mut last_error: Option<String> = None;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -67,8 +68,22 @@ pub(super) async fn write_loop(
             let mut report = status.borrow_and_update().clone();
             report.heartbeat_at_ms = now_ms();
             match write_cas(&js, &stream, &subject, &mut revision, to_cbor(&report).into()).await {
-                Ok(()) => dirty = false,
-                Err(err) => warn!(cause = %err, "status not written; retrying"),
+                Ok(()) => {
+                    dirty = false;
+                    if last_error.take().is_some() {
+                        info!("status written again");
+                    }
+                }
+                // Retried every few seconds: say each distinct cause once.
+                Err(err) => {
+                    let text = err.to_string();
+                    if last_error.as_deref() != Some(&text) {
+                        warn!(cause = %text, "status not written; retrying");
+                    } else {
+                        debug!(cause = %text, "status still not written");
+                    }
+                    last_error = Some(text);
+                }
             }
         }
     }
