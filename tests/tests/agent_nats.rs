@@ -101,9 +101,11 @@ impl Fixture {
             "--root",
             root.to_str().unwrap(),
             "--resync",
-            "5",
-            "--heartbeat",
             "2",
+            "--heartbeat",
+            "1",
+            "--label",
+            "site=lab",
         ];
         AgentProcess::start(&args, &self.dir.path().join(log))
     }
@@ -200,6 +202,8 @@ async fn agent_started_later_reads_current_values_and_a_restart_resumes_without_
     let status = f.wait_applied(&agent, "app", g1).await;
     assert_eq!(statuses(&status), [InterpretStatus::SUCCESS]);
     let before = std::fs::metadata(f.root("/srv/app/config")).unwrap();
+    let (old, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
+    let first_start = old.info.map(|i| i.started_at_ms);
     assert_eq!(agent.stop(), Some(0), "{}", agent.log_text());
 
     let agent = f.start_agent("agent-2.log");
@@ -208,8 +212,8 @@ async fn agent_started_later_reads_current_values_and_a_restart_resumes_without_
     let fresh = async {
         loop {
             if let Some((status, _)) = f.client.device_status(&f.device).await.unwrap() {
-                let started = status.info.as_ref().map_or(0, |i| i.started_at_ms);
-                if started > before.mtime() as u64 * 1000
+                let started = status.info.as_ref().map(|i| i.started_at_ms);
+                if started != first_start
                     && status.deployments.contains_key(&DeploymentName::new("app").unwrap())
                 {
                     return status;
@@ -288,7 +292,7 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ping_and_reconcile_commands_answer_and_reconcile_repairs_drift() {
+async fn commands_answer_drift_is_repaired_and_the_heartbeat_and_info_are_reported() {
     let f = Fixture::new().await;
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
@@ -303,6 +307,35 @@ async fn ping_and_reconcile_commands_answer_and_reconcile_repairs_drift() {
     let reply = tokio::time::timeout(WAIT, f.client.reconcile(&f.device, WAIT)).await.unwrap().unwrap();
     assert!(reply.ok, "{reply:?}");
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "desired");
+
+    // Without a command, the resync timer (2 s here) repairs drift too.
+    std::fs::remove_file(f.root("/etc/app")).unwrap();
+    let repaired = async {
+        while !f.root("/etc/app").exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, repaired).await.unwrap();
+
+    // The heartbeat keeps the status fresh, and the info describes the device.
+    let (first, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (later, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
+    assert!(
+        later.heartbeat_at_ms > first.heartbeat_at_ms,
+        "{} !> {}",
+        later.heartbeat_at_ms,
+        first.heartbeat_at_ms
+    );
+    assert_eq!(later.heartbeat_interval_ms, 1000);
+    let info = later.info.unwrap();
+    assert_eq!(info.labels.get("site").map(String::as_str), Some("lab"));
+    assert_eq!(info.arch, std::env::consts::ARCH);
+    assert!(
+        info.supports("harmony.file/v1")
+            && info.supports("harmony.directory/v1")
+            && !info.supports("test.newer/v1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
