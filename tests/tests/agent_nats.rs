@@ -369,3 +369,22 @@ async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepte
     let g2 = f.deploy("app", vec![file("/etc/app", "online again")]).await;
     f.wait_applied(&agent, "app", g2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_key_is_pruned_like_a_deleted_one() {
+    let f = Fixture::new().await;
+    let agent = f.start_agent("agent.log");
+    f.until_online(&agent).await;
+    let g1 = f.deploy("app", vec![file("/etc/app", "x")]).await;
+    f.wait_applied(&agent, "app", g1).await;
+
+    // Another tool purges the key directly (a PURGE marker, not a DEL).
+    let kv = f.client.jetstream().get_key_value("harmony-desired-state").await.unwrap();
+    tokio::time::timeout(WAIT, kv.purge("dev-1.app")).await.unwrap().unwrap();
+    let app = DeploymentName::new("app").unwrap();
+    f.client
+        .wait_for_prune(&f.device, &app, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log_text()));
+    assert!(!f.root("/etc/app").exists());
+}
