@@ -154,13 +154,8 @@ impl Reconciler {
         self.reconcile_all().await;
     }
 
-    /// Names of deployments this device knows (accepted, or with something left to prune).
-    pub fn known_deployments(&self) -> Vec<DeploymentName> {
-        self.deployments.iter().filter(|(_, d)| !d.pruned).map(|(n, _)| n.clone()).collect()
-    }
-
     /// The generation accepted for `name`, if any.
-    pub fn accepted_generation(&self, name: &DeploymentName) -> Option<u64> {
+    fn accepted_generation(&self, name: &DeploymentName) -> Option<u64> {
         self.deployments.get(name).and_then(Deployment::generation)
     }
 

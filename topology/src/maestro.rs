@@ -84,3 +84,99 @@ impl<T: Topology> Maestro<T> {
         results
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::{Id, Interpret, InterpretName, InterpretStatus, PreparationOutcome, Version};
+
+    #[derive(Debug)]
+    struct Counter(std::sync::atomic::AtomicU32);
+
+    #[async_trait]
+    impl Topology for Counter {
+        fn name(&self) -> &str {
+            "counter"
+        }
+        async fn ensure_ready(&self) -> Result<PreparationOutcome, PreparationError> {
+            Ok(PreparationOutcome::Noop)
+        }
+    }
+
+    /// Adds its number to the counter; fails on zero.
+    #[derive(Debug, Clone)]
+    struct AddScore(u32);
+
+    impl Score<Counter> for AddScore {
+        fn create_interpret(&self) -> Box<dyn Interpret<Counter>> {
+            Box::new(self.clone())
+        }
+        fn name(&self) -> String {
+            format!("add [{}]", self.0)
+        }
+    }
+
+    #[async_trait]
+    impl Interpret<Counter> for AddScore {
+        async fn execute(&self, _: &Inventory, topology: &Counter) -> Result<Outcome, InterpretError> {
+            if self.0 == 0 {
+                return Err(InterpretError::new("zero"));
+            }
+            topology.0.fetch_add(self.0, std::sync::atomic::Ordering::SeqCst);
+            Ok(Outcome::success(format!("added {}", self.0)))
+        }
+        fn get_name(&self) -> InterpretName {
+            InterpretName::Custom("Add")
+        }
+        fn get_version(&self) -> Version {
+            Version::from("1.0.0")
+        }
+        fn get_status(&self) -> InterpretStatus {
+            InterpretStatus::QUEUED
+        }
+        fn get_children(&self) -> Vec<Id> {
+            Vec::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_registered_scores_in_order_and_a_failure_does_not_stop_the_rest() {
+        let maestro = Maestro::initialize(Inventory::empty(), Counter(0.into())).await.unwrap();
+        maestro.register_all(vec![Box::new(AddScore(2)), Box::new(AddScore(0)), Box::new(AddScore(5))]);
+        assert_eq!(maestro.list_scores(), ["add [2]", "add [0]", "add [5]"]);
+        let results = maestro.interpret_all().await;
+        let statuses: Vec<_> =
+            results.iter().map(|(n, r)| (n.as_str(), r.as_ref().map(|o| o.status).ok())).collect();
+        assert_eq!(
+            statuses,
+            [
+                ("add [2]", Some(InterpretStatus::SUCCESS)),
+                ("add [0]", None),
+                ("add [5]", Some(InterpretStatus::SUCCESS))
+            ]
+        );
+        assert_eq!(maestro.topology().0.load(std::sync::atomic::Ordering::SeqCst), 7);
+        assert_eq!(maestro.interpret(&AddScore(1)).await.unwrap().message, "added 1");
+    }
+
+    #[derive(Debug)]
+    struct Broken;
+
+    #[async_trait]
+    impl Topology for Broken {
+        fn name(&self) -> &str {
+            "broken"
+        }
+        async fn ensure_ready(&self) -> Result<PreparationOutcome, PreparationError> {
+            Err(PreparationError::new("no root"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_topology_that_cannot_get_ready_is_an_error() {
+        let err = Maestro::initialize(Inventory::empty(), Broken).await.unwrap_err();
+        assert!(matches!(err, MaestroError::PreparationFailed(_)));
+    }
+}
