@@ -17,6 +17,10 @@ use tracing::{error, info, warn};
 use crate::store::{DeploymentRecord, Store};
 use crate::{run_scores, AGENT_VERSION};
 
+/// How long a pruned deployment stays in status (as `pruned`) before the
+/// agent forgets it; operators waiting for a prune also accept its absence.
+pub const FORGET_PRUNED_AFTER: Duration = Duration::from_secs(600);
+
 /// How a document's bytes are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DocumentFormat {
@@ -50,8 +54,8 @@ struct Deployment {
     /// The newest refused document's generation (`None`: unreadable) and
     /// why, until a newer one is accepted.
     rejected: Option<(Option<u64>, StatusError)>,
-    /// Deleted and fully undone.
-    pruned: bool,
+    /// Deleted and fully undone (when), reported as `pruned` until forgotten.
+    pruned_at: Option<Instant>,
     retry: Option<(u32, Instant)>,
 }
 
@@ -73,7 +77,7 @@ impl Deployment {
             .as_ref()
             .filter(|(g, _)| self.record.document.is_none() || g.is_none_or(|g| g > accepted));
         let failed = self.last_run.as_ref().is_some_and(|r| !r.ok);
-        let (phase, error) = if self.pruned {
+        let (phase, error) = if self.pruned_at.is_some() {
             (Phase::Pruned, None)
         } else if let Some((_, err)) = rejected {
             (Phase::Rejected, Some(err.clone()))
@@ -210,7 +214,7 @@ impl Reconciler {
         }
         entry.record.document = Some(doc);
         entry.rejected = None;
-        entry.pruned = false;
+        entry.pruned_at = None;
         entry.retry = None;
         if let Err(err) = self.store.save(name, &entry.record) {
             // Still run it: the device should converge even if its disk is
@@ -225,7 +229,7 @@ impl Reconciler {
     pub async fn delete(&mut self, name: &DeploymentName) -> bool {
         let Some(entry) = self.deployments.get_mut(name) else { return false };
         // Pruned, or already deleted and pruning (its retries run on their own schedule).
-        if entry.pruned || (entry.record.document.is_none() && entry.rejected.is_none()) {
+        if entry.pruned_at.is_some() || (entry.record.document.is_none() && entry.rejected.is_none()) {
             return false;
         }
         info!(deployment = %name, "deleted; pruning");
@@ -235,18 +239,30 @@ impl Reconciler {
         true
     }
 
-    /// Runs every deployment again (drift repair). Returns whether anything ran.
+    /// Runs every deployment again (drift repair), and forgets deployments
+    /// pruned more than [`FORGET_PRUNED_AFTER`] ago so status does not grow
+    /// without bound. Returns whether anything ran.
     pub async fn reconcile_all(&mut self) -> bool {
+        self.forget_pruned(Instant::now());
         let names: Vec<_> = self
             .deployments
             .iter()
-            .filter(|(_, d)| !d.pruned && (d.record.document.is_some() || !d.record.owned.is_empty()))
+            .filter(|(_, d)| {
+                d.pruned_at.is_none() && (d.record.document.is_some() || !d.record.owned.is_empty())
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in &names {
             self.apply(name).await;
         }
         !names.is_empty()
+    }
+
+    /// Forgets deployments pruned more than [`FORGET_PRUNED_AFTER`] before `now`.
+    pub fn forget_pruned(&mut self, now: Instant) {
+        self.deployments.retain(|_, d| {
+            d.pruned_at.is_none_or(|at| now.saturating_duration_since(at) < FORGET_PRUNED_AFTER)
+        });
     }
 
     /// When the next retry of a failed deployment is due.
@@ -311,7 +327,7 @@ impl Reconciler {
         }
         warn!(deployment = %name, ?generation, kind, %message, "document rejected");
         entry.rejected = Some((generation, StatusError { kind: kind.to_owned(), message }));
-        entry.pruned = false;
+        entry.pruned_at = None;
         true
     }
 
@@ -363,7 +379,7 @@ impl Reconciler {
         }
         entry.last_run = Some(LastRun { scores, ok, at_ms: now });
         let result = if deleted && entry.record.owned.is_empty() && entry.rejected.is_none() {
-            entry.pruned = true;
+            entry.pruned_at = Some(Instant::now());
             info!(deployment = %name, "pruned");
             store.remove(name)
         } else {

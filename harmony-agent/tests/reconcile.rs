@@ -213,4 +213,10 @@ async fn deleting_prunes_everything_and_forgets_the_record() {
     assert_eq!(r.status().deployments[&name("a")].phase, Phase::Pruned);
     assert!(Store::open(&device.state().join("state")).unwrap().load_all().unwrap().is_empty());
     assert!(!r.delete(&name("a")).await);
+
+    // Reported as pruned for a while, then forgotten so status stays bounded.
+    r.forget_pruned(std::time::Instant::now());
+    assert!(r.status().deployments.contains_key(&name("a")));
+    r.forget_pruned(std::time::Instant::now() + harmony_agent::reconcile::FORGET_PRUNED_AFTER);
+    assert!(!r.status().deployments.contains_key(&name("a")));
 }
