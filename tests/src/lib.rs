@@ -187,3 +187,51 @@ impl Drop for AgentProcess {
         self.stop();
     }
 }
+
+/// How long a test waits for anything before it fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Awaits `f` for at most [`WAIT`]; panics when it takes longer.
+pub async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f).await.expect("timed out")
+}
+
+/// The status an agent supporting `tags` would write (`None`: an agent that
+/// never reported its info), with the given deployments.
+pub fn reported_status(
+    device: &harmony_score_wire::DeviceId,
+    tags: Option<&[&str]>,
+    deployments: std::collections::BTreeMap<
+        harmony_score_wire::DeploymentName,
+        harmony_score_wire::DeploymentStatus,
+    >,
+) -> harmony_score_wire::AgentStatus {
+    use harmony_score_wire::{now_ms, DeviceInfo, SupportedScore};
+    let info = tags.map(|tags| DeviceInfo {
+        agent_version: "0.1.0".into(),
+        scores: tags
+            .iter()
+            .map(|t| SupportedScore { tag: (*t).into(), version: "v1".into(), summary: String::new() })
+            .collect(),
+        ..Default::default()
+    });
+    harmony_score_wire::AgentStatus {
+        device_id: device.clone(),
+        agent_version: "0.1.0".into(),
+        updated_at_ms: now_ms(),
+        heartbeat_at_ms: now_ms(),
+        heartbeat_interval_ms: 10_000,
+        info,
+        deployments,
+    }
+}
+
+/// Writes `status` into the real status bucket, as the device's agent would
+/// (for operator-side tests that need no agent).
+pub async fn report_status(client: &harmony_fleet::FleetClient, status: &harmony_score_wire::AgentStatus) {
+    use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
+    within(client.ensure_buckets()).await.expect("buckets");
+    let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.expect("status bucket");
+    let bytes = harmony_score_wire::to_cbor(status);
+    within(kv.put(status_key(&status.device_id), bytes.into())).await.expect("status written");
+}

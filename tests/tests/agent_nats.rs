@@ -4,7 +4,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harmony_e2e::{AgentProcess, NatsServer};
+use harmony_e2e::{AgentProcess, NatsServer, WAIT};
 use harmony_fleet::{DeployRequest, FleetClient, FleetError};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore, Phase};
 use harmony_scores::{FileScore, PresenceState};
@@ -13,8 +13,6 @@ use harmony_topology::{
     LocalDeviceTopology, Outcome, Score, Version,
 };
 use serde::{Deserialize, Serialize};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A Score this test binary knows and the agent binary does not: what an
 /// operator newer than its devices would send.

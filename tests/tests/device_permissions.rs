@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
-use harmony_e2e::{AgentProcess, NatsServer};
+use harmony_e2e::{AgentProcess, NatsServer, WAIT};
 use harmony_fleet::async_nats::{self, jetstream};
 use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore};
 use harmony_scores::{FileScore, PresenceState};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// One user per device with exactly the permissions docs/security.md lists.
 fn device_user(id: &str) -> String {

@@ -1,21 +1,10 @@
 //! The `harmony-fleet` binary against a real nats-server: refusals, exit codes, status output.
 
-use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
 
-use harmony_e2e::{workspace_bin, NatsServer};
+use harmony_e2e::{report_status, reported_status, within, workspace_bin, NatsServer};
 use harmony_fleet::FleetClient;
-use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
-use harmony_score_wire::{
-    now_ms, to_cbor, AgentStatus, DeploymentName, DeviceId, DeviceInfo, SupportedScore,
-};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(WAIT, f).await.expect("timed out")
-}
+use harmony_score_wire::{DeploymentName, DeviceId};
 
 struct Run {
     code: Option<i32>,
@@ -53,27 +42,15 @@ fn write_doc(dir: &Path) -> String {
 
 /// dev-1 reports that it decodes directories only.
 async fn report_directories_only(client: &FleetClient) {
-    within(client.ensure_buckets()).await.unwrap();
-    let status = AgentStatus {
-        device_id: DeviceId::new("dev-1").unwrap(),
-        agent_version: "0.1.0".into(),
-        updated_at_ms: now_ms(),
-        heartbeat_at_ms: now_ms(),
-        heartbeat_interval_ms: 10_000,
-        info: Some(DeviceInfo {
-            agent_version: "0.1.0".into(),
-            scores: vec![SupportedScore {
-                tag: "harmony.directory/v1".into(),
-                version: "v1".into(),
-                summary: String::new(),
-            }],
-            hostname: "edge-1".into(),
-            ..Default::default()
-        }),
-        deployments: Default::default(),
-    };
-    let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.unwrap();
-    within(kv.put(status_key(&status.device_id), to_cbor(&status).into())).await.unwrap();
+    let mut status = reported_status(
+        &DeviceId::new("dev-1").unwrap(),
+        Some(&["harmony.directory/v1"]),
+        Default::default(),
+    );
+    if let Some(info) = status.info.as_mut() {
+        info.hostname = "edge-1".into();
+    }
+    report_status(client, &status).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

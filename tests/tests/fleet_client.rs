@@ -4,25 +4,18 @@
 //! device's `AgentStatus` into the status bucket itself.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use harmony_e2e::NatsServer;
+use harmony_e2e::{report_status, reported_status, within, NatsServer, WAIT};
 use harmony_fleet::async_nats::{self, jetstream, HeaderMap};
 use harmony_fleet::{BucketAction, DeployRequest, FleetClient, FleetError};
-use harmony_score_wire::names::{command_subject, status_key, AGENT_STATUS_BUCKET};
+use harmony_score_wire::names::{command_subject, AGENT_STATUS_BUCKET};
 use harmony_score_wire::{
-    to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus, DeviceId, DeviceInfo, DeviceScore,
-    Phase, StatusError, SupportedScore,
+    to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus, DeviceId, DeviceScore, Phase,
+    StatusError,
 };
 use harmony_scores::{DirectoryScore, FileScore, PresenceState};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(WAIT, f).await.expect("timed out")
-}
 
 async fn connect(server: &NatsServer) -> FleetClient {
     within(FleetClient::connect(&[server.url()], None)).await.unwrap()
@@ -54,23 +47,7 @@ fn status(
     tags: Option<&[&str]>,
     deployments: Vec<(&str, DeploymentStatus)>,
 ) -> AgentStatus {
-    let info = tags.map(|tags| DeviceInfo {
-        agent_version: "0.1.0".into(),
-        scores: tags
-            .iter()
-            .map(|t| SupportedScore { tag: (*t).into(), version: "v1".into(), summary: String::new() })
-            .collect(),
-        ..Default::default()
-    });
-    AgentStatus {
-        device_id: device.clone(),
-        agent_version: "0.1.0".into(),
-        updated_at_ms: harmony_score_wire::now_ms(),
-        heartbeat_at_ms: harmony_score_wire::now_ms(),
-        heartbeat_interval_ms: 10_000,
-        info,
-        deployments: deployments.into_iter().map(|(n, d)| (name(n), d)).collect(),
-    }
+    reported_status(device, tags, deployments.into_iter().map(|(n, d)| (name(n), d)).collect())
 }
 
 fn deployment(desired: u64, observed: u64, phase: Phase) -> DeploymentStatus {
@@ -85,11 +62,8 @@ fn deployment(desired: u64, observed: u64, phase: Phase) -> DeploymentStatus {
     }
 }
 
-/// Writes a device's status as its agent would (the real bucket, by plain put).
 async fn report(client: &FleetClient, status: &AgentStatus) {
-    within(client.ensure_buckets()).await.unwrap();
-    let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.unwrap();
-    within(kv.put(status_key(&status.device_id), to_cbor(status).into())).await.unwrap();
+    report_status(client, status).await;
 }
 
 const ALL_TAGS: &[&str] = &["harmony.file/v1", "harmony.directory/v1"];

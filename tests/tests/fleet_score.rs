@@ -1,23 +1,14 @@
 //! `DeviceDeploymentScore` run by a `Maestro` on a `FleetTopology`, against stand-in agents that report status.
 
-use std::future::Future;
 use std::time::Duration;
 
-use harmony_e2e::NatsServer;
+use harmony_e2e::{report_status, reported_status, within, NatsServer};
 use harmony_fleet::{DeviceDeploymentScore, FleetClient, FleetTopology};
-use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
 use harmony_score_wire::{
-    now_ms, to_cbor, AgentStatus, DeploymentName, DeploymentStatus, DeviceId, DeviceInfo, DeviceScore, Phase,
-    ScoreStatus, SupportedScore,
+    now_ms, DeploymentName, DeploymentStatus, DeviceId, DeviceScore, Phase, ScoreStatus,
 };
 use harmony_scores::{FileScore, PresenceState};
 use harmony_topology::{InterpretStatus, Inventory, Maestro, Score};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(WAIT, f).await.expect("timed out")
-}
 
 fn dev(id: &str) -> DeviceId {
     DeviceId::new(id).unwrap()
@@ -48,7 +39,6 @@ fn score(devices: &[&str], content: &str, wait: Option<u64>) -> DeviceDeployment
 /// indexed generation, in `phase`, with one Score status.
 fn fake_agent(client: FleetClient, device: DeviceId, phase: Phase) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let kv = client.jetstream().get_key_value(AGENT_STATUS_BUCKET).await.unwrap();
         loop {
             let index = client.deployment_index(&device).await.unwrap();
             let (observed, score_status) = match phase {
@@ -78,33 +68,10 @@ fn fake_agent(client: FleetClient, device: DeviceId, phase: Phase) -> tokio::tas
                     (name, status)
                 })
                 .collect();
-            kv.put(status_key(&device), to_cbor(&agent_status(&device, deployments)).into()).await.unwrap();
+            report_status(&client, &reported_status(&device, Some(&["harmony.file/v1"]), deployments)).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
-}
-
-fn agent_status(
-    device: &DeviceId,
-    deployments: std::collections::BTreeMap<DeploymentName, DeploymentStatus>,
-) -> AgentStatus {
-    AgentStatus {
-        device_id: device.clone(),
-        agent_version: "0.1.0".into(),
-        updated_at_ms: now_ms(),
-        heartbeat_at_ms: now_ms(),
-        heartbeat_interval_ms: 10_000,
-        info: Some(DeviceInfo {
-            agent_version: "0.1.0".into(),
-            scores: vec![SupportedScore {
-                tag: "harmony.file/v1".into(),
-                version: "v1".into(),
-                summary: String::new(),
-            }],
-            ..Default::default()
-        }),
-        deployments,
-    }
 }
 
 async fn maestro(server: &NatsServer) -> (FleetClient, Maestro<FleetTopology>) {
