@@ -74,3 +74,54 @@ fn folder_documents_are_applied_updated_pruned_and_survive_a_restart() {
     wait_for("prune", || status(&state)["deployments"]["site"]["phase"] == "pruned");
     assert!(!root.join("a").exists());
 }
+
+/// `run --config agent.toml` with a flag overriding the file, and a clean
+/// exit (status 0) on SIGINT.
+#[test]
+fn a_toml_config_with_flag_overrides_runs_and_sigint_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (docs, root, state) = (dir.path().join("docs"), dir.path().join("root"), dir.path().join("state"));
+    let unused_root = dir.path().join("root-from-file");
+    for d in [&docs, &root, &unused_root] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"dev-1\"\nsource = \"dir:{}\"\nstate_dir = \"{}\"\nroot = \"{}\"\n[labels]\nsite = \"lab\"\n",
+            docs.display(),
+            state.display(),
+            unused_root.display()
+        ),
+    )
+    .unwrap();
+    let doc = r#"{"device_id":"dev-1","deployment":"site","generation":1,"scores":[{"type":"harmony.file/v1","path":"/f","content":"x"}]}"#;
+    std::fs::write(docs.join("site.json"), doc).unwrap();
+    let mut agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_harmony-agent"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--root")
+            .arg(&root)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("generation 1", || status(&state)["deployments"]["site"]["observed_generation"] == 1);
+    assert!(root.join("f").exists(), "the --root flag wins over the file");
+    assert!(!unused_root.join("f").exists());
+    assert_eq!(status(&state)["info"]["labels"]["site"], "lab");
+
+    let pid = agent.0.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(exit) = agent.0.try_wait().unwrap() {
+            break exit.code();
+        }
+        assert!(Instant::now() < deadline, "agent did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+}

@@ -142,13 +142,19 @@ impl FleetClient {
     }
 
     async fn setup_buckets(&self) -> Result<(Vec<BucketReport>, Buckets), FleetError> {
-        let (desired_action, desired) = self.ensure_desired_bucket().await?;
-        let (status_action, status) = self.ensure_status_bucket().await?;
+        let desired_action = self.ensure_desired_bucket().await?;
+        let status_action = self.ensure_status_bucket().await?;
+        let (desired, status) =
+            (self.open_bucket(DESIRED_STATE_BUCKET).await?, self.open_bucket(AGENT_STATUS_BUCKET).await?);
         let report = vec![
             BucketReport { bucket: DESIRED_STATE_BUCKET, action: desired_action },
             BucketReport { bucket: AGENT_STATUS_BUCKET, action: status_action },
         ];
         Ok((report, Buckets { desired, status }))
+    }
+
+    async fn open_bucket(&self, name: &str) -> Result<kv::Store, FleetError> {
+        self.js.get_key_value(name).await.map_err(|e| FleetError::nats(format!("open bucket {name}"), e))
     }
 
     async fn stream_exists(&self, name: &str) -> Result<Option<stream::Stream>, FleetError> {
@@ -165,7 +171,7 @@ impl FleetClient {
         }
     }
 
-    async fn ensure_desired_bucket(&self) -> Result<(BucketAction, kv::Store), FleetError> {
+    async fn ensure_desired_bucket(&self) -> Result<BucketAction, FleetError> {
         let name = DESIRED_STATE_BUCKET;
         let action = if self.stream_exists(&format!("KV_{name}")).await?.is_some() {
             BucketAction::Existed
@@ -183,15 +189,10 @@ impl FleetClient {
             info!(bucket = name, "created bucket");
             BucketAction::Created
         };
-        let store = self
-            .js
-            .get_key_value(name)
-            .await
-            .map_err(|e| FleetError::nats(format!("open bucket {name}"), e))?;
-        Ok((action, store))
+        Ok(action)
     }
 
-    async fn ensure_status_bucket(&self) -> Result<(BucketAction, kv::Store), FleetError> {
+    async fn ensure_status_bucket(&self) -> Result<BucketAction, FleetError> {
         let name = AGENT_STATUS_BUCKET;
         let action = match self.stream_exists(&format!("KV_{name}")).await? {
             Some(existing) => {
@@ -217,12 +218,7 @@ impl FleetClient {
                 BucketAction::Created
             }
         };
-        let store = self
-            .js
-            .get_key_value(name)
-            .await
-            .map_err(|e| FleetError::nats(format!("open bucket {name}"), e))?;
-        Ok((action, store))
+        Ok(action)
     }
 
     /// The device's last status and its revision in the bucket; `None` when
