@@ -31,7 +31,12 @@ pub async fn run_scores<'a>(
     for score in scores {
         // Trait upcasting: the wire trait is a Score on the device topology.
         let result = maestro.interpret(score).await;
-        report.push(ScoreStatus::from_result(score.typetag_name(), score.name(), score.resource(), result));
+        report.push(ScoreStatus::from_result(
+            score.typetag_name(),
+            score.name(),
+            score.resource().to_string(),
+            result,
+        ));
     }
     ApplyReport { scores: report }
 }

@@ -64,7 +64,7 @@ impl Deployment {
         self.record.document.as_ref().map(|d| d.generation)
     }
 
-    fn resources(&self) -> impl Iterator<Item = String> + '_ {
+    fn resources(&self) -> impl Iterator<Item = harmony_score_wire::ResourceId> + '_ {
         let doc = self.record.document.iter().flat_map(|d| d.scores.iter());
         doc.chain(self.record.owned.iter()).map(|s| s.resource())
     }
@@ -85,7 +85,7 @@ impl Deployment {
             let scores = self.last_run.as_ref().map_or(&[][..], |r| &r.scores[..]);
             let bad = scores.iter().filter(|s| !s.is_ok()).count();
             let message = format!("{bad} of {} scores failed; retrying", scores.len());
-            (Phase::Failed, Some(StatusError { kind: "scores_failed".into(), message }))
+            (Phase::Failed, Some(StatusError::new(harmony_score_wire::ErrorKind::ScoresFailed, message)))
         } else if self.last_run.is_some() {
             (Phase::Applied, None)
         } else {
@@ -101,6 +101,10 @@ impl Deployment {
             error,
             last_attempt_at_ms: self.last_run.as_ref().map_or(0, |r| r.at_ms),
             last_applied_at_ms: self.record.last_applied_at_ms,
+            desired_digest: None,
+            observed_digest: None,
+            current_score: None,
+            superseded_generation: None,
         }
     }
 }
@@ -173,6 +177,9 @@ impl Reconciler {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             info: Some(self.info.clone()),
             deployments: self.deployments.iter().map(|(n, d)| (n.clone(), d.status())).collect(),
+            instance_id: String::new(),
+            errors: Vec::new(),
+            truncated: false,
         }
     }
 
@@ -284,31 +291,38 @@ impl Reconciler {
         !due.is_empty()
     }
 
-    fn verify(&self, name: &DeploymentName, doc: &DesiredState) -> Result<(), (&'static str, String)> {
+    fn verify(
+        &self,
+        name: &DeploymentName,
+        doc: &DesiredState,
+    ) -> Result<(), (harmony_score_wire::ErrorKind, String)> {
         if doc.device_id != self.device {
             return Err((
-                "wrong_device",
+                harmony_score_wire::ErrorKind::WrongDevice,
                 format!("document is for device {}, not {}", doc.device_id, self.device),
             ));
         }
         if &doc.deployment != name {
             return Err((
-                "wrong_deployment",
+                harmony_score_wire::ErrorKind::WrongDeployment,
                 format!("document names deployment {}, key is {name}", doc.deployment),
             ));
         }
         if let Some(expires_at) = doc.expires_at {
             if expires_at <= now_ms() / 1000 {
                 return Err((
-                    "expired",
+                    harmony_score_wire::ErrorKind::Expired,
                     format!("document expired at {expires_at} (seconds since the epoch)"),
                 ));
             }
         }
-        let mine: HashSet<String> = doc.scores.iter().map(|s| s.resource()).collect();
+        let mine: HashSet<harmony_score_wire::ResourceId> = doc.scores.iter().map(|s| s.resource()).collect();
         for (other, deployment) in self.deployments.iter().filter(|(n, _)| *n != name) {
             if let Some(resource) = deployment.resources().find(|r| mine.contains(r)) {
-                return Err(("resource_conflict", format!("{resource} is owned by deployment {other}")));
+                return Err((
+                    harmony_score_wire::ErrorKind::ResourceConflict,
+                    format!("{resource} is owned by deployment {other}"),
+                ));
             }
         }
         Ok(())
@@ -318,15 +332,15 @@ impl Reconciler {
         &mut self,
         name: &DeploymentName,
         generation: Option<u64>,
-        kind: &str,
+        kind: harmony_score_wire::ErrorKind,
         message: String,
     ) -> bool {
         let entry = self.deployments.entry(name.clone()).or_default();
         if entry.rejected.as_ref().is_some_and(|(g, e)| *g == generation && e.kind == kind) {
             return false; // already reported
         }
-        warn!(deployment = %name, ?generation, kind, %message, "document rejected");
-        entry.rejected = Some((generation, StatusError { kind: kind.to_owned(), message }));
+        warn!(deployment = %name, ?generation, kind = %kind, %message, "document rejected");
+        entry.rejected = Some((generation, StatusError::new(kind, message)));
         entry.pruned_at = None;
         true
     }
@@ -349,8 +363,12 @@ impl Reconciler {
         let mut pruned: Vec<Box<dyn DeviceScore>> = Vec::new();
         for undo in to_prune.into_iter().rev() {
             let result = maestro.interpret(undo.as_ref()).await;
-            let mut status =
-                ScoreStatus::from_result(undo.typetag_name(), undo.name(), undo.resource(), result);
+            let mut status = ScoreStatus::from_result(
+                undo.typetag_name(),
+                undo.name(),
+                undo.resource().to_string(),
+                result,
+            );
             status.message = format!("pruned: {}", status.message);
             if !status.is_ok() {
                 pruned.push(undo);

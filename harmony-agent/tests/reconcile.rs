@@ -96,15 +96,15 @@ async fn wrong_device_wrong_key_expired_and_older_generations_are_not_run() {
     let bytes =
         encode(&decode_json(other.to_string().as_bytes(), &DecodeLimits::default()).unwrap()).unwrap();
     r.offer(&name("a"), &bytes, DocumentFormat::Cbor).await;
-    assert_eq!(r.status().deployments[&name("a")].error.as_ref().unwrap().kind, "wrong_device");
+    assert_eq!(r.status().deployments[&name("a")].error.as_ref().unwrap().kind.as_str(), "wrong_device");
 
     r.offer(&name("b"), &doc("a", 1, json!([file("/y", "1")])), DocumentFormat::Cbor).await;
-    assert_eq!(r.status().deployments[&name("b")].error.as_ref().unwrap().kind, "wrong_deployment");
+    assert_eq!(r.status().deployments[&name("b")].error.as_ref().unwrap().kind.as_str(), "wrong_deployment");
 
     let expired =
         json!({"device_id": "dev-1", "deployment": "c", "generation": 1, "expires_at": 1, "scores": []});
     r.offer(&name("c"), expired.to_string().as_bytes(), DocumentFormat::Json).await;
-    assert_eq!(r.status().deployments[&name("c")].error.as_ref().unwrap().kind, "expired");
+    assert_eq!(r.status().deployments[&name("c")].error.as_ref().unwrap().kind.as_str(), "expired");
     assert!(!device.root("/x").exists() && !device.root("/y").exists());
 
     r.offer(&name("d"), &doc("d", 5, json!([file("/d", "5")])), DocumentFormat::Cbor).await;

@@ -171,6 +171,7 @@ mod tests {
             status,
             message: "done".into(),
             details: Vec::new(),
+            error_kind: None,
         }
     }
 
@@ -187,6 +188,9 @@ mod tests {
             heartbeat_interval_ms: interval_ms,
             info: None,
             deployments: deployments.into_iter().map(|(n, d)| (DeploymentName::new(n).unwrap(), d)).collect(),
+            instance_id: String::new(),
+            errors: Vec::new(),
+            truncated: false,
         }
     }
 
@@ -199,6 +203,7 @@ mod tests {
             error,
             last_attempt_at_ms: 0,
             last_applied_at_ms: 0,
+            ..Default::default()
         }
     }
 
@@ -235,7 +240,7 @@ mod tests {
         let rejected = deployment(
             Phase::Rejected,
             vec![],
-            Some(StatusError { kind: "unknown_score_tags".into(), message: "x".into() }),
+            Some(StatusError::new(harmony_score_wire::ErrorKind::UnknownScoreTags, "x")),
         );
         let applied = deployment(Phase::Applied, vec![score(InterpretStatus::SUCCESS)], None);
         let table =

@@ -189,6 +189,7 @@ mod tests {
             error: None,
             last_attempt_at_ms: 0,
             last_applied_at_ms: 0,
+            ..Default::default()
         };
         AgentStatus {
             device_id: DeviceId::new("dev-1").unwrap(),
@@ -198,6 +199,9 @@ mod tests {
             heartbeat_interval_ms: 0,
             info: None,
             deployments: BTreeMap::from([(DeploymentName::new(deployment).unwrap(), ds)]),
+            instance_id: String::new(),
+            errors: Vec::new(),
+            truncated: false,
         }
     }
 

@@ -3,7 +3,7 @@
 use ciborium::Value;
 
 use crate::registry::is_registered;
-use crate::{DeploymentName, DesiredState, DeviceId, FORMAT_VERSION};
+use crate::{DeploymentName, DesiredState, DeviceId, DeviceScore, ErrorKind, FORMAT_VERSION};
 
 /// Bounds on what [`decode`] accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,26 +65,27 @@ pub enum DecodeError {
     /// Two Scores of the document own the same resource.
     #[error("two scores own {resource}")]
     DuplicateResource { resource: String },
-    /// A Score whose tag is known but whose fields are not valid.
-    #[error("score #{index} ({tag}): {message}")]
-    InvalidScore { index: usize, tag: String, message: String },
+    /// A Score whose tag is known but whose fields are not valid (or do not
+    /// deserialize); `field` names the field when known.
+    #[error("score #{index} ({tag}): {}{message}", field.as_deref().map(|f| format!("field {f}: ")).unwrap_or_default())]
+    InvalidScore { index: usize, tag: String, field: Option<String>, message: String },
 }
 
 impl DecodeError {
-    /// A stable, machine-readable name of the error's kind, as status reports carry it.
-    pub fn kind(&self) -> &'static str {
+    /// The error's kind, as status reports carry it.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            DecodeError::TooLarge { .. } => "too_large",
-            DecodeError::Truncated => "truncated",
-            DecodeError::Malformed { .. } => "malformed",
-            DecodeError::TooDeep { .. } => "too_deep",
-            DecodeError::TooManyScores { .. } => "too_many_scores",
-            DecodeError::UnknownScoreTags { .. } => "unknown_score_tags",
-            DecodeError::InvalidDeviceId { .. } => "invalid_device_id",
-            DecodeError::InvalidDeploymentName { .. } => "invalid_deployment_name",
-            DecodeError::UnsupportedFormat { .. } => "unsupported_format",
-            DecodeError::InvalidScore { .. } => "invalid_score",
-            DecodeError::DuplicateResource { .. } => "duplicate_resource",
+            DecodeError::TooLarge { .. } => ErrorKind::TooLarge,
+            DecodeError::Truncated => ErrorKind::Truncated,
+            DecodeError::Malformed { .. } => ErrorKind::Malformed,
+            DecodeError::TooDeep { .. } => ErrorKind::TooDeep,
+            DecodeError::TooManyScores { .. } => ErrorKind::TooManyScores,
+            DecodeError::UnknownScoreTags { .. } => ErrorKind::UnknownScoreTags,
+            DecodeError::InvalidDeviceId { .. } => ErrorKind::InvalidDeviceId,
+            DecodeError::InvalidDeploymentName { .. } => ErrorKind::InvalidDeploymentName,
+            DecodeError::UnsupportedFormat { .. } => ErrorKind::UnsupportedFormat,
+            DecodeError::InvalidScore { .. } => ErrorKind::InvalidScore,
+            DecodeError::DuplicateResource { .. } => ErrorKind::DuplicateResource,
         }
     }
 
@@ -106,25 +107,48 @@ pub enum EncodeError {
 }
 
 /// Encodes a document as CBOR, refusing one that a device with default
-/// [`DecodeLimits`] would reject.
+/// [`DecodeLimits`] would reject for its size, its Score count, an invalid
+/// Score ([`DeviceScore::validate`]) or two Scores owning one resource.
 pub fn encode(doc: &DesiredState) -> Result<Vec<u8>, EncodeError> {
-    let mut bytes = Vec::new();
-    ciborium::into_writer(doc, &mut bytes)
-        .map_err(|e| EncodeError::SerializeFailed(one_line(&e.to_string())))?;
     let limits = DecodeLimits::default();
-    if bytes.len() > limits.max_bytes {
-        return Err(EncodeError::WouldBeRejected(DecodeError::TooLarge {
-            size: bytes.len(),
-            limit: limits.max_bytes,
-        }));
-    }
     if doc.scores.len() > limits.max_scores {
         return Err(EncodeError::WouldBeRejected(DecodeError::TooManyScores {
             count: doc.scores.len(),
             limit: limits.max_scores,
         }));
     }
+    check_scores(&doc.scores).map_err(EncodeError::WouldBeRejected)?;
+    let mut bytes = Vec::new();
+    ciborium::into_writer(doc, &mut bytes)
+        .map_err(|e| EncodeError::SerializeFailed(one_line(&e.to_string())))?;
+    if bytes.len() > limits.max_bytes {
+        return Err(EncodeError::WouldBeRejected(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit: limits.max_bytes,
+        }));
+    }
     Ok(bytes)
+}
+
+/// Validates every Score and refuses two owning one resource (after
+/// normalization, so aliases collide). Run at decode and at encode.
+pub fn check_scores(scores: &[Box<dyn DeviceScore>]) -> Result<(), DecodeError> {
+    for (index, score) in scores.iter().enumerate() {
+        score.validate().map_err(|err| DecodeError::InvalidScore {
+            index,
+            tag: score.typetag_name().to_owned(),
+            field: Some(crate::bounded_text(&err.field, 128)),
+            message: crate::bounded_text(&err.message, crate::MAX_MESSAGE_BYTES),
+        })?;
+    }
+    let mut resources = std::collections::HashSet::new();
+    for score in scores {
+        let resource = score.resource();
+        if !resources.insert(resource.clone()) {
+            return Err(DecodeError::DuplicateResource { resource: resource.to_string() });
+        }
+    }
+    Ok(())
 }
 
 /// The JSON form of a document (the serde form of the same types).
@@ -243,18 +267,12 @@ fn decode_value(value: Value, limits: &DecodeLimits) -> Result<DesiredState, Dec
         for (index, (score, tag)) in scores.iter().zip(&tags).enumerate() {
             if let Err(err) = score.deserialized::<Box<dyn crate::DeviceScore>>() {
                 let message = one_line(&err.to_string());
-                return DecodeError::InvalidScore { index, tag: tag.to_string(), message };
+                return DecodeError::InvalidScore { index, tag: tag.to_string(), field: None, message };
             }
         }
         DecodeError::malformed(err)
     })?;
-    let mut resources = std::collections::HashSet::new();
-    for score in &doc.scores {
-        let resource = score.resource();
-        if !resources.insert(resource.clone()) {
-            return Err(DecodeError::DuplicateResource { resource });
-        }
-    }
+    check_scores(&doc.scores)?;
     Ok(doc)
 }
 
@@ -287,7 +305,7 @@ fn depth(value: &Value) -> usize {
 
 /// ciborium and serde nest messages over several lines; status lines need one.
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    crate::bounded_text(&text.split_whitespace().collect::<Vec<_>>().join(" "), crate::MAX_MESSAGE_BYTES)
 }
 
 /// Why a status, index or reply value could not be read.

@@ -58,11 +58,38 @@ impl DesiredState {
 
 /// The value of a device's index key (`<device>._index`): every deployment
 /// the operator wrote for it, with its generation. Written by the operator
-/// with compare-and-set together with each deployment key, so the device can
+/// with compare-and-set *before* each deployment key, so the device can
 /// discover its deployments with direct gets alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentIndex {
     /// Deployment → generation last written.
     #[serde(default)]
     pub deployments: std::collections::BTreeMap<DeploymentName, u64>,
+    /// Tombstones: deleted deployment → the last generation it had, so a
+    /// deployment written again continues its numbering even after its key
+    /// was purged (a device may remember the old generations).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub deleted: std::collections::BTreeMap<DeploymentName, u64>,
+}
+
+impl DeploymentIndex {
+    /// The highest generation `deployment` ever had here, live or deleted.
+    pub fn last_generation(&self, deployment: &DeploymentName) -> u64 {
+        let live = self.deployments.get(deployment).copied().unwrap_or(0);
+        live.max(self.deleted.get(deployment).copied().unwrap_or(0))
+    }
+}
+
+/// The digest of a document's bytes as stored and sent: `sha256:<hex>`.
+/// Operator and device compare it to know they mean the same document.
+pub fn document_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(bytes);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for byte in hash {
+        out.push(char::from(b"0123456789abcdef"[usize::from(byte >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(byte & 15)]));
+    }
+    out
 }

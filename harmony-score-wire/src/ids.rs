@@ -13,6 +13,13 @@ pub struct IdError {
     reason: &'static str,
 }
 
+impl IdError {
+    /// The refused value is echoed bounded and escaped: it came from outside.
+    fn new(what: &'static str, value: &str, reason: &'static str) -> Self {
+        Self { what, value: crate::bounded_text(value, 80), reason }
+    }
+}
+
 /// A device's id: an RFC 1123 label (1–63 of `a-z`, `0-9`, `-`, neither
 /// starting nor ending with `-`). It becomes a NATS subject token and a file
 /// name, so nothing else is allowed.
@@ -24,7 +31,7 @@ impl DeviceId {
     /// Validates `value` as a device id.
     pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
         let value = value.into();
-        let fail = |reason| Err(IdError { what: "device id", value: value.clone(), reason });
+        let fail = |reason| Err(IdError::new("device id", &value, reason));
         if value.is_empty() || value.len() > 63 {
             return fail("must be 1 to 63 characters");
         }
@@ -43,23 +50,28 @@ impl DeviceId {
     }
 }
 
-/// A deployment's name, unique per device: 1–253 bytes of ASCII letters,
+/// A deployment's name, unique per device: 1–200 bytes of ASCII letters,
 /// digits, `-` and `_`, not starting with `_` (names starting with `_` are
 /// reserved for the agent's own keys, such as the per-device index).
 ///
-/// Harmony itself only forbids `.`, wildcards and whitespace; this is
-/// narrower because the name is also a NATS KV key token and a file name.
+/// Harmony itself only forbids `.`, wildcards and whitespace and allows 253
+/// bytes; this is narrower because the name is also a NATS KV key token and
+/// the agent's state file names (`<name>.state`, and the name a corrupt
+/// record is kept under) must fit within `NAME_MAX` (255).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct DeploymentName(String);
 
 impl DeploymentName {
+    /// Longest name, in bytes.
+    pub const MAX_LEN: usize = 200;
+
     /// Validates `value` as a deployment name.
     pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
         let value = value.into();
-        let fail = |reason| Err(IdError { what: "deployment name", value: value.clone(), reason });
-        if value.is_empty() || value.len() > 253 {
-            return fail("must be 1 to 253 bytes");
+        let fail = |reason| Err(IdError::new("deployment name", &value, reason));
+        if value.is_empty() || value.len() > Self::MAX_LEN {
+            return fail("must be 1 to 200 bytes");
         }
         if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return fail("only letters, digits, '-' and '_' are allowed (no '.', '*', '>' or whitespace)");
@@ -121,10 +133,10 @@ mod tests {
 
     #[test]
     fn deployment_names_refuse_subject_syntax_and_reserved_names() {
-        for ok in ["motd", "Web_App-2", &"x".repeat(253)] {
+        for ok in ["motd", "Web_App-2", &"x".repeat(200)] {
             assert!(DeploymentName::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a.b", "a*", "a>", "a b", "a\tb", "_index", "a/b", &"x".repeat(254)] {
+        for bad in ["", "a.b", "a*", "a>", "a b", "a\tb", "_index", "a/b", &"x".repeat(201)] {
             assert!(DeploymentName::new(bad).is_err(), "{bad}");
         }
     }

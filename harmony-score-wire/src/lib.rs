@@ -10,20 +10,24 @@ mod file;
 mod ids;
 pub mod names;
 mod registry;
+mod resource;
 mod status;
+pub mod validate;
 
 pub use codec::{
-    decode, decode_json, encode, from_cbor, peek_generation, to_cbor, to_json_pretty, try_to_cbor,
-    DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
+    check_scores, decode, decode_json, encode, from_cbor, peek_generation, to_cbor, to_json_pretty,
+    try_to_cbor, DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
 };
-pub use document::{DeploymentIndex, DesiredState, FORMAT_VERSION};
+pub use document::{document_digest, DeploymentIndex, DesiredState, FORMAT_VERSION};
 pub use file::{is_json_path, read_document_file, DocumentFileError};
 pub use ids::{DeploymentName, DeviceId, IdError};
-pub use registry::{registered_scores, DeviceScore, ScoreRegistration};
+pub use registry::{is_registered, registered_scores, DeviceScore, ScoreRegistration};
+pub use resource::{normalize_path, PathError, ResourceId, ResourceIdError, MAX_NAME_BYTES, MAX_PATH_BYTES};
 pub use status::{
-    now_ms, AgentStatus, CommandReply, DeploymentStatus, DeviceInfo, Phase, ScoreStatus, StatusError,
-    SupportedScore,
+    bounded_text, now_ms, AgentStatus, CommandReply, DeploymentStatus, DeviceInfo, ErrorKind, Phase,
+    ScoreStatus, StatusError, SupportedScore, MAX_DETAIL_LINES, MAX_MESSAGE_BYTES, MAX_STATUS_BYTES,
 };
+pub use validate::ScoreValidationError;
 
 /// Re-exported for `inventory::submit!` in Score crates.
 pub use inventory;

@@ -29,6 +29,27 @@ pub fn desired_state_subjects(device: &DeviceId) -> String {
     format!("$KV.{DESIRED_STATE_BUCKET}.{device}.>")
 }
 
+/// The prefix the desired-state bucket republishes every write to, headers
+/// only, after it is stored: `harmony.hint.<device>.<deployment>`.
+pub const HINT_PREFIX: &str = "harmony.hint";
+
+/// `$KV.harmony-desired-state.>`: the bucket subjects the republish takes.
+pub fn hint_republish_source() -> String {
+    format!("$KV.{DESIRED_STATE_BUCKET}.>")
+}
+
+/// `harmony.hint.>`: where the bucket republishes to.
+pub fn hint_republish_destination() -> String {
+    format!("{HINT_PREFIX}.>")
+}
+
+/// `harmony.hint.<device>.>`: the subject a device follows its keys on. The
+/// republished copy carries `Nats-Sequence` (the stream sequence of the
+/// write) and no reply subject.
+pub fn hint_subjects(device: &DeviceId) -> String {
+    format!("{HINT_PREFIX}.{device}.>")
+}
+
 /// `device-commands.<device>.<verb>`: request/reply commands to one device.
 pub fn command_subject(device: &DeviceId, verb: &str) -> String {
     format!("device-commands.{device}.{verb}")
@@ -88,6 +109,9 @@ mod tests {
         assert_eq!(index_key(&d), "dev-1._index");
         assert_eq!(status_key(&d), "dev-1");
         assert_eq!(desired_state_subjects(&d), "$KV.harmony-desired-state.dev-1.>");
+        assert_eq!(hint_subjects(&d), "harmony.hint.dev-1.>");
+        assert_eq!(hint_republish_source(), "$KV.harmony-desired-state.>");
+        assert_eq!(hint_republish_destination(), "harmony.hint.>");
         assert_eq!(command_subject(&d, "ping"), "device-commands.dev-1.ping");
         assert_eq!(inbox_prefix(&d), "_INBOX_dev-1");
         assert_eq!(heartbeat_subject(&d), "harmony.heartbeat.dev-1");

@@ -1,24 +1,72 @@
-//! The `DeviceScore` wire trait and the registry of Score tags a binary supports.
+//! The `DeviceScore` wire trait, its one-line registration, and the registry of tags a binary supports.
+
+use std::time::Duration;
 
 use harmony_topology::{LocalDeviceTopology, Score};
+
+use crate::{ResourceId, ScoreValidationError};
 
 /// A Score that can travel to a device: the Harmony [`Score`] on the
 /// device's topology, serialized with `typetag` under an explicit, versioned
 /// tag in the field `type` (`{"type":"harmony.file/v1", …}`).
 ///
-/// Register every implementation twice: `#[typetag::serde(name = "…/vN")]`
-/// on the impl, and an `inventory::submit!` of a [`ScoreRegistration`] with
-/// the same tag. `docs/writing-a-score.md` shows both.
+/// Register an implementation with [`device_score!`](crate::device_score),
+/// which spells the tag once for both `typetag` and the [`ScoreRegistration`].
 #[typetag::serde(tag = "type")]
 pub trait DeviceScore: Score<LocalDeviceTopology> {
-    /// The one resource this Score owns on the device, as `kind:name`
-    /// (`file:/etc/motd`, `container:web`). Two Scores of one device never
-    /// own the same resource.
-    fn resource(&self) -> String;
+    /// Checks every field before anything of the document runs: paths,
+    /// modes, names, whatever the Score needs. The codec calls it on every
+    /// Score it decodes; a document with one invalid Score is refused whole.
+    fn validate(&self) -> Result<(), ScoreValidationError>;
+
+    /// The one resource this Score owns on the device. Two Scores of one
+    /// device never own the same resource.
+    fn resource(&self) -> ResourceId;
 
     /// The Score that undoes this one when it is pruned (a present file
     /// becomes absent); `None` when there is nothing to undo.
     fn undo(&self) -> Option<Box<dyn DeviceScore>>;
+
+    /// How long this Score's Interpret may run before it is a `timeout`
+    /// failure; `None`: the agent's default for the tag.
+    fn interpret_timeout(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Implements [`DeviceScore`] for a Score and registers it for the wire,
+/// with its tag spelled once:
+///
+/// ```ignore
+/// harmony_score_wire::device_score! {
+///     tag: "harmony.file/v1",
+///     summary: "a file with the given content and mode, or its absence",
+///     impl DeviceScore for FileScore {
+///         fn validate(&self) -> Result<(), ScoreValidationError> { … }
+///         fn resource(&self) -> ResourceId { … }
+///         fn undo(&self) -> Option<Box<dyn DeviceScore>> { … }
+///     }
+/// }
+/// ```
+///
+/// It emits the `#[typetag::serde(name = …)]` impl (the crate using it
+/// depends on `typetag`) and an `inventory` [`ScoreRegistration`] with the
+/// same tag.
+#[macro_export]
+macro_rules! device_score {
+    (
+        tag: $tag:literal,
+        summary: $summary:literal,
+        impl DeviceScore for $ty:ty { $($body:tt)* }
+    ) => {
+        #[::typetag::serde(name = $tag)]
+        impl $crate::DeviceScore for $ty {
+            $($body)*
+        }
+        $crate::inventory::submit! {
+            $crate::ScoreRegistration { tag: $tag, summary: $summary }
+        }
+    };
 }
 
 /// One registered Score tag, as listed by `harmony-agent scores` and
@@ -48,6 +96,6 @@ pub fn registered_scores() -> Vec<&'static ScoreRegistration> {
 }
 
 /// Whether `tag` is registered in this binary.
-pub(crate) fn is_registered(tag: &str) -> bool {
+pub fn is_registered(tag: &str) -> bool {
     inventory::iter::<ScoreRegistration>.into_iter().any(|r| r.tag == tag)
 }

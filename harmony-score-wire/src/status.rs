@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use harmony_topology::{InterpretStatus, Outcome};
+use harmony_topology::{InterpretErrorKind, InterpretStatus, Outcome};
 use serde::{Deserialize, Serialize};
 
 use crate::{DeploymentName, DeviceId};
@@ -36,14 +36,25 @@ pub struct AgentStatus {
     /// Per deployment, how far the device got.
     #[serde(default)]
     pub deployments: BTreeMap<DeploymentName, DeploymentStatus>,
+    /// The agent process that wrote this, fresh at every start: two
+    /// different ids fighting over one key are two devices with one id.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Problems of the device as a whole (`duplicate_device`, `state_unreadable`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<StatusError>,
+    /// Set when the report was cut to fit the size limit (see [`AgentStatus::bound`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// Where a deployment stands on a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum Phase {
-    /// The agent is running the Scores of `desired_generation`.
+    /// The agent is running (or about to run) the Scores of `desired_generation`.
+    #[default]
     Applying,
     /// Every Score of `observed_generation` is SUCCESS or NOOP.
     Applied,
@@ -58,7 +69,7 @@ pub enum Phase {
 /// One deployment's status (Kubernetes' observedGeneration pattern: the
 /// generation landed when `observed_generation == desired_generation` and
 /// the phase is `Applied`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentStatus {
     /// The newest generation the device has seen.
     pub desired_generation: u64,
@@ -78,16 +89,233 @@ pub struct DeploymentStatus {
     /// When the agent last applied it fully.
     #[serde(default)]
     pub last_applied_at_ms: u64,
+    /// Digest ([`crate::document_digest`]) of the document of `desired_generation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_digest: Option<String>,
+    /// Digest of the document of `observed_generation`: an operator waiting
+    /// for what it wrote compares generation *and* digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_digest: Option<String>,
+    /// While applying: the Score in progress (`2/5 file [/etc/motd]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_score: Option<String>,
+    /// The last generation whose run a newer one superseded (never applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_generation: Option<u64>,
+}
+
+/// Every kind of error a status reports, as one stable list: document
+/// rejections, run failures and device-wide problems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Larger than the size limit.
+    TooLarge,
+    /// Ends in the middle of a value.
+    Truncated,
+    /// Not well-formed, or not shaped like a document.
+    Malformed,
+    /// Nested too deep.
+    TooDeep,
+    /// More Scores than the limit.
+    TooManyScores,
+    /// Score tags this agent does not know.
+    UnknownScoreTags,
+    /// The document's device id is not valid.
+    InvalidDeviceId,
+    /// The document's deployment name is not valid.
+    InvalidDeploymentName,
+    /// A document format this agent does not read.
+    UnsupportedFormat,
+    /// Two Scores of the document own one resource.
+    DuplicateResource,
+    /// A Score's fields are not valid.
+    InvalidScore,
+    /// The document names another device.
+    WrongDevice,
+    /// The document names another deployment than its key.
+    WrongDeployment,
+    /// The document's expiry passed.
+    Expired,
+    /// A generation older than (or equal to, with other content) one accepted before.
+    StaleGeneration,
+    /// A resource the document names is owned by another deployment.
+    ResourceConflict,
+    /// The persisted state of a deployment cannot be read; kept aside on disk.
+    StateUnreadable,
+    /// The accepted state could not be persisted, so the run is not applied.
+    PersistFailed,
+    /// Some Scores failed; retried with backoff.
+    ScoresFailed,
+    /// Undoing a resource the deployment no longer names failed; retried.
+    PruneFailed,
+    /// Another agent instance writes this device's status: two devices share one id.
+    DuplicateDevice,
+    /// A kind this build does not know (sent by a newer agent).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorKind {
+    /// The kind's wire name (`resource_conflict`).
+    pub fn as_str(self) -> &'static str {
+        use ErrorKind::*;
+        match self {
+            TooLarge => "too_large",
+            Truncated => "truncated",
+            Malformed => "malformed",
+            TooDeep => "too_deep",
+            TooManyScores => "too_many_scores",
+            UnknownScoreTags => "unknown_score_tags",
+            InvalidDeviceId => "invalid_device_id",
+            InvalidDeploymentName => "invalid_deployment_name",
+            UnsupportedFormat => "unsupported_format",
+            DuplicateResource => "duplicate_resource",
+            InvalidScore => "invalid_score",
+            WrongDevice => "wrong_device",
+            WrongDeployment => "wrong_deployment",
+            Expired => "expired",
+            StaleGeneration => "stale_generation",
+            ResourceConflict => "resource_conflict",
+            StateUnreadable => "state_unreadable",
+            PersistFailed => "persist_failed",
+            ScoresFailed => "scores_failed",
+            PruneFailed => "prune_failed",
+            DuplicateDevice => "duplicate_device",
+            Unknown => "unknown",
+        }
+    }
+
+    /// Whether a document refused for this reason may be accepted later
+    /// without changing (the owner of a conflicting resource goes away; an
+    /// upgraded agent learns a tag), so the agent offers it again.
+    pub fn may_clear(self) -> bool {
+        matches!(self, ErrorKind::ResourceConflict | ErrorKind::UnknownScoreTags)
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A typed error as status carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusError {
-    /// Stable machine-readable kind, e.g. `unknown_score_tags`.
-    pub kind: String,
-    /// One line for people.
+    /// Stable machine-readable kind.
+    pub kind: ErrorKind,
+    /// One line for people, bounded and escaped.
     pub message: String,
 }
+
+impl StatusError {
+    /// An error whose message is bounded to [`MAX_MESSAGE_BYTES`] with
+    /// control characters escaped.
+    pub fn new(kind: ErrorKind, message: impl AsRef<str>) -> Self {
+        Self { kind, message: bounded_text(message.as_ref(), MAX_MESSAGE_BYTES) }
+    }
+}
+
+/// Longest message, Score name or detail line a status carries.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
+/// Largest encoded status an agent writes: well under NATS' default 1 MiB
+/// max payload, so a report always fits.
+pub const MAX_STATUS_BYTES: usize = 256 * 1024;
+
+/// `text` with control characters escaped (`\u{1b}`, `\n`) and cut to at
+/// most `max` bytes on a character boundary, ending in `…` when cut.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    const ELLIPSIS: &str = "…";
+    let mut out = String::with_capacity(text.len().min(max + 8));
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > max {
+            break;
+        }
+    }
+    if out.len() <= max {
+        return out;
+    }
+    let mut cut = max.saturating_sub(ELLIPSIS.len());
+    while !out.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    out.truncate(cut);
+    if max >= ELLIPSIS.len() {
+        out.push_str(ELLIPSIS);
+    }
+    out
+}
+
+impl AgentStatus {
+    /// Makes the report safe to write: every echoed string bounded and
+    /// escaped, and, when the encoded report is still larger than
+    /// `max_bytes`, detail dropped in steps (detail lines, the lists of
+    /// Scores that hold, every Score list, supported tags, then deployments
+    /// from the end) with `truncated` set.
+    pub fn bound(&mut self, max_bytes: usize) {
+        let b = |t: &mut String| *t = bounded_text(t, MAX_MESSAGE_BYTES);
+        b(&mut self.agent_version);
+        b(&mut self.instance_id);
+        self.errors.iter_mut().for_each(|e| b(&mut e.message));
+        if let Some(info) = &mut self.info {
+            b(&mut info.hostname);
+            b(&mut info.agent_version);
+            info.labels = std::mem::take(&mut info.labels)
+                .into_iter()
+                .map(|(k, v)| (bounded_text(&k, MAX_MESSAGE_BYTES), bounded_text(&v, MAX_MESSAGE_BYTES)))
+                .collect();
+        }
+        for d in self.deployments.values_mut() {
+            if let Some(e) = &mut d.error {
+                b(&mut e.message);
+            }
+            if let Some(c) = &mut d.current_score {
+                b(c);
+            }
+            for score in &mut d.scores {
+                b(&mut score.tag);
+                b(&mut score.name);
+                b(&mut score.resource);
+                b(&mut score.message);
+                score.details.truncate(MAX_DETAIL_LINES);
+                score.details.iter_mut().for_each(b);
+            }
+        }
+        let fits = |s: &AgentStatus| crate::to_cbor(s).len() <= max_bytes;
+        type Step = fn(&mut AgentStatus);
+        let steps: [Step; 4] = [
+            |s| s.deployments.values_mut().flat_map(|d| &mut d.scores).for_each(|sc| sc.details.clear()),
+            |s| s.deployments.values_mut().for_each(|d| d.scores.retain(|sc| !sc.is_ok())),
+            |s| s.deployments.values_mut().for_each(|d| d.scores.clear()),
+            |s| {
+                if let Some(info) = &mut s.info {
+                    info.scores.clear();
+                }
+            },
+        ];
+        for step in steps {
+            if fits(self) {
+                return;
+            }
+            step(self);
+            self.truncated = true;
+        }
+        while !fits(self) && self.deployments.pop_last().is_some() {
+            self.truncated = true;
+        }
+    }
+}
+
+/// Most detail lines one Score reports.
+pub const MAX_DETAIL_LINES: usize = 16;
 
 /// One Score's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +333,9 @@ pub struct ScoreStatus {
     /// Further lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub details: Vec<String>,
+    /// For a failure raised as an error: its kind (`timeout`, `io`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<InterpretErrorKind>,
 }
 
 impl ScoreStatus {
@@ -115,11 +346,23 @@ impl ScoreStatus {
         resource: String,
         result: Result<Outcome, harmony_topology::InterpretError>,
     ) -> Self {
-        let (status, message, details) = match result {
-            Ok(Outcome { status, message, details }) => (status, message, details),
-            Err(err) => (InterpretStatus::FAILURE, err.to_string(), Vec::new()),
+        let (status, message, details, error_kind) = match result {
+            Ok(Outcome { status, message, details }) => (status, message, details, None),
+            Err(err) => (InterpretStatus::FAILURE, err.to_string(), Vec::new(), Some(err.kind())),
         };
-        Self { tag: tag.to_owned(), name, resource, status, message, details }
+        Self {
+            tag: bounded_text(tag, MAX_MESSAGE_BYTES),
+            name: bounded_text(&name, MAX_MESSAGE_BYTES),
+            resource: bounded_text(&resource, MAX_MESSAGE_BYTES),
+            status,
+            message: bounded_text(&message, MAX_MESSAGE_BYTES),
+            details: details
+                .iter()
+                .take(MAX_DETAIL_LINES)
+                .map(|d| bounded_text(d, MAX_MESSAGE_BYTES))
+                .collect(),
+            error_kind,
+        }
     }
 
     /// Whether the Score holds (SUCCESS or NOOP).

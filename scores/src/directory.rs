@@ -1,15 +1,14 @@
 //! `DirectoryScore`: a directory with the given mode, or its absence.
 
-use harmony_score_wire::{DeviceScore, ScoreRegistration};
+use harmony_score_wire::validate::{check_mode, check_path};
+use harmony_score_wire::{DeviceScore, ResourceId, ScoreValidationError};
 use harmony_topology::{
     async_trait, Filesystem, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
     Outcome, PathEntry, Score, Topology, Version,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{check_mode, octal, PresenceState};
-
-const TAG: &str = "harmony.directory/v1";
+use crate::{octal, PresenceState};
 
 /// A directory at `path`, created with its parents.
 ///
@@ -38,24 +37,28 @@ impl<T: Topology + Filesystem> Score<T> for DirectoryScore {
     }
 }
 
-#[typetag::serde(name = "harmony.directory/v1")]
-impl DeviceScore for DirectoryScore {
-    fn resource(&self) -> String {
-        format!("directory:{}", self.path)
-    }
+harmony_score_wire::device_score! {
+    tag: "harmony.directory/v1",
+    summary: "a directory with the given mode, or its absence (only when empty)",
+    impl DeviceScore for DirectoryScore {
+        fn validate(&self) -> Result<(), ScoreValidationError> {
+            check_path("path", &self.path)?;
+            check_mode("mode", self.mode)
+        }
 
-    fn undo(&self) -> Option<Box<dyn DeviceScore>> {
-        match self.state {
-            PresenceState::Present => {
-                Some(Box::new(DirectoryScore { state: PresenceState::Absent, ..self.clone() }))
+        fn resource(&self) -> ResourceId {
+            ResourceId::path(&self.path)
+        }
+
+        fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+            match self.state {
+                PresenceState::Present => {
+                    Some(Box::new(DirectoryScore { state: PresenceState::Absent, ..self.clone() }))
+                }
+                PresenceState::Absent => None,
             }
-            PresenceState::Absent => None,
         }
     }
-}
-
-inventory::submit! {
-    ScoreRegistration { tag: TAG, summary: "a directory with the given mode, or its absence (only when empty)" }
 }
 
 /// Makes a [`DirectoryScore`] true.
@@ -68,7 +71,7 @@ pub struct DirectoryInterpret {
 impl<T: Topology + Filesystem> Interpret<T> for DirectoryInterpret {
     async fn execute(&self, _inventory: &Inventory, topology: &T) -> Result<Outcome, InterpretError> {
         let DirectoryScore { path, mode, state } = &self.score;
-        check_mode(*mode)?;
+        self.score.validate().map_err(|e| InterpretError::invalid_input(e.to_string()))?;
         match (state, topology.inspect(path).await?) {
             (PresenceState::Absent, PathEntry::Missing) => {
                 Ok(Outcome::noop(format!("{path} already absent")))

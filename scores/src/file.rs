@@ -1,15 +1,14 @@
 //! `FileScore`: a file with the given content and mode, or its absence.
 
-use harmony_score_wire::{DeviceScore, ScoreRegistration};
+use harmony_score_wire::validate::{check_mode, check_path};
+use harmony_score_wire::{DeviceScore, ResourceId, ScoreValidationError};
 use harmony_topology::{
     async_trait, Filesystem, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
     LocalDeviceTopology, Outcome, PathEntry, Score, Topology, Version,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{check_mode, octal, PresenceState};
-
-pub(crate) const TAG: &str = "harmony.file/v1";
+use crate::{octal, PresenceState};
 
 /// A regular file at `path` holding `content` (UTF-8 text).
 ///
@@ -40,24 +39,28 @@ impl<T: Topology + Filesystem> Score<T> for FileScore {
     }
 }
 
-#[typetag::serde(name = "harmony.file/v1")]
-impl DeviceScore for FileScore {
-    fn resource(&self) -> String {
-        format!("file:{}", self.path)
-    }
+harmony_score_wire::device_score! {
+    tag: "harmony.file/v1",
+    summary: "a file with the given content and mode, or its absence",
+    impl DeviceScore for FileScore {
+        fn validate(&self) -> Result<(), ScoreValidationError> {
+            check_path("path", &self.path)?;
+            check_mode("mode", self.mode)
+        }
 
-    fn undo(&self) -> Option<Box<dyn DeviceScore>> {
-        match self.state {
-            PresenceState::Present => {
-                Some(Box::new(FileScore { state: PresenceState::Absent, ..self.clone() }))
+        fn resource(&self) -> ResourceId {
+            ResourceId::path(&self.path)
+        }
+
+        fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+            match self.state {
+                PresenceState::Present => {
+                    Some(Box::new(FileScore { state: PresenceState::Absent, ..self.clone() }))
+                }
+                PresenceState::Absent => None,
             }
-            PresenceState::Absent => None,
         }
     }
-}
-
-inventory::submit! {
-    ScoreRegistration { tag: TAG, summary: "a file with the given content and mode, or its absence" }
 }
 
 /// Makes a [`FileScore`] true: reads the file first and changes only what differs.
@@ -70,7 +73,8 @@ pub struct FileInterpret {
 impl<T: Topology + Filesystem> Interpret<T> for FileInterpret {
     async fn execute(&self, _inventory: &Inventory, topology: &T) -> Result<Outcome, InterpretError> {
         let FileScore { path, content, mode, state } = &self.score;
-        check_mode(*mode)?;
+        // Validated at decode; checked again for Scores built in code.
+        self.score.validate().map_err(|e| InterpretError::invalid_input(e.to_string()))?;
         let current = topology.inspect(path).await?;
         match (state, current) {
             (PresenceState::Absent, PathEntry::Missing) => {
@@ -196,10 +200,31 @@ mod tests {
         std::fs::create_dir(dir.path().join("d")).unwrap();
         let m = maestro(dir.path()).await;
         assert!(m.interpret(&file("/d", "x", None, PresenceState::Present)).await.is_err());
-        assert!(m.interpret(&file("/x", "x", Some(0o10000), PresenceState::Present)).await.is_err());
+        let err = m.interpret(&file("/x", "x", Some(0o10000), PresenceState::Present)).await.unwrap_err();
+        assert_eq!(err.kind(), harmony_topology::InterpretErrorKind::InvalidInput);
+        assert!(m.interpret(&file("/x", "x", Some(0o4755), PresenceState::Present)).await.is_err());
         let err = m.interpret(&file("/../escape", "x", None, PresenceState::Present)).await.unwrap_err();
-        assert!(err.message().contains("escapes the device root"), "{err}");
+        assert!(err.message().contains(".."), "{err}");
         assert!(!dir.path().parent().unwrap().join("escape").exists());
+        assert!(!dir.path().join("x").exists());
+    }
+
+    #[test]
+    fn validation_names_the_field_and_aliases_share_a_resource() {
+        assert!(file("/etc//motd/", "x", Some(0o644), PresenceState::Present).validate().is_ok());
+        for (score, field) in [
+            (file("etc/motd", "x", None, PresenceState::Present), "path"),
+            (file("/etc/mo\ntd", "x", None, PresenceState::Present), "path"),
+            (file("/a\0b", "x", None, PresenceState::Present), "path"),
+            (file("/a/../b", "x", None, PresenceState::Present), "path"),
+            (file("/x", "x", Some(0o2755), PresenceState::Present), "mode"),
+            (file("/x", "x", Some(0o10000), PresenceState::Present), "mode"),
+        ] {
+            assert_eq!(score.validate().unwrap_err().field, field, "{score:?}");
+        }
+        let a = file("/etc//x/", "", None, PresenceState::Present).resource();
+        let b = crate::DirectoryScore { path: "/./etc/x".into(), mode: None, state: PresenceState::Present };
+        assert_eq!(a, b.resource());
     }
 
     use std::os::unix::fs::MetadataExt;

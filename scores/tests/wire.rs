@@ -114,7 +114,7 @@ fn the_short_json_form_takes_defaults() {
     let text = br#"{"device_id":"dev-1","deployment":"motd","generation":1,"scores":[{"type":"harmony.file/v1","path":"/etc/motd","content":"hello\n"}]}"#;
     let doc = decode_json(text, &DecodeLimits::default()).unwrap();
     assert_eq!((doc.format, doc.issued_at, doc.expires_at), (1, 0, None));
-    assert_eq!(doc.scores[0].resource(), "file:/etc/motd");
+    assert_eq!(doc.scores[0].resource().to_string(), "path:/etc/motd");
 }
 
 fn json_doc(scores: Value) -> Value {
@@ -141,7 +141,7 @@ fn unknown_tags_are_all_named_and_reject_the_whole_document() {
         DecodeError::UnknownScoreTags { tags: vec!["acme.widget/v3".into(), "harmony.file/v9".into()] }
     );
     assert_eq!(err.to_string(), "unknown score tags: acme.widget/v3, harmony.file/v9");
-    assert_eq!(err.kind(), "unknown_score_tags");
+    assert_eq!(err.kind().as_str(), "unknown_score_tags");
     let json_err = decode_json(value.to_string().as_bytes(), &DecodeLimits::default()).unwrap_err();
     assert_eq!(json_err, err);
 }
@@ -235,5 +235,56 @@ fn two_scores_owning_one_resource_reject_the_document() {
         {"type": "harmony.file/v1", "path": "/a", "content": "2"},
     ]));
     let err = decode(&cbor_of(&value), &DecodeLimits::default()).unwrap_err();
-    assert_eq!(err, DecodeError::DuplicateResource { resource: "file:/a".into() });
+    assert_eq!(err, DecodeError::DuplicateResource { resource: "path:/a".into() });
+}
+
+// Issue 6 §3: `/shared` and `//shared/` were two resources, and a file and a
+// directory at one path were not seen to collide.
+#[test]
+fn aliases_of_one_path_and_a_file_and_directory_at_one_path_collide() {
+    for (a, b) in [
+        (
+            json!({"type": "harmony.file/v1", "path": "/shared"}),
+            json!({"type": "harmony.file/v1", "path": "//shared/"}),
+        ),
+        (
+            json!({"type": "harmony.file/v1", "path": "/etc/x"}),
+            json!({"type": "harmony.file/v1", "path": "/./etc/x"}),
+        ),
+        (
+            json!({"type": "harmony.file/v1", "path": "/d"}),
+            json!({"type": "harmony.directory/v1", "path": "/d/"}),
+        ),
+    ] {
+        let err = decode(&cbor_of(&json_doc(json!([a, b]))), &DecodeLimits::default()).unwrap_err();
+        assert_eq!(err.kind(), harmony_score_wire::ErrorKind::DuplicateResource, "{err}");
+    }
+}
+
+// Issue 6 §2: an invalid Score was accepted and then failed forever at run time.
+#[test]
+fn an_invalid_score_rejects_the_document_naming_index_tag_and_field() {
+    let cases = [
+        (json!({"type": "harmony.file/v1", "path": "relative"}), "path"),
+        (json!({"type": "harmony.file/v1", "path": "/a/../../etc/passwd"}), "path"),
+        (json!({"type": "harmony.file/v1", "path": "/a\nb"}), "path"),
+        (json!({"type": "harmony.file/v1", "path": "/x", "mode": 2541}), "mode"), // 0o4755
+        (json!({"type": "harmony.directory/v1", "path": "/x", "mode": 4096}), "mode"), // 0o10000
+        (json!({"type": "harmony.directory/v1", "path": "/"}), "path"),
+    ];
+    for (bad, field) in cases {
+        let value = json_doc(json!([{"type": "harmony.file/v1", "path": "/ok"}, bad]));
+        let err = decode(&cbor_of(&value), &DecodeLimits::default()).unwrap_err();
+        match &err {
+            DecodeError::InvalidScore { index: 1, field: Some(f), .. } if f == field => {}
+            other => panic!("{bad}: {other:?}"),
+        }
+        assert_eq!(err.kind().as_str(), "invalid_score");
+        // The operator's encoder refuses the same document.
+        let doc: harmony_score_wire::DesiredState = serde_json::from_value(value).unwrap();
+        assert!(matches!(
+            harmony_score_wire::encode(&doc),
+            Err(harmony_score_wire::EncodeError::WouldBeRejected(DecodeError::InvalidScore { .. }))
+        ));
+    }
 }

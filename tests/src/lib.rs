@@ -223,6 +223,9 @@ pub fn reported_status(
         heartbeat_interval_ms: 10_000,
         info,
         deployments,
+        instance_id: "test-instance".into(),
+        errors: Vec::new(),
+        truncated: false,
     }
 }
 

@@ -54,8 +54,11 @@ impl Interpret<LocalDeviceTopology> for NewerInterpret {
 
 #[typetag::serde(name = "test.newer/v1")]
 impl DeviceScore for NewerScore {
-    fn resource(&self) -> String {
-        format!("newer:{}", self.path)
+    fn validate(&self) -> Result<(), harmony_score_wire::ScoreValidationError> {
+        Ok(())
+    }
+    fn resource(&self) -> harmony_score_wire::ResourceId {
+        harmony_score_wire::ResourceId::named("newer", &self.path).expect("valid resource")
     }
     fn undo(&self) -> Option<Box<dyn DeviceScore>> {
         None
@@ -278,7 +281,7 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
         (Phase::Rejected, g2, g1)
     );
     let error = status.error.as_ref().unwrap();
-    assert_eq!(error.kind, "unknown_score_tags");
+    assert_eq!(error.kind, harmony_score_wire::ErrorKind::UnknownScoreTags);
     assert!(error.message.contains("test.newer/v1"), "{}", error.message);
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "good");
 

@@ -59,6 +59,7 @@ fn deployment(desired: u64, observed: u64, phase: Phase) -> DeploymentStatus {
         error: None,
         last_attempt_at_ms: 0,
         last_applied_at_ms: 0,
+        ..Default::default()
     }
 }
 
@@ -322,7 +323,7 @@ async fn wait_for_generation_resolves_on_applied_fails_on_rejected_and_times_out
     // Rejected: an error carrying the status.
     let mut rejected = deployment(4, 3, Phase::Rejected);
     rejected.error =
-        Some(StatusError { kind: "unknown_score_tags".into(), message: "unknown score tags: x/v1".into() });
+        Some(StatusError::new(harmony_score_wire::ErrorKind::UnknownScoreTags, "unknown score tags: x/v1"));
     report(&client, &status(&device, None, vec![("web", rejected)])).await;
     let err = within(client.wait_for_generation(&device, &web, 4, WAIT)).await.unwrap_err();
     let FleetError::DeploymentFailed { status: rejected, .. } = &err else { panic!("{err:?}") };

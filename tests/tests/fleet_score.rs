@@ -60,10 +60,12 @@ fn fake_agent(client: FleetClient, device: DeviceId, phase: Phase) -> tokio::tas
                             status: score_status,
                             message: "/etc/motd written".into(),
                             details: Vec::new(),
+                            error_kind: None,
                         }],
                         error: None,
                         last_attempt_at_ms: now_ms(),
                         last_applied_at_ms: 0,
+                        ..Default::default()
                     };
                     (name, status)
                 })

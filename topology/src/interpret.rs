@@ -82,27 +82,91 @@ impl Outcome {
     }
 }
 
-/// Why an Interpret failed.
+/// What kind of failure an [`InterpretError`] is, so status and retry
+/// policy can branch on it without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum InterpretErrorKind {
+    /// The Interpret ran and could not reach the desired state.
+    Failed,
+    /// The Interpret did not finish within its time limit.
+    Timeout,
+    /// The Score asks for something impossible (a bad path, a bad mode).
+    InvalidInput,
+    /// The operating system refused a file operation.
+    Io,
+    /// A tool or service the Interpret needs is not there or not answering.
+    Unavailable,
+    /// The run was cancelled (superseded or shut down) before the Interpret finished.
+    Cancelled,
+    /// A kind this build does not know (sent by a newer agent).
+    #[serde(other)]
+    Other,
+}
+
+impl InterpretErrorKind {
+    /// The kind's wire name (`timeout`, `invalid_input`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterpretErrorKind::Failed => "failed",
+            InterpretErrorKind::Timeout => "timeout",
+            InterpretErrorKind::InvalidInput => "invalid_input",
+            InterpretErrorKind::Io => "io",
+            InterpretErrorKind::Unavailable => "unavailable",
+            InterpretErrorKind::Cancelled => "cancelled",
+            InterpretErrorKind::Other => "other",
+        }
+    }
+}
+
+impl Display for InterpretErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an Interpret failed: a typed [`InterpretErrorKind`] and one line for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{msg}")]
 pub struct InterpretError {
+    kind: InterpretErrorKind,
     msg: String,
 }
 
 impl InterpretError {
-    /// An error with the given message.
+    /// An error of kind [`InterpretErrorKind::Failed`] with the given message.
     pub fn new(msg: impl Into<String>) -> Self {
-        Self { msg: msg.into() }
+        Self::with_kind(InterpretErrorKind::Failed, msg)
+    }
+    /// An error of the given kind.
+    pub fn with_kind(kind: InterpretErrorKind, msg: impl Into<String>) -> Self {
+        Self { kind, msg: msg.into() }
+    }
+    /// A Score asked for something impossible.
+    pub fn invalid_input(msg: impl Into<String>) -> Self {
+        Self::with_kind(InterpretErrorKind::InvalidInput, msg)
     }
     /// The message.
     pub fn message(&self) -> &str {
         &self.msg
     }
+    /// The kind.
+    pub fn kind(&self) -> InterpretErrorKind {
+        self.kind
+    }
 }
 
 impl From<crate::FilesystemError> for InterpretError {
     fn from(err: crate::FilesystemError) -> Self {
-        Self::new(err.to_string())
+        use crate::FilesystemError as F;
+        let kind = match &err {
+            F::PathNotAbsolute { .. } | F::PathEscapesRoot { .. } | F::InvalidPath { .. } => {
+                InterpretErrorKind::InvalidInput
+            }
+            _ => InterpretErrorKind::Io,
+        };
+        Self::with_kind(kind, err.to_string())
     }
 }
 

@@ -8,13 +8,17 @@ mod interpret;
 mod inventory;
 pub mod local;
 mod maestro;
+pub mod run;
 mod score;
 mod topology;
 
-pub use interpret::{Id, Interpret, InterpretError, InterpretName, InterpretStatus, Outcome, Version};
+pub use interpret::{
+    Id, Interpret, InterpretError, InterpretErrorKind, InterpretName, InterpretStatus, Outcome, Version,
+};
 pub use inventory::Inventory;
 pub use local::{Filesystem, FilesystemError, LocalDeviceTopology, PathEntry};
 pub use maestro::{Maestro, MaestroError};
+pub use run::RunSignal;
 pub use score::Score;
 pub use topology::{PreparationError, PreparationOutcome, Topology};
 

@@ -81,7 +81,10 @@ pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<(
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{}.harmony-tmp.{}.{n}", name.to_string_lossy(), std::process::id()));
+    // The temp name does not embed the target's: a target name near
+    // NAME_MAX would otherwise make the temp name too long to create.
+    let _ = name;
+    let tmp = dir.join(format!(".harmony-tmp.{}.{n}", std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(mode & MODE_MASK).open(&tmp)?;
         file.write_all(content)?;

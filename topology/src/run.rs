@@ -1,0 +1,82 @@
+//! The context of one run of Scores: a cancellation signal an Interpret may honour.
+//!
+//! Harmony's `Interpret::execute` takes no cancellation parameter, and we
+//! keep its signature. The agent runs each Interpret inside [`RunSignal::scope`];
+//! a long Interpret (an image pull, a wait for health) can check
+//! [`is_cancelled`] or `select!` on [`cancelled`] and stop early. One that
+//! ignores the signal is still stopped at the next Score boundary.
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+
+tokio::task_local! {
+    static SIGNAL: RunSignal;
+}
+
+/// Tells the Interprets of one run that the run is no longer wanted (a newer
+/// generation superseded it, or the agent is shutting down).
+#[derive(Debug, Clone, Default)]
+pub struct RunSignal(CancellationToken);
+
+impl RunSignal {
+    /// A signal not yet raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raises the signal.
+    pub fn cancel(&self) {
+        self.0.cancel();
+    }
+
+    /// Whether the signal was raised.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    /// Resolves once the signal is raised.
+    pub async fn cancelled(&self) {
+        self.0.cancelled().await;
+    }
+
+    /// Runs `work` with this signal as the current run's signal.
+    pub async fn scope<F: Future>(&self, work: F) -> F::Output {
+        SIGNAL.scope(self.clone(), work).await
+    }
+}
+
+/// Whether the current run was cancelled; `false` outside a run.
+pub fn is_cancelled() -> bool {
+    SIGNAL.try_with(RunSignal::is_cancelled).unwrap_or(false)
+}
+
+/// Resolves when the current run is cancelled; never outside a run.
+pub async fn cancelled() {
+    match SIGNAL.try_with(Clone::clone) {
+        Ok(signal) => signal.cancelled().await,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn interprets_see_the_signal_of_their_run_only() {
+        assert!(!is_cancelled());
+        let signal = RunSignal::new();
+        let seen = signal
+            .scope(async {
+                let before = is_cancelled();
+                SIGNAL.with(RunSignal::cancel);
+                cancelled().await;
+                (before, is_cancelled())
+            })
+            .await;
+        assert_eq!(seen, (false, true));
+        assert!(signal.is_cancelled());
+        assert!(!is_cancelled(), "outside the scope nothing is cancelled");
+    }
+}
