@@ -1,7 +1,9 @@
 //! Running a document's Scores through the `Maestro`, one `ScoreStatus` each.
 
 use harmony_score_wire::{DeviceScore, ScoreStatus};
-use harmony_topology::{InterpretStatus, LocalDeviceTopology, Maestro};
+use harmony_topology::{InterpretStatus, LocalDeviceTopology, Maestro, RunSignal};
+
+use crate::runner::{run_score, Timeouts};
 
 /// What one run of a list of Scores did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,21 +24,16 @@ impl ApplyReport {
     }
 }
 
-/// Runs `scores` in order; a failing Score does not stop the ones after it.
+/// Runs `scores` in order, each under the default [`Timeouts`]; a failing
+/// Score does not stop the ones after it.
 pub async fn run_scores<'a>(
     maestro: &Maestro<LocalDeviceTopology>,
     scores: impl IntoIterator<Item = &'a dyn DeviceScore>,
 ) -> ApplyReport {
+    let (timeouts, signal) = (Timeouts::default(), RunSignal::new());
     let mut report = Vec::new();
     for score in scores {
-        // Trait upcasting: the wire trait is a Score on the device topology.
-        let result = maestro.interpret(score).await;
-        report.push(ScoreStatus::from_result(
-            score.typetag_name(),
-            score.name(),
-            score.resource().to_string(),
-            result,
-        ));
+        report.push(run_score(maestro, score, timeouts.for_score(score), &signal).await);
     }
     ApplyReport { scores: report }
 }

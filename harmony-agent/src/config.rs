@@ -8,6 +8,8 @@ use harmony_score_wire::names::redact_userinfo;
 use harmony_score_wire::DeviceId;
 use serde::Deserialize;
 
+use crate::runner::Timeouts;
+
 /// Where the agent reads desired state from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -49,6 +51,16 @@ pub struct AgentConfig {
     pub source: Source,
     /// Labels published in the device info.
     pub labels: BTreeMap<String, String>,
+    /// Most deployments running at once.
+    pub max_parallel: usize,
+    /// How long an Interpret may run, by default and per Score tag.
+    pub timeouts: Timeouts,
+    /// How long shutdown waits for runs to reach a Score boundary.
+    pub shutdown_grace: Duration,
+    /// Commands are answered only on reply subjects starting with this
+    /// (the operator's inbox prefix); anything else could make the device
+    /// write where its own credentials let it.
+    pub trusted_inbox_prefix: String,
 }
 
 // Written by hand so a credentials path never gets more than its name in logs.
@@ -62,6 +74,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("root", &self.root)
             .field("resync", &self.resync)
             .field("source", &self.source)
+            .field("max_parallel", &self.max_parallel)
+            .field("timeouts", &self.timeouts)
             .finish_non_exhaustive()
     }
 }
@@ -89,6 +103,17 @@ pub struct ConfigLayer {
     /// `[labels]` table.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `max_parallel = 4`: most deployments running at once.
+    pub max_parallel: Option<usize>,
+    /// `interpret_timeout_secs = 300`: the default limit of one Interpret.
+    pub interpret_timeout_secs: Option<u64>,
+    /// `[interpret_timeouts]` table: Score tag → seconds.
+    #[serde(default)]
+    pub interpret_timeouts: BTreeMap<String, u64>,
+    /// `shutdown_grace_secs = 10`.
+    pub shutdown_grace_secs: Option<u64>,
+    /// `trusted_inbox_prefix = "_INBOX."`.
+    pub trusted_inbox_prefix: Option<String>,
 }
 
 /// Why the configuration cannot be used.
@@ -129,8 +154,22 @@ impl ConfigLayer {
         macro_rules! take {
             ($($field:ident),*) => { $( if over.$field.is_some() { self.$field = over.$field; } )* };
         }
-        take!(device_id, nats, creds, state_dir, root, resync_secs, heartbeat_secs, source);
+        take!(
+            device_id,
+            nats,
+            creds,
+            state_dir,
+            root,
+            resync_secs,
+            heartbeat_secs,
+            source,
+            max_parallel,
+            interpret_timeout_secs,
+            shutdown_grace_secs,
+            trusted_inbox_prefix
+        );
         self.labels.extend(over.labels);
+        self.interpret_timeouts.extend(over.interpret_timeouts);
         self
     }
 
@@ -150,8 +189,11 @@ impl ConfigLayer {
         if nats_urls.is_empty() && source == Source::Nats {
             return Err(ConfigError::Missing("nats"));
         }
+        // A year at most: a larger value is a typo, and Instant arithmetic
+        // must not overflow.
         let secs = |v: Option<u64>, default: u64, name: &str| match v.unwrap_or(default) {
             0 => Err(ConfigError::Invalid(format!("{name} must be at least 1 second"))),
+            s if s > 366 * 24 * 3600 => Err(ConfigError::Invalid(format!("{name} must be at most a year"))),
             s => Ok(Duration::from_secs(s)),
         };
         Ok(AgentConfig {
@@ -164,6 +206,30 @@ impl ConfigLayer {
             heartbeat: secs(self.heartbeat_secs, 30, "heartbeat_secs")?,
             source,
             labels: self.labels,
+            max_parallel: match self.max_parallel.unwrap_or(4) {
+                0 => return Err(ConfigError::Invalid("max_parallel must be at least 1".into())),
+                n => n,
+            },
+            timeouts: Timeouts {
+                default: secs(self.interpret_timeout_secs, 300, "interpret_timeout_secs")?,
+                per_tag: self
+                    .interpret_timeouts
+                    .iter()
+                    .map(|(tag, s)| {
+                        Ok((tag.clone(), secs(Some(*s), 0, &format!("interpret_timeouts.{tag:?}"))?))
+                    })
+                    .collect::<Result<_, ConfigError>>()?,
+            },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs.unwrap_or(10)),
+            trusted_inbox_prefix: match self.trusted_inbox_prefix {
+                Some(prefix) if prefix.is_empty() || prefix.contains(['*', '>', ' ']) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "trusted_inbox_prefix {prefix:?} is not a subject prefix"
+                    )))
+                }
+                Some(prefix) => prefix,
+                None => "_INBOX.".to_owned(),
+            },
         })
     }
 }
@@ -194,6 +260,32 @@ mod tests {
         assert_eq!(config.root, PathBuf::from("/"));
         assert_eq!(config.source, Source::Nats);
         assert_eq!(config.labels.len(), 2);
+        assert_eq!(config.max_parallel, 4);
+        assert_eq!(config.timeouts.default, Duration::from_secs(300));
+        assert_eq!(config.trusted_inbox_prefix, "_INBOX.");
+    }
+
+    #[test]
+    fn runner_settings_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "device_id = \"d\"\nstate_dir = \"/s\"\nmax_parallel = 2\ninterpret_timeout_secs = 60\n[interpret_timeouts]\n\"harmony.file/v1\" = 5\n",
+        )
+        .unwrap();
+        let config = ConfigLayer::from_file(&path).unwrap().resolve().unwrap();
+        assert_eq!(config.max_parallel, 2);
+        assert_eq!(config.timeouts.default, Duration::from_secs(60));
+        assert_eq!(config.timeouts.per_tag["harmony.file/v1"], Duration::from_secs(5));
+        let base = || ConfigLayer {
+            device_id: Some("d".into()),
+            state_dir: Some("/s".into()),
+            ..Default::default()
+        };
+        assert!(ConfigLayer { max_parallel: Some(0), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { resync_secs: Some(u64::MAX), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { trusted_inbox_prefix: Some(">".into()), ..base() }.resolve().is_err());
     }
 
     #[test]

@@ -1,39 +1,49 @@
-//! The agent daemon: boot from disk, follow a source, reconcile, report; until shutdown.
+//! The agent daemon: lock and load the state, start the source, let the controller run until shutdown.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use harmony_score_wire::{registered_scores, AgentStatus, DeploymentName, DeviceInfo, SupportedScore};
 use harmony_topology::{Inventory, LocalDeviceTopology, Maestro, MaestroError};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{sleep_until, Instant};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{AgentConfig, Source};
-use crate::reconcile::{DocumentFormat, Reconciler};
+use crate::controller::{Controller, ControllerSettings};
+use crate::inbox::{inbox, InboxSender};
 use crate::store::{Store, StoreError};
 use crate::{source, AGENT_VERSION};
 
-/// What a source tells the reconciler.
-#[derive(Debug)]
-pub enum Input {
-    /// The current value of a deployment's key.
-    Document { deployment: DeploymentName, bytes: Vec<u8>, format: DocumentFormat },
-    /// The deployment's key is gone.
-    Deleted { deployment: DeploymentName },
-    /// Re-run everything now and say how it went.
-    ReconcileNow { reply: oneshot::Sender<String> },
-}
+/// How long the source gets to stop after the controller did.
+const SOURCE_STOP_GRACE: Duration = Duration::from_secs(5);
+/// Least time between two writes of `<state_dir>/status.json`.
+const LOCAL_STATUS_EVERY: Duration = Duration::from_millis(250);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DaemonError {
-    /// The state directory is unusable.
+    /// The state directory is unusable, or another agent holds it.
     #[error("state directory")]
     StateFailed(#[from] StoreError),
     /// The device root is unusable.
     #[error("device topology")]
     TopologyFailed(#[from] MaestroError),
+}
+
+/// What a source is given to work with.
+#[derive(Debug)]
+pub struct SourceContext {
+    /// Where inputs go; sending never blocks.
+    pub inbox: InboxSender,
+    /// Deployments the device holds state for at start: their keys are
+    /// read even if the index no longer lists them (deleted while down).
+    pub known: Vec<DeploymentName>,
+    /// The status to report, newest value.
+    pub status: watch::Receiver<AgentStatus>,
+    /// Turns true at shutdown.
+    pub stop: watch::Receiver<bool>,
 }
 
 /// What the agent publishes about itself.
@@ -62,80 +72,79 @@ pub fn device_info(config: &AgentConfig) -> DeviceInfo {
 
 /// Runs the agent until `shutdown` resolves.
 ///
-/// The persisted desired state is applied before any network: a device that
-/// boots offline runs what it last accepted.
+/// The persisted desired state is scheduled before any network: a device
+/// that boots offline runs what it last accepted. On shutdown, runs stop at
+/// a Score boundary (or are aborted after a grace period) and the source
+/// stops; the whole takes a bounded time.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
     let maestro = Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(&config.root)).await?;
-    let mut reconciler =
-        Reconciler::new(config.device_id.clone(), maestro, store, device_info(&config), config.heartbeat);
-    reconciler.boot().await;
-    let status = reconciler.status();
-    write_local_status(&config.state_dir, &status);
-    let (status_tx, status_rx) = watch::channel(status);
-    let (input_tx, mut input_rx) = mpsc::channel(64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-
-    let source_task = match &config.source {
-        Source::Nats => tokio::spawn(source::nats::run(config.clone(), input_tx, status_rx, stop_rx)),
-        Source::Dir(dir) => tokio::spawn(source::dir::run(dir.clone(), input_tx, status_rx, stop_rx)),
+    let settings = ControllerSettings {
+        device: config.device_id.clone(),
+        max_parallel: config.max_parallel,
+        resync: config.resync,
+        timeouts: config.timeouts.clone(),
+        shutdown_grace: config.shutdown_grace,
+        heartbeat: config.heartbeat,
+        info: device_info(&config),
     };
-    info!(device = %config.device_id, source = ?config.source, "agent running");
+    let mut controller = Controller::new(settings, maestro, store);
+    controller.boot();
+    let (status_tx, status_rx) = watch::channel(controller.status());
+    let (inbox_tx, inbox_rx) = inbox();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let context = SourceContext {
+        inbox: inbox_tx,
+        known: controller.known_deployments(),
+        status: status_rx.clone(),
+        stop: stop_rx.clone(),
+    };
+    let source_task = match &config.source {
+        Source::Nats => tokio::spawn(source::nats::run(config.clone(), context)),
+        Source::Dir(dir) => tokio::spawn(source::dir::run(dir.clone(), context)),
+    };
+    let local_status =
+        tokio::spawn(write_local_status(config.state_dir.join("status.json"), status_rx, stop_rx));
+    info!(device = %config.device_id, instance = controller.instance_id(), source = ?config.source, "agent running");
 
-    tokio::pin!(shutdown);
-    let mut resync = tokio::time::interval_at(Instant::now() + config.resync, config.resync);
-    let mut source_open = true;
-    loop {
-        let retry_at = reconciler.next_retry();
-        let changed = tokio::select! {
-            () = &mut shutdown => break,
-            input = input_rx.recv(), if source_open => match input {
-                Some(input) => handle(&mut reconciler, input).await,
-                None => {
-                    warn!("source stopped; running on the last accepted state");
-                    source_open = false;
-                    false
-                }
-            },
-            _ = resync.tick() => reconciler.reconcile_all().await,
-            () = sleep_until(retry_at.map_or_else(Instant::now, Instant::from_std)), if retry_at.is_some() => {
-                reconciler.run_due_retries(std::time::Instant::now()).await
-            }
-        };
-        if changed {
-            let status = reconciler.status();
-            write_local_status(&config.state_dir, &status);
-            status_tx.send_replace(status);
-        }
-    }
+    controller.run(inbox_rx, status_tx, shutdown).await;
+
     info!("shutting down");
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(std::time::Duration::from_secs(5), source_task).await.is_err() {
-        warn!("source did not stop within 5 s");
+    if tokio::time::timeout(SOURCE_STOP_GRACE, source_task).await.is_err() {
+        warn!("source did not stop within {SOURCE_STOP_GRACE:?}");
     }
+    let _ = tokio::time::timeout(SOURCE_STOP_GRACE, local_status).await;
     Ok(())
 }
 
-async fn handle(reconciler: &mut Reconciler, input: Input) -> bool {
-    match input {
-        Input::Document { deployment, bytes, format } => reconciler.offer(&deployment, &bytes, format).await,
-        Input::Deleted { deployment } => reconciler.delete(&deployment).await,
-        Input::ReconcileNow { reply } => {
-            reconciler.reconcile_all().await;
-            let status = reconciler.status();
-            let failed = status.deployments.values().filter(|d| d.scores.iter().any(|s| !s.is_ok())).count();
-            let _ =
-                reply.send(format!("reconciled {} deployments, {failed} failing", status.deployments.len()));
-            true
+/// Keeps `<state_dir>/status.json` (the same status, for people and for
+/// air-gapped devices) up to date, at most every [`LOCAL_STATUS_EVERY`].
+async fn write_local_status(
+    path: PathBuf,
+    mut status: watch::Receiver<AgentStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let report = status.borrow_and_update().clone();
+        let target = path.clone();
+        let _ = tokio::task::spawn_blocking(move || write_status_file(&target, &report)).await;
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            _ = stop.changed() => {
+                let report = status.borrow().clone();
+                let _ = tokio::task::spawn_blocking(move || write_status_file(&path, &report)).await;
+                return;
+            }
         }
+        tokio::time::sleep(LOCAL_STATUS_EVERY).await;
     }
 }
 
-/// `<state_dir>/status.json`: the same status, for people and for air-gapped devices.
-fn write_local_status(state_dir: &Path, status: &AgentStatus) {
-    let result = serde_json::to_vec_pretty(status).map_err(std::io::Error::other).and_then(|bytes| {
-        harmony_topology::local::write_file_atomic(&state_dir.join("status.json"), &bytes, 0o644)
-    });
+fn write_status_file(path: &Path, status: &AgentStatus) {
+    let result = serde_json::to_vec_pretty(status)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| harmony_topology::local::write_file_atomic(path, &bytes, 0o644));
     if let Err(err) = result {
         error!(cause = %err, "cannot write local status");
     }

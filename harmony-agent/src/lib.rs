@@ -1,17 +1,28 @@
 //! The Harmony device agent: follows a device's desired state and runs its Scores locally.
 //!
-//! [`apply`] runs one document through the `Maestro`; the [`daemon`] decides
-//! *when* to run which document, fed by a [`source`] (NATS KV, or a folder),
-//! keeps it on disk ([`store`]) and reports status.
+//! The public surface is small on purpose: [`run`] the daemon with an
+//! [`AgentConfig`] (built from a [`ConfigLayer`]), or [`run_scores`] once.
+//! Inside, a source (NATS KV, or a folder) feeds an inbox that keeps the
+//! newest input per deployment; the controller judges documents against
+//! each deployment's state machine, persists them, and hands runs to the
+//! runner (one per deployment, a bounded number at once).
 
-pub mod apply;
-pub mod config;
-pub mod daemon;
-pub mod reconcile;
-pub mod source;
-pub mod store;
+mod apply;
+mod config;
+mod controller;
+mod daemon;
+mod deployment;
+mod inbox;
+mod runner;
+mod source;
+mod store;
 
 pub use apply::{run_scores, ApplyReport};
+pub use config::{AgentConfig, ConfigError, ConfigLayer, Source};
+pub use daemon::{device_info, run, DaemonError};
+pub use deployment::{backoff, FORGET_PRUNED_AFTER};
+pub use runner::Timeouts;
+pub use store::StoreError;
 
 /// This agent's version, as reported in status and device info.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use harmony_agent::config::ConfigLayer;
-use harmony_agent::{daemon, run_scores};
+use harmony_agent::{run_scores, ConfigLayer};
 use harmony_score_wire::{read_document_file, registered_scores, DecodeLimits};
 use harmony_topology::{Inventory, LocalDeviceTopology, Maestro};
 
@@ -32,7 +31,7 @@ enum Command {
     /// Lists the Score tags this agent runs: tag, version, summary.
     Scores,
     /// Runs the agent daemon: follows this device's desired state and keeps it applied.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Flags of `run`; each overrides the same setting of `--config`.
@@ -68,6 +67,12 @@ struct RunArgs {
     /// A label published in the device info, `key=value`; repeatable.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Most deployments running at once (default 4).
+    #[arg(long)]
+    max_parallel: Option<usize>,
+    /// Seconds one Interpret may run before it fails as `timeout` (default 300).
+    #[arg(long)]
+    interpret_timeout: Option<u64>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -82,7 +87,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Apply { doc, root } => apply(doc, root),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Scores => {
             for reg in registered_scores() {
                 println!("{}\t{}\t{}", reg.tag, reg.version(), reg.summary);
@@ -176,6 +181,9 @@ fn run(args: RunArgs) -> ExitCode {
         heartbeat_secs: args.heartbeat,
         source: args.source,
         labels: args.labels.into_iter().collect(),
+        max_parallel: args.max_parallel,
+        interpret_timeout_secs: args.interpret_timeout,
+        ..Default::default()
     };
     let config = match file.overridden_by(flags).resolve() {
         Ok(config) => config,
@@ -185,7 +193,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     block_on(async {
-        match daemon::run(config, shutdown_signal()).await {
+        match harmony_agent::run(config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("harmony-agent: {}", error_chain(&err));

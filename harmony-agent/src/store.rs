@@ -1,40 +1,121 @@
-//! The agent's state on disk: per deployment, the accepted document and what it may have made.
+//! The agent's state on disk: per deployment, the accepted document's raw bytes, what it owns, and its high-water mark.
 //!
-//! One CBOR file per deployment under `<state_dir>/deployments/`, written
-//! atomically, so a kill at any point leaves the old or the new record.
+//! One file per deployment, `<state_dir>/deployments/<name>.state`, written
+//! atomically (temp file, fsync, rename, fsync of the folder), so a kill at
+//! any point leaves the old or the new record. A record holds the document
+//! exactly as it arrived (never a re-encoding of trait objects), so an
+//! agent rolled back to a version without one of its tags still reads the
+//! record and can say which Scores it cannot run. Every record carries a
+//! SHA-256 of its content; one that does not check out is moved aside
+//! (`<name>.state.unreadable-<ms>`), reported, and never overwritten.
+//!
+//! The folder is locked (`flock` on `<state_dir>/lock`) for as long as the
+//! store is open: two agents on one state directory would undo each other.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use harmony_score_wire::{from_cbor, try_to_cbor, DeploymentName, DesiredState, DeviceScore};
+use harmony_score_wire::{document_digest, from_cbor, now_ms, to_cbor, DeploymentName, ResourceId};
 use harmony_topology::local::write_file_atomic;
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
-/// Largest record the agent reads back (documents are bounded to 1 MiB; the
-/// owned Scores of earlier generations ride along).
+/// Largest record read back: a 1 MiB document plus the undo Scores of
+/// earlier generations.
 const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+/// The record format this agent writes.
+const RECORD_FORMAT: u32 = 2;
+const SUFFIX: &str = ".state";
+
+/// How a document's bytes are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocumentFormat {
+    /// CBOR, as in the KV bucket.
+    Cbor,
+    /// The JSON form (folder sources).
+    Json,
+}
+
+/// An accepted document as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDocument {
+    /// The bytes, exactly as read from the source.
+    #[serde(with = "serde_bytes_compat")]
+    pub bytes: Vec<u8>,
+    /// How they are encoded.
+    pub format: DocumentFormat,
+    /// [`document_digest`] of `bytes`.
+    pub digest: String,
+    /// The document's generation.
+    pub generation: u64,
+}
+
+/// Something a deployment may have made on the device and not yet undone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedResource {
+    /// The resource.
+    pub resource: ResourceId,
+    /// The CBOR of the Score that undoes it (`DeviceScore::undo`).
+    #[serde(with = "serde_bytes_compat")]
+    pub undo: Vec<u8>,
+}
+
+/// The newest generation ever accepted for a deployment, and its digest.
+/// It outlives deletes: a replayed older document stays refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HighWater {
+    /// The generation.
+    pub generation: u64,
+    /// Its document's digest.
+    pub digest: String,
+}
 
 /// What the agent keeps about one deployment across restarts.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentRecord {
-    /// The last accepted document; `None` once the deployment was deleted
-    /// and its prune has not finished.
+    /// The accepted document; `None` once the deployment was deleted.
     #[serde(default)]
-    pub document: Option<DesiredState>,
-    /// The last generation whose every Score held.
+    pub document: Option<StoredDocument>,
+    /// The last generation whose every Score held, and its digest.
     #[serde(default)]
     pub observed_generation: u64,
+    /// Digest of the observed generation's document.
+    #[serde(default)]
+    pub observed_digest: Option<String>,
     /// When it was last applied fully.
     #[serde(default)]
     pub last_applied_at_ms: u64,
-    /// Every Score that may have made something on the device and is not yet
-    /// undone, one per resource. Grown before a document is applied, shrunk
-    /// only after an undo held, so a crash never forgets a resource.
+    /// Every resource that may have been made and is not yet undone. Grown
+    /// (and persisted) before a document runs, shrunk only after an undo
+    /// held, so a crash never forgets a resource.
     #[serde(default)]
-    pub owned: Vec<Box<dyn DeviceScore>>,
+    pub owned: Vec<OwnedResource>,
+    /// The newest generation accepted, ever.
+    #[serde(default)]
+    pub high_water: Option<HighWater>,
+}
+
+impl DeploymentRecord {
+    /// Whether the record is only a high-water mark: no document, nothing owned.
+    pub fn is_tombstone(&self) -> bool {
+        self.document.is_none() && self.owned.is_empty()
+    }
+}
+
+/// The checked envelope around a record on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    format: u32,
+    /// `sha256:<hex>` of `payload`.
+    checksum: String,
+    #[serde(with = "serde_bytes_compat")]
+    payload: Vec<u8>,
 }
 
 /// Why the state directory could not be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// Reading, writing or removing a file failed.
     #[error("state {path}: {source}")]
@@ -43,44 +124,79 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    /// A record could not be encoded or decoded (for example a Score tag this build no longer has).
-    #[error("state {path}: {message}")]
-    CorruptRecord { path: PathBuf, message: String },
+    /// Another process holds the state directory's lock.
+    #[error("state directory {path} is in use by another agent (its lock is held)")]
+    Locked { path: PathBuf },
+    /// A record's checksum or encoding is wrong; it was moved to `kept_as`.
+    #[error("state {path}: {message}; kept as {kept_as}")]
+    CorruptRecord { path: PathBuf, message: String, kept_as: PathBuf },
 }
 
 /// A deployment's name and its record as loaded (or why it could not be).
 pub type LoadedRecord = (DeploymentName, Result<DeploymentRecord, StoreError>);
 
-/// The folder of deployment records.
-#[derive(Debug, Clone)]
+/// The locked folder of deployment records.
+#[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// Held open for the lock; released when the store is dropped.
+    _lock: File,
 }
 
 impl Store {
-    /// Opens (creating) `<state_dir>/deployments`.
+    /// Opens (creating) `<state_dir>/deployments` and takes the state
+    /// directory's lock; [`StoreError::Locked`] when another agent has it.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::IoFailed { path, source }
+        };
         let dir = state_dir.join("deployments");
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::IoFailed { path: dir.clone(), source })?;
-        Ok(Self { dir })
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let lock_path = state_dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked { path: state_dir.to_owned() })
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::IoFailed { path: lock_path, source })
+            }
+        }
+        Ok(Self { dir, _lock: lock })
     }
 
     fn path(&self, name: &DeploymentName) -> PathBuf {
-        self.dir.join(format!("{name}.cbor"))
+        self.dir.join(format!("{name}{SUFFIX}"))
     }
 
-    /// Every record on disk; a record that cannot be read is returned as its error.
+    /// Every record on disk, sorted by name. A record that cannot be read is
+    /// moved aside and returned as its error, so the caller reports it.
     pub fn load_all(&self) -> Result<Vec<LoadedRecord>, StoreError> {
         let io = |source| StoreError::IoFailed { path: self.dir.clone(), source };
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
-            let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".cbor"))
-            else {
-                continue; // temp files of an interrupted write, or foreign files
-            };
-            let Ok(name) = DeploymentName::new(stem) else { continue };
-            out.push((name, self.load_file(&path)));
+            let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            if let Some(stem) = file_name.strip_suffix(SUFFIX) {
+                let Ok(name) = DeploymentName::new(stem) else { continue };
+                out.push((name, self.load_file(&path)));
+            } else if let Some(stem) = file_name.strip_suffix(".cbor") {
+                // A first-edition record: its document was re-encoded trait
+                // objects. Keep it aside, never delete it; the key is read
+                // again from the source.
+                let Ok(name) = DeploymentName::new(stem) else { continue };
+                let message = "record of an older agent format".to_owned();
+                out.push((name, Err(self.quarantine(&path, message))));
+            }
+            // Anything else: temp files of an interrupted write, records
+            // already kept aside, foreign files.
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -88,27 +204,181 @@ impl Store {
 
     fn load_file(&self, path: &Path) -> Result<DeploymentRecord, StoreError> {
         let bytes =
-            std::fs::read(path).map_err(|source| StoreError::IoFailed { path: path.to_owned(), source })?;
-        from_cbor(&bytes, MAX_RECORD_BYTES, "deployment record")
-            .map_err(|e| StoreError::CorruptRecord { path: path.to_owned(), message: e.to_string() })
+            read_bounded(path).map_err(|source| StoreError::IoFailed { path: path.to_owned(), source })?;
+        let checked = from_cbor::<Envelope>(&bytes, MAX_RECORD_BYTES, "state envelope")
+            .map_err(|e| e.to_string())
+            .and_then(|env| {
+                if env.format != RECORD_FORMAT {
+                    return Err(format!("record format {} (this agent reads {RECORD_FORMAT})", env.format));
+                }
+                if document_digest(&env.payload) != env.checksum {
+                    return Err("checksum mismatch".to_owned());
+                }
+                from_cbor::<DeploymentRecord>(&env.payload, MAX_RECORD_BYTES, "deployment record")
+                    .map_err(|e| e.to_string())
+            });
+        checked.map_err(|message| self.quarantine(path, message))
+    }
+
+    /// Moves an unreadable record to `<file>.unreadable-<ms>` so it is kept
+    /// for inspection and the next save cannot overwrite it.
+    fn quarantine(&self, path: &Path, message: String) -> StoreError {
+        let mut kept_as = path.as_os_str().to_owned();
+        kept_as.push(format!(".unreadable-{}", now_ms()));
+        let kept_as = PathBuf::from(kept_as);
+        if let Err(err) = std::fs::rename(path, &kept_as) {
+            warn!(path = %path.display(), cause = %err, "cannot move an unreadable record aside");
+        }
+        StoreError::CorruptRecord { path: path.to_owned(), message, kept_as }
     }
 
     /// Writes a record atomically (0600: documents may hold secrets).
     pub fn save(&self, name: &DeploymentName, record: &DeploymentRecord) -> Result<(), StoreError> {
         let path = self.path(name);
-        let bytes = try_to_cbor(record)
-            .map_err(|e| StoreError::CorruptRecord { path: path.clone(), message: e.to_string() })?;
-        write_file_atomic(&path, &bytes, 0o600).map_err(|source| StoreError::IoFailed { path, source })
+        let payload = to_cbor(record);
+        let envelope = Envelope { format: RECORD_FORMAT, checksum: document_digest(&payload), payload };
+        write_file_atomic(&path, &to_cbor(&envelope), 0o600)
+            .map_err(|source| StoreError::IoFailed { path, source })
     }
 
-    /// Removes a record; a missing one is not an error.
-    pub fn remove(&self, name: &DeploymentName) -> Result<(), StoreError> {
-        let path = self.path(name);
-        match std::fs::remove_file(&path) {
-            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::IoFailed { path, source })
+    /// The folder records live in.
+    #[cfg(test)]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path)?.take(MAX_RECORD_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Byte strings as CBOR byte strings (not arrays of integers), without a
+/// dependency on `serde_bytes`.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
             }
-            _ => Ok(()),
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
         }
+        d.deserialize_byte_buf(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(n: &str) -> DeploymentName {
+        DeploymentName::new(n).unwrap()
+    }
+
+    fn record(generation: u64) -> DeploymentRecord {
+        let bytes = vec![0xa0, generation as u8];
+        DeploymentRecord {
+            document: Some(StoredDocument {
+                digest: document_digest(&bytes),
+                bytes,
+                format: DocumentFormat::Cbor,
+                generation,
+            }),
+            owned: vec![OwnedResource { resource: ResourceId::path("/etc/x"), undo: vec![1, 2, 3] }],
+            high_water: Some(HighWater { generation, digest: "d".into() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_round_trip_with_their_raw_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save(&name("web"), &record(3)).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].0, name("web"));
+        assert_eq!(loaded[0].1.as_ref().unwrap(), &record(3));
+    }
+
+    #[test]
+    fn a_second_store_on_one_directory_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
+        drop(first);
+        Store::open(dir.path()).unwrap();
+    }
+
+    // Issue 6 §5: an unreadable record was skipped at boot and overwritten by the next save.
+    #[test]
+    fn a_corrupt_record_is_reported_and_kept_aside_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save(&name("web"), &record(3)).unwrap();
+        let path = store.dir().join("web.state");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff; // one flipped bit in the payload
+        std::fs::write(&path, &bytes).unwrap();
+        std::fs::write(store.dir().join("old.cbor"), b"first edition").unwrap();
+
+        let loaded = store.load_all().unwrap();
+        let errors: Vec<_> =
+            loaded.iter().map(|(n, r)| (n.as_str(), r.as_ref().err().map(ToString::to_string))).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[1].1.as_deref().unwrap().contains("checksum mismatch"), "{errors:?}");
+        assert!(errors[0].1.as_deref().unwrap().contains("older agent format"), "{errors:?}");
+        // Kept aside byte for byte; a new save does not touch it.
+        store.save(&name("web"), &record(4)).unwrap();
+        let kept: Vec<_> = std::fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".unreadable-"))
+            .collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        let web_kept = kept.iter().find(|n| n.starts_with("web.state")).unwrap();
+        assert_eq!(std::fs::read(store.dir().join(web_kept)).unwrap(), bytes);
+        // A truncated record is caught as well.
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+        assert!(store.load_all().unwrap()[0].1.is_err());
+    }
+
+    #[test]
+    fn the_longest_deployment_name_fits_every_file_name_the_store_derives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let long = name(&"x".repeat(DeploymentName::MAX_LEN));
+        store.save(&long, &record(1)).unwrap();
+        let path = store.dir().join(format!("{long}.state"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(3);
+        std::fs::write(&path, bytes).unwrap();
+        let loaded = store.load_all().unwrap();
+        let Err(StoreError::CorruptRecord { kept_as, .. }) = &loaded[0].1 else { panic!("{loaded:?}") };
+        assert!(kept_as.exists(), "the kept-aside name fits NAME_MAX");
     }
 }

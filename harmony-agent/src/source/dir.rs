@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use harmony_score_wire::{AgentStatus, DeploymentName, Phase};
-use tokio::sync::{mpsc, watch};
+use harmony_score_wire::DeploymentName;
 use tracing::{debug, warn};
 
-use crate::daemon::Input;
-use crate::reconcile::DocumentFormat;
+use crate::daemon::SourceContext;
+use crate::inbox::Input;
+use crate::store::DocumentFormat;
 
 /// How often the folder is scanned.
 const SCAN_EVERY: Duration = Duration::from_secs(2);
@@ -25,13 +25,13 @@ const MAX_FILE_BYTES: u64 = 1024 * 1024 + 1;
 
 type Seen = BTreeMap<DeploymentName, (PathBuf, DocumentFormat, Option<SystemTime>, u64)>;
 
-/// Scans `dir` and feeds `inputs` until `stop` turns true.
-pub async fn run(
-    dir: PathBuf,
-    inputs: mpsc::Sender<Input>,
-    status: watch::Receiver<AgentStatus>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Scans `dir` and feeds the inbox until `stop` turns true.
+pub async fn run(dir: PathBuf, context: SourceContext) {
+    let SourceContext { inbox, known, mut stop, .. } = context;
+    // Deployments this source answers for: those with state at start (a
+    // file removed while the agent was stopped is a delete) and every file
+    // seen since.
+    let mut known: std::collections::BTreeSet<DeploymentName> = known.into_iter().collect();
     let mut seen: Seen = BTreeMap::new();
     let mut tick = tokio::time::interval(SCAN_EVERY);
     loop {
@@ -56,22 +56,19 @@ pub async fn run(
                 Ok(bytes) => {
                     debug!(file = %path.display(), "document changed");
                     let input = Input::Document { deployment: name.clone(), bytes, format: *format };
-                    if inputs.send(input).await.is_err() {
+                    if !inbox.send(input) {
                         return;
                     }
                 }
                 Err(err) => warn!(file = %path.display(), cause = %err, "cannot read document"),
             }
         }
-        let gone: Vec<DeploymentName> = status
-            .borrow()
-            .deployments
-            .iter()
-            .filter(|(name, d)| d.phase != Phase::Pruned && !now.contains_key(*name))
-            .map(|(name, _)| name.clone())
-            .collect();
+        known.extend(now.keys().cloned());
+        let gone: Vec<DeploymentName> =
+            known.iter().filter(|name| !now.contains_key(*name)).cloned().collect();
         for name in gone {
-            if inputs.send(Input::Deleted { deployment: name }).await.is_err() {
+            known.remove(&name);
+            if !inbox.send(Input::Deleted { deployment: name }) {
                 return;
             }
         }

@@ -1,17 +1,33 @@
-//! Following the device's desired-state keys: index, direct gets, deduplication by revision.
+//! Following the device's desired-state keys: republished hints, direct gets that wait for the hinted sequence, and the source's own set of known deployments.
+//!
+//! A hint (`harmony.hint.<id>.<key>`, the bucket's headers-only republish)
+//! says that a key changed and at which stream sequence (`Nats-Sequence`).
+//! The direct get that follows must return that sequence or a newer one; an
+//! older value (a replica behind its leader) is not the news, so the key is
+//! read again shortly, never dropped. Deduplication is by the sequence
+//! last passed on, so a hint is only ever skipped when its value was
+//! already delivered.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use harmony_score_wire::names::{
-    desired_state_key, index_key, parse_desired_state_key, DESIRED_STATE_BUCKET,
+    desired_state_key, index_key, parse_desired_state_key, DESIRED_STATE_BUCKET, HINT_PREFIX,
 };
-use harmony_score_wire::{from_cbor, AgentStatus, DeploymentIndex, DeploymentName, DeviceId, Phase};
-use tokio::sync::{mpsc, watch};
+use harmony_score_wire::{
+    from_cbor, peek_generation, DecodeLimits, DeploymentIndex, DeploymentName, DeviceId,
+};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::daemon::Input;
-use crate::reconcile::DocumentFormat;
+use crate::inbox::{InboxSender, Input};
+use crate::store::DocumentFormat;
+
+/// Largest index value read.
+const MAX_INDEX_BYTES: usize = 1024 * 1024;
+/// The longest wait between two reads of a key that is behind its hint.
+const MAX_LAG_BACKOFF: Duration = Duration::from_secs(2);
 
 /// What a key holds right now.
 enum Latest {
@@ -19,122 +35,210 @@ enum Latest {
         revision: u64,
         value: bytes::Bytes,
     },
-    /// Deleted or purged (a marker), or never written.
+    /// Deleted or purged (a marker), or never written (revision 0).
     Gone {
         revision: u64,
     },
+}
+
+impl Latest {
+    fn revision(&self) -> u64 {
+        match self {
+            Latest::Value { revision, .. } | Latest::Gone { revision } => *revision,
+        }
+    }
+}
+
+/// A key of the device: a deployment's, or (`None`) the index.
+type KeyName = Option<DeploymentName>;
+
+/// A key read older than its hint: read again at `next`.
+struct Lagging {
+    min_revision: u64,
+    attempt: u32,
+    next: Instant,
 }
 
 /// Reads the device's keys and turns changes into [`Input`]s.
 pub(super) struct Follower {
     device: DeviceId,
     stream: jetstream::stream::Stream<()>,
-    inputs: mpsc::Sender<Input>,
-    status: watch::Receiver<AgentStatus>,
-    /// Revision last passed on per deployment, so an unchanged key is not decoded again.
-    revisions: HashMap<DeploymentName, u64>,
+    inbox: InboxSender,
+    /// Deployments whose keys this source reads at every full sync: those
+    /// the device held state for at start, those the index lists, and
+    /// those a hint named.
+    known: BTreeSet<DeploymentName>,
+    /// Per deployment: the revision last passed on, and its generation.
+    passed: HashMap<DeploymentName, (u64, Option<u64>)>,
+    lagging: HashMap<KeyName, Lagging>,
 }
 
 impl Follower {
     pub(super) async fn new(
         js: &jetstream::Context,
         device: DeviceId,
-        inputs: mpsc::Sender<Input>,
-        status: watch::Receiver<AgentStatus>,
+        inbox: InboxSender,
+        known: Vec<DeploymentName>,
     ) -> Result<Self, jetstream::context::GetStreamError> {
         // No STREAM.INFO request: it would list every key of the bucket,
         // and a device's credentials do not allow it.
         let stream = js.get_stream_no_info(format!("KV_{DESIRED_STATE_BUCKET}")).await?;
-        Ok(Self { device, stream, inputs, status, revisions: HashMap::new() })
+        Ok(Self {
+            device,
+            stream,
+            inbox,
+            known: known.into_iter().collect(),
+            passed: HashMap::new(),
+            lagging: HashMap::new(),
+        })
     }
 
-    /// A core notification arrived on `subject`: read what it points at.
-    pub(super) async fn on_hint(&mut self, subject: &str) {
-        let prefix = format!("$KV.{DESIRED_STATE_BUCKET}.");
-        let Some((device, deployment)) = subject.strip_prefix(&prefix).and_then(parse_desired_state_key)
-        else {
-            debug!(subject, "ignored notification for a key of another shape");
+    /// A hint arrived: read the key it names, at least at the sequence it carries.
+    pub(super) async fn on_hint(&mut self, message: &async_nats::Message) {
+        let Some(key) = message.subject.strip_prefix(HINT_PREFIX).and_then(|s| s.strip_prefix('.')) else {
+            return;
+        };
+        let Some((device, deployment)) = parse_desired_state_key(key) else {
+            debug!(subject = %message.subject, "ignored a hint for a key of another shape");
             return;
         };
         if device != self.device {
             return;
         }
-        let result = match deployment {
-            Some(name) => self.sync_key(&name).await,
-            None => self.sync_index(true).await,
-        };
-        if let Err(err) = result {
-            warn!(subject, cause = %err, "cannot read key; retrying at the next resync");
+        let min_revision = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .unwrap_or(0);
+        if let Some(name) = &deployment {
+            self.known.insert(name.clone());
         }
+        self.sync(deployment, min_revision, 0).await;
     }
 
-    /// Reads the index and every known deployment's key.
+    /// Reads the index and every known deployment's key (at start, after a
+    /// reconnect, on resync).
     pub(super) async fn full_sync(&mut self) {
-        if let Err(err) = self.sync_index(false).await {
-            warn!(cause = %err, "cannot read desired state; retrying at the next resync");
-        }
-    }
-
-    /// Reads the index; syncs the deployments it lists (only those whose
-    /// listed generation is newer than the device's when `only_newer`) and,
-    /// on a full pass, every deployment the device already knows.
-    async fn sync_index(&mut self, only_newer: bool) -> Result<(), stream::DirectGetError> {
-        let index = match self.read(&index_key(&self.device)).await? {
-            Latest::Value { value, .. } => {
-                from_cbor::<DeploymentIndex>(&value, 1024 * 1024, "deployment index").unwrap_or_else(|err| {
-                    warn!(cause = %err, "index unreadable; following known deployments only");
-                    DeploymentIndex::default()
-                })
-            }
-            Latest::Gone { .. } => DeploymentIndex::default(),
-        };
-        let mut names = BTreeSet::new();
-        {
-            let status = self.status.borrow();
-            for (name, generation) in index.deployments {
-                let known = status.deployments.get(&name).map_or(0, |d| d.desired_generation);
-                if !only_newer || generation > known {
-                    names.insert(name);
-                }
-            }
-            if !only_newer {
-                names.extend(
-                    status
-                        .deployments
-                        .iter()
-                        .filter(|(_, d)| d.phase != Phase::Pruned)
-                        .map(|(n, _)| n.clone()),
-                );
-            }
-        }
+        self.sync(None, 0, 0).await;
+        let names: Vec<_> = self.known.iter().cloned().collect();
         for name in names {
-            self.sync_key(&name).await?;
+            self.sync(Some(name), 0, 0).await;
         }
-        Ok(())
     }
 
-    async fn sync_key(&mut self, name: &DeploymentName) -> Result<(), stream::DirectGetError> {
-        let input = match self.read(&desired_state_key(&self.device, name)).await? {
-            Latest::Value { revision, value } => {
-                if self.revisions.insert(name.clone(), revision) == Some(revision) {
-                    return Ok(());
-                }
-                Input::Document {
-                    deployment: name.clone(),
-                    bytes: value.to_vec(),
-                    format: DocumentFormat::Cbor,
-                }
+    /// When the next lagging key is due to be read again.
+    pub(super) fn next_lag_check(&self) -> Option<Instant> {
+        self.lagging.values().map(|l| l.next).min()
+    }
+
+    /// Reads again the keys that were behind their hints and are due.
+    pub(super) async fn check_lagging(&mut self) {
+        let now = Instant::now();
+        let due: Vec<_> =
+            self.lagging.iter().filter(|(_, l)| l.next <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            if let Some(lag) = self.lagging.remove(&key) {
+                self.sync(key, lag.min_revision, lag.attempt + 1).await;
             }
-            Latest::Gone { revision } => {
-                if self.revisions.insert(name.clone(), revision) == Some(revision) {
-                    return Ok(());
-                }
-                Input::Deleted { deployment: name.clone() }
+        }
+    }
+
+    /// Reads `key` (at least at `min_revision`) and passes it on; for the
+    /// index, then reads the deployments it points at.
+    async fn sync(&mut self, key: KeyName, min_revision: u64, attempt: u32) {
+        for name in self.sync_one(key, min_revision, attempt).await {
+            self.sync_one(Some(name), 0, 0).await;
+        }
+    }
+
+    /// Reads one key; returns the deployments an index read says to read next.
+    async fn sync_one(&mut self, key: KeyName, min_revision: u64, attempt: u32) -> Vec<DeploymentName> {
+        let subject_key = match &key {
+            Some(name) => desired_state_key(&self.device, name),
+            None => index_key(&self.device),
+        };
+        let latest = match self.read(&subject_key).await {
+            Ok(latest) => latest,
+            Err(err) => {
+                warn!(key = %subject_key, cause = %err, "cannot read key; trying again shortly");
+                self.lag(key, min_revision, attempt);
+                return Vec::new();
             }
         };
-        // The daemon only stops reading inputs when it shuts down.
-        let _ = self.inputs.send(input).await;
-        Ok(())
+        if latest.revision() < min_revision {
+            debug!(key = %subject_key, read = latest.revision(), hinted = min_revision, "read is behind its hint; reading again");
+            self.lag(key, min_revision, attempt);
+            return Vec::new();
+        }
+        match key {
+            Some(name) => {
+                self.pass_on(name, latest);
+                Vec::new()
+            }
+            None => self.on_index(latest),
+        }
+    }
+
+    fn lag(&mut self, key: KeyName, min_revision: u64, attempt: u32) {
+        let delay = Duration::from_millis(5u64 << attempt.min(10)).min(MAX_LAG_BACKOFF);
+        let entry = self.lagging.entry(key).or_insert(Lagging {
+            min_revision,
+            attempt,
+            next: Instant::now() + delay,
+        });
+        entry.min_revision = entry.min_revision.max(min_revision);
+    }
+
+    fn pass_on(&mut self, name: DeploymentName, latest: Latest) {
+        let revision = latest.revision();
+        if self.passed.get(&name).is_some_and(|(r, _)| *r == revision) {
+            return;
+        }
+        let input = match latest {
+            Latest::Value { value, .. } => {
+                let generation = peek_generation(&value, &DecodeLimits::default());
+                self.passed.insert(name.clone(), (revision, generation));
+                Input::Document { deployment: name, bytes: value.to_vec(), format: DocumentFormat::Cbor }
+            }
+            Latest::Gone { .. } => {
+                self.passed.insert(name.clone(), (revision, None));
+                Input::Deleted { deployment: name }
+            }
+        };
+        // Never blocks: the inbox keeps the newest input per deployment.
+        self.inbox.send(input);
+    }
+
+    /// The index changed: learn its deployments, and read those whose listed
+    /// generation is newer than what was passed on, or that it lists as deleted.
+    fn on_index(&mut self, latest: Latest) -> Vec<DeploymentName> {
+        let index = match latest {
+            Latest::Value { value, .. } => {
+                match from_cbor::<DeploymentIndex>(&value, MAX_INDEX_BYTES, "deployment index") {
+                    Ok(index) => index,
+                    Err(err) => {
+                        warn!(cause = %err, "index unreadable; following known deployments only");
+                        return Vec::new();
+                    }
+                }
+            }
+            Latest::Gone { .. } => return Vec::new(),
+        };
+        let mut to_read = Vec::new();
+        for (name, generation) in &index.deployments {
+            self.known.insert(name.clone());
+            let passed = self.passed.get(name).and_then(|(_, g)| *g);
+            if passed.is_none_or(|p| p < *generation) {
+                to_read.push(name.clone());
+            }
+        }
+        for name in index.deleted.keys() {
+            if self.known.contains(name) && self.passed.get(name).is_none_or(|(_, g)| g.is_some()) {
+                to_read.push(name.clone());
+            }
+        }
+        to_read
     }
 
     async fn read(&self, key: &str) -> Result<Latest, stream::DirectGetError> {

@@ -1,10 +1,11 @@
 //! NATS as the source: follow the device's keys, answer commands, write status.
 //!
-//! Keys are followed without a consumer (ARCHITECTURE.md, "NATS layout"): a
-//! core subscription on `$KV.harmony-desired-state.<id>.>` says *that* a key
-//! changed, a direct get of the key says *what* it holds. Every key is read
-//! again after each (re)connect and on the resync timer, so a notification
-//! lost while offline, or a server restart, never leaves the device behind.
+//! Keys are followed without a consumer (ARCHITECTURE.md, "NATS layout"):
+//! the bucket's headers-only republish on `harmony.hint.<id>.>` says *that*
+//! a key changed and at which sequence, a direct get of the key says *what*
+//! it holds. The device never sees the operator's publish (nor its ack
+//! inbox). Every key is read again after each (re)connect and on the
+//! resync timer, so a hint lost while offline never leaves the device behind.
 
 mod keys;
 mod status;
@@ -13,25 +14,22 @@ use std::time::Duration;
 
 use async_nats::{jetstream, ConnectOptions, Event, Message, ServerError};
 use futures_util::StreamExt;
-use harmony_score_wire::names::{command_subject, desired_state_subjects, inbox_prefix, info_subject};
-use harmony_score_wire::{to_cbor, AgentStatus, CommandReply, DeviceInfo};
-use tokio::sync::{mpsc, oneshot, watch};
+use harmony_score_wire::names::{command_subject, hint_subjects, inbox_prefix, info_subject};
+use harmony_score_wire::{to_cbor, CommandReply, DeviceInfo};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
-use crate::daemon::Input;
+use crate::daemon::SourceContext;
+use crate::inbox::{Command, InboxSender};
 use crate::AGENT_VERSION;
 
 /// Timeout of every JetStream request (direct gets, publish acks).
 const JS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Follows the device's keys on NATS and feeds `inputs` until `stop` turns true.
-pub async fn run(
-    config: AgentConfig,
-    inputs: mpsc::Sender<Input>,
-    status_rx: watch::Receiver<AgentStatus>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Follows the device's keys on NATS and feeds the inbox until `stop` turns true.
+pub async fn run(config: AgentConfig, context: SourceContext) {
+    let SourceContext { inbox, known, status: status_rx, mut stop } = context;
     let device = config.device_id.clone();
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let mut options = ConnectOptions::new()
@@ -68,8 +66,7 @@ pub async fn run(
         }
     };
     let js = jetstream::ContextBuilder::new().timeout(JS_TIMEOUT).build(client.clone());
-    let mut follower = match keys::Follower::new(&js, device.clone(), inputs.clone(), status_rx.clone()).await
-    {
+    let mut follower = match keys::Follower::new(&js, device.clone(), inbox.clone(), known).await {
         Ok(follower) => follower,
         Err(err) => {
             error!(cause = %err, "cannot open the desired-state stream");
@@ -77,7 +74,7 @@ pub async fn run(
         }
     };
     let subscriptions = tokio::try_join!(
-        client.subscribe(desired_state_subjects(&device)),
+        client.subscribe(hint_subjects(&device)),
         client.subscribe(command_subject(&device, ">")),
     );
     let (mut hints, mut commands) = match subscriptions {
@@ -93,8 +90,10 @@ pub async fn run(
 
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + config.resync, config.resync);
     loop {
+        let lag_check = follower.next_lag_check();
         tokio::select! {
             _ = stop.changed() => break,
+            () = sleep_until(lag_check), if lag_check.is_some() => follower.check_lagging().await,
             Some(event) = events.recv() => match event {
                 Event::Connected => {
                     info!("connected to NATS; reading all keys");
@@ -109,9 +108,9 @@ pub async fn run(
                 Event::ClientError(err) => warn!(cause = %err, "NATS client error"),
                 other => debug!(event = %other, "NATS event"),
             },
-            Some(message) = hints.next() => follower.on_hint(&message.subject).await,
+            Some(message) = hints.next() => follower.on_hint(&message).await,
             Some(message) = commands.next() => {
-                tokio::spawn(answer(client.clone(), config.clone(), inputs.clone(), message));
+                tokio::spawn(answer(client.clone(), config.clone(), inbox.clone(), message));
             }
             _ = resync.tick() => follower.full_sync().await,
         }
@@ -119,6 +118,13 @@ pub async fn run(
     let _ = writer.await;
     if let Err(err) = client.flush().await {
         debug!(cause = %err, "flush on shutdown");
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -138,18 +144,23 @@ async fn publish_info(client: &async_nats::Client, config: &AgentConfig, info: O
     }
 }
 
+/// Whether a command's reply subject may be answered: only under the
+/// operator's inbox prefix. A reply subject is chosen by whoever sent the
+/// command; answering `$KV.…` would write into a bucket with the device's
+/// own credentials (a confused deputy).
+fn trusted_reply(reply: &str, prefix: &str) -> bool {
+    reply.starts_with(prefix) && reply.len() > prefix.len() && !reply.contains(['*', '>', ' '])
+}
+
 /// Answers one `device-commands.<id>.<verb>` request. No verb runs a shell.
-async fn answer(
-    client: async_nats::Client,
-    config: AgentConfig,
-    inputs: mpsc::Sender<Input>,
-    message: Message,
-) {
+async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSender, message: Message) {
     let Some(reply) = message.reply else { return };
-    // Only an operator's request may be answered: a reply subject into
-    // JetStream's API, or a JetStream status message, is not one.
-    if reply.starts_with("$JS.") || message.status.is_some() {
-        warn!(subject = %message.subject, "dropped a command that is not a request");
+    if message.status.is_some() || !trusted_reply(&reply, &config.trusted_inbox_prefix) {
+        warn!(
+            subject = %message.subject,
+            reply = %harmony_score_wire::bounded_text(&reply, 128),
+            "dropped a command whose reply subject is not under the trusted inbox prefix"
+        );
         return;
     }
     let verb = message.subject.rsplit('.').next().unwrap_or_default().to_owned();
@@ -157,25 +168,53 @@ async fn answer(
         "ping" => (true, "pong".to_owned()),
         "reconcile" => {
             let (tx, rx) = oneshot::channel();
-            if inputs.send(Input::ReconcileNow { reply: tx }).await.is_err() {
+            if !inbox.command(Command::ReconcileNow { reply: tx }) {
                 (false, "agent is shutting down".to_owned())
             } else {
-                match tokio::time::timeout(Duration::from_secs(60), rx).await {
+                match tokio::time::timeout(Duration::from_secs(10), rx).await {
                     Ok(Ok(text)) => (true, text),
-                    _ => (false, "reconcile did not finish within 60 s".to_owned()),
+                    _ => (false, "the agent did not take the reconcile within 10 s".to_owned()),
                 }
             }
         }
-        other => (false, format!("unknown verb {other:?} (known: ping, reconcile)")),
+        other => (
+            false,
+            format!(
+                "unknown verb {:?} (known: ping, reconcile)",
+                harmony_score_wire::bounded_text(other, 64)
+            ),
+        ),
     };
     let body = CommandReply {
         device_id: config.device_id.clone(),
-        verb,
+        verb: harmony_score_wire::bounded_text(&verb, 64),
         ok,
         message: text,
         agent_version: AGENT_VERSION.to_owned(),
     };
     if let Err(err) = client.publish(reply, to_cbor(&body).into()).await {
         warn!(cause = %err, "cannot answer command");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trusted_reply;
+
+    // Issue 7 §1 (confused deputy): a command whose reply subject pointed
+    // into another device's desired state was answered there.
+    #[test]
+    fn only_replies_under_the_trusted_prefix_are_answered() {
+        assert!(trusted_reply("_INBOX.abc.1", "_INBOX."));
+        for bad in [
+            "$KV.harmony-desired-state.dev-2.app",
+            "$JS.ACK.x",
+            "_INBOX.",
+            "_INBOX.>",
+            "harmony.hint.dev-2.x",
+            "_INBOXX.a",
+        ] {
+            assert!(!trusted_reply(bad, "_INBOX."), "{bad}");
+        }
     }
 }

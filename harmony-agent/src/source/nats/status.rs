@@ -1,18 +1,28 @@
 //! Writing the device's status to KV with compare-and-set, and the heartbeat.
+//!
+//! Compare-and-set is real: on a sequence conflict the writer reads the
+//! value it lost to. Its own instance's (an ack lost on the way) or the
+//! previous instance's (the first write after a start) is taken over; any
+//! other instance id means a second agent writes this device's status —
+//! two devices with one id, say cloned from one image. That is reported
+//! as `duplicate_device` in the log and in the status, never overwritten
+//! silently.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
 use async_nats::{header, HeaderMap, HeaderValue};
 use harmony_score_wire::names::{heartbeat_subject, status_key, AGENT_STATUS_BUCKET};
-use harmony_score_wire::{now_ms, to_cbor, AgentStatus};
+use harmony_score_wire::{from_cbor, now_ms, to_cbor, AgentStatus, ErrorKind, StatusError, MAX_STATUS_BYTES};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
 
 /// How long after a failed write the status is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long a `duplicate_device` report stays after the last conflict.
+const DUPLICATE_REPORTED_FOR: Duration = Duration::from_secs(600);
 
 /// Why a status write failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +52,7 @@ pub(super) async fn write_loop(
         }
     };
     let subject = format!("$KV.{AGENT_STATUS_BUCKET}.{}", status_key(&config.device_id));
-    let mut revision: Option<u64> = None;
+    let mut writer = CasWriter { revision: None, duplicate: None, first: true };
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     let mut dirty = true;
     let mut last_error: Option<String> = None;
@@ -65,9 +75,8 @@ pub(super) async fn write_loop(
             () = tokio::time::sleep(RETRY_AFTER), if dirty => {}
         }
         if dirty {
-            let mut report = status.borrow_and_update().clone();
-            report.heartbeat_at_ms = now_ms();
-            match write_cas(&js, &stream, &subject, &mut revision, to_cbor(&report).into()).await {
+            let report = status.borrow_and_update().clone();
+            match writer.write(&js, &stream, &subject, report).await {
                 Ok(()) => {
                     dirty = false;
                     if last_error.take().is_some() {
@@ -89,37 +98,85 @@ pub(super) async fn write_loop(
     }
 }
 
-/// Publishes `value` on the status key expecting the revision last seen;
-/// on a conflict (another writer, or a first write after a restart) reads
-/// the current revision and tries again.
-async fn write_cas(
-    js: &jetstream::Context,
-    stream: &jetstream::stream::Stream<()>,
-    subject: &str,
-    revision: &mut Option<u64>,
-    value: bytes::Bytes,
-) -> Result<(), WriteError> {
-    for _ in 0..5 {
-        let expected = match *revision {
-            Some(rev) => rev,
-            None => match stream.direct_get_last_for_subject(subject).await {
-                Ok(message) => message.sequence,
-                Err(err) if err.kind() == DirectGetErrorKind::NotFound => 0,
-                Err(err) => return Err(err.into()),
-            },
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, HeaderValue::from(expected));
-        *revision = None;
-        let ack = js.publish_with_headers(subject.to_owned(), headers, value.clone()).await?.await;
-        match ack {
-            Ok(ack) => {
-                *revision = Some(ack.sequence);
-                return Ok(());
-            }
-            Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => continue,
-            Err(err) => return Err(err.into()),
+/// The status key's compare-and-set state.
+struct CasWriter {
+    /// The revision this agent last wrote (or took over); `None`: unknown.
+    revision: Option<u64>,
+    /// Another instance seen writing this key, and when.
+    duplicate: Option<(StatusError, std::time::Instant)>,
+    /// No write yet: whatever the key holds is the previous instance's.
+    first: bool,
+}
+
+impl CasWriter {
+    /// Writes `report` (with the heartbeat time, any `duplicate_device`
+    /// error, bounded to [`MAX_STATUS_BYTES`]) expecting the revision last
+    /// written; on a conflict reads the key and judges who wrote it.
+    async fn write(
+        &mut self,
+        js: &jetstream::Context,
+        stream: &jetstream::stream::Stream<()>,
+        subject: &str,
+        mut report: AgentStatus,
+    ) -> Result<(), WriteError> {
+        if self.duplicate.as_ref().is_some_and(|(_, at)| at.elapsed() > DUPLICATE_REPORTED_FOR) {
+            self.duplicate = None;
         }
+        for _ in 0..5 {
+            let expected = match self.revision {
+                Some(rev) => rev,
+                None => self.read_and_judge(stream, subject, &report.instance_id).await?,
+            };
+            report.heartbeat_at_ms = now_ms();
+            let mut value = report.clone();
+            value.errors.extend(self.duplicate.iter().map(|(e, _)| e.clone()));
+            value.bound(MAX_STATUS_BYTES);
+            let mut headers = HeaderMap::new();
+            headers.insert(header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, HeaderValue::from(expected));
+            self.revision = None;
+            let ack =
+                js.publish_with_headers(subject.to_owned(), headers, to_cbor(&value).into()).await?.await;
+            match ack {
+                Ok(ack) => {
+                    self.revision = Some(ack.sequence);
+                    self.first = false;
+                    return Ok(());
+                }
+                Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(WriteError::ConflictPersisted)
     }
-    Err(WriteError::ConflictPersisted)
+
+    /// Reads the key's current revision; a value written by another agent
+    /// instance (after this one's first write) is a duplicate device.
+    async fn read_and_judge(
+        &mut self,
+        stream: &jetstream::stream::Stream<()>,
+        subject: &str,
+        mine: &str,
+    ) -> Result<u64, WriteError> {
+        let message = match stream.direct_get_last_for_subject(subject).await {
+            Ok(message) => message,
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(err.into()),
+        };
+        if !self.first {
+            let other = from_cbor::<AgentStatus>(&message.payload, 2 * MAX_STATUS_BYTES, "agent status")
+                .map(|s| (s.instance_id, s.info.map(|i| i.hostname).unwrap_or_default()))
+                .unwrap_or_else(|_| ("(unreadable)".to_owned(), String::new()));
+            if other.0 != mine {
+                let text = format!(
+                    "another agent instance ({}, host {:?}) writes this device's status: two devices share this device id",
+                    harmony_score_wire::bounded_text(&other.0, 64),
+                    harmony_score_wire::bounded_text(&other.1, 64)
+                );
+                error!(kind = "duplicate_device", "{text}");
+                self.duplicate =
+                    Some((StatusError::new(ErrorKind::DuplicateDevice, text), std::time::Instant::now()));
+            }
+        }
+        Ok(message.sequence)
+    }
 }

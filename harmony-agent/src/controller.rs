@@ -1,0 +1,701 @@
+//! The controller: owns every deployment's state, routes inputs, and runs deployments (one run per deployment, a bounded number at once).
+//!
+//! Modelled on kube-runtime's `Controller`/`Runner`: the loop only routes —
+//! inputs from the source, results from runs, timers — and never awaits a
+//! Score itself. A run is a task ([`crate::runner`]); a newer generation or
+//! a delete raises its signal so it stops at the next Score boundary, and
+//! the deployment runs again once it has. What each event means for a
+//! deployment is decided in [`crate::deployment`].
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use harmony_score_wire::{
+    decode, decode_json, document_digest, from_cbor, now_ms, peek_generation, try_to_cbor, AgentStatus,
+    DecodeLimits, DeploymentName, DeviceId, DeviceInfo, DeviceScore, ErrorKind, ScoreStatus, StatusError,
+};
+use harmony_topology::{InterpretStatus, LocalDeviceTopology, Maestro, RunSignal};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use crate::deployment::{
+    error_policy, Accepted, Action, Deployment, LastRun, Rejection, Running, Verdict, FORGET_PRUNED_AFTER,
+};
+use crate::inbox::{Command, InboxReceiver, Input, Item};
+use crate::runner::{self, PruneItem, RunEvent, RunPlan, RunResult, Timeouts};
+use crate::store::{DocumentFormat, HighWater, OwnedResource, Store, StoredDocument};
+use crate::AGENT_VERSION;
+
+/// Largest undo Score read back from a record.
+const MAX_UNDO_BYTES: usize = 1024 * 1024;
+
+/// The controller's settings.
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    /// This device.
+    pub device: DeviceId,
+    /// Most deployments running at once.
+    pub max_parallel: usize,
+    /// Re-run everything (drift repair) and re-offer refused documents this often.
+    pub resync: Duration,
+    /// Interpret time limits.
+    pub timeouts: Timeouts,
+    /// How long shutdown waits for runs to reach a Score boundary.
+    pub shutdown_grace: Duration,
+    /// Reported in status.
+    pub heartbeat: Duration,
+    /// Published in status.
+    pub info: DeviceInfo,
+}
+
+/// Runs a device's deployments against its topology.
+pub struct Controller {
+    settings: ControllerSettings,
+    maestro: Arc<Maestro<LocalDeviceTopology>>,
+    store: Store,
+    timeouts: Arc<Timeouts>,
+    limits: DecodeLimits,
+    instance_id: String,
+    deployments: BTreeMap<DeploymentName, Deployment>,
+    /// Deployments waiting for a free slot, each once.
+    ready: VecDeque<DeploymentName>,
+    running: usize,
+    next_run_id: u64,
+    events_tx: mpsc::UnboundedSender<RunEvent>,
+    events_rx: mpsc::UnboundedReceiver<RunEvent>,
+    tasks: JoinSet<()>,
+    stopping: bool,
+    dirty: bool,
+}
+
+impl Controller {
+    /// A controller over `store`; [`Controller::boot`] loads what it holds.
+    pub fn new(settings: ControllerSettings, maestro: Maestro<LocalDeviceTopology>, store: Store) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Self {
+            timeouts: Arc::new(settings.timeouts.clone()),
+            settings,
+            maestro: Arc::new(maestro),
+            store,
+            limits: DecodeLimits::default(),
+            instance_id: instance_id(),
+            deployments: BTreeMap::new(),
+            ready: VecDeque::new(),
+            running: 0,
+            next_run_id: 1,
+            events_tx,
+            events_rx,
+            tasks: JoinSet::new(),
+            stopping: false,
+            dirty: true,
+        }
+    }
+
+    /// Loads every persisted deployment and schedules it: a device that
+    /// boots offline runs what it last accepted and finishes interrupted
+    /// prunes. Unreadable records are reported, not skipped.
+    pub fn boot(&mut self) {
+        let loaded = match self.store.load_all() {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                error!(cause = %err, "cannot list persisted state");
+                Vec::new()
+            }
+        };
+        for (name, record) in loaded {
+            let mut entry = Deployment::default();
+            match record {
+                Ok(record) => {
+                    if let Some(stored) = &record.document {
+                        match self.decode(&stored.bytes, stored.format) {
+                            Ok(doc) => entry.document = Some(Accepted::new(doc)),
+                            Err(err) => {
+                                error!(deployment = %name, cause = %err, "persisted document cannot run on this agent");
+                                let message = format!(
+                                    "persisted generation {} cannot run on this agent: {err}",
+                                    stored.generation
+                                );
+                                entry.failure = Some(StatusError::new(err.kind(), message));
+                            }
+                        }
+                    }
+                    entry.record = record;
+                }
+                Err(err) => {
+                    error!(deployment = %name, cause = %err, "persisted state unreadable; kept aside, reading the key again");
+                    entry.failure = Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
+                }
+            }
+            self.deployments.insert(name.clone(), entry);
+            self.schedule(&name, false);
+        }
+        info!(deployments = self.deployments.len(), "applying persisted desired state");
+    }
+
+    /// Every deployment the device has state for, so a source can look up
+    /// keys that were deleted while the agent was down.
+    pub fn known_deployments(&self) -> Vec<DeploymentName> {
+        self.deployments
+            .iter()
+            .filter(|(_, d)| d.has_work() || d.failure.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The agent process's id, fresh at every start.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Routes inputs and run results until `shutdown`, publishing status on
+    /// `status` after every change; then stops runs at a Score boundary
+    /// (aborting what is still running after the grace period).
+    pub async fn run(
+        mut self,
+        mut inbox: InboxReceiver,
+        status: watch::Sender<AgentStatus>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let resync = self.settings.resync;
+        let mut resync_tick = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
+        self.start_ready();
+        self.publish(&status);
+        loop {
+            let retry_at = self.next_retry();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(event) = self.events_rx.recv() => self.on_event(event),
+                item = inbox.recv() => match item {
+                    Item::Input(input) => self.handle(input),
+                    Item::Command(command) => self.command(command),
+                },
+                _ = resync_tick.tick() => { self.resync(); }
+                () = sleep_until(retry_at), if retry_at.is_some() => self.run_due_retries(Instant::now()),
+                Some(joined) = self.tasks.join_next() => {
+                    if let Err(err) = joined {
+                        if !err.is_cancelled() {
+                            error!(cause = %err, "a run task failed");
+                        }
+                    }
+                }
+            }
+            self.start_ready();
+            self.publish(&status);
+        }
+        debug!(coalesced = inbox.coalesced(), "inputs replaced by newer ones before they ran");
+        self.stop(&status).await;
+    }
+
+    fn publish(&mut self, status: &watch::Sender<AgentStatus>) {
+        if std::mem::take(&mut self.dirty) {
+            status.send_replace(self.status());
+        }
+    }
+
+    async fn stop(&mut self, status: &watch::Sender<AgentStatus>) {
+        self.stopping = true;
+        self.ready.clear();
+        for d in self.deployments.values() {
+            if let Some(run) = &d.running {
+                run.signal.cancel();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
+        while self.running > 0 {
+            tokio::select! {
+                Some(event) = self.events_rx.recv() => self.on_event(event),
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(runs = self.running, "runs did not reach a Score boundary in time; aborted");
+                    self.tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        self.dirty = true;
+        self.publish(status);
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Document { deployment, bytes, format } => self.offer(&deployment, bytes, format),
+            Input::Deleted { deployment } => self.delete(&deployment),
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::ReconcileNow { reply } => {
+                let scheduled = self.resync();
+                let failing = self.status().deployments.values().filter(|d| d.error.is_some()).count();
+                let _ = reply.send(format!(
+                    "reconcile scheduled for {scheduled} deployments ({} running, {failing} failing or refused)",
+                    self.running
+                ));
+            }
+        }
+    }
+
+    fn decode(
+        &self,
+        bytes: &[u8],
+        format: DocumentFormat,
+    ) -> Result<harmony_score_wire::DesiredState, harmony_score_wire::DecodeError> {
+        match format {
+            DocumentFormat::Cbor => decode(bytes, &self.limits),
+            DocumentFormat::Json => decode_json(bytes, &self.limits),
+        }
+    }
+
+    /// Offers the current value of a deployment's key: decoded, judged,
+    /// checked for resource conflicts, persisted, then run (superseding a
+    /// run of an older generation).
+    pub fn offer(&mut self, name: &DeploymentName, bytes: Vec<u8>, format: DocumentFormat) {
+        let digest = document_digest(&bytes);
+        let doc = match self.decode(&bytes, format) {
+            Ok(doc) => doc,
+            Err(err) => {
+                let generation = match format {
+                    DocumentFormat::Cbor => peek_generation(&bytes, &self.limits),
+                    DocumentFormat::Json => None,
+                };
+                let keep = err.kind().may_clear().then_some((bytes, format));
+                return self.reject(name, generation, digest, err.kind(), err.to_string(), keep);
+            }
+        };
+        let entry = self.deployments.entry(name.clone()).or_default();
+        match entry.judge(&self.settings.device, name, &doc, &digest, now_ms() / 1000) {
+            Verdict::Unchanged => return,
+            Verdict::Reject(kind, message) => {
+                return self.reject(name, Some(doc.generation), digest, kind, message, None);
+            }
+            Verdict::Accept => {}
+        }
+        let accepted = Accepted::new(doc);
+        let mine: HashSet<_> = accepted.resources.iter().collect();
+        let conflict = self.deployments.iter().filter(|(other, _)| *other != name).find_map(|(other, d)| {
+            d.resources().find(|r| mine.contains(r)).map(|r| (other.clone(), r.clone()))
+        });
+        if let Some((other, resource)) = conflict {
+            let message = format!("{resource} is owned by deployment {other}");
+            let generation = Some(accepted.doc.generation);
+            return self.reject(
+                name,
+                generation,
+                digest,
+                ErrorKind::ResourceConflict,
+                message,
+                Some((bytes, format)),
+            );
+        }
+        // Undos are recorded (and persisted) before anything runs, so a
+        // crash mid-run never forgets a resource.
+        let mut undos = Vec::new();
+        for score in &accepted.doc.scores {
+            if let Some(undo) = score.undo() {
+                match try_to_cbor(&undo) {
+                    Ok(bytes) => undos.push(OwnedResource { resource: score.resource(), undo: bytes }),
+                    Err(err) => {
+                        let message = format!("cannot record the undo of {}: {err}", score.name());
+                        return self.reject(
+                            name,
+                            Some(accepted.doc.generation),
+                            digest,
+                            ErrorKind::InvalidScore,
+                            message,
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+        let generation = accepted.doc.generation;
+        info!(deployment = %name, generation, scores = accepted.doc.scores.len(), "accepted");
+        let entry = self.deployments.entry(name.clone()).or_default();
+        for owned in undos {
+            entry.record.owned.retain(|o| o.resource != owned.resource);
+            entry.record.owned.push(owned);
+        }
+        entry.record.high_water = Some(HighWater { generation, digest: digest.clone() });
+        entry.record.document = Some(StoredDocument { bytes, format, digest, generation });
+        entry.document = Some(accepted);
+        entry.rejected = None;
+        entry.failure = None;
+        entry.pruned_at = None;
+        entry.retry = None;
+        self.dirty = true;
+        if self.save(name) {
+            self.schedule(name, true);
+        }
+    }
+
+    /// The deployment's key is gone: undo everything it owns.
+    pub fn delete(&mut self, name: &DeploymentName) {
+        let Some(entry) = self.deployments.get_mut(name) else { return };
+        if entry.record.document.is_none() && entry.rejected.is_none() && entry.failure.is_none() {
+            return; // already deleted (its prune runs or ran)
+        }
+        info!(deployment = %name, "deleted; pruning");
+        entry.record.document = None;
+        entry.document = None;
+        entry.rejected = None;
+        entry.failure = None;
+        entry.retry = None;
+        self.dirty = true;
+        self.save(name);
+        self.schedule(name, true);
+    }
+
+    fn reject(
+        &mut self,
+        name: &DeploymentName,
+        generation: Option<u64>,
+        digest: String,
+        kind: ErrorKind,
+        message: String,
+        retry_bytes: Option<(Vec<u8>, DocumentFormat)>,
+    ) {
+        let entry = self.deployments.entry(name.clone()).or_default();
+        if entry.rejected.as_ref().is_some_and(|r| r.digest == digest && r.error.kind == kind) {
+            return; // already reported
+        }
+        warn!(deployment = %name, ?generation, kind = %kind, message = %harmony_score_wire::bounded_text(&message, 512), "document rejected");
+        entry.rejected =
+            Some(Rejection { generation, digest, error: StatusError::new(kind, message), retry_bytes });
+        entry.pruned_at = None;
+        self.dirty = true;
+    }
+
+    /// Persists a deployment's record; a failure makes it FAILED
+    /// (`persist_failed`) and schedules a retry instead of a run.
+    fn save(&mut self, name: &DeploymentName) -> bool {
+        let Some(entry) = self.deployments.get_mut(name) else { return false };
+        match self.store.save(name, &entry.record) {
+            Ok(()) => {
+                if entry.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed) {
+                    entry.failure = None;
+                }
+                true
+            }
+            Err(err) => {
+                error!(deployment = %name, cause = %err, "cannot persist deployment state");
+                entry.failure = Some(StatusError::new(ErrorKind::PersistFailed, err.to_string()));
+                let attempt = entry.retry.map_or(0, |(a, _)| a + 1);
+                if let Action::RequeueAfter(delay) = error_policy(false, false, attempt, jitter()) {
+                    entry.retry = Some((attempt, Instant::now() + delay));
+                }
+                self.dirty = true;
+                false
+            }
+        }
+    }
+
+    /// Queues a run of `name`; a run in progress is marked to run again and,
+    /// with `supersede`, told to stop at its next Score boundary.
+    fn schedule(&mut self, name: &DeploymentName, supersede: bool) {
+        let Some(entry) = self.deployments.get_mut(name) else { return };
+        if let Some(run) = &entry.running {
+            entry.rerun = true;
+            if supersede {
+                run.signal.cancel();
+            }
+            return;
+        }
+        if entry.has_work() && !self.ready.contains(name) {
+            self.ready.push_back(name.clone());
+        }
+    }
+
+    fn start_ready(&mut self) {
+        while !self.stopping && self.running < self.settings.max_parallel {
+            let Some(name) = self.ready.pop_front() else { break };
+            self.start_run(&name);
+        }
+    }
+
+    fn start_run(&mut self, name: &DeploymentName) {
+        let Some(entry) = self.deployments.get_mut(name) else { return };
+        if entry.running.is_some() || !entry.has_work() {
+            return;
+        }
+        if entry.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed) && !self.save(name) {
+            return;
+        }
+        let Some(entry) = self.deployments.get_mut(name) else { return };
+        let wanted: HashSet<_> = entry.wanted().collect();
+        let mut prune = Vec::new();
+        let mut unreadable_undos = Vec::new();
+        for owned in entry.record.owned.iter().rev().filter(|o| !wanted.contains(&o.resource)) {
+            match from_cbor::<Box<dyn DeviceScore>>(&owned.undo, MAX_UNDO_BYTES, "undo score") {
+                Ok(undo) => prune.push(PruneItem { resource: owned.resource.clone(), undo: Arc::from(undo) }),
+                Err(err) => unreadable_undos.push(ScoreStatus {
+                    tag: String::new(),
+                    name: format!("prune {}", owned.resource),
+                    resource: owned.resource.to_string(),
+                    status: InterpretStatus::FAILURE,
+                    message: harmony_score_wire::bounded_text(
+                        &format!("pruned: this agent cannot run the undo: {err}"),
+                        512,
+                    ),
+                    details: Vec::new(),
+                    error_kind: None,
+                }),
+            }
+        }
+        let run_id = self.next_run_id;
+        self.next_run_id += 1;
+        let signal = RunSignal::new();
+        let document = entry.document.as_ref().map(|a| a.doc.clone());
+        entry.running = Some(Running {
+            run_id,
+            generation: document.as_ref().map(|d| d.generation),
+            signal: signal.clone(),
+            current: None,
+        });
+        entry.rerun = false;
+        entry.retry = entry.retry.map(|(attempt, _)| (attempt, far_future()));
+        self.running += 1;
+        self.dirty = true;
+        let plan = RunPlan { run_id, deployment: name.clone(), document, prune, signal };
+        let (maestro, timeouts, events) =
+            (self.maestro.clone(), self.timeouts.clone(), self.events_tx.clone());
+        let (deployment, panic_events) = (name.clone(), self.events_tx.clone());
+        self.tasks.spawn(async move {
+            let run =
+                std::panic::AssertUnwindSafe(runner::execute(maestro, timeouts, plan, events)).catch_unwind();
+            if run.await.is_err() {
+                // A panicking Interpret must not leave the deployment running forever.
+                let mut result = RunResult::default();
+                result.scores.push(ScoreStatus {
+                    tag: String::new(),
+                    name: "run".into(),
+                    resource: String::new(),
+                    status: InterpretStatus::FAILURE,
+                    message: "an Interpret panicked".into(),
+                    details: Vec::new(),
+                    error_kind: None,
+                });
+                let _ = panic_events.send(RunEvent::Finished { deployment, run_id, result });
+            }
+        });
+        if !unreadable_undos.is_empty() {
+            if let Some(entry) = self.deployments.get_mut(name) {
+                entry.pending_failures = unreadable_undos;
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: RunEvent) {
+        match event {
+            RunEvent::Progress { deployment, run_id, current } => {
+                if let Some(run) = self.deployments.get_mut(&deployment).and_then(|d| d.running.as_mut()) {
+                    if run.run_id == run_id {
+                        run.current = Some(current);
+                        self.dirty = true;
+                    }
+                }
+            }
+            RunEvent::Finished { deployment, run_id, result } => self.finish(&deployment, run_id, result),
+        }
+    }
+
+    fn finish(&mut self, name: &DeploymentName, run_id: u64, mut result: RunResult) {
+        let Some(entry) = self.deployments.get_mut(name) else { return };
+        let Some(run) = entry.running.take_if(|r| r.run_id == run_id) else { return };
+        self.running -= 1;
+        self.dirty = true;
+        let pending = std::mem::take(&mut entry.pending_failures);
+        result.prune_failures += pending.len();
+        result.scores.extend(pending);
+
+        let before = entry.record.clone();
+        let wanted: HashSet<_> = entry.wanted().cloned().collect();
+        let pruned: HashSet<_> = result.pruned.iter().filter(|r| !wanted.contains(*r)).collect();
+        entry.record.owned.retain(|o| !pruned.contains(&o.resource));
+        let ownership_changed = !pruned.is_empty();
+        let mut applied = None;
+        if result.cancelled {
+            if run.generation.is_some() && run.generation != entry.generation() {
+                entry.superseded_generation = run.generation;
+                info!(deployment = %name, generation = ?run.generation, "run superseded by a newer generation");
+            }
+        } else {
+            let ok = result.all_ok();
+            let now = now_ms();
+            if ok {
+                if let (Some(generation), Some(stored)) = (run.generation, &entry.record.document) {
+                    if stored.generation == generation {
+                        applied = Some((generation, stored.digest.clone(), now));
+                    }
+                }
+                entry.retry = None;
+            } else {
+                let attempt = entry.retry.map_or(0, |(a, _)| a + 1);
+                if let Action::RequeueAfter(delay) = error_policy(ok, false, attempt, jitter()) {
+                    warn!(deployment = %name, attempt, retry_in = ?delay, "deployment failed");
+                    entry.retry = Some((attempt, Instant::now() + delay));
+                }
+            }
+            entry.last_run = Some(LastRun {
+                scores: result.scores,
+                prune_failures: result.prune_failures,
+                ok,
+                at_ms: now,
+            });
+        }
+        if let Some((generation, digest, at)) = &applied {
+            entry.record.observed_generation = *generation;
+            entry.record.observed_digest = Some(digest.clone());
+            entry.record.last_applied_at_ms = *at;
+        }
+        let deleted_and_undone = entry.record.document.is_none() && entry.record.owned.is_empty();
+        let changed = entry.record != before;
+        let rerun = entry.rerun;
+        if changed && !self.save(name) {
+            // Not persisted, so not applied: the observed generation stays
+            // what the disk says, and the run is retried.
+            if let Some(entry) = self.deployments.get_mut(name) {
+                entry.record.observed_generation = before.observed_generation;
+                entry.record.observed_digest = before.observed_digest;
+                entry.record.last_applied_at_ms = before.last_applied_at_ms;
+                if let Some(last) = &mut entry.last_run {
+                    last.ok = false;
+                }
+            }
+        } else if deleted_and_undone && !result.cancelled {
+            if let Some(entry) = self.deployments.get_mut(name) {
+                if entry.rejected.is_none() && entry.pruned_at.is_none() {
+                    info!(deployment = %name, "pruned");
+                    entry.pruned_at = Some(Instant::now());
+                }
+            }
+        }
+        if rerun {
+            self.schedule(name, false);
+        }
+        if ownership_changed || deleted_and_undone {
+            self.reoffer_clearable(Some(name));
+        }
+    }
+
+    /// Offers again every refused document whose reason may have cleared
+    /// (a conflicting owner went away, an upgrade brought a tag), except `skip`'s.
+    fn reoffer_clearable(&mut self, skip: Option<&DeploymentName>) {
+        let offers: Vec<_> = self
+            .deployments
+            .iter_mut()
+            .filter(|(n, _)| Some(*n) != skip)
+            .filter_map(|(n, d)| {
+                let rejected = d.rejected.as_mut()?;
+                let (bytes, format) = rejected.retry_bytes.clone()?;
+                // Forget that it was reported, so the same refusal is not
+                // deduplicated away if it still holds (it is re-recorded as is).
+                Some((n.clone(), bytes, format))
+            })
+            .collect();
+        for (name, bytes, format) in offers {
+            self.offer(&name, bytes, format);
+        }
+    }
+
+    /// Drift repair and re-evaluation: re-offers refused documents whose
+    /// reason may clear, schedules every deployment with work, and forgets
+    /// long-pruned ones. Returns how many deployments were scheduled.
+    fn resync(&mut self) -> usize {
+        let now = Instant::now();
+        self.deployments.retain(|_, d| {
+            d.running.is_some()
+                || d.pruned_at.is_none_or(|at| now.saturating_duration_since(at) < FORGET_PRUNED_AFTER)
+        });
+        self.reoffer_clearable(None);
+        let names: Vec<_> =
+            self.deployments.iter().filter(|(_, d)| d.has_work()).map(|(n, _)| n.clone()).collect();
+        for name in &names {
+            self.schedule(name, false);
+        }
+        self.dirty = true;
+        names.len()
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.deployments
+            .values()
+            .filter(|d| d.running.is_none())
+            .filter_map(|d| d.retry.map(|(_, at)| at))
+            .min()
+    }
+
+    fn run_due_retries(&mut self, now: Instant) {
+        let due: Vec<_> = self
+            .deployments
+            .iter()
+            .filter(|(_, d)| d.running.is_none() && d.retry.is_some_and(|(_, at)| at <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            if let Some(entry) = self.deployments.get_mut(&name) {
+                entry.retry = entry.retry.map(|(attempt, _)| (attempt, far_future()));
+            }
+            self.schedule(&name, false);
+        }
+    }
+
+    /// The device's whole status as of now.
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            device_id: self.settings.device.clone(),
+            agent_version: AGENT_VERSION.to_owned(),
+            updated_at_ms: now_ms(),
+            heartbeat_at_ms: now_ms(),
+            heartbeat_interval_ms: u64::try_from(self.settings.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            info: Some(self.settings.info.clone()),
+            deployments: self
+                .deployments
+                .iter()
+                .filter(|(_, d)| d.is_visible())
+                .map(|(n, d)| (n.clone(), d.status()))
+                .collect(),
+            instance_id: self.instance_id.clone(),
+            errors: Vec::new(),
+            truncated: false,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An instant no timer reaches (a retry that is running, not due).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
+}
+
+/// 0.0–1.0 from the clock's low bits: enough to spread a fleet's retries.
+fn jitter() -> f64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1000) / 1000.0
+}
+
+/// A fresh id for this agent process: pid, start time and a counter, hex.
+fn instance_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}-{:x}-{n:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
+}
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

@@ -1,0 +1,701 @@
+//! The controller on a real temp root and state directory: acceptance, conflicts, supersede, timeouts, prune, crash safety.
+//!
+//! Each test drives a real `Controller` task through its inbox, as a
+//! source would, and waits on the status it publishes. The resync timer is
+//! set to an hour, so nothing here converges by a timer catching up.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use harmony_score_wire::{
+    device_score, encode, AgentStatus, DeploymentStatus, DesiredState, DeviceInfo, ErrorKind, Phase,
+    ResourceId, ScoreValidationError,
+};
+use harmony_topology::{
+    async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory, Outcome, Score,
+    Version,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::inbox::{inbox, InboxSender};
+use crate::store::DeploymentRecord;
+
+/// A test-only Score that takes `millis` to run, optionally honouring the
+/// run's cancellation signal, and writes a marker file when it finishes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SleepScore {
+    name: String,
+    millis: u64,
+    #[serde(default)]
+    honour_cancel: bool,
+    /// Fails instead of succeeding.
+    #[serde(default)]
+    fail: bool,
+}
+
+impl Score<LocalDeviceTopology> for SleepScore {
+    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
+        Box::new(SleepInterpret(self.clone()))
+    }
+    fn name(&self) -> String {
+        format!("sleep [{}]", self.name)
+    }
+}
+
+#[derive(Debug)]
+struct SleepInterpret(SleepScore);
+
+#[async_trait]
+impl Interpret<LocalDeviceTopology> for SleepInterpret {
+    async fn execute(
+        &self,
+        _: &Inventory,
+        topology: &LocalDeviceTopology,
+    ) -> Result<Outcome, InterpretError> {
+        let sleep = tokio::time::sleep(Duration::from_millis(self.0.millis));
+        if self.0.honour_cancel {
+            tokio::select! {
+                () = sleep => {}
+                () = harmony_topology::run::cancelled() => {
+                    return Err(InterpretError::with_kind(harmony_topology::InterpretErrorKind::Cancelled, "cancelled"));
+                }
+            }
+        } else {
+            sleep.await;
+        }
+        if self.0.fail {
+            return Err(InterpretError::new("asked to fail"));
+        }
+        let marker = topology.root().join(format!("slept-{}", self.0.name));
+        std::fs::write(marker, b"done").map_err(|e| InterpretError::new(e.to_string()))?;
+        Ok(Outcome::success("slept"))
+    }
+    fn get_name(&self) -> InterpretName {
+        InterpretName::Custom("Sleep")
+    }
+    fn get_version(&self) -> Version {
+        Version::from("1.0.0")
+    }
+    fn get_status(&self) -> InterpretStatus {
+        InterpretStatus::QUEUED
+    }
+    fn get_children(&self) -> Vec<Id> {
+        Vec::new()
+    }
+}
+
+device_score! {
+    tag: "test.sleep/v1",
+    summary: "test only: sleeps, then writes a marker",
+    impl DeviceScore for SleepScore {
+        fn validate(&self) -> Result<(), ScoreValidationError> {
+            harmony_score_wire::validate::check_text("name", &self.name, 64)
+        }
+        fn resource(&self) -> ResourceId {
+            ResourceId::named("sleep", &self.name).expect("validated name")
+        }
+        fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+            None
+        }
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Device {
+    dir: tempfile::TempDir,
+}
+
+struct Running {
+    inbox: InboxSender,
+    status: watch::Receiver<AgentStatus>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    fn new() -> Self {
+        harmony_scores::ensure_linked();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("root")).unwrap();
+        Self { dir }
+    }
+
+    fn root(&self, path: &str) -> PathBuf {
+        self.dir.path().join("root").join(path.trim_start_matches('/'))
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    async fn start(&self) -> Running {
+        self.start_with(|_| {}).await
+    }
+
+    async fn start_with(&self, tweak: impl FnOnce(&mut ControllerSettings)) -> Running {
+        let mut settings = ControllerSettings {
+            device: DeviceId::new("dev-1").unwrap(),
+            max_parallel: 4,
+            resync: Duration::from_secs(3600),
+            timeouts: Timeouts::default(),
+            shutdown_grace: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(30),
+            info: DeviceInfo::default(),
+        };
+        tweak(&mut settings);
+        let maestro =
+            Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(self.dir.path().join("root")))
+                .await
+                .unwrap();
+        let store = Store::open(&self.state()).unwrap();
+        let mut controller = Controller::new(settings, maestro, store);
+        controller.boot();
+        let (status_tx, status) = watch::channel(controller.status());
+        let (inbox_tx, inbox_rx) = inbox();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller.run(inbox_rx, status_tx, async {
+            let _ = shutdown_rx.await;
+        }));
+        Running { inbox: inbox_tx, status, shutdown: Some(shutdown_tx), task }
+    }
+}
+
+impl Running {
+    fn offer(&self, deployment: &str, generation: u64, scores: Value) {
+        self.offer_bytes(deployment, doc(deployment, generation, scores));
+    }
+
+    fn offer_bytes(&self, deployment: &str, bytes: Vec<u8>) {
+        assert!(self.inbox.send(Input::Document {
+            deployment: name(deployment),
+            bytes,
+            format: DocumentFormat::Cbor
+        }));
+    }
+
+    fn delete(&self, deployment: &str) {
+        assert!(self.inbox.send(Input::Deleted { deployment: name(deployment) }));
+    }
+
+    /// Waits until `check` holds for the published status; returns it.
+    async fn until(&mut self, what: &str, check: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
+        let waited = tokio::time::timeout(WAIT, async {
+            loop {
+                {
+                    let status = self.status.borrow_and_update();
+                    if check(&status) {
+                        return status.clone();
+                    }
+                }
+                self.status.changed().await.expect("controller alive");
+            }
+        })
+        .await;
+        match waited {
+            Ok(status) => status,
+            Err(_) => {
+                panic!("timed out waiting for {what}; last status: {:#?}", self.status.borrow().deployments)
+            }
+        }
+    }
+
+    async fn until_phase(&mut self, deployment: &str, generation: u64, phase: Phase) -> DeploymentStatus {
+        let n = name(deployment);
+        let status = self
+            .until(&format!("{deployment} {phase:?} at {generation}"), |s| {
+                s.deployments.get(&n).is_some_and(|d| d.phase == phase && d.desired_generation == generation)
+            })
+            .await;
+        status.deployments[&n].clone()
+    }
+
+    async fn applied(&mut self, deployment: &str, generation: u64) -> DeploymentStatus {
+        let n = name(deployment);
+        let status = self
+            .until(&format!("{deployment} applied at {generation}"), |s| {
+                s.deployments
+                    .get(&n)
+                    .is_some_and(|d| d.phase == Phase::Applied && d.observed_generation == generation)
+            })
+            .await;
+        status.deployments[&n].clone()
+    }
+
+    /// Shuts down and returns how long it took.
+    async fn stop(mut self) -> Duration {
+        let started = std::time::Instant::now();
+        let _ = self.shutdown.take().unwrap().send(());
+        tokio::time::timeout(WAIT, &mut self.task).await.expect("bounded shutdown").unwrap();
+        started.elapsed()
+    }
+}
+
+fn name(text: &str) -> DeploymentName {
+    DeploymentName::new(text).unwrap()
+}
+
+fn doc(deployment: &str, generation: u64, scores: Value) -> Vec<u8> {
+    doc_for("dev-1", deployment, generation, scores)
+}
+
+fn doc_for(device: &str, deployment: &str, generation: u64, scores: Value) -> Vec<u8> {
+    let value =
+        json!({"device_id": device, "deployment": deployment, "generation": generation, "scores": scores});
+    let doc: DesiredState = serde_json::from_value(value).unwrap();
+    encode(&doc).unwrap()
+}
+
+fn file(path: &str, content: &str) -> Value {
+    json!({"type": "harmony.file/v1", "path": path, "content": content})
+}
+
+fn dir_score(path: &str) -> Value {
+    json!({"type": "harmony.directory/v1", "path": path})
+}
+
+fn sleep(name: &str, millis: u64) -> Value {
+    json!({"type": "test.sleep/v1", "name": name, "millis": millis})
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_document_is_applied_and_an_unchanged_redelivery_runs_nothing() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([file("/etc/motd", "hello\n")]));
+    let status = agent.applied("web", 1).await;
+    assert_eq!(read(&device.root("/etc/motd")), "hello\n");
+    assert_eq!(status.observed_digest, status.desired_digest);
+    assert!(status.observed_digest.as_deref().unwrap().starts_with("sha256:"));
+    let before = status.last_attempt_at_ms;
+    agent.offer("web", 1, json!([file("/etc/motd", "hello\n")]));
+    agent.offer("other", 1, json!([file("/other", "x")]));
+    let status = agent.applied("other", 1).await;
+    assert_eq!(status.observed_generation, 1);
+    let web = &agent.status.borrow().deployments[&name("web")].clone();
+    assert_eq!(web.last_attempt_at_ms, before, "the same document delivered again did not run again");
+    agent.stop().await;
+}
+
+// Issue 6 §3: `/shared` in one deployment and `//shared` in another were
+// both applied; a file and a directory at one path were not caught either.
+#[tokio::test]
+async fn aliases_and_a_file_against_a_directory_conflict_across_deployments() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("a", 1, json!([file("/shared", "from a")]));
+    agent.applied("a", 1).await;
+    agent.offer("b", 1, json!([file("//shared/", "from b")]));
+    let b = agent.until_phase("b", 1, Phase::Rejected).await;
+    assert_eq!(b.error.as_ref().unwrap().kind, ErrorKind::ResourceConflict);
+    assert!(b.error.as_ref().unwrap().message.contains("path:/shared"), "{b:?}");
+    agent.offer("c", 1, json!([dir_score("/./shared")]));
+    let c = agent.until_phase("c", 1, Phase::Rejected).await;
+    assert_eq!(c.error.as_ref().unwrap().kind, ErrorKind::ResourceConflict);
+    assert_eq!(read(&device.root("/shared")), "from a");
+
+    // Deleting the refused deployment never removes what another owns.
+    agent.delete("b");
+    agent.offer("d", 1, json!([file("/d", "x")]));
+    agent.applied("d", 1).await;
+    assert_eq!(read(&device.root("/shared")), "from a");
+    agent.stop().await;
+}
+
+// Issue 6 §4: a document refused for a conflict stayed refused after the
+// owner was deleted.
+#[tokio::test]
+async fn a_conflict_clears_when_the_owner_is_deleted() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("a", 1, json!([file("/shared", "from a")]));
+    agent.applied("a", 1).await;
+    agent.offer("b", 1, json!([file("/shared", "from b")]));
+    agent.until_phase("b", 1, Phase::Rejected).await;
+    agent.delete("a");
+    let b = agent.applied("b", 1).await;
+    assert_eq!(b.error, None);
+    assert_eq!(read(&device.root("/shared")), "from b");
+    let status = agent
+        .until("a pruned", |s| s.deployments.get(&name("a")).is_some_and(|d| d.phase == Phase::Pruned))
+        .await;
+    assert_eq!(status.deployments[&name("a")].phase, Phase::Pruned);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_device_wrong_key_expired_and_replayed_documents_are_refused() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer_bytes("a", doc_for("dev-2", "a", 1, json!([file("/a", "x")])));
+    assert_eq!(agent.until_phase("a", 1, Phase::Rejected).await.error.unwrap().kind, ErrorKind::WrongDevice);
+    agent.offer_bytes("b", doc("other", 1, json!([file("/b", "x")])));
+    assert_eq!(
+        agent.until_phase("b", 1, Phase::Rejected).await.error.unwrap().kind,
+        ErrorKind::WrongDeployment
+    );
+    let mut expired: Value = serde_json::from_slice(&serde_json::to_vec(&json!({
+        "device_id": "dev-1", "deployment": "c", "generation": 1, "expires_at": 1, "scores": [file("/c", "x")]
+    })).unwrap()).unwrap();
+    expired["issued_at"] = json!(0);
+    let expired: DesiredState = serde_json::from_value(expired).unwrap();
+    agent.offer_bytes("c", encode(&expired).unwrap());
+    assert_eq!(agent.until_phase("c", 1, Phase::Rejected).await.error.unwrap().kind, ErrorKind::Expired);
+    assert!(!device.root("/a").exists() && !device.root("/b").exists() && !device.root("/c").exists());
+
+    // High-water mark: g2 applied, deleted, re-created at g3; an old g2 (or
+    // g1) replayed afterwards stays refused.
+    let g2 = doc("web", 2, json!([file("/web", "two")]));
+    agent.offer_bytes("web", g2.clone());
+    agent.applied("web", 2).await;
+    agent.delete("web");
+    agent
+        .until("web pruned", |s| s.deployments.get(&name("web")).is_some_and(|d| d.phase == Phase::Pruned))
+        .await;
+    agent.offer_bytes("web", g2.clone());
+    let web = agent.until_phase("web", 2, Phase::Rejected).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::StaleGeneration);
+    assert!(!device.root("/web").exists());
+    agent.offer("web", 3, json!([file("/web", "three")]));
+    agent.applied("web", 3).await;
+    // An older generation does not take the phase (the accepted one still
+    // holds); it is refused and nothing of it runs.
+    agent.offer("web", 1, json!([file("/web", "one")]));
+    agent.offer("marker", 1, json!([file("/marker", "x")]));
+    agent.applied("marker", 1).await;
+    let web = agent.status.borrow().deployments[&name("web")].clone();
+    assert_eq!((web.phase, web.observed_generation), (Phase::Applied, 3));
+    assert_eq!(read(&device.root("/web")), "three");
+    agent.stop().await;
+
+    // And after a restart, from the persisted high-water mark.
+    let mut agent = device.start().await;
+    agent.applied("web", 3).await;
+    agent.offer_bytes("web", g2);
+    agent.offer("marker2", 1, json!([file("/marker2", "x")]));
+    agent.applied("marker2", 1).await;
+    assert_eq!(agent.status.borrow().deployments[&name("web")].observed_generation, 3);
+    assert_eq!(read(&device.root("/web")), "three");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn corrupt_input_is_rejected_and_the_last_good_generation_keeps_running() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([file("/web", "one")]));
+    agent.applied("web", 1).await;
+    let mut truncated = doc("web", 2, json!([file("/web", "two")]));
+    truncated.truncate(truncated.len() - 5);
+    agent.offer_bytes("web", truncated);
+    let web =
+        agent.until("truncated g2 refused", |s| s.deployments[&name("web")].phase == Phase::Rejected).await;
+    assert_eq!(web.deployments[&name("web")].error.as_ref().unwrap().kind, ErrorKind::Truncated);
+    assert_eq!(web.deployments[&name("web")].observed_generation, 1);
+    // An invalid Score (a setuid mode) refuses the whole document before any Score runs.
+    let mut bad = json!({"device_id": "dev-1", "deployment": "web", "generation": 3,
+        "scores": [file("/first", "x"), {"type": "harmony.file/v1", "path": "/x", "mode": 0o4755}]});
+    let cbor = {
+        let mut out = Vec::new();
+        ciborium::into_writer(&bad.take(), &mut out).unwrap();
+        out
+    };
+    agent.offer_bytes("web", cbor);
+    let web = agent.until_phase("web", 3, Phase::Rejected).await;
+    let error = web.error.unwrap();
+    assert_eq!(error.kind, ErrorKind::InvalidScore);
+    assert!(error.message.contains("#1") && error.message.contains("mode"), "{}", error.message);
+    assert!(!device.root("/first").exists(), "nothing of a refused document runs");
+    assert_eq!(read(&device.root("/web")), "one");
+    agent.stop().await;
+}
+
+// Issue 6 §1: one long Score held up every other deployment, commands and shutdown.
+#[tokio::test]
+async fn a_long_score_delays_neither_another_deployment_nor_shutdown() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("slow", 1, json!([sleep("slow", 60_000)]));
+    let slow = agent
+        .until("slow applying", |s| {
+            s.deployments
+                .get(&name("slow"))
+                .is_some_and(|d| d.current_score.as_deref() == Some("1/1 sleep [slow]"))
+        })
+        .await;
+    assert_eq!(slow.deployments[&name("slow")].phase, Phase::Applying);
+    agent.offer("fast", 1, json!([file("/fast", "x")]));
+    agent.applied("fast", 1).await;
+    let (reply, answer) = oneshot::channel();
+    agent.inbox.command(Command::ReconcileNow { reply });
+    let text = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    assert!(text.contains("1 running"), "{text}");
+    // The sleeping Score ignores cancellation: shutdown aborts it after the grace period.
+    let took = agent.stop().await;
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    assert!(!device.root("/slept-slow").exists());
+}
+
+// Issue 6 §1: a newer generation waited for the older one's run to finish.
+#[tokio::test]
+async fn a_newer_generation_supersedes_a_run_at_the_next_score_boundary() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    let first = json!({"type": "test.sleep/v1", "name": "a", "millis": 60_000, "honour_cancel": true});
+    agent.offer("web", 1, json!([first, sleep("b", 0), file("/web", "one")]));
+    agent
+        .until("g1 running its first Score", |s| {
+            s.deployments
+                .get(&name("web"))
+                .is_some_and(|d| d.current_score.as_deref() == Some("1/3 sleep [a]"))
+        })
+        .await;
+    agent.offer("web", 2, json!([file("/web", "two")]));
+    let web = agent.applied("web", 2).await;
+    assert_eq!(web.superseded_generation, Some(1));
+    assert_eq!(read(&device.root("/web")), "two");
+    assert!(!device.root("/slept-b").exists(), "g1 stopped at the boundary after the cancelled Score");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_interpret_past_its_time_limit_fails_with_kind_timeout_and_is_retried() {
+    let device = Device::new();
+    let mut agent = device
+        .start_with(|s| {
+            s.timeouts.per_tag.insert("test.sleep/v1".into(), Duration::from_millis(200));
+        })
+        .await;
+    agent.offer("web", 1, json!([sleep("long", 30_000), file("/after", "x")]));
+    let web = agent.until_phase("web", 1, Phase::Failed).await;
+    assert_eq!(web.scores[0].status, InterpretStatus::FAILURE);
+    assert_eq!(web.scores[0].error_kind, Some(harmony_topology::InterpretErrorKind::Timeout));
+    assert!(web.scores[1].is_ok(), "a failing Score does not stop the next");
+    assert_eq!(web.error.unwrap().kind, ErrorKind::ScoresFailed);
+    assert_eq!(web.observed_generation, 0);
+    agent.stop().await;
+}
+
+// Issue 6 §8: a newer generation replaces a failing one's retry.
+#[tokio::test]
+async fn a_newer_generation_supersedes_a_retrying_one() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    let failing = json!({"type": "test.sleep/v1", "name": "f", "millis": 0, "fail": true});
+    agent.offer("web", 1, json!([failing]));
+    agent.until_phase("web", 1, Phase::Failed).await;
+    agent.offer("web", 2, json!([file("/web", "two")]));
+    let web = agent.applied("web", 2).await;
+    assert_eq!(web.error, None);
+    agent.stop().await;
+}
+
+// Issue 6 §8: a prune that fails is reported and retried, and the resource stays owned.
+#[tokio::test]
+async fn a_failed_prune_is_reported_kept_owned_and_retried() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([dir_score("/data")]));
+    agent.applied("web", 1).await;
+    std::fs::write(device.root("/data/keep"), "user data").unwrap();
+    agent.delete("web");
+    let web = agent.until("prune failed", |s| s.deployments[&name("web")].phase == Phase::Failed).await;
+    let web = &web.deployments[&name("web")];
+    assert_eq!(web.error.as_ref().unwrap().kind, ErrorKind::PruneFailed);
+    assert!(web.scores[0].message.starts_with("pruned:"), "{:?}", web.scores);
+    // Another deployment cannot take the path while the undo is pending.
+    agent.offer("other", 1, json!([dir_score("/data")]));
+    agent.until_phase("other", 1, Phase::Rejected).await;
+    std::fs::remove_file(device.root("/data/keep")).unwrap();
+    // The retry (backoff 2 s) undoes it; the refused deployment is then accepted.
+    agent.applied("other", 1).await;
+    assert!(device.root("/data").is_dir());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_disk_and_finishes_an_interrupted_prune() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([file("/a", "1"), file("/b", "2")]));
+    agent.applied("web", 1).await;
+    agent.stop().await;
+    // Simulate a crash after g2 was accepted (persisted) but before its prune ran.
+    let store = Store::open(&device.state()).unwrap();
+    let mut loaded = store.load_all().unwrap();
+    let (_, record) = loaded.remove(0);
+    let mut record = record.unwrap();
+    let g2 = doc("web", 2, json!([file("/a", "1")]));
+    record.document = Some(StoredDocument {
+        digest: document_digest(&g2),
+        bytes: g2,
+        format: DocumentFormat::Cbor,
+        generation: 2,
+    });
+    store.save(&name("web"), &record).unwrap();
+    drop(store);
+    std::fs::remove_file(device.root("/a")).unwrap(); // drift while down
+
+    let mut agent = device.start().await;
+    agent.applied("web", 2).await;
+    assert_eq!(read(&device.root("/a")), "1");
+    assert!(!device.root("/b").exists(), "the interrupted prune finished");
+    agent.stop().await;
+}
+
+// Issue 6 §5: a corrupt record was logged and skipped, its resources leaked,
+// and the next save overwrote it.
+#[tokio::test]
+async fn a_corrupt_record_is_reported_as_state_unreadable_and_kept() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([file("/a", "1")]));
+    agent.applied("web", 1).await;
+    agent.stop().await;
+    let path = device.state().join("deployments/web.state");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let mut agent = device.start().await;
+    let status = agent
+        .until("state_unreadable", |s| s.deployments.get(&name("web")).is_some_and(|d| d.error.is_some()))
+        .await;
+    let web = &status.deployments[&name("web")];
+    assert_eq!(web.error.as_ref().unwrap().kind, ErrorKind::StateUnreadable);
+    assert_eq!(web.phase, Phase::Failed);
+    let kept: Vec<_> = std::fs::read_dir(device.state().join("deployments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".unreadable-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(std::fs::read(&kept[0]).unwrap(), bytes);
+    // The source delivers the key again: the deployment recovers.
+    agent.offer("web", 1, json!([file("/a", "1")]));
+    agent.applied("web", 1).await;
+    agent.stop().await;
+}
+
+// Issue 6 §5: a record whose Scores this agent cannot decode (a rollback to
+// a version without the tag) is kept byte for byte and reported.
+#[tokio::test]
+async fn a_record_this_agent_cannot_run_is_reported_and_kept_byte_for_byte() {
+    let device = Device::new();
+    let store = Store::open(&device.state()).unwrap();
+    let unknown = {
+        let value = json!({"device_id": "dev-1", "deployment": "web", "generation": 4,
+            "scores": [{"type": "future.thing/v9", "path": "/x"}]});
+        let mut out = Vec::new();
+        ciborium::into_writer(&value, &mut out).unwrap();
+        out
+    };
+    let record = DeploymentRecord {
+        document: Some(StoredDocument {
+            digest: document_digest(&unknown),
+            bytes: unknown.clone(),
+            format: DocumentFormat::Cbor,
+            generation: 4,
+        }),
+        observed_generation: 4,
+        high_water: Some(HighWater { generation: 4, digest: document_digest(&unknown) }),
+        ..Default::default()
+    };
+    store.save(&name("web"), &record).unwrap();
+    drop(store);
+    let mut agent = device.start().await;
+    let status = agent
+        .until("unrunnable", |s| s.deployments.get(&name("web")).is_some_and(|d| d.error.is_some()))
+        .await;
+    let web = &status.deployments[&name("web")];
+    assert_eq!(web.error.as_ref().unwrap().kind, ErrorKind::UnknownScoreTags);
+    assert!(web.error.as_ref().unwrap().message.contains("future.thing/v9"));
+    agent.stop().await;
+    let reloaded = Store::open(&device.state()).unwrap().load_all().unwrap().remove(0).1.unwrap();
+    assert_eq!(reloaded.document.unwrap().bytes, unknown, "the record is not re-encoded");
+}
+
+// Issue 6 §5: a failure to persist made the run `applied` anyway.
+#[tokio::test]
+async fn a_failure_to_persist_fails_the_deployment_and_nothing_runs() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([file("/a", "1")]));
+    agent.applied("web", 1).await;
+    // The records folder becomes a file: every save fails (even as root).
+    let records = device.state().join("deployments");
+    std::fs::rename(&records, device.state().join("moved")).unwrap();
+    std::fs::write(&records, b"not a folder").unwrap();
+    agent.offer("web", 2, json!([file("/a", "2")]));
+    let web = agent.until_phase("web", 2, Phase::Failed).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::PersistFailed);
+    assert_eq!(web.observed_generation, 1);
+    assert_eq!(read(&device.root("/a")), "1", "an unpersisted document does not run");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn deployments_run_in_parallel_up_to_the_bound() {
+    let device = Device::new();
+    let mut agent = device.start_with(|s| s.max_parallel = 2).await;
+    for n in ["a", "b", "c"] {
+        agent.offer(n, 1, json!([sleep(n, 60_000)]));
+    }
+    let status = agent
+        .until("two running", |s| s.deployments.values().filter(|d| d.current_score.is_some()).count() == 2)
+        .await;
+    assert!(status.deployments.get(&name("c")).is_none_or(|d| d.current_score.is_none()));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_agent_on_one_state_directory_is_refused() {
+    let device = Device::new();
+    let agent = device.start().await;
+    let config = crate::ConfigLayer {
+        device_id: Some("dev-1".into()),
+        state_dir: Some(device.state()),
+        root: Some(device.dir.path().join("root")),
+        source: Some(format!("dir:{}", device.dir.path().display())),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let err = crate::run(config, async {}).await.unwrap_err();
+    assert!(matches!(err, crate::DaemonError::StateFailed(crate::StoreError::Locked { .. })), "{err:?}");
+    agent.stop().await;
+}
+
+// Issue 6 §6: two documents with a 600 kB invalid device id grew status past
+// the server's payload limit, and the device stopped reporting for good.
+#[tokio::test]
+async fn huge_invalid_values_cannot_grow_status_past_its_bound() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    for deployment in ["a", "b"] {
+        let value = json!({"device_id": "x".repeat(600_000) + "\u{1b}[31m", "deployment": deployment, "generation": 1, "scores": []});
+        let mut out = Vec::new();
+        ciborium::into_writer(&value, &mut out).unwrap();
+        agent.offer_bytes(deployment, out);
+    }
+    let status = agent
+        .until("both refused", |s| {
+            ["a", "b"].iter().all(|n| s.deployments.get(&name(n)).is_some_and(|d| d.phase == Phase::Rejected))
+        })
+        .await;
+    for d in status.deployments.values() {
+        let message = &d.error.as_ref().unwrap().message;
+        assert!(message.len() <= harmony_score_wire::MAX_MESSAGE_BYTES, "{}", message.len());
+        assert!(!message.contains('\u{1b}'));
+    }
+    assert!(harmony_score_wire::to_cbor(&status).len() < 16 * 1024);
+    agent.stop().await;
+}

@@ -1,0 +1,307 @@
+//! One deployment's state machine: what it holds, whether a document may be accepted, its phase and status, and the retry policy.
+//!
+//! Everything here is pure: no I/O, no clock reads except through
+//! arguments. The controller feeds it events and does the I/O.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harmony_score_wire::{
+    DeploymentName, DeploymentStatus, DesiredState, DeviceId, ErrorKind, Phase, ResourceId, ScoreStatus,
+    StatusError,
+};
+use harmony_topology::RunSignal;
+
+use crate::store::{DeploymentRecord, DocumentFormat};
+
+/// How long a pruned deployment stays in status (as `pruned`) before the
+/// agent forgets it; operators waiting for a prune also accept its absence.
+pub const FORGET_PRUNED_AFTER: Duration = Duration::from_secs(600);
+
+/// Delay before retry number `attempt` (0-based) of a failed deployment:
+/// doubling from 2 s up to 5 min, stretched by `jitter` (0.0–1.0) of up to
+/// a quarter so a fleet that failed together does not retry together.
+pub fn backoff(attempt: u32, jitter: f64) -> Duration {
+    let base = Duration::from_secs(2).saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX));
+    let capped = base.min(Duration::from_secs(300));
+    capped.mul_f64(1.0 + jitter.clamp(0.0, 1.0) / 4.0)
+}
+
+/// What to do after a run (kube-runtime's `error_policy`, as a pure function).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing until something changes (or the next resync).
+    AwaitChange,
+    /// Run again after this long.
+    RequeueAfter(Duration),
+}
+
+/// Decides the requeue after a run: a run that held needs nothing; a failed
+/// one (Scores, undos, or persisting) is retried with [`backoff`]; one that
+/// was superseded is rerun by whoever superseded it.
+pub fn error_policy(result_ok: bool, cancelled: bool, attempt: u32, jitter: f64) -> Action {
+    if result_ok || cancelled {
+        Action::AwaitChange
+    } else {
+        Action::RequeueAfter(backoff(attempt, jitter))
+    }
+}
+
+/// An accepted document, decoded, with the resources its Scores name.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The document.
+    pub doc: Arc<DesiredState>,
+    /// `resource()` of each Score, in order.
+    pub resources: Vec<ResourceId>,
+}
+
+impl Accepted {
+    /// Wraps a decoded document.
+    pub fn new(doc: DesiredState) -> Self {
+        let resources = doc.scores.iter().map(|s| s.resource()).collect();
+        Self { doc: Arc::new(doc), resources }
+    }
+}
+
+/// A run in progress.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// Its id.
+    pub run_id: u64,
+    /// The generation it applies (`None`: prune of a deleted deployment).
+    pub generation: Option<u64>,
+    /// Raised to supersede it.
+    pub signal: RunSignal,
+    /// The Score in progress.
+    pub current: Option<String>,
+}
+
+/// The result of the last finished run.
+#[derive(Debug, Clone)]
+pub struct LastRun {
+    /// Per Score, in order.
+    pub scores: Vec<ScoreStatus>,
+    /// Undos that failed.
+    pub prune_failures: usize,
+    /// Whether everything held.
+    pub ok: bool,
+    /// When it ended.
+    pub at_ms: u64,
+}
+
+/// A document that was refused, and why.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    /// Its generation, when it could be read.
+    pub generation: Option<u64>,
+    /// Its digest.
+    pub digest: String,
+    /// Why.
+    pub error: StatusError,
+    /// Its bytes, kept when the reason may clear ([`ErrorKind::may_clear`])
+    /// so the controller can offer it again.
+    pub retry_bytes: Option<(Vec<u8>, DocumentFormat)>,
+}
+
+/// Whether an offered document may be accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A new generation: accept and run it.
+    Accept,
+    /// The document already accepted: nothing to do.
+    Unchanged,
+    /// Refused.
+    Reject(ErrorKind, String),
+}
+
+/// One deployment as the controller tracks it.
+#[derive(Debug, Default)]
+pub struct Deployment {
+    /// What is persisted.
+    pub record: DeploymentRecord,
+    /// The accepted document, decoded (`None` when deleted, or when this
+    /// agent cannot decode the persisted bytes: see `failure`).
+    pub document: Option<Accepted>,
+    /// The last finished run.
+    pub last_run: Option<LastRun>,
+    /// The newest refused document, until a newer one is accepted.
+    pub rejected: Option<Rejection>,
+    /// A failure of the deployment as a whole (unreadable or unrunnable
+    /// persisted state, a failed save).
+    pub failure: Option<StatusError>,
+    /// Deleted and fully undone (when), reported as `pruned` until forgotten.
+    pub pruned_at: Option<Instant>,
+    /// Failed: the attempt number and when the next is due.
+    pub retry: Option<(u32, Instant)>,
+    /// The run in progress.
+    pub running: Option<Running>,
+    /// Run again once the current run ends.
+    pub rerun: bool,
+    /// The last generation whose run was superseded.
+    pub superseded_generation: Option<u64>,
+    /// Failures found before the run started (undos this agent cannot
+    /// decode), added to its result.
+    pub pending_failures: Vec<ScoreStatus>,
+}
+
+impl Deployment {
+    /// The accepted generation.
+    pub fn generation(&self) -> Option<u64> {
+        self.record.document.as_ref().map(|d| d.generation)
+    }
+
+    /// Whether status lists it: anything but a bare high-water mark.
+    pub fn is_visible(&self) -> bool {
+        !self.record.is_tombstone()
+            || self.last_run.is_some()
+            || self.rejected.is_some()
+            || self.failure.is_some()
+            || self.pruned_at.is_some()
+            || self.running.is_some()
+    }
+
+    /// Whether there is anything to run: a document, or resources to undo.
+    pub fn has_work(&self) -> bool {
+        self.pruned_at.is_none() && (self.document.is_some() || !self.record.owned.is_empty())
+    }
+
+    /// Every resource this deployment holds or wants: the accepted
+    /// document's and everything owned not yet undone.
+    pub fn resources(&self) -> impl Iterator<Item = &ResourceId> + '_ {
+        let owned = self.record.owned.iter().map(|o| &o.resource);
+        owned.chain(self.wanted())
+    }
+
+    /// The resources the accepted document names.
+    pub fn wanted(&self) -> impl Iterator<Item = &ResourceId> + '_ {
+        self.document.iter().flat_map(|d| d.resources.iter())
+    }
+
+    /// Judges a decoded document against this deployment alone (the
+    /// controller checks resources against the others).
+    pub fn judge(
+        &self,
+        device: &DeviceId,
+        name: &DeploymentName,
+        doc: &DesiredState,
+        digest: &str,
+        now_secs: u64,
+    ) -> Verdict {
+        if doc.device_id != *device {
+            return Verdict::Reject(
+                ErrorKind::WrongDevice,
+                format!("document is for device {}, not {device}", doc.device_id),
+            );
+        }
+        if doc.deployment != *name {
+            return Verdict::Reject(
+                ErrorKind::WrongDeployment,
+                format!("document names deployment {}, key is {name}", doc.deployment),
+            );
+        }
+        if let Some(hw) = &self.record.high_water {
+            let same = digest == hw.digest;
+            let current = self.record.document.as_ref().is_some_and(|d| d.digest == digest);
+            if doc.generation == hw.generation && same && current {
+                return Verdict::Unchanged;
+            }
+            if doc.generation <= hw.generation {
+                let why = if doc.generation < hw.generation {
+                    "is older than"
+                } else if same {
+                    "was deleted after being accepted as"
+                } else {
+                    "has other content than the accepted"
+                };
+                return Verdict::Reject(
+                    ErrorKind::StaleGeneration,
+                    format!("generation {} {why} generation {}", doc.generation, hw.generation),
+                );
+            }
+        }
+        if let Some(expires_at) = doc.expires_at {
+            if expires_at <= now_secs {
+                return Verdict::Reject(
+                    ErrorKind::Expired,
+                    format!("document expired at {expires_at} (seconds since the epoch)"),
+                );
+            }
+        }
+        Verdict::Accept
+    }
+
+    /// Status is derived, never stored: one place decides the phase.
+    pub fn status(&self) -> DeploymentStatus {
+        let accepted = self.generation().unwrap_or(0);
+        let rejected = self
+            .rejected
+            .as_ref()
+            .filter(|r| self.record.document.is_none() || r.generation.is_none_or(|g| g > accepted));
+        let last_failed = self.last_run.as_ref().filter(|r| !r.ok);
+        let (phase, error) = if self.pruned_at.is_some() {
+            (Phase::Pruned, None)
+        } else if let Some(r) = rejected {
+            (Phase::Rejected, Some(r.error.clone()))
+        } else if self.running.is_some() {
+            (Phase::Applying, None)
+        } else if let Some(failure) = &self.failure {
+            (Phase::Failed, Some(failure.clone()))
+        } else if let Some(run) = last_failed {
+            let bad = run.scores.iter().filter(|s| !s.is_ok()).count();
+            let (kind, message) = if bad == run.prune_failures {
+                (ErrorKind::PruneFailed, format!("{bad} undos of pruned resources failed; retrying"))
+            } else {
+                (ErrorKind::ScoresFailed, format!("{bad} of {} scores failed; retrying", run.scores.len()))
+            };
+            (Phase::Failed, Some(StatusError::new(kind, message)))
+        } else if self.last_run.is_some() && self.record.observed_generation == accepted {
+            (Phase::Applied, None)
+        } else {
+            (Phase::Applying, None)
+        };
+        let desired_generation = accepted
+            .max(self.record.observed_generation)
+            .max(self.rejected.as_ref().and_then(|r| r.generation).unwrap_or(0));
+        let desired_digest = match rejected {
+            Some(r) if r.generation.is_some_and(|g| g >= accepted) => Some(r.digest.clone()),
+            _ => self.record.document.as_ref().map(|d| d.digest.clone()),
+        };
+        DeploymentStatus {
+            desired_generation,
+            observed_generation: self.record.observed_generation,
+            phase,
+            scores: self.last_run.as_ref().map(|r| r.scores.clone()).unwrap_or_default(),
+            error,
+            last_attempt_at_ms: self.last_run.as_ref().map_or(0, |r| r.at_ms),
+            last_applied_at_ms: self.record.last_applied_at_ms,
+            desired_digest,
+            observed_digest: self.record.observed_digest.clone(),
+            current_score: self.running.as_ref().and_then(|r| r.current.clone()),
+            superseded_generation: self.superseded_generation,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters_up_to_a_quarter() {
+        assert_eq!(backoff(0, 0.0), Duration::from_secs(2));
+        assert_eq!(backoff(1, 0.0), Duration::from_secs(4));
+        assert_eq!(backoff(5, 0.0), Duration::from_secs(64));
+        assert_eq!(backoff(8, 0.0), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX, 0.0), Duration::from_secs(300));
+        assert_eq!(backoff(0, 1.0), Duration::from_millis(2500));
+        assert_eq!(backoff(0, 7.0), Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn the_error_policy_requeues_only_failures() {
+        assert_eq!(error_policy(true, false, 3, 0.0), Action::AwaitChange);
+        assert_eq!(error_policy(false, true, 3, 0.0), Action::AwaitChange);
+        assert_eq!(error_policy(false, false, 1, 0.0), Action::RequeueAfter(Duration::from_secs(4)));
+    }
+}
