@@ -47,6 +47,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 /// A free TCP port on loopback (closed again, so a server can take it).
+/// Prefer letting the server pick its own port (see [`NatsServer::start`]):
+/// between this call and the server's bind another test may take the port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
@@ -75,7 +77,9 @@ impl NatsServer {
 
     fn start_with(config: Option<String>) -> Self {
         let store = tempfile::tempdir().expect("store dir");
-        let mut server = Self { child: None, port: free_port(), store, config };
+        // Port 0: the server binds a port of its own choosing and says which
+        // in its ports file, so parallel tests never race for one.
+        let mut server = Self { child: None, port: 0, store, config };
         server.spawn();
         server
     }
@@ -100,8 +104,13 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        let ports_dir = self.store.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        // -1: a random free port (first start); a restart keeps the port.
+        let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
         let mut command = Command::new(nats_server_bin());
-        command.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"]).arg(self.store.path());
+        command.args(["-js", "-a", "127.0.0.1", "-p", &port, "--ports_file_dir"]).arg(&ports_dir).arg("-sd").arg(self.store.path());
         if let Some(config) = &self.config {
             let path = self.store.path().join("server.conf");
             std::fs::write(&path, config).expect("write server config");
@@ -110,11 +119,29 @@ impl NatsServer {
         let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start nats-server");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
+        if self.port == 0 {
+            self.port = loop {
+                if let Some(port) = read_ports_file(&ports_dir) {
+                    break port;
+                }
+                assert!(Instant::now() < deadline, "nats-server wrote no ports file");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+        }
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server did not listen on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The client port from the `*.ports` file nats-server writes
+/// (`{"nats":["nats://127.0.0.1:PORT"]}`).
+fn read_ports_file(dir: &Path) -> Option<u16> {
+    let entry = std::fs::read_dir(dir).ok()?.filter_map(Result::ok).find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
+    let url = value["nats"].get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }
 
 impl Drop for NatsServer {
@@ -237,4 +264,111 @@ pub async fn report_status(client: &harmony_fleet::FleetClient, status: &harmony
     let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.expect("status bucket");
     let bytes = harmony_score_wire::to_cbor(status);
     within(kv.put(status_key(&status.device_id), bytes.into())).await.expect("status written");
+}
+
+/// An agent running in this test process through the library's
+/// [`harmony_agent::run`]: what the binary runs, without a process per
+/// device, so one test can run hundreds. Stopped (and awaited) by
+/// [`InProcessAgent::stop`], aborted on drop.
+pub struct InProcessAgent {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), harmony_agent::DaemonError>>>,
+}
+
+impl InProcessAgent {
+    /// Starts an agent with `config` on the current runtime.
+    pub fn start(config: harmony_agent::AgentConfig) -> Self {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(harmony_agent::run(config, async {
+            let _ = rx.await;
+        }));
+        Self { shutdown: Some(tx), task: Some(task) }
+    }
+
+    /// Asks the agent to shut down and waits for it (at most [`WAIT`]).
+    pub async fn stop(mut self) -> Result<(), harmony_agent::DaemonError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().expect("running");
+        within(task).await.expect("agent task")
+    }
+}
+
+impl Drop for InProcessAgent {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The configuration of a NATS-following agent for `device`, with its state
+/// and root under `dir`, a resync of an hour (convergence must come from
+/// the live path, not from the timer) and a heartbeat of `heartbeat_secs`.
+pub fn agent_config(device: &str, nats_url: &str, dir: &Path, heartbeat_secs: u64) -> harmony_agent::AgentConfig {
+    std::fs::create_dir_all(dir.join("root")).expect("root dir");
+    harmony_agent::ConfigLayer {
+        device_id: Some(device.to_owned()),
+        nats: Some(vec![nats_url.to_owned()]),
+        state_dir: Some(dir.join("state")),
+        root: Some(dir.join("root")),
+        resync_secs: Some(3600),
+        heartbeat_secs: Some(heartbeat_secs),
+        ..Default::default()
+    }
+    .resolve()
+    .expect("valid agent config")
+}
+
+/// Waits until the status `device` reports satisfies `check`, following
+/// every status write (a core subscription on the status key's subject,
+/// then a read, so nothing written in between is missed); panics after [`WAIT`].
+pub async fn until_status(
+    client: &harmony_fleet::FleetClient,
+    device: &harmony_score_wire::DeviceId,
+    what: &str,
+    check: impl Fn(&harmony_score_wire::AgentStatus) -> bool,
+) -> harmony_score_wire::AgentStatus {
+    use futures_util::StreamExt;
+    use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
+    let subject = format!("$KV.{AGENT_STATUS_BUCKET}.{}", status_key(device));
+    let mut writes = within(client.nats().subscribe(subject)).await.expect("subscribe to status");
+    let mut last = None;
+    let waited = tokio::time::timeout(WAIT, async {
+        if let Ok(Some((status, _))) = client.device_status(device).await {
+            if check(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+        while let Some(message) = writes.next().await {
+            if let Ok(status) = harmony_score_wire::from_cbor::<harmony_score_wire::AgentStatus>(&message.payload, 1 << 20, "status") {
+                if check(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+        }
+        panic!("status subscription ended")
+    })
+    .await;
+    match waited {
+        Ok(status) => status,
+        Err(_) => panic!("timed out waiting for {device} {what}; last status: {last:#?}"),
+    }
+}
+
+/// TEMPORARY until the fleet sets the republish itself.
+pub async fn ensure_republish(client: &harmony_fleet::FleetClient) {
+    use harmony_fleet::async_nats::jetstream::stream::Republish;
+    let js = client.jetstream();
+    let mut stream = js.get_stream("KV_harmony-desired-state").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.republish = Some(Republish {
+        source: harmony_score_wire::names::hint_republish_source(),
+        destination: harmony_score_wire::names::hint_republish_destination(),
+        headers_only: true,
+    });
+    js.update_stream(config).await.unwrap();
 }

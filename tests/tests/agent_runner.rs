@@ -1,0 +1,274 @@
+//! The agent's runner over a real nats-server, with agents in this process: long Scores, floods of generations, duplicates, deletes while down.
+//!
+//! Agents here resync once an hour: everything converges through the
+//! republished hints or not at all.
+
+use std::time::{Duration, Instant};
+
+use harmony_e2e::{agent_config, until_status, within, InProcessAgent, NatsServer, WAIT};
+use harmony_fleet::{DeployRequest, FleetClient};
+use harmony_score_wire::{
+    device_score, AgentStatus, DeploymentName, DeviceId, DeviceScore, ErrorKind, Phase, ResourceId,
+    ScoreValidationError,
+};
+use harmony_scores::{FileScore, PresenceState};
+use harmony_topology::{
+    async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory, LocalDeviceTopology,
+    Outcome, Score, Version,
+};
+use serde::{Deserialize, Serialize};
+
+/// A test-only Score that sleeps (ignoring cancellation), then writes a marker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SleepScore {
+    name: String,
+    millis: u64,
+}
+
+impl Score<LocalDeviceTopology> for SleepScore {
+    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
+        Box::new(SleepInterpret(self.clone()))
+    }
+    fn name(&self) -> String {
+        format!("sleep [{}]", self.name)
+    }
+}
+
+#[derive(Debug)]
+struct SleepInterpret(SleepScore);
+
+#[async_trait]
+impl Interpret<LocalDeviceTopology> for SleepInterpret {
+    async fn execute(&self, _: &Inventory, topology: &LocalDeviceTopology) -> Result<Outcome, InterpretError> {
+        tokio::time::sleep(Duration::from_millis(self.0.millis)).await;
+        std::fs::write(topology.root().join(format!("slept-{}", self.0.name)), b"done")
+            .map_err(|e| InterpretError::new(e.to_string()))?;
+        Ok(Outcome::success("slept"))
+    }
+    fn get_name(&self) -> InterpretName {
+        InterpretName::Custom("Sleep")
+    }
+    fn get_version(&self) -> Version {
+        Version::from("1.0.0")
+    }
+    fn get_status(&self) -> InterpretStatus {
+        InterpretStatus::QUEUED
+    }
+    fn get_children(&self) -> Vec<Id> {
+        Vec::new()
+    }
+}
+
+device_score! {
+    tag: "test.e2e-sleep/v1",
+    summary: "test only: sleeps, then writes a marker",
+    impl DeviceScore for SleepScore {
+        fn validate(&self) -> Result<(), ScoreValidationError> {
+            harmony_score_wire::validate::check_text("name", &self.name, 64)
+        }
+        fn resource(&self) -> ResourceId {
+            ResourceId::named("sleep", &self.name).expect("validated name")
+        }
+        fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+            None
+        }
+    }
+}
+
+struct Fleet {
+    nats: NatsServer,
+    client: FleetClient,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn new() -> Self {
+        harmony_scores::ensure_linked();
+        let nats = NatsServer::start();
+        let client = within(FleetClient::connect(&[nats.url()], None)).await.unwrap();
+        within(client.ensure_buckets()).await.unwrap();
+    harmony_e2e::ensure_republish(&client).await;
+        Self { nats, client, dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn agent(&self, device: &str, folder: &str) -> InProcessAgent {
+        InProcessAgent::start(agent_config(device, &self.nats.url(), &self.dir.path().join(folder), 3600))
+    }
+
+    fn root(&self, folder: &str, path: &str) -> std::path::PathBuf {
+        self.dir.path().join(folder).join("root").join(path.trim_start_matches('/'))
+    }
+
+    async fn deploy(&self, device: &DeviceId, deployment: &str, scores: Vec<Box<dyn DeviceScore>>) -> u64 {
+        let request = DeployRequest::new(device.clone(), name(deployment), scores).force(true);
+        within(self.client.deploy(request)).await.unwrap().generation
+    }
+
+    async fn online(&self, device: &DeviceId) -> AgentStatus {
+        until_status(&self.client, device, "online", |s| s.info.is_some()).await
+    }
+
+    async fn applied(&self, device: &DeviceId, deployment: &str, generation: u64) -> AgentStatus {
+        let n = name(deployment);
+        until_status(&self.client, device, &format!("{deployment} applied at {generation}"), |s| {
+            s.deployments.get(&n).is_some_and(|d| d.phase == Phase::Applied && d.observed_generation == generation)
+        })
+        .await
+    }
+}
+
+fn name(text: &str) -> DeploymentName {
+    DeploymentName::new(text).unwrap()
+}
+
+fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
+    Box::new(FileScore { path: path.into(), content: content.into(), mode: None, state: PresenceState::Present })
+}
+
+fn sleep(name: &str, millis: u64) -> Box<dyn DeviceScore> {
+    Box::new(SleepScore { name: name.into(), millis })
+}
+
+// Issue 6 §1/§8: while one Score ran, newer generations, deletes, commands
+// and SIGTERM all waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_score_delays_neither_another_deployment_nor_a_ping_nor_shutdown() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let agent = f.agent("dev-1", "dev-1");
+    f.online(&device).await;
+    f.deploy(&device, "slow", vec![sleep("slow", 120_000)]).await;
+    let slow = name("slow");
+    until_status(&f.client, &device, "slow applying", |s| {
+        s.deployments.get(&slow).is_some_and(|d| d.current_score.as_deref() == Some("1/1 sleep [slow]"))
+    })
+    .await;
+
+    let started = Instant::now();
+    let g = f.deploy(&device, "fast", vec![file("/fast", "x")]).await;
+    f.applied(&device, "fast", g).await;
+    let reply = within(f.client.ping(&device, Duration::from_secs(5))).await.unwrap();
+    assert!(reply.ok);
+    let reply = within(f.client.reconcile(&device, Duration::from_secs(5))).await.unwrap();
+    assert!(reply.ok && reply.message.contains("1 running"), "{reply:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    let stopping = Instant::now();
+    agent.stop().await.unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(15), "shutdown took {:?}", stopping.elapsed());
+    assert!(!f.root("dev-1", "/slept-slow").exists());
+}
+
+// Issue 6 §8: 1,000 generations written back to back to one deployment,
+// with the resync effectively off: the final one is always applied, and no
+// generation is ever reported applied that the device did not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_generations_back_to_back_end_with_the_last_applied() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent("dev-1", "dev-1");
+    f.online(&device).await;
+    let mut last = 0;
+    for i in 1..=1000u32 {
+        last = f.deploy(&device, "app", vec![file("/etc/app", &format!("{i}\n"))]).await;
+    }
+    assert_eq!(last, 1000);
+    let status = f.applied(&device, "app", last).await;
+    let app = &status.deployments[&name("app")];
+    assert_eq!(app.observed_digest, app.desired_digest);
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "1000\n");
+}
+
+// Issue 6 §6: two devices cloned from one image overwrote each other's
+// status silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_one_device_id_are_reported_as_duplicate_device() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let first = f.agent("dev-1", "clone-a");
+    let seen = f.online(&device).await;
+    let second = f.agent("dev-1", "clone-b");
+    until_status(&f.client, &device, "a second instance", |s| s.instance_id != seen.instance_id).await;
+    // Each write now conflicts with the other's: both report it.
+    f.deploy(&device, "app", vec![file("/a", "x")]).await;
+    let status = until_status(&f.client, &device, "duplicate_device", |s| {
+        s.errors.iter().any(|e| e.kind == ErrorKind::DuplicateDevice)
+    })
+    .await;
+    let error = status.errors.iter().find(|e| e.kind == ErrorKind::DuplicateDevice).unwrap();
+    assert!(error.message.contains("two devices share this device id"), "{}", error.message);
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+}
+
+// Issue 6 §8: a deployment deleted while the agent was down is pruned when
+// it comes back, from its own persisted state (the index no longer lists it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_deleted_while_the_agent_was_down_is_pruned_at_start() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let agent = f.agent("dev-1", "dev-1");
+    f.online(&device).await;
+    let g = f.deploy(&device, "app", vec![file("/etc/app", "x")]).await;
+    f.applied(&device, "app", g).await;
+    agent.stop().await.unwrap();
+
+    assert!(within(f.client.delete(&device, &name("app"))).await.unwrap());
+    let _agent = f.agent("dev-1", "dev-1");
+    let app = name("app");
+    until_status(&f.client, &device, "app pruned", |s| {
+        s.deployments.get(&app).is_some_and(|d| d.phase == Phase::Pruned)
+    })
+    .await;
+    assert!(!f.root("dev-1", "/etc/app").exists());
+}
+
+// Issue 6 §6: two documents with a 600 kB invalid device id grew the status
+// past the server's max payload, and the device stopped reporting for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_invalid_documents_do_not_stop_the_device_reporting() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent("dev-1", "dev-1");
+    f.online(&device).await;
+    let kv = within(f.client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
+    for deployment in ["a", "b"] {
+        let value = serde_json::json!({"device_id": format!("{}\u{1b}[2J", "X".repeat(600_000)),
+            "deployment": deployment, "generation": 1, "scores": []});
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&value, &mut bytes).unwrap();
+        within(kv.put(format!("dev-1.{deployment}"), bytes.into())).await.unwrap();
+    }
+    let status = until_status(&f.client, &device, "both refused", |s| {
+        ["a", "b"].iter().all(|n| s.deployments.get(&name(n)).is_some_and(|d| d.phase == Phase::Rejected))
+    })
+    .await;
+    assert_eq!(status.deployments[&name("a")].error.as_ref().unwrap().kind, ErrorKind::InvalidDeviceId);
+    // Still reporting: a later deployment lands and is reported.
+    let g = f.deploy(&device, "ok", vec![file("/ok", "x")]).await;
+    let status = f.applied(&device, "ok", g).await;
+    assert!(harmony_score_wire::to_cbor(&status).len() < 64 * 1024);
+    assert!(status.deployments.values().all(|d| d.error.as_ref().is_none_or(|e| !e.message.contains('\u{1b}'))));
+}
+
+// Issue 6 §8: the resync timer alone repairs drift (the one test where the
+// timer is what is tested, so it runs with a short resync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resync_timer_alone_repairs_drift() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let mut config = agent_config("dev-1", &f.nats.url(), &f.dir.path().join("dev-1"), 3600);
+    config.resync = Duration::from_secs(1);
+    let _agent = InProcessAgent::start(config);
+    f.online(&device).await;
+    let g = f.deploy(&device, "app", vec![file("/etc/app", "desired")]).await;
+    f.applied(&device, "app", g).await;
+    std::fs::write(f.root("dev-1", "/etc/app"), "drifted").unwrap();
+    within(async {
+        while std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap_or_default() != "desired" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let _ = WAIT;
+}
