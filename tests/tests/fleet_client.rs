@@ -271,7 +271,11 @@ async fn commands_map_no_responders_to_device_offline_and_check_replies() {
     let nats = async_nats::connect(server.url()).await.unwrap();
     let mut pings = nats.subscribe(command_subject(&device, "ping")).await.unwrap();
     let mut reconciles = nats.subscribe(command_subject(&device, "reconcile")).await.unwrap();
-    nats.flush().await.unwrap();
+    // `flush` only empties the socket; a message to itself proves the server
+    // processed the subscriptions before the requests below are sent.
+    let mut probe = nats.subscribe("probe").await.unwrap();
+    nats.publish("probe", Vec::new().into()).await.unwrap();
+    within(probe.next()).await.unwrap();
     let responder = tokio::spawn(async move {
         use harmony_fleet::async_nats::Subject;
         let reply = CommandReply {
