@@ -98,6 +98,13 @@ pub enum FleetError {
         /// The generation asked for.
         requested: u64,
     },
+    /// The key's generation is already `u64::MAX`: no newer generation exists,
+    /// so nothing was written (deploy under another deployment name).
+    #[error("{key} is at the last generation ({}); no newer one can be written", u64::MAX)]
+    GenerationExhausted {
+        /// The key.
+        key: String,
+    },
     /// The device did not list these Score tags as supported; nothing was written.
     #[error("device {device} does not support score tags {} (use --force to deploy anyway)", tags.join(", "))]
     UnsupportedScores {

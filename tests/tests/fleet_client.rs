@@ -1,4 +1,4 @@
-//! `FleetClient` against a real nats-server: buckets, deploy/delete with the index, tags, waits, commands.
+//! `FleetClient` against a real nats-server: buckets and hints, deploy/delete with the index, tags, waits, commands.
 //!
 //! No agent runs here: where a device would report, the test writes the
 //! device's `AgentStatus` into the status bucket itself.
@@ -10,10 +10,10 @@ use futures_util::StreamExt;
 use harmony_e2e::{report_status, reported_status, within, NatsServer, WAIT};
 use harmony_fleet::async_nats::{self, jetstream, HeaderMap};
 use harmony_fleet::{BucketAction, DeployRequest, FleetClient, FleetError};
-use harmony_score_wire::names::{command_subject, AGENT_STATUS_BUCKET};
+use harmony_score_wire::names::{command_subject, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
 use harmony_score_wire::{
-    to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus, DeviceId, DeviceScore, Phase,
-    StatusError,
+    encode, to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus, DesiredState, DeviceId,
+    DeviceScore, Phase, StatusError,
 };
 use harmony_scores::{DirectoryScore, FileScore, PresenceState};
 
@@ -69,6 +69,12 @@ async fn report(client: &FleetClient, status: &AgentStatus) {
 
 const ALL_TAGS: &[&str] = &["harmony.file/v1", "harmony.directory/v1"];
 
+/// The desired-state bucket, as another tool would open it.
+async fn desired_kv(client: &FleetClient) -> jetstream::kv::Store {
+    within(client.ensure_buckets()).await.unwrap();
+    within(client.jetstream().get_key_value(DESIRED_STATE_BUCKET)).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensure_buckets_is_idempotent_and_the_status_bucket_refuses_rollups() {
     let server = NatsServer::start();
@@ -122,7 +128,7 @@ async fn ensure_buckets_repairs_a_status_bucket_that_allows_rollups() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_writes_the_key_then_the_index_and_generations_only_grow() {
+async fn deploy_writes_the_index_then_the_key_and_generations_only_grow() {
     let server = NatsServer::start();
     let client = connect(&server).await;
     let device = dev("dev-1");
@@ -153,13 +159,106 @@ async fn deploy_writes_the_key_then_the_index_and_generations_only_grow() {
     let changed = within(client.deploy(deploy("d").skip_unchanged(true))).await.unwrap();
     assert_eq!((changed.generation, changed.changed), (11, true));
 
-    // Delete: marker on the key, gone from the index; a redeploy continues the numbering.
+    // Delete: marker on the key, a tombstone in the index; a redeploy continues the numbering.
     assert!(within(client.delete(&device, &name("web"))).await.unwrap());
     assert!(within(client.desired_state(&device, &name("web"))).await.unwrap().is_none());
-    assert!(within(client.deployment_index(&device)).await.unwrap().deployments.is_empty());
+    let index = within(client.deployment_index(&device)).await.unwrap();
+    assert!(index.deployments.is_empty(), "{index:?}");
+    assert_eq!(index.deleted, BTreeMap::from([(name("web"), 11)]));
     assert!(!within(client.delete(&device, &name("web"))).await.unwrap());
     assert_eq!(within(client.deploy(deploy("e"))).await.unwrap().generation, 12);
-    assert_eq!(within(client.deployment_index(&device)).await.unwrap().deployments[&name("web")], 12);
+    let index = within(client.deployment_index(&device)).await.unwrap();
+    assert_eq!(index.deployments, BTreeMap::from([(name("web"), 12)]));
+    assert!(index.deleted.is_empty(), "a redeploy removes the tombstone: {index:?}");
+}
+
+// Regression: a purge by another tool erased the key's history, the index
+// had forgotten the deleted deployment, and numbering restarted at 1 while
+// devices still held generation 3 (and refused 1 as stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbering_continues_after_a_delete_and_a_purge_by_another_tool() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let kv = desired_kv(&client).await;
+    let device = dev("dev-1");
+    let deploy = |content: &str| {
+        DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", content)]).force(true)
+    };
+    for (content, generation) in [("1", 1), ("2", 2), ("3", 3)] {
+        assert_eq!(within(client.deploy(deploy(content))).await.unwrap().generation, generation);
+    }
+    assert!(within(client.delete(&device, &name("web"))).await.unwrap());
+    within(kv.purge("dev-1.web")).await.unwrap();
+    let history: Vec<_> =
+        within(async { kv.history("dev-1.web").await.unwrap().collect::<Vec<_>>().await }).await;
+    assert_eq!(history.len(), 1, "only the purge marker is left");
+
+    let again = within(client.deploy(deploy("4"))).await.unwrap();
+    assert_eq!(again.generation, 4);
+    assert_eq!(within(client.desired_state(&device, &name("web"))).await.unwrap().unwrap().generation, 4);
+    let index = within(client.deployment_index(&device)).await.unwrap();
+    assert_eq!(index.deployments, BTreeMap::from([(name("web"), 4)]));
+    assert!(index.deleted.is_empty(), "{index:?}");
+
+    // A key purged without a delete (no tombstone): the index's live entry still counts.
+    within(kv.purge("dev-1.web")).await.unwrap();
+    assert_eq!(within(client.deploy(deploy("5"))).await.unwrap().generation, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbering_continues_after_the_highest_generation_in_the_keys_history() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let kv = desired_kv(&client).await;
+    // Another tool wrote generation 7, then (wrongly) 2, and the index knows neither.
+    for generation in [7, 2] {
+        let doc = DesiredState::new(dev("dev-1"), name("web"), generation, vec![file("/etc/web", "x")]);
+        within(kv.put("dev-1.web", encode(&doc).unwrap().into())).await.unwrap();
+    }
+    let request = DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "y")]).force(true);
+    assert_eq!(within(client.deploy(request)).await.unwrap().generation, 8);
+}
+
+// Regression: the key was written before the index, so a failed index write
+// left a key that a device which was offline could never discover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_index_write_leaves_no_key_behind() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let kv = desired_kv(&client).await;
+    within(kv.put("dev-1._index", b"not an index".to_vec().into())).await.unwrap();
+    let request = DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "x")]).force(true);
+    let err = within(client.deploy(request)).await.unwrap_err();
+    assert!(matches!(&err, FleetError::BadValue { key, .. } if key == "dev-1._index"), "{err:?}");
+    assert!(within(kv.entry("dev-1.web")).await.unwrap().is_none(), "the key must not be written");
+}
+
+// Regression: `prior + 1` overflowed (a panic in debug builds, generation 0 in release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_at_the_last_generation_is_a_typed_error_not_a_panic() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let device = dev("dev-1");
+    let deploy = |content: &str| {
+        DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", content)]).force(true)
+    };
+    let last = within(client.deploy(deploy("a").generation(Some(u64::MAX)))).await.unwrap();
+    assert_eq!(last.generation, u64::MAX);
+
+    let err = within(client.deploy(deploy("b"))).await.unwrap_err();
+    assert!(matches!(&err, FleetError::GenerationExhausted { key } if key == "dev-1.web"), "{err:?}");
+    let err = within(client.deploy(deploy("b").generation(Some(u64::MAX)))).await.unwrap_err();
+    assert!(matches!(err, FleetError::StaleGeneration { current: u64::MAX, .. }), "{err:?}");
+    // Nothing changed; an unchanged document is still recognised as deployed.
+    let doc = within(client.desired_state(&device, &name("web"))).await.unwrap().unwrap();
+    assert_eq!(doc.generation, u64::MAX);
+    let same = within(client.deploy(deploy("a").skip_unchanged(true))).await.unwrap();
+    assert_eq!((same.generation, same.changed), (u64::MAX, false));
+
+    // After a delete (tombstone at u64::MAX) the numbering is still exhausted.
+    assert!(within(client.delete(&device, &name("web"))).await.unwrap());
+    let err = within(client.deploy(deploy("c"))).await.unwrap_err();
+    assert!(matches!(err, FleetError::GenerationExhausted { .. }), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,9 +312,15 @@ async fn concurrent_operators_never_lose_each_others_index_entries_or_generation
         generations.push(within(task).await.unwrap().unwrap().generation);
     }
     generations.sort();
-    assert_eq!(generations, (1..=10).collect::<Vec<_>>());
+    generations.dedup();
+    // Distinct (a writer that lost the key after reserving a generation in
+    // the index may leave that number unused); the key holds the highest.
+    assert_eq!(generations.len(), 10, "{generations:?}");
+    let highest = *generations.last().unwrap();
+    let doc = within(clients[0].desired_state(&device, &name("shared"))).await.unwrap().unwrap();
+    assert_eq!(doc.generation, highest);
     let index = within(clients[0].deployment_index(&device)).await.unwrap();
-    assert_eq!(index.deployments[&name("shared")], 10);
+    assert_eq!(index.deployments[&name("shared")], highest);
     assert_eq!(index.deployments.len(), 11);
 }
 
