@@ -87,6 +87,13 @@ async fn ensure_buckets_is_idempotent_and_the_status_bucket_refuses_rollups() {
     let other = connect(&server).await;
     assert!(within(other.ensure_buckets()).await.unwrap().iter().all(|r| r.action == BucketAction::Existed));
 
+    let mut desired = within(client.jetstream().get_stream("KV_harmony-desired-state")).await.unwrap();
+    let republish = within(desired.info()).await.unwrap().config.republish.clone().expect("a republish");
+    assert_eq!(
+        (republish.source.as_str(), republish.destination.as_str(), republish.headers_only),
+        ("$KV.harmony-desired-state.>", "harmony.hint.>", true)
+    );
+
     let mut stream = within(client.jetstream().get_stream("KV_harmony-agent-status")).await.unwrap();
     let config = within(stream.info()).await.unwrap().config.clone();
     assert!(!config.allow_rollup && config.allow_direct && config.deny_delete);
@@ -125,6 +132,93 @@ async fn ensure_buckets_repairs_a_status_bucket_that_allows_rollups() {
     assert_eq!(report[1].action, BucketAction::Repaired, "{report:?}");
     let mut stream = within(client.jetstream().get_stream("KV_harmony-agent-status")).await.unwrap();
     assert!(!within(stream.info()).await.unwrap().config.allow_rollup);
+}
+
+/// The next message on `sub`, within [`WAIT`].
+async fn next_message(sub: &mut async_nats::Subscriber) -> async_nats::Message {
+    within(sub.next()).await.expect("subscription open")
+}
+
+/// The stream sequence a republished hint carries.
+fn hint_sequence(message: &async_nats::Message) -> u64 {
+    let headers = message.headers.as_ref().expect("a hint has headers");
+    headers.get("Nats-Sequence").expect("Nats-Sequence").as_str().parse().unwrap()
+}
+
+async fn revision(kv: &jetstream::kv::Store, key: &str) -> u64 {
+    within(kv.entry(key)).await.unwrap().expect("the key has an entry").revision
+}
+
+// Regression: devices followed `$KV.…` directly and saw the operator's ack
+// inbox as the reply subject; the bucket now republishes headers-only hints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_is_republished_as_a_headers_only_hint_without_reply_subject() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let kv = desired_kv(&client).await;
+    let device = dev("dev-1");
+    let mut hints = client.nats().subscribe("harmony.hint.dev-1.>").await.unwrap();
+    let mut others = client.nats().subscribe("harmony.hint.dev-2.>").await.unwrap();
+    within(client.nats().flush()).await.unwrap();
+
+    let request = DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", "a")]).force(true);
+    within(client.deploy(request)).await.unwrap();
+    // The index first (so a device that hears of the key can find it in the index), then the key.
+    let index_hint = next_message(&mut hints).await;
+    assert_eq!(index_hint.subject.as_str(), "harmony.hint.dev-1._index");
+    assert_eq!(hint_sequence(&index_hint), revision(&kv, "dev-1._index").await);
+    let hint = next_message(&mut hints).await;
+    assert_eq!(hint.subject.as_str(), "harmony.hint.dev-1.web");
+    assert_eq!(hint_sequence(&hint), revision(&kv, "dev-1.web").await);
+    assert!(hint.reply.is_none(), "a hint must not carry a reply subject: {:?}", hint.reply);
+    assert!(hint.payload.is_empty(), "headers only, {} bytes of payload", hint.payload.len());
+
+    // A write by another tool is republished too, and a delete marker as well.
+    let put = within(kv.put("dev-1.web", b"by another tool".to_vec().into())).await.unwrap();
+    assert_eq!(hint_sequence(&next_message(&mut hints).await), put);
+    within(kv.delete("dev-1.web")).await.unwrap();
+    let marker = next_message(&mut hints).await;
+    assert_eq!(hint_sequence(&marker), revision(&kv, "dev-1.web").await);
+    let headers = marker.headers.as_ref().unwrap();
+    assert_eq!(headers.get("KV-Operation").map(|v| v.as_str()), Some("DEL"));
+    // Another device's subjects saw none of it.
+    within(client.nats().flush()).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(200), others.next()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_buckets_adds_the_hint_republish_to_an_old_desired_state_bucket() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    // What the first edition made: no republish.
+    let old = within(client.jetstream().create_key_value(jetstream::kv::Config {
+        bucket: DESIRED_STATE_BUCKET.into(),
+        history: 5,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    within(old.put("dev-1.web", b"kept".to_vec().into())).await.unwrap();
+
+    let report = within(client.ensure_buckets()).await.unwrap();
+    assert_eq!(report[0].action, BucketAction::Repaired, "{report:?}");
+    let again = within(client.ensure_buckets()).await.unwrap();
+    assert_eq!(again[0].action, BucketAction::Existed, "{again:?}");
+    let mut stream = within(client.jetstream().get_stream("KV_harmony-desired-state")).await.unwrap();
+    let config = within(stream.info()).await.unwrap().config.clone();
+    assert_eq!(
+        config.republish.map(|r| (r.destination, r.headers_only)),
+        Some(("harmony.hint.>".into(), true))
+    );
+    assert_eq!(config.max_messages_per_subject, 5, "the rest of the config is kept");
+
+    // Its values are kept and its writes are now hinted.
+    let kv = desired_kv(&client).await;
+    assert_eq!(within(kv.get("dev-1.web")).await.unwrap().as_deref(), Some(&b"kept"[..]));
+    let mut hints = client.nats().subscribe("harmony.hint.dev-1.>").await.unwrap();
+    within(client.nats().flush()).await.unwrap();
+    let put = within(kv.put("dev-1.web", b"new".to_vec().into())).await.unwrap();
+    assert_eq!(hint_sequence(&next_message(&mut hints).await), put);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
