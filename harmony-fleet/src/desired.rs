@@ -5,7 +5,8 @@ use std::time::Duration;
 use async_nats::jetstream::{kv, stream};
 use harmony_score_wire::names::{desired_state_key, index_key};
 use harmony_score_wire::{
-    encode, from_cbor, to_cbor, DeploymentIndex, DeploymentName, DesiredState, DeviceId, DeviceScore,
+    document_digest, encode, from_cbor, to_cbor, DeploymentIndex, DeploymentName, DesiredState, DeviceId,
+    DeviceScore,
 };
 use serde::Deserialize;
 use tracing::{debug, warn};
@@ -83,12 +84,16 @@ impl DeployRequest {
 }
 
 /// What [`FleetClient::deploy`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deployed {
     /// The generation the key now holds.
     pub generation: u64,
     /// Whether a new document was written (`false`: it was already deployed).
     pub changed: bool,
+    /// [`document_digest`] of the document's bytes as stored (those written,
+    /// or those already there when unchanged): what the device reports as
+    /// `observed_digest` once it applied exactly this document.
+    pub digest: String,
 }
 
 /// The fields of a stored document needed to compare and number it.
@@ -197,7 +202,11 @@ impl FleetClient {
                             continue;
                         }
                     }
-                    return Ok(Deployed { generation: header.generation, changed: false });
+                    return Ok(Deployed {
+                        generation: header.generation,
+                        changed: false,
+                        digest: document_digest(value),
+                    });
                 }
             }
             let in_history = match latest.revision {
@@ -234,9 +243,10 @@ impl FleetClient {
                 }
                 reserved = Some(generation);
             }
+            let digest = document_digest(&bytes);
             if cas_write(store, &key, bytes, latest.revision).await? {
                 debug!(key = %key, generation, "deployment written");
-                return Ok(Deployed { generation, changed: true });
+                return Ok(Deployed { generation, changed: true, digest });
             }
             backoff(attempt).await;
         }

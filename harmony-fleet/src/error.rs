@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use harmony_score_wire::{DeploymentName, DeploymentStatus, DeviceId, EncodeError, ValueDecodeError};
+use harmony_score_wire::{
+    bounded_text, DeploymentName, DeploymentStatus, DeviceId, EncodeError, ValueDecodeError,
+};
 
 /// The boxed cause of a failed NATS operation (async-nats has one error type per operation).
 pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
@@ -129,6 +131,20 @@ pub enum FleetError {
         /// The device's status of the deployment.
         status: Box<DeploymentStatus>,
     },
+    /// The device moved past the awaited document without applying it: it
+    /// reports a newer desired or observed generation, or the awaited
+    /// generation with another document (digest). The wait can never succeed.
+    #[error("{device}/{deployment}: generation {awaited} was superseded: {}", describe_current(current))]
+    Superseded {
+        /// The device.
+        device: DeviceId,
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The generation waited for.
+        awaited: u64,
+        /// The device's status of the deployment.
+        current: Box<DeploymentStatus>,
+    },
     /// The document could not be encoded.
     #[error("cannot encode the document")]
     EncodeFailed(#[source] EncodeError),
@@ -143,6 +159,7 @@ impl FleetError {
     pub fn deployment_status(&self) -> Option<&DeploymentStatus> {
         match self {
             FleetError::DeploymentFailed { status, .. } => Some(status),
+            FleetError::Superseded { current, .. } => Some(current),
             FleetError::Timeout { last, .. } => last.as_deref(),
             _ => None,
         }
@@ -160,6 +177,28 @@ fn describe_failure(status: &DeploymentStatus) -> String {
         text.push_str(&format!("; failed: {}", failed.join(", ")));
     }
     text
+}
+
+fn describe_current(status: &DeploymentStatus) -> String {
+    let phase = format!("{:?}", status.phase).to_lowercase();
+    format!(
+        "the device reports desired generation {}{}, observed {}{}, {phase}",
+        status.desired_generation,
+        short_digest(status.desired_digest.as_deref()),
+        status.observed_generation,
+        short_digest(status.observed_digest.as_deref()),
+    )
+}
+
+/// ` (sha256:0123456789ab)`: enough of a digest to tell documents apart.
+pub(crate) fn short_digest(digest: Option<&str>) -> String {
+    match digest {
+        Some(digest) => {
+            let shown: String = digest.chars().take("sha256:".len() + 12).collect();
+            format!(" ({})", bounded_text(&shown, 64))
+        }
+        None => String::new(),
+    }
 }
 
 /// An error and its causes on one line (`a: b: c`), for people and status lines.

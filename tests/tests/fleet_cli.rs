@@ -4,7 +4,7 @@ use std::path::Path;
 
 use harmony_e2e::{report_status, reported_status, within, workspace_bin, NatsServer};
 use harmony_fleet::FleetClient;
-use harmony_score_wire::{DeploymentName, DeviceId};
+use harmony_score_wire::{DeploymentName, DeploymentStatus, DeviceId, Phase};
 
 struct Run {
     code: Option<i32>,
@@ -112,4 +112,38 @@ async fn init_status_devices_and_ping_print_what_the_fleet_holds() {
     let run = fleet(&server, &["ping", "dev-9", "--timeout", "2"]).await;
     assert_eq!(run.code, Some(1));
     assert!(run.stderr.contains("device offline"), "{}", run.stderr);
+}
+
+// Regression: `deploy --wait` reported success when the device held a
+// newer generation (after a purge the operator numbered from 1 again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_wait_fails_with_exit_1_when_the_device_runs_a_newer_generation() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write_doc(dir.path());
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    let ahead = DeploymentStatus {
+        desired_generation: 3,
+        observed_generation: 3,
+        phase: Phase::Applied,
+        desired_digest: Some("sha256:01d".into()),
+        observed_digest: Some("sha256:01d".into()),
+        ..Default::default()
+    };
+    let status = reported_status(
+        &DeviceId::new("dev-1").unwrap(),
+        Some(&["harmony.file/v1"]),
+        [(DeploymentName::new("web").unwrap(), ahead)].into(),
+    );
+    report_status(&client, &status).await;
+
+    let run = fleet(&server, &["deploy", &doc, "--wait", "--timeout", "20"]).await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.starts_with("FAILURE"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("generation 1 written, not applied") && run.stdout.contains("superseded"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("timed out"), "ends at once, not at the timeout: {}", run.stdout);
 }

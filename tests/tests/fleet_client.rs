@@ -12,8 +12,8 @@ use harmony_fleet::async_nats::{self, jetstream, HeaderMap};
 use harmony_fleet::{BucketAction, DeployRequest, FleetClient, FleetError};
 use harmony_score_wire::names::{command_subject, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
 use harmony_score_wire::{
-    encode, to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus, DesiredState, DeviceId,
-    DeviceScore, Phase, StatusError,
+    document_digest, encode, to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus,
+    DesiredState, DeviceId, DeviceScore, Phase, StatusError,
 };
 use harmony_scores::{DirectoryScore, FileScore, PresenceState};
 
@@ -347,12 +347,26 @@ async fn a_key_at_the_last_generation_is_a_typed_error_not_a_panic() {
     let doc = within(client.desired_state(&device, &name("web"))).await.unwrap().unwrap();
     assert_eq!(doc.generation, u64::MAX);
     let same = within(client.deploy(deploy("a").skip_unchanged(true))).await.unwrap();
-    assert_eq!((same.generation, same.changed), (u64::MAX, false));
+    assert_eq!((same.generation, same.changed, same.digest), (u64::MAX, false, last.digest));
 
     // After a delete (tombstone at u64::MAX) the numbering is still exhausted.
     assert!(within(client.delete(&device, &name("web"))).await.unwrap());
     let err = within(client.deploy(deploy("c"))).await.unwrap_err();
     assert!(matches!(err, FleetError::GenerationExhausted { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_digest_is_of_the_bytes_stored() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let kv = desired_kv(&client).await;
+    let request = || DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "x")]).force(true);
+    let written = within(client.deploy(request())).await.unwrap();
+    let stored = within(kv.get("dev-1.web")).await.unwrap().unwrap();
+    assert_eq!(written.digest, document_digest(&stored));
+    let unchanged = within(client.deploy(request().skip_unchanged(true))).await.unwrap();
+    assert!(!unchanged.changed);
+    assert_eq!(unchanged.digest, written.digest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,6 +511,12 @@ async fn commands_map_no_responders_to_device_offline_and_check_replies() {
     within(responder).await.unwrap();
 }
 
+fn with_digests(mut status: DeploymentStatus, desired: &str, observed: &str) -> DeploymentStatus {
+    status.desired_digest = Some(desired.to_owned());
+    status.observed_digest = Some(observed.to_owned());
+    status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_generation_resolves_on_applied_fails_on_rejected_and_times_out() {
     let server = NatsServer::start();
@@ -504,6 +524,7 @@ async fn wait_for_generation_resolves_on_applied_fails_on_rejected_and_times_out
     within(client.ensure_buckets()).await.unwrap();
     let device = dev("dev-1");
     let web = name("web");
+    let d3 = "sha256:3333";
 
     // Applied, written while the wait runs (after an Applying report).
     let writer = {
@@ -511,37 +532,97 @@ async fn wait_for_generation_resolves_on_applied_fails_on_rejected_and_times_out
         let device = device.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            report(&client, &status(&device, None, vec![("web", deployment(3, 2, Phase::Applying))])).await;
+            let applying = with_digests(deployment(3, 2, Phase::Applying), d3, "sha256:2222");
+            report(&client, &status(&device, None, vec![("web", applying)])).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            report(&client, &status(&device, None, vec![("web", deployment(3, 3, Phase::Applied))])).await;
+            let applied = with_digests(deployment(3, 3, Phase::Applied), d3, d3);
+            report(&client, &status(&device, None, vec![("web", applied)])).await;
         })
     };
-    let applied = within(client.wait_for_generation(&device, &web, 3, WAIT)).await.unwrap();
+    let applied = within(client.wait_for_generation(&device, &web, 3, Some(d3), WAIT)).await.unwrap();
     assert_eq!((applied.observed_generation, applied.phase), (3, Phase::Applied));
     within(writer).await.unwrap();
 
-    // Already there: resolves from the first read.
-    within(client.wait_for_generation(&device, &web, 2, WAIT)).await.unwrap();
+    // Already there: resolves from the first read (without a digest, on the generation alone).
+    within(client.wait_for_generation(&device, &web, 3, Some(d3), WAIT)).await.unwrap();
+    within(client.wait_for_generation(&device, &web, 3, None, WAIT)).await.unwrap();
 
     // Rejected: an error carrying the status.
     let mut rejected = deployment(4, 3, Phase::Rejected);
     rejected.error =
         Some(StatusError::new(harmony_score_wire::ErrorKind::UnknownScoreTags, "unknown score tags: x/v1"));
     report(&client, &status(&device, None, vec![("web", rejected)])).await;
-    let err = within(client.wait_for_generation(&device, &web, 4, WAIT)).await.unwrap_err();
+    let err = within(client.wait_for_generation(&device, &web, 4, None, WAIT)).await.unwrap_err();
     let FleetError::DeploymentFailed { status: rejected, .. } = &err else { panic!("{err:?}") };
     assert_eq!(rejected.phase, Phase::Rejected);
     assert!(err.to_string().contains("unknown_score_tags"), "{err}");
 
     // Nothing conclusive: a timeout carrying the last status seen.
-    let err =
-        within(client.wait_for_generation(&device, &web, 5, Duration::from_millis(700))).await.unwrap_err();
+    let err = within(client.wait_for_generation(&device, &web, 5, None, Duration::from_millis(700)))
+        .await
+        .unwrap_err();
     let FleetError::Timeout { last, .. } = &err else { panic!("{err:?}") };
     assert_eq!(last.as_ref().map(|s| s.desired_generation), Some(4));
+
+    // A device that applied the generation but reports no digest cannot
+    // confirm the awaited document; the timeout says why.
+    report(&client, &status(&device, None, vec![("web", deployment(5, 5, Phase::Applied))])).await;
+    let err =
+        within(client.wait_for_generation(&device, &web, 5, Some("sha256:5555"), Duration::from_millis(700)))
+            .await
+            .unwrap_err();
+    assert!(matches!(err, FleetError::Timeout { .. }), "{err:?}");
+    assert!(err.to_string().contains("no digest"), "{err}");
 
     // Prune: resolves once the deployment is reported pruned.
     let err = within(client.wait_for_prune(&device, &web, Duration::from_millis(500))).await.unwrap_err();
     assert!(matches!(err, FleetError::Timeout { .. }), "{err:?}");
-    report(&client, &status(&device, None, vec![("web", deployment(4, 3, Phase::Pruned))])).await;
+    report(&client, &status(&device, None, vec![("web", deployment(5, 5, Phase::Pruned))])).await;
     within(client.wait_for_prune(&device, &web, WAIT)).await.unwrap();
+}
+
+// Regression: the wait reported success for `observed >= awaited`. After a
+// purge the operator numbered from 1 again while the device still ran 3,
+// and the wait said "applied" though the device ran the old content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_the_device_moved_past_ends_superseded_never_applied() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let device = dev("dev-1");
+    let web = name("web");
+    report(&client, &status(&device, Some(ALL_TAGS), vec![])).await;
+    let deployed =
+        within(client.deploy(DeployRequest::new(device.clone(), web.clone(), vec![file("/etc/web", "new")])))
+            .await
+            .unwrap();
+    assert_eq!(deployed.generation, 1);
+    let wait =
+        |generation| client.wait_for_generation(&device, &web, generation, Some(&deployed.digest), WAIT);
+
+    // The device still runs generation 3 of older content.
+    let old = with_digests(deployment(3, 3, Phase::Applied), "sha256:01d", "sha256:01d");
+    report(&client, &status(&device, Some(ALL_TAGS), vec![("web", old)])).await;
+    let err = within(wait(1)).await.unwrap_err();
+    let FleetError::Superseded { awaited, current, .. } = &err else { panic!("{err:?}") };
+    assert_eq!((*awaited, current.observed_generation), (1, 3));
+    assert!(err.to_string().contains("superseded"), "{err}");
+    assert_eq!(err.deployment_status().map(|s| s.desired_generation), Some(3));
+
+    // The awaited generation, but another document under it.
+    let other = with_digests(deployment(1, 1, Phase::Applied), "sha256:0th3r", "sha256:0th3r");
+    report(&client, &status(&device, Some(ALL_TAGS), vec![("web", other)])).await;
+    let err = within(wait(1)).await.unwrap_err();
+    assert!(matches!(err, FleetError::Superseded { awaited: 1, .. }), "{err:?}");
+
+    // A newer generation seen but not yet applied also ends the wait.
+    let newer = with_digests(deployment(2, 1, Phase::Applying), "sha256:2", &deployed.digest);
+    report(&client, &status(&device, Some(ALL_TAGS), vec![("web", newer)])).await;
+    let err = within(wait(1)).await.unwrap_err();
+    assert!(matches!(err, FleetError::Superseded { .. }), "{err:?}");
+
+    // Exactly this document applied: success.
+    let exact = with_digests(deployment(1, 1, Phase::Applied), &deployed.digest, &deployed.digest);
+    report(&client, &status(&device, Some(ALL_TAGS), vec![("web", exact)])).await;
+    let applied = within(wait(1)).await.unwrap();
+    assert_eq!(applied.observed_digest.as_deref(), Some(deployed.digest.as_str()));
 }

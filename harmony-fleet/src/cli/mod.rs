@@ -64,8 +64,10 @@ pub struct DeployArgs {
     /// Deploy even Score tags the device did not list as supported.
     #[arg(long)]
     force: bool,
-    /// Wait until the device applied it; exit 1 when it failed or did not in time.
-    /// (A document identical to the deployed one is then not written again.)
+    /// Wait until the device applied exactly this document (generation and
+    /// digest); exit 1 when it failed, was superseded by a newer one, or did
+    /// not land in time. (A document identical to the deployed one is then
+    /// not written again.)
     #[arg(long)]
     wait: bool,
     /// Seconds to wait.
