@@ -5,8 +5,8 @@ use std::time::Duration;
 use async_nats::jetstream::{kv, stream};
 use harmony_score_wire::names::{desired_state_key, index_key};
 use harmony_score_wire::{
-    document_digest, encode, from_cbor, to_cbor, DeploymentIndex, DeploymentName, DesiredState, DeviceId,
-    DeviceScore,
+    check_scores, document_digest, encode, from_cbor, to_cbor, DeploymentIndex, DeploymentName, DesiredState,
+    DeviceId, DeviceScore, EncodeError,
 };
 use serde::Deserialize;
 use tracing::{debug, warn};
@@ -160,6 +160,8 @@ impl FleetClient {
             force,
             skip_unchanged,
         } = request;
+        // A document a device would reject is refused before anything is read or written.
+        check_scores(&scores).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
         if !force {
             self.check_supported(&device, &scores).await?;
         }

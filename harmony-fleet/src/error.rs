@@ -145,7 +145,8 @@ pub enum FleetError {
         /// The device's status of the deployment.
         current: Box<DeploymentStatus>,
     },
-    /// The document could not be encoded.
+    /// The document could not be encoded, or a device would reject it (an
+    /// invalid Score, two Scores owning one resource); nothing was written.
     #[error("cannot encode the document")]
     EncodeFailed(#[source] EncodeError),
 }

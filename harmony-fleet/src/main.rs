@@ -108,9 +108,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// 2: the input or the request must change (bad document, refused tags,
-/// stale or exhausted generation); 1: the fleet said no or did not answer in
-/// time.
+/// 2: the input or the request must change (bad document or invalid Score,
+/// refused tags, stale or exhausted generation); 1: the fleet said no or did
+/// not answer in time.
 fn exit_code(err: &CliError) -> u8 {
     match err {
         CliError::Usage(_) => 2,
@@ -118,7 +118,8 @@ fn exit_code(err: &CliError) -> u8 {
             FleetError::UnsupportedScores { .. }
             | FleetError::NoDeviceInfo { .. }
             | FleetError::StaleGeneration { .. }
-            | FleetError::GenerationExhausted { .. },
+            | FleetError::GenerationExhausted { .. }
+            | FleetError::EncodeFailed(_),
         ) => 2,
         CliError::Fleet(_) | CliError::Failed(_) => 1,
     }

@@ -12,8 +12,8 @@ use harmony_fleet::async_nats::{self, jetstream, HeaderMap};
 use harmony_fleet::{BucketAction, DeployRequest, FleetClient, FleetError};
 use harmony_score_wire::names::{command_subject, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
 use harmony_score_wire::{
-    document_digest, encode, to_cbor, AgentStatus, CommandReply, DeploymentName, DeploymentStatus,
-    DesiredState, DeviceId, DeviceScore, Phase, StatusError,
+    document_digest, encode, to_cbor, AgentStatus, CommandReply, DecodeError, DeploymentName,
+    DeploymentStatus, DesiredState, DeviceId, DeviceScore, EncodeError, Phase, StatusError,
 };
 use harmony_scores::{DirectoryScore, FileScore, PresenceState};
 
@@ -367,6 +367,37 @@ async fn the_digest_is_of_the_bytes_stored() {
     let unchanged = within(client.deploy(request().skip_unchanged(true))).await.unwrap();
     assert!(!unchanged.changed);
     assert_eq!(unchanged.digest, written.digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_score_is_refused_before_anything_is_written() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let kv = desired_kv(&client).await;
+    let setuid = Box::new(FileScore {
+        path: "/usr/bin/x".into(),
+        content: String::new(),
+        mode: Some(0o4755),
+        state: PresenceState::Present,
+    });
+    for scores in [vec![file("relative", "x")], vec![setuid as Box<dyn DeviceScore>]] {
+        let err = within(client.deploy(DeployRequest::new(dev("dev-1"), name("web"), scores).force(true)))
+            .await
+            .unwrap_err();
+        let FleetError::EncodeFailed(EncodeError::WouldBeRejected(DecodeError::InvalidScore {
+            index,
+            tag,
+            field,
+            ..
+        })) = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!((*index, tag.as_str()), (0, "harmony.file/v1"));
+        assert!(matches!(field.as_deref(), Some("path" | "mode")), "{field:?}");
+    }
+    assert!(within(kv.entry("dev-1.web")).await.unwrap().is_none());
+    assert!(within(kv.entry("dev-1._index")).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
