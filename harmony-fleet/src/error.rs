@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use harmony_score_wire::{
     bounded_text, DeploymentName, DeploymentStatus, DeviceId, EncodeError, ValueDecodeError,
+    MAX_MESSAGE_BYTES,
 };
 
 /// The boxed cause of a failed NATS operation (async-nats has one error type per operation).
@@ -167,13 +168,25 @@ impl FleetError {
     }
 }
 
+// Everything below echoes device-written text: bounded and escaped, since a
+// device's status is not trusted to be short or printable.
+
 fn describe_failure(status: &DeploymentStatus) -> String {
     let phase = format!("{:?}", status.phase).to_lowercase();
     let mut text = format!("generation {} {phase}", status.desired_generation);
     if let Some(err) = &status.error {
-        text.push_str(&format!(" ({}: {})", err.kind, err.message));
+        text.push_str(&format!(
+            " ({}: {})",
+            err.kind.as_str(),
+            bounded_text(&err.message, MAX_MESSAGE_BYTES)
+        ));
     }
-    let failed: Vec<_> = status.scores.iter().filter(|s| !s.is_ok()).map(|s| s.name.as_str()).collect();
+    let failed: Vec<_> = status
+        .scores
+        .iter()
+        .filter(|s| !s.is_ok())
+        .map(|s| bounded_text(&s.name, MAX_MESSAGE_BYTES))
+        .collect();
     if !failed.is_empty() {
         text.push_str(&format!("; failed: {}", failed.join(", ")));
     }
