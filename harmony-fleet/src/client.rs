@@ -10,7 +10,8 @@ use async_nats::ConnectOptions;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use harmony_score_wire::names::{
-    command_subject, redact_userinfo, status_key, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
+    command_subject, hint_republish_destination, hint_republish_source, redact_userinfo, status_key,
+    AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
 };
 use harmony_score_wire::{from_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo};
 use tokio::sync::OnceCell;
@@ -23,6 +24,19 @@ use crate::FleetError;
 pub(crate) const MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// How many versions of each desired-state key the bucket keeps.
 pub const DESIRED_STATE_HISTORY: i64 = 5;
+
+/// The desired-state bucket's server-side republish: every write (by any
+/// tool), headers only, to `harmony.hint.<device>.<deployment>`. Devices
+/// follow these copies: they carry `Nats-Sequence` and no reply subject, so
+/// a device never sees an operator's ack inbox, and they are sent after the
+/// write is stored.
+pub(crate) fn hint_republish() -> stream::Republish {
+    stream::Republish {
+        source: hint_republish_source(),
+        destination: hint_republish_destination(),
+        headers_only: true,
+    }
+}
 
 /// The two KV buckets of a fleet, opened.
 #[derive(Debug, Clone)]
@@ -38,8 +52,10 @@ pub enum BucketAction {
     Created,
     /// The bucket existed as it should.
     Existed,
-    /// The status bucket existed with rollups allowed (a device could purge
-    /// every device's status) or without direct get; its stream was fixed.
+    /// The bucket existed without a safeguard and its stream was fixed: the
+    /// desired-state bucket without its hint republish (or direct get), the
+    /// status bucket with rollups allowed (a device could purge every
+    /// device's status) or without direct get.
     Repaired,
 }
 
@@ -122,8 +138,13 @@ impl FleetClient {
         &self.js
     }
 
-    /// Creates the desired-state and status buckets where missing (idempotent)
-    /// and says, per bucket, what it found or did.
+    /// Creates the desired-state and status buckets where missing (idempotent),
+    /// repairs existing ones that lack a safeguard, and says, per bucket, what
+    /// it found or did.
+    ///
+    /// The desired-state bucket republishes every write, headers only, to
+    /// `harmony.hint.<device>.<deployment>` ([`hint_republish_source`] →
+    /// [`hint_republish_destination`]): the hints devices follow.
     ///
     /// The status bucket is a stream made by hand with the KV conventions and
     /// `allow_rollup: false`: `kv::Config` has no such switch, and with
@@ -173,21 +194,44 @@ impl FleetClient {
 
     async fn ensure_desired_bucket(&self) -> Result<BucketAction, FleetError> {
         let name = DESIRED_STATE_BUCKET;
-        let action = if self.stream_exists(&format!("KV_{name}")).await?.is_some() {
-            BucketAction::Existed
-        } else {
-            self.js
-                .create_key_value(kv::Config {
-                    bucket: name.to_owned(),
-                    description: "Harmony desired state: <device>.<deployment> -> DesiredState (CBOR)".into(),
-                    history: DESIRED_STATE_HISTORY,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| FleetError::nats(format!("create bucket {name}"), e))?;
-            info!(bucket = name, "created bucket");
-            BucketAction::Created
+        let action = match self.stream_exists(&format!("KV_{name}")).await? {
+            Some(existing) => {
+                let config = &existing.cached_info().config;
+                if config.republish.as_ref() != Some(&hint_republish()) || !config.allow_direct {
+                    let fixed = stream::Config {
+                        republish: Some(hint_republish()),
+                        allow_direct: true,
+                        ..config.clone()
+                    };
+                    self.js
+                        .update_stream(fixed)
+                        .await
+                        .map_err(|e| FleetError::nats(format!("add hint republish to bucket {name}"), e))?;
+                    warn!(
+                        bucket = name,
+                        "desired-state bucket lacked the hint republish or direct get; fixed"
+                    );
+                    BucketAction::Repaired
+                } else {
+                    BucketAction::Existed
+                }
+            }
+            None => {
+                self.js
+                    .create_key_value(kv::Config {
+                        bucket: name.to_owned(),
+                        description: "Harmony desired state: <device>.<deployment> -> DesiredState (CBOR)"
+                            .into(),
+                        history: DESIRED_STATE_HISTORY,
+                        storage: stream::StorageType::File,
+                        republish: Some(hint_republish()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| FleetError::nats(format!("create bucket {name}"), e))?;
+                info!(bucket = name, "created bucket");
+                BucketAction::Created
+            }
         };
         Ok(action)
     }

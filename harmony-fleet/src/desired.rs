@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
-use futures_util::StreamExt;
+use async_nats::jetstream::{kv, stream};
 use harmony_score_wire::names::{desired_state_key, index_key};
 use harmony_score_wire::{
-    encode, from_cbor, to_cbor, DeploymentIndex, DeploymentName, DesiredState, DeviceId, DeviceScore,
+    check_scores, document_digest, encode, from_cbor, to_cbor, DeploymentIndex, DeploymentName, DesiredState,
+    DeviceId, DeviceScore, EncodeError,
 };
 use serde::Deserialize;
 use tracing::{debug, warn};
@@ -16,6 +16,8 @@ use crate::{error_chain, FleetClient, FleetError};
 
 /// How often a compare-and-set write is retried after losing to another writer.
 const MAX_CAS_ATTEMPTS: u32 = 50;
+/// The most versions a KV bucket keeps per key (a limit of NATS KV).
+const MAX_KV_HISTORY: usize = 64;
 
 /// One deployment to write for one device.
 #[derive(Debug)]
@@ -82,12 +84,16 @@ impl DeployRequest {
 }
 
 /// What [`FleetClient::deploy`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deployed {
     /// The generation the key now holds.
     pub generation: u64,
     /// Whether a new document was written (`false`: it was already deployed).
     pub changed: bool,
+    /// [`document_digest`] of the document's bytes as stored (those written,
+    /// or those already there when unchanged): what the device reports as
+    /// `observed_digest` once it applied exactly this document.
+    pub digest: String,
 }
 
 /// The fields of a stored document needed to compare and number it.
@@ -129,11 +135,21 @@ impl FleetClient {
         }
     }
 
-    /// Writes one deployment's desired state: the key `<device>.<deployment>`
-    /// first (devices also follow key notifications), then the device's index.
-    /// Both writes are compare-and-set, retried when another operator wrote in
-    /// between, so concurrent operators never lose each other's entries and a
-    /// key's generation only grows.
+    /// Writes one deployment's desired state: first the device's index
+    /// (`<device>._index`), then the key `<device>.<deployment>`, both with
+    /// compare-and-set, retried when another writer came in between.
+    ///
+    /// The index goes first so that a key is never written that a device
+    /// which was offline cannot discover: when the index write fails, nothing
+    /// was written; when the key write fails, the index names a generation
+    /// the key does not hold yet, which the next deploy goes past.
+    ///
+    /// The next generation is one more than the highest the deployment ever
+    /// had: in the index (live or as a tombstone of a delete), in the key and
+    /// in the key's history. So numbering never restarts, even after another
+    /// tool purged the key; a device remembers the generations it applied.
+    /// Under contention a generation may be skipped (reserved in the index by
+    /// a writer that then lost the key); generations stay distinct and only grow.
     pub async fn deploy(&self, request: DeployRequest) -> Result<Deployed, FleetError> {
         let DeployRequest {
             device,
@@ -144,16 +160,27 @@ impl FleetClient {
             force,
             skip_unchanged,
         } = request;
+        // A document a device would reject is refused before anything is read or written.
+        check_scores(&scores).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
         if !force {
             self.check_supported(&device, &scores).await?;
         }
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(&device, &deployment);
+        let index_key = index_key(&device);
         let mut doc = DesiredState::new(device.clone(), deployment.clone(), 0, scores);
         doc.expires_at = expires_at;
         let issued_at = doc.issued_at;
+        // The generation this call reserved in the index, reused after
+        // losing the key to another writer while the index still holds it.
+        let mut reserved: Option<u64> = None;
         for attempt in 0..MAX_CAS_ATTEMPTS {
+            // The key before the index: a writer that changes the key after
+            // this read has reserved its generation in the index first, so
+            // either the index read below sees it or the index write fails.
             let latest = read_latest(store, &key).await?;
+            let latest_index = read_latest(store, &index_key).await?;
+            let mut index = decode_index(&index_key, latest_index.value.as_deref())?;
             // A stored value that is not a document must not block replacing it.
             let header = latest.value.as_ref().and_then(|value| {
                 decode_header(&key, value)
@@ -165,29 +192,63 @@ impl FleetClient {
                 doc.generation = header.generation;
                 doc.issued_at = header.issued_at;
                 if encode(&doc).map_err(FleetError::EncodeFailed)? == value.as_ref() {
-                    self.index_upsert(&device, &deployment, header.generation).await?;
-                    return Ok(Deployed { generation: header.generation, changed: false });
+                    // Already deployed; the index must still list it (another
+                    // tool may have written the key, or a delete raced).
+                    let listed = index.deployments.get(&deployment).is_some_and(|g| *g >= header.generation);
+                    if !listed || index.deleted.contains_key(&deployment) {
+                        index.deleted.remove(&deployment);
+                        let entry = index.deployments.entry(deployment.clone()).or_insert(0);
+                        *entry = (*entry).max(header.generation);
+                        if !cas_write(store, &index_key, to_cbor(&index), latest_index.revision).await? {
+                            backoff(attempt).await;
+                            continue;
+                        }
+                    }
+                    return Ok(Deployed {
+                        generation: header.generation,
+                        changed: false,
+                        digest: document_digest(value),
+                    });
                 }
             }
-            let prior = match header {
-                Some(header) => header.generation,
-                // Deleted (or undecodable): continue after the highest generation in the history.
-                None if latest.revision > 0 => last_generation_in_history(store, &key).await?,
-                None => 0,
+            let in_history = match latest.revision {
+                0 => 0,
+                _ => last_generation_in_history(store, &key).await?,
             };
-            doc.generation = match wanted {
-                Some(requested) if requested <= prior => {
+            let in_key = header.as_ref().map_or(0, |h| h.generation).max(in_history);
+            let ours = reserved.filter(|g| index.deployments.get(&deployment) == Some(g));
+            let in_index = match ours {
+                // Our own reservation does not count against itself.
+                Some(_) => index.deleted.get(&deployment).copied().unwrap_or(0),
+                None => index.last_generation(&deployment),
+            };
+            let prior = in_key.max(in_index);
+            let generation = match (wanted, ours) {
+                (Some(requested), _) if requested <= prior => {
                     return Err(FleetError::StaleGeneration { key, current: prior, requested })
                 }
-                Some(g) => g,
-                None => prior + 1,
+                (Some(requested), _) => requested,
+                (None, Some(ours)) if ours > prior => ours,
+                (None, _) => prior
+                    .checked_add(1)
+                    .ok_or_else(|| FleetError::GenerationExhausted { key: key.clone() })?,
             };
+            doc.generation = generation;
             doc.issued_at = issued_at;
             let bytes = encode(&doc).map_err(FleetError::EncodeFailed)?;
+            if ours != Some(generation) {
+                index.deleted.remove(&deployment);
+                index.deployments.insert(deployment.clone(), generation);
+                if !cas_write(store, &index_key, to_cbor(&index), latest_index.revision).await? {
+                    backoff(attempt).await;
+                    continue;
+                }
+                reserved = Some(generation);
+            }
+            let digest = document_digest(&bytes);
             if cas_write(store, &key, bytes, latest.revision).await? {
-                debug!(key = %key, generation = doc.generation, "deployment written");
-                self.index_upsert(&device, &deployment, doc.generation).await?;
-                return Ok(Deployed { generation: doc.generation, changed: true });
+                debug!(key = %key, generation, "deployment written");
+                return Ok(Deployed { generation, changed: true, digest });
             }
             backoff(attempt).await;
         }
@@ -195,29 +256,34 @@ impl FleetClient {
     }
 
     /// Deletes a deployment: its key gets a delete marker (the device prunes
-    /// what it owned), then it leaves the index. Returns whether it existed.
+    /// what it owned), then the index moves it from its deployments to its
+    /// tombstones (`deleted`, with the last generation), so that a later
+    /// deploy continues the numbering. Returns whether the key held a value.
     pub async fn delete(&self, device: &DeviceId, deployment: &DeploymentName) -> Result<bool, FleetError> {
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(device, deployment);
-        let mut existed = None;
+        let mut deleted = None;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             let latest = read_latest(store, &key).await?;
-            if latest.value.is_none() {
-                existed = Some(false);
+            let Some(value) = &latest.value else {
+                deleted = Some(Deleted::Nothing);
                 break;
-            }
+            };
             match store.delete_expect_revision(&key, Some(latest.revision)).await {
                 Ok(()) => {
-                    existed = Some(true);
+                    deleted = Some(match decode_header(&key, value) {
+                        Ok(header) => Deleted::Generation(header.generation),
+                        Err(_) => Deleted::Undecodable,
+                    });
                     break;
                 }
                 Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => backoff(attempt).await,
                 Err(err) => return Err(FleetError::nats(format!("delete {key}"), err)),
             }
         }
-        let existed = existed.ok_or_else(|| lost(key.clone()))?;
-        self.index_remove(device, deployment, &key).await?;
-        Ok(existed)
+        let deleted = deleted.ok_or_else(|| lost(key.clone()))?;
+        self.index_tombstone(device, deployment, &key, deleted).await?;
+        Ok(deleted != Deleted::Nothing)
     }
 
     /// The device's index of deployments (empty when none was written).
@@ -243,50 +309,37 @@ impl FleetClient {
         }
     }
 
-    /// Makes the index list `deployment` at `generation` or newer.
-    async fn index_upsert(
-        &self,
-        device: &DeviceId,
-        deployment: &DeploymentName,
-        generation: u64,
-    ) -> Result<(), FleetError> {
-        let store = &self.buckets().await?.desired;
-        let key = index_key(device);
-        for attempt in 0..MAX_CAS_ATTEMPTS {
-            let latest = read_latest(store, &key).await?;
-            let mut index = decode_index(&key, latest.value.as_deref())?;
-            // A slower writer of an older generation must not move the index back.
-            if index.deployments.get(deployment).is_some_and(|g| *g >= generation) {
-                return Ok(());
-            }
-            index.deployments.insert(deployment.clone(), generation);
-            if cas_write(store, &key, to_cbor(&index), latest.revision).await? {
-                return Ok(());
-            }
-            backoff(attempt).await;
-        }
-        Err(lost(key))
-    }
-
-    /// Removes `deployment` from the index, unless its key was written again
-    /// meanwhile (a concurrent redeploy wins).
-    async fn index_remove(
+    /// Moves `deployment` from the index's deployments to its tombstones,
+    /// unless a redeploy won meanwhile: its key holds a value again, or the
+    /// index lists a newer generation than the deleted document's (a deploy
+    /// reserved it and is about to write the key).
+    async fn index_tombstone(
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
         deployment_key: &str,
+        deleted: Deleted,
     ) -> Result<(), FleetError> {
         let store = &self.buckets().await?.desired;
         let key = index_key(device);
         for attempt in 0..MAX_CAS_ATTEMPTS {
             let latest = read_latest(store, &key).await?;
             let mut index = decode_index(&key, latest.value.as_deref())?;
-            if !index.deployments.contains_key(deployment)
+            let Some(live) = index.deployments.get(deployment).copied() else {
+                return Ok(());
+            };
+            if matches!(deleted, Deleted::Generation(g) if live > g)
                 || read_latest(store, deployment_key).await?.value.is_some()
             {
                 return Ok(());
             }
             index.deployments.remove(deployment);
+            let last = match deleted {
+                Deleted::Generation(g) => live.max(g),
+                Deleted::Undecodable | Deleted::Nothing => live,
+            };
+            let tombstone = index.deleted.entry(deployment.clone()).or_insert(0);
+            *tombstone = (*tombstone).max(last);
             if cas_write(store, &key, to_cbor(&index), latest.revision).await? {
                 return Ok(());
             }
@@ -294,6 +347,17 @@ impl FleetClient {
         }
         Err(lost(key))
     }
+}
+
+/// What [`FleetClient::delete`] found under the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deleted {
+    /// No value (never written, deleted or purged).
+    Nothing,
+    /// A document of this generation, now deleted.
+    Generation(u64),
+    /// A value that is not a document, now deleted.
+    Undecodable,
 }
 
 /// The latest entry of `key`, delete and purge markers included (their
@@ -319,18 +383,28 @@ async fn cas_write(store: &kv::Store, key: &str, value: Vec<u8>, revision: u64) 
     }
 }
 
-/// The highest generation a deleted key held, from the bucket's history
-/// (the last few versions), so a deployment written again continues its
-/// numbering (a device may still remember the old generations).
+/// The highest generation the key held in the bucket's history (the last
+/// few versions, delete markers included), so a deployment written again
+/// continues its numbering (a device may still remember the old generations).
+/// A purge leaves no history: the index's tombstone covers that case.
+///
+/// Read with direct gets, one per version, rather than `kv::Store::history`:
+/// that creates a consumer per call, and consumers are a server-wide budget
+/// a fleet-wide deploy would spend by the thousand.
 async fn last_generation_in_history(store: &kv::Store, key: &str) -> Result<u64, FleetError> {
-    let history =
-        store.history(key).await.map_err(|e| FleetError::nats(format!("read history of {key}"), e))?;
-    let entries: Vec<_> = history.collect().await;
+    let subject = format!("{}{key}", store.prefix);
     let mut highest = 0;
-    for entry in entries {
-        let entry = entry.map_err(|e| FleetError::nats(format!("read history of {key}"), e))?;
-        if entry.operation == kv::Operation::Put {
-            if let Ok(header) = decode_header(key, &entry.value) {
+    let mut from = None;
+    for _ in 0..MAX_KV_HISTORY {
+        let message = match store.stream.direct_get_next_for_subject(subject.as_str(), from).await {
+            Ok(message) => message,
+            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => break,
+            Err(err) => return Err(FleetError::nats(format!("read history of {key}"), err)),
+        };
+        from = Some(message.sequence.saturating_add(1));
+        let is_put = message.headers.get("KV-Operation").is_none_or(|op| op.as_str() == "PUT");
+        if is_put {
+            if let Ok(header) = decode_header(key, &message.payload) {
                 highest = highest.max(header.generation);
             }
         }

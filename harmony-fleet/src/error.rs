@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use harmony_score_wire::{DeploymentName, DeploymentStatus, DeviceId, EncodeError, ValueDecodeError};
+use harmony_score_wire::{
+    bounded_text, DeploymentName, DeploymentStatus, DeviceId, EncodeError, ValueDecodeError,
+    MAX_MESSAGE_BYTES,
+};
 
 /// The boxed cause of a failed NATS operation (async-nats has one error type per operation).
 pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
@@ -98,6 +101,13 @@ pub enum FleetError {
         /// The generation asked for.
         requested: u64,
     },
+    /// The key's generation is already `u64::MAX`: no newer generation exists,
+    /// so nothing was written (deploy under another deployment name).
+    #[error("{key} is at the last generation ({}); no newer one can be written", u64::MAX)]
+    GenerationExhausted {
+        /// The key.
+        key: String,
+    },
     /// The device did not list these Score tags as supported; nothing was written.
     #[error("device {device} does not support score tags {} (use --force to deploy anyway)", tags.join(", "))]
     UnsupportedScores {
@@ -122,7 +132,22 @@ pub enum FleetError {
         /// The device's status of the deployment.
         status: Box<DeploymentStatus>,
     },
-    /// The document could not be encoded.
+    /// The device moved past the awaited document without applying it: it
+    /// reports a newer desired or observed generation, or the awaited
+    /// generation with another document (digest). The wait can never succeed.
+    #[error("{device}/{deployment}: generation {awaited} was superseded: {}", describe_current(current))]
+    Superseded {
+        /// The device.
+        device: DeviceId,
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The generation waited for.
+        awaited: u64,
+        /// The device's status of the deployment.
+        current: Box<DeploymentStatus>,
+    },
+    /// The document could not be encoded, or a device would reject it (an
+    /// invalid Score, two Scores owning one resource); nothing was written.
     #[error("cannot encode the document")]
     EncodeFailed(#[source] EncodeError),
 }
@@ -136,23 +161,58 @@ impl FleetError {
     pub fn deployment_status(&self) -> Option<&DeploymentStatus> {
         match self {
             FleetError::DeploymentFailed { status, .. } => Some(status),
+            FleetError::Superseded { current, .. } => Some(current),
             FleetError::Timeout { last, .. } => last.as_deref(),
             _ => None,
         }
     }
 }
 
+// Everything below echoes device-written text: bounded and escaped, since a
+// device's status is not trusted to be short or printable.
+
 fn describe_failure(status: &DeploymentStatus) -> String {
     let phase = format!("{:?}", status.phase).to_lowercase();
     let mut text = format!("generation {} {phase}", status.desired_generation);
     if let Some(err) = &status.error {
-        text.push_str(&format!(" ({}: {})", err.kind, err.message));
+        text.push_str(&format!(
+            " ({}: {})",
+            err.kind.as_str(),
+            bounded_text(&err.message, MAX_MESSAGE_BYTES)
+        ));
     }
-    let failed: Vec<_> = status.scores.iter().filter(|s| !s.is_ok()).map(|s| s.name.as_str()).collect();
+    let failed: Vec<_> = status
+        .scores
+        .iter()
+        .filter(|s| !s.is_ok())
+        .map(|s| bounded_text(&s.name, MAX_MESSAGE_BYTES))
+        .collect();
     if !failed.is_empty() {
         text.push_str(&format!("; failed: {}", failed.join(", ")));
     }
     text
+}
+
+fn describe_current(status: &DeploymentStatus) -> String {
+    let phase = format!("{:?}", status.phase).to_lowercase();
+    format!(
+        "the device reports desired generation {}{}, observed {}{}, {phase}",
+        status.desired_generation,
+        short_digest(status.desired_digest.as_deref()),
+        status.observed_generation,
+        short_digest(status.observed_digest.as_deref()),
+    )
+}
+
+/// ` (sha256:0123456789ab)`: enough of a digest to tell documents apart.
+pub(crate) fn short_digest(digest: Option<&str>) -> String {
+    match digest {
+        Some(digest) => {
+            let shown: String = digest.chars().take("sha256:".len() + 12).collect();
+            format!(" ({})", bounded_text(&shown, 64))
+        }
+        None => String::new(),
+    }
 }
 
 /// An error and its causes on one line (`a: b: c`), for people and status lines.

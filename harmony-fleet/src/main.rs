@@ -108,15 +108,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// 2: the input or the request must change (bad document, refused tags,
-/// stale generation); 1: the fleet said no or did not answer in time.
+/// 2: the input or the request must change (bad document or invalid Score,
+/// refused tags, stale or exhausted generation); 1: the fleet said no or did
+/// not answer in time.
 fn exit_code(err: &CliError) -> u8 {
     match err {
         CliError::Usage(_) => 2,
         CliError::Fleet(
             FleetError::UnsupportedScores { .. }
             | FleetError::NoDeviceInfo { .. }
-            | FleetError::StaleGeneration { .. },
+            | FleetError::StaleGeneration { .. }
+            | FleetError::GenerationExhausted { .. }
+            | FleetError::EncodeFailed(_),
         ) => 2,
         CliError::Fleet(_) | CliError::Failed(_) => 1,
     }

@@ -1,7 +1,16 @@
 //! Turning device statuses into the lines and tables people read.
+//!
+//! Every string here was written by a device, and a device's status is not
+//! trusted to be short or printable: each is bounded and its control
+//! characters escaped before it reaches a terminal.
 
-use harmony_score_wire::{AgentStatus, DeploymentStatus, Phase, ScoreStatus};
+use harmony_score_wire::{bounded_text, AgentStatus, DeploymentStatus, Phase, ScoreStatus};
 use harmony_topology::InterpretStatus;
+
+/// Longest device-written text printed in a table cell.
+const MAX_CELL_BYTES: usize = 64;
+/// Longest device-written message printed on a line of its own.
+const MAX_LINE_BYTES: usize = harmony_score_wire::MAX_MESSAGE_BYTES;
 
 /// A heartbeat older than this is stale when the agent did not say how often it beats.
 pub const DEFAULT_STALE_AFTER_MS: u64 = 90_000;
@@ -34,12 +43,27 @@ pub fn scores_summary(scores: &[ScoreStatus]) -> String {
     }
 }
 
-/// One line per Score: `file [/etc/motd]: SUCCESS /etc/motd created`.
+/// One line per Score: `file [/etc/motd]: SUCCESS /etc/motd created`; a
+/// Score that failed with a typed error shows its kind:
+/// `file [/etc/motd]: FAILURE (io) permission denied`.
 pub fn score_lines(status: &DeploymentStatus) -> Vec<String> {
-    status.scores.iter().map(|s| format!("{}: {} {}", s.name, s.status, s.message)).collect()
+    status
+        .scores
+        .iter()
+        .map(|s| {
+            let kind = s.error_kind.map(|k| format!(" ({})", k.as_str())).unwrap_or_default();
+            format!(
+                "{}: {}{kind} {}",
+                bounded_text(&s.name, MAX_LINE_BYTES),
+                s.status,
+                bounded_text(&s.message, MAX_LINE_BYTES)
+            )
+        })
+        .collect()
 }
 
-/// The phase as the table shows it; a refused or failed document adds its error kind.
+/// The phase as the table shows it; a refused or failed document adds its
+/// error kind (its stable wire name, `resource_conflict`).
 pub fn phase_label(status: &DeploymentStatus) -> String {
     let phase = match status.phase {
         Phase::Applying => "applying",
@@ -50,7 +74,7 @@ pub fn phase_label(status: &DeploymentStatus) -> String {
         _ => "unknown",
     };
     match &status.error {
-        Some(err) => format!("{phase} ({})", err.kind),
+        Some(err) => format!("{phase} ({})", err.kind.as_str()),
         None => phase.to_owned(),
     }
 }
@@ -58,8 +82,9 @@ pub fn phase_label(status: &DeploymentStatus) -> String {
 /// Whether the device's last heartbeat is older than three of its intervals
 /// (or [`DEFAULT_STALE_AFTER_MS`] when it did not say).
 pub fn is_stale(status: &AgentStatus, now_ms: u64) -> bool {
+    // The interval is device-written: saturate rather than overflow.
     let stale_after = if status.heartbeat_interval_ms > 0 {
-        status.heartbeat_interval_ms * 3
+        status.heartbeat_interval_ms.saturating_mul(3)
     } else {
         DEFAULT_STALE_AFTER_MS
     };
@@ -112,17 +137,18 @@ pub fn devices_table(statuses: &[AgentStatus], now_ms: u64) -> String {
     for status in statuses {
         let info = status.info.clone().unwrap_or_default();
         let labels: Vec<String> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let cell = |text: &str| bounded_text(text, MAX_CELL_BYTES);
         let mut heartbeat = heartbeat_age(status, now_ms);
         if is_stale(status, now_ms) {
             heartbeat.push_str(" (stale)");
         }
         rows.push(row([
             status.device_id.as_str(),
-            &status.agent_version,
-            or_dash(&info.hostname),
-            or_dash(&info.arch),
+            &cell(&status.agent_version),
+            or_dash(&cell(&info.hostname)),
+            or_dash(&cell(&info.arch)),
             &heartbeat,
-            or_dash(&labels.join(",")),
+            or_dash(&bounded_text(&labels.join(","), MAX_LINE_BYTES)),
         ]));
     }
     render(&rows)
@@ -261,6 +287,40 @@ mod tests {
 
         let stale = status_table(&[agent(now - 200_000, 0, vec![])], now);
         assert!(stale.lines().nth(1).unwrap().ends_with("3m         STALE"), "{stale}");
+    }
+
+    #[test]
+    fn a_huge_heartbeat_interval_saturates_instead_of_overflowing() {
+        let now = 1_000_000;
+        assert!(!is_stale(&agent(now - 1_000, u64::MAX, vec![]), now));
+        assert!(!is_stale(&agent(0, u64::MAX, vec![]), now));
+    }
+
+    #[test]
+    fn score_lines_name_the_error_kind_and_escape_device_text() {
+        let mut failed = score(InterpretStatus::FAILURE);
+        failed.error_kind = Some(harmony_topology::InterpretErrorKind::Timeout);
+        failed.message = "took too long\n\u{1b}[2J".into();
+        let mut long = score(InterpretStatus::SUCCESS);
+        long.message = "x".repeat(10_000);
+        let lines = score_lines(&deployment(Phase::Failed, vec![failed, long], None));
+        assert_eq!(lines[0], "file [/etc/motd]: FAILURE (timeout) took too long\\n\\u{1b}[2J");
+        assert!(lines[1].len() <= 600 && lines[1].ends_with('…'), "{}", lines[1].len());
+    }
+
+    #[test]
+    fn phase_labels_carry_the_error_kinds_wire_name() {
+        use harmony_score_wire::ErrorKind;
+        for (kind, label) in [
+            (ErrorKind::ResourceConflict, "rejected (resource_conflict)"),
+            (ErrorKind::InvalidScore, "rejected (invalid_score)"),
+            (ErrorKind::Unknown, "rejected (unknown)"),
+        ] {
+            let status = deployment(Phase::Rejected, vec![], Some(StatusError::new(kind, "m")));
+            assert_eq!(phase_label(&status), label);
+        }
+        let failed = deployment(Phase::Failed, vec![], Some(StatusError::new(ErrorKind::ScoresFailed, "m")));
+        assert_eq!(phase_label(&failed), "failed (scores_failed)");
     }
 
     #[test]

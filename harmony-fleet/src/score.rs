@@ -17,7 +17,8 @@ use crate::{error_chain, DeployRequest, DeviceFleet};
 const PARALLEL_DEVICES: usize = 32;
 
 /// Deploys one deployment — the same device Scores — to each of `devices`,
-/// and with `wait` waits until each device reports it applied.
+/// and with `wait` waits until each device reports exactly that document
+/// (generation and digest) applied; a device that moved past it fails.
 ///
 /// Each device's key gets its next generation, unless the deployed document
 /// already holds these Scores: then nothing is written and that device
@@ -132,7 +133,11 @@ impl DeviceDeploymentInterpret {
                 scores: Vec::new(),
             };
         };
-        match fleet.wait_for_generation(device, &self.deployment, generation, timeout).await {
+        // Exactly this document: the generation and the digest of the bytes stored.
+        match fleet
+            .wait_for_generation(device, &self.deployment, generation, Some(&deployed.digest), timeout)
+            .await
+        {
             // An unchanged document did not run again: its Score statuses are
             // those of the run that applied it, so they are not repeated.
             Ok(_) if !deployed.changed => DeviceResult {

@@ -21,13 +21,16 @@ pub trait DeviceFleet: Send + Sync {
     /// The device's last reported status; `None` when it never reported.
     async fn read_status(&self, device: &DeviceId) -> Result<Option<AgentStatus>, FleetError>;
 
-    /// Waits until the device reports `generation` of `deployment` applied;
-    /// fails when it reports it failed or rejected, or after `timeout`.
+    /// Waits until the device reports exactly `generation` of `deployment`
+    /// applied, with `digest` (when given) as the document it observed; fails
+    /// when it reports that generation failed or rejected, when it moved past
+    /// it ([`FleetError::Superseded`]), or after `timeout`.
     async fn wait_for_generation(
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
         generation: u64,
+        digest: Option<&str>,
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError>;
 }
@@ -47,9 +50,10 @@ impl DeviceFleet for FleetClient {
         device: &DeviceId,
         deployment: &DeploymentName,
         generation: u64,
+        digest: Option<&str>,
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError> {
-        FleetClient::wait_for_generation(self, device, deployment, generation, timeout).await
+        FleetClient::wait_for_generation(self, device, deployment, generation, digest, timeout).await
     }
 }
 
@@ -115,8 +119,9 @@ impl DeviceFleet for FleetTopology {
         device: &DeviceId,
         deployment: &DeploymentName,
         generation: u64,
+        digest: Option<&str>,
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError> {
-        self.client.wait_for_generation(device, deployment, generation, timeout).await
+        DeviceFleet::wait_for_generation(&self.client, device, deployment, generation, digest, timeout).await
     }
 }

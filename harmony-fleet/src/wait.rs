@@ -16,29 +16,56 @@ use crate::{FleetClient, FleetError};
 /// KV watch can die silently across a server restart).
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Where a deployment stands with respect to an awaited generation.
+/// Where a deployment stands with respect to an awaited generation (and digest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
-    /// The generation (or a newer one) is applied.
+    /// Exactly the awaited generation (and document) is applied.
     Applied(DeploymentStatus),
-    /// The generation (or a newer one) failed or was rejected.
+    /// The awaited generation failed or was rejected.
     Failed(DeploymentStatus),
+    /// The device moved past the awaited document: it reports a newer
+    /// desired or observed generation, or the awaited generation with another
+    /// digest. The awaited document will not be reported applied.
+    Superseded(DeploymentStatus),
     /// Not there yet; the deployment's status so far, if it has one.
     Pending(Option<DeploymentStatus>),
 }
 
-/// Judges a device's status against an awaited `generation` of `deployment`.
+/// Judges a device's status against an awaited `generation` of `deployment`
+/// and, when given, the awaited `digest` ([`harmony_score_wire::document_digest`]
+/// of the bytes written).
+///
+/// Applied means *that* document is running: `observed_generation` equals
+/// the generation (never "at least": after a purge an operator could number
+/// from 1 again while the device still runs 3), the observed digest matches,
+/// and the phase is Applied. A device that reports no digest cannot confirm
+/// an awaited digest: that stays Pending.
 pub fn generation_progress(
     status: Option<&AgentStatus>,
     deployment: &DeploymentName,
     generation: u64,
+    digest: Option<&str>,
 ) -> Progress {
     let Some(ds) = status.and_then(|s| s.deployments.get(deployment)) else {
         return Progress::Pending(None);
     };
+    // Another document under the awaited generation: only when both sides know the digest.
+    let other_document =
+        |reported: &Option<String>| matches!((digest, reported.as_deref()), (Some(a), Some(r)) if a != r);
+    let newer = ds.desired_generation > generation
+        || ds.observed_generation > generation
+        || ds.superseded_generation.is_some_and(|g| g >= generation);
+    let replaced = (ds.desired_generation == generation && other_document(&ds.desired_digest))
+        || (ds.observed_generation == generation && other_document(&ds.observed_digest));
+    if newer || replaced {
+        return Progress::Superseded(ds.clone());
+    }
+    let digest_confirmed = digest.is_none_or(|d| ds.observed_digest.as_deref() == Some(d));
     match ds.phase {
-        Phase::Applied if ds.observed_generation >= generation => Progress::Applied(ds.clone()),
-        Phase::Failed | Phase::Rejected if ds.desired_generation >= generation => {
+        Phase::Applied if ds.observed_generation == generation && digest_confirmed => {
+            Progress::Applied(ds.clone())
+        }
+        Phase::Failed | Phase::Rejected if ds.desired_generation == generation => {
             Progress::Failed(ds.clone())
         }
         _ => Progress::Pending(Some(ds.clone())),
@@ -52,30 +79,61 @@ pub fn is_pruned(status: Option<&AgentStatus>, deployment: &DeploymentName) -> b
 }
 
 impl FleetClient {
-    /// Waits until the device reports `generation` of `deployment` applied
-    /// (`observed_generation >= generation`, phase Applied). A failed or
-    /// rejected generation ends the wait with [`FleetError::DeploymentFailed`];
-    /// nothing conclusive within `timeout` with [`FleetError::Timeout`].
+    /// Waits until the device reports exactly `generation` of `deployment`
+    /// applied, with `digest` (when given) as its observed digest; see
+    /// [`generation_progress`]. Ends with [`FleetError::DeploymentFailed`]
+    /// when that generation failed or was rejected, with
+    /// [`FleetError::Superseded`] when the device moved past it (never a
+    /// success), and with [`FleetError::Timeout`] when nothing conclusive
+    /// happened within `timeout`.
     pub async fn wait_for_generation(
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
         generation: u64,
+        digest: Option<&str>,
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError> {
-        let what = format!("{device}/{deployment} to apply generation {generation}");
-        self.follow_status(device, timeout, what, |status| {
-            match generation_progress(status, deployment, generation) {
-                Progress::Applied(ds) => ControlFlow::Break(Ok(ds)),
-                Progress::Failed(ds) => ControlFlow::Break(Err(FleetError::DeploymentFailed {
-                    device: device.clone(),
-                    deployment: deployment.clone(),
-                    status: Box::new(ds),
-                })),
-                Progress::Pending(last) => ControlFlow::Continue(last),
+        let what = format!(
+            "{device}/{deployment} to apply generation {generation}{}",
+            crate::error::short_digest(digest)
+        );
+        let result = self
+            .follow_status(device, timeout, what, |status| {
+                match generation_progress(status, deployment, generation, digest) {
+                    Progress::Applied(ds) => ControlFlow::Break(Ok(ds)),
+                    Progress::Failed(ds) => ControlFlow::Break(Err(FleetError::DeploymentFailed {
+                        device: device.clone(),
+                        deployment: deployment.clone(),
+                        status: Box::new(ds),
+                    })),
+                    Progress::Superseded(ds) => ControlFlow::Break(Err(FleetError::Superseded {
+                        device: device.clone(),
+                        deployment: deployment.clone(),
+                        awaited: generation,
+                        current: Box::new(ds),
+                    })),
+                    Progress::Pending(last) => ControlFlow::Continue(last),
+                }
+            })
+            .await;
+        match result {
+            // Say why a device that applied the generation did not confirm it.
+            Err(FleetError::Timeout { what, after, last })
+                if digest.is_some()
+                    && last.as_ref().is_some_and(|ds| {
+                        ds.phase == Phase::Applied
+                            && ds.observed_generation == generation
+                            && ds.observed_digest.is_none()
+                    }) =>
+            {
+                let what = format!(
+                    "{what} (the device reports generation {generation} applied but no digest, so it cannot confirm this document)"
+                );
+                Err(FleetError::Timeout { what, after, last })
             }
-        })
-        .await
+            other => other,
+        }
     }
 
     /// Waits until the device reports a deleted deployment pruned (or its
@@ -205,21 +263,87 @@ mod tests {
         }
     }
 
+    const D: &str = "sha256:aaaa";
+    const OTHER: &str = "sha256:bbbb";
+
+    /// `status` with the reported digests of the desired and observed documents.
+    fn with_digests(mut s: AgentStatus, desired: Option<&str>, observed: Option<&str>) -> AgentStatus {
+        for ds in s.deployments.values_mut() {
+            ds.desired_digest = desired.map(str::to_owned);
+            ds.observed_digest = observed.map(str::to_owned);
+        }
+        s
+    }
+
+    fn judge(s: &AgentStatus, generation: u64, digest: Option<&str>) -> Progress {
+        generation_progress(Some(s), &DeploymentName::new("web").unwrap(), generation, digest)
+    }
+
     #[test]
-    fn a_generation_is_applied_only_when_observed_and_applied() {
+    fn applied_is_exactly_the_generation_and_digest_in_phase_applied() {
+        let applied = with_digests(status("web", 3, 3, Phase::Applied), Some(D), Some(D));
+        assert!(matches!(judge(&applied, 3, Some(D)), Progress::Applied(_)));
+        // No digest awaited: the generation alone decides.
+        assert!(matches!(judge(&status("web", 3, 3, Phase::Applied), 3, None), Progress::Applied(_)));
+        // Observed but not (yet) in phase Applied.
+        let verifying = with_digests(status("web", 3, 3, Phase::Applying), Some(D), Some(D));
+        assert!(matches!(judge(&verifying, 3, Some(D)), Progress::Pending(Some(_))));
+    }
+
+    #[test]
+    fn an_older_generation_or_a_run_in_progress_is_pending() {
+        let older = with_digests(status("web", 2, 2, Phase::Applied), Some(OTHER), Some(OTHER));
+        assert!(matches!(judge(&older, 3, Some(D)), Progress::Pending(Some(_))));
+        let applying = with_digests(status("web", 3, 2, Phase::Applying), Some(D), Some(OTHER));
+        assert!(matches!(judge(&applying, 3, Some(D)), Progress::Pending(Some(_))));
+        // An older generation's failure is not the awaited one's.
+        assert!(matches!(judge(&status("web", 2, 1, Phase::Failed), 3, Some(D)), Progress::Pending(Some(_))));
+        // Another deployment, or no status at all.
+        assert!(matches!(judge(&status("db", 3, 3, Phase::Applied), 3, None), Progress::Pending(None)));
         let web = DeploymentName::new("web").unwrap();
-        let judge = |s: &AgentStatus, g| generation_progress(Some(s), &web, g);
-        assert!(matches!(judge(&status("web", 3, 3, Phase::Applied), 3), Progress::Applied(_)));
-        assert!(matches!(judge(&status("web", 4, 4, Phase::Applied), 3), Progress::Applied(_)));
-        assert!(matches!(judge(&status("web", 3, 2, Phase::Applying), 3), Progress::Pending(Some(_))));
-        // An older generation applied is not the awaited one.
-        assert!(matches!(judge(&status("web", 2, 2, Phase::Applied), 3), Progress::Pending(Some(_))));
-        assert!(matches!(judge(&status("web", 3, 2, Phase::Failed), 3), Progress::Failed(_)));
-        assert!(matches!(judge(&status("web", 3, 2, Phase::Rejected), 3), Progress::Failed(_)));
-        // An older failure is not the awaited generation's.
-        assert!(matches!(judge(&status("web", 2, 1, Phase::Failed), 3), Progress::Pending(Some(_))));
-        assert!(matches!(judge(&status("db", 3, 3, Phase::Applied), 3), Progress::Pending(None)));
-        assert_eq!(generation_progress(None, &web, 1), Progress::Pending(None));
+        assert_eq!(generation_progress(None, &web, 1, Some(D)), Progress::Pending(None));
+    }
+
+    #[test]
+    fn a_device_that_reports_no_digest_cannot_confirm_an_awaited_one() {
+        let no_digest = status("web", 3, 3, Phase::Applied);
+        assert!(matches!(judge(&no_digest, 3, Some(D)), Progress::Pending(Some(_))));
+    }
+
+    #[test]
+    fn the_awaited_generation_failed_or_rejected_is_a_failure() {
+        assert!(matches!(judge(&status("web", 3, 2, Phase::Failed), 3, None), Progress::Failed(_)));
+        let rejected = with_digests(status("web", 3, 2, Phase::Rejected), Some(D), Some(OTHER));
+        assert!(matches!(judge(&rejected, 3, Some(D)), Progress::Failed(_)));
+        // A rejection that could not say which document it refused.
+        assert!(matches!(judge(&status("web", 3, 2, Phase::Rejected), 3, Some(D)), Progress::Failed(_)));
+    }
+
+    #[test]
+    fn a_newer_generation_supersedes_and_is_never_success() {
+        // The purge bug: the operator restarted at 1, the device runs 3.
+        let ahead = with_digests(status("web", 3, 3, Phase::Applied), Some(OTHER), Some(OTHER));
+        assert!(matches!(judge(&ahead, 1, Some(D)), Progress::Superseded(_)));
+        assert!(matches!(judge(&status("web", 3, 3, Phase::Applied), 1, None), Progress::Superseded(_)));
+        // A newer desired generation, even before it is applied or when it failed.
+        assert!(matches!(judge(&status("web", 4, 2, Phase::Applying), 3, None), Progress::Superseded(_)));
+        assert!(matches!(judge(&status("web", 4, 3, Phase::Rejected), 3, None), Progress::Superseded(_)));
+        // The awaited run was superseded by a newer one.
+        let mut cut = status("web", 4, 2, Phase::Applying);
+        cut.deployments.values_mut().for_each(|d| d.superseded_generation = Some(3));
+        assert!(matches!(judge(&cut, 3, None), Progress::Superseded(_)));
+    }
+
+    #[test]
+    fn the_same_generation_with_another_digest_supersedes() {
+        let applied_other = with_digests(status("web", 3, 3, Phase::Applied), Some(OTHER), Some(OTHER));
+        assert!(matches!(judge(&applied_other, 3, Some(D)), Progress::Superseded(_)));
+        let failed_other = with_digests(status("web", 3, 2, Phase::Failed), Some(OTHER), None);
+        assert!(matches!(judge(&failed_other, 3, Some(D)), Progress::Superseded(_)));
+        let applying_other = with_digests(status("web", 3, 2, Phase::Applying), Some(OTHER), None);
+        assert!(matches!(judge(&applying_other, 3, Some(D)), Progress::Superseded(_)));
+        // Without an awaited digest there is nothing to compare.
+        assert!(matches!(judge(&applied_other, 3, None), Progress::Applied(_)));
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl Fixture {
     ) -> harmony_score_wire::DeploymentStatus {
         let name = DeploymentName::new(deployment).unwrap();
         self.client
-            .wait_for_generation(&self.device, &name, generation, WAIT)
+            .wait_for_generation(&self.device, &name, generation, None, WAIT)
             .await
             .unwrap_or_else(|e| panic!("generation {generation} not applied: {e:?}\n{}", agent.log_text()))
     }
@@ -274,7 +274,7 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
     let g2 =
         f.deploy("app", vec![file("/etc/app", "changed"), Box::new(NewerScore { path: "/x".into() })]).await;
     let name = DeploymentName::new("app").unwrap();
-    let err = f.client.wait_for_generation(&f.device, &name, g2, WAIT).await.unwrap_err();
+    let err = f.client.wait_for_generation(&f.device, &name, g2, None, WAIT).await.unwrap_err();
     let FleetError::DeploymentFailed { status, .. } = err else { panic!("{err:?}") };
     assert_eq!(
         (status.phase, status.desired_generation, status.observed_generation),

@@ -87,11 +87,11 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
         ],
         &dir.path().join("agent.log"),
     );
-    let status = client.wait_for_generation(&dev1, &app, g1.generation, WAIT).await;
+    let status = client.wait_for_generation(&dev1, &app, g1.generation, None, WAIT).await;
     assert!(status.is_ok(), "{status:?}\n{}", agent.log_text());
     let g2 =
         client.deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v2"))).await.unwrap();
-    client.wait_for_generation(&dev1, &app, g2.generation, WAIT).await.unwrap();
+    client.wait_for_generation(&dev1, &app, g2.generation, None, WAIT).await.unwrap();
     assert_eq!(std::fs::read_to_string(root.join("etc/app")).unwrap(), "v2");
     let reply = client.ping(&dev1, Duration::from_secs(5)).await.unwrap();
     assert!(reply.ok);

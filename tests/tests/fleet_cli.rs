@@ -4,7 +4,8 @@ use std::path::Path;
 
 use harmony_e2e::{report_status, reported_status, within, workspace_bin, NatsServer};
 use harmony_fleet::FleetClient;
-use harmony_score_wire::{DeploymentName, DeviceId};
+use harmony_score_wire::names::DESIRED_STATE_BUCKET;
+use harmony_score_wire::{DeploymentName, DeploymentStatus, DeviceId, Phase};
 
 struct Run {
     code: Option<i32>,
@@ -37,6 +38,14 @@ fn write_doc(dir: &Path) -> String {
             "scores":[{"type":"harmony.file/v1","path":"/etc/web","content":"hi\n"}]}"#,
     )
     .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// A document whose one Score a device would reject as invalid.
+fn write_invalid_doc(dir: &Path, file_name: &str, score: &str) -> String {
+    let path = dir.join(file_name);
+    let doc = format!(r#"{{"device_id":"dev-1","deployment":"web","generation":1,"scores":[{score}]}}"#);
+    std::fs::write(&path, doc).unwrap();
     path.to_str().unwrap().to_owned()
 }
 
@@ -112,4 +121,87 @@ async fn init_status_devices_and_ping_print_what_the_fleet_holds() {
     let run = fleet(&server, &["ping", "dev-9", "--timeout", "2"]).await;
     assert_eq!(run.code, Some(1));
     assert!(run.stderr.contains("device offline"), "{}", run.stderr);
+}
+
+// Regression: a document with an invalid Score reached NATS, and every
+// device rejected it; encode and deploy now refuse it with exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encode_and_deploy_refuse_an_invalid_score_with_exit_2_and_write_nothing() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    // dev-1 decodes files: only the Score's fields are wrong.
+    report_status(
+        &client,
+        &reported_status(&DeviceId::new("dev-1").unwrap(), Some(&["harmony.file/v1"]), Default::default()),
+    )
+    .await;
+    let cases = [
+        (
+            write_invalid_doc(dir.path(), "relative.json", r#"{"type":"harmony.file/v1","path":"relative"}"#),
+            "field path",
+        ),
+        (
+            // 2541 = 0o4755: setuid.
+            write_invalid_doc(
+                dir.path(),
+                "setuid.json",
+                r#"{"type":"harmony.file/v1","path":"/usr/bin/x","mode":2541}"#,
+            ),
+            "field mode",
+        ),
+    ];
+    for (doc, field) in &cases {
+        let cbor = dir.path().join("out.cbor");
+        let run = fleet(&server, &["encode", doc, "-o", cbor.to_str().unwrap()]).await;
+        assert_eq!(run.code, Some(2), "{}", run.stderr);
+        for part in ["invalid_score", "score #0", "harmony.file/v1", field] {
+            assert!(run.stderr.contains(part), "{part:?} missing: {}", run.stderr);
+        }
+        assert!(!cbor.exists(), "nothing encoded");
+
+        for extra in [&[][..], &["--force"][..], &["--wait", "--timeout", "1"][..]] {
+            let run = fleet(&server, &[&["deploy", doc.as_str()][..], extra].concat()).await;
+            assert_eq!(run.code, Some(2), "{extra:?}: {}", run.stderr);
+            assert!(run.stderr.contains("score #0") && run.stderr.contains(field), "{}", run.stderr);
+        }
+    }
+    // Nothing reached the bucket: neither the key nor the index.
+    let kv = within(client.jetstream().get_key_value(DESIRED_STATE_BUCKET)).await.unwrap();
+    assert!(within(kv.entry("dev-1.web")).await.unwrap().is_none());
+    assert!(within(kv.entry("dev-1._index")).await.unwrap().is_none());
+}
+
+// Regression: `deploy --wait` reported success when the device held a
+// newer generation (after a purge the operator numbered from 1 again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_wait_fails_with_exit_1_when_the_device_runs_a_newer_generation() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write_doc(dir.path());
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    let ahead = DeploymentStatus {
+        desired_generation: 3,
+        observed_generation: 3,
+        phase: Phase::Applied,
+        desired_digest: Some("sha256:01d".into()),
+        observed_digest: Some("sha256:01d".into()),
+        ..Default::default()
+    };
+    let status = reported_status(
+        &DeviceId::new("dev-1").unwrap(),
+        Some(&["harmony.file/v1"]),
+        [(DeploymentName::new("web").unwrap(), ahead)].into(),
+    );
+    report_status(&client, &status).await;
+
+    let run = fleet(&server, &["deploy", &doc, "--wait", "--timeout", "20"]).await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.starts_with("FAILURE"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("generation 1 written, not applied") && run.stdout.contains("superseded"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("timed out"), "ends at once, not at the timeout: {}", run.stdout);
 }

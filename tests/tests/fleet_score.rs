@@ -1,11 +1,14 @@
 //! `DeviceDeploymentScore` run by a `Maestro` on a `FleetTopology`, against stand-in agents that report status.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use harmony_e2e::{report_status, reported_status, within, NatsServer};
 use harmony_fleet::{DeviceDeploymentScore, FleetClient, FleetTopology};
+use harmony_score_wire::names::{desired_state_key, DESIRED_STATE_BUCKET};
 use harmony_score_wire::{
-    now_ms, DeploymentName, DeploymentStatus, DeviceId, DeviceScore, Phase, ScoreStatus,
+    document_digest, now_ms, peek_generation, DecodeLimits, DeploymentName, DeploymentStatus, DeviceId,
+    DeviceScore, Phase, ScoreStatus,
 };
 use harmony_scores::{FileScore, PresenceState};
 use harmony_topology::{InterpretStatus, Inventory, Maestro, Score};
@@ -35,41 +38,46 @@ fn score(devices: &[&str], content: &str, wait: Option<u64>) -> DeviceDeployment
     }
 }
 
-/// A stand-in agent: reports every deployment in the device's index at its
-/// indexed generation, in `phase`, with one Score status.
+/// A stand-in agent: reports every deployment in the device's index at the
+/// generation and digest of the document its key holds, in `phase`, with
+/// one Score status.
 fn fake_agent(client: FleetClient, device: DeviceId, phase: Phase) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        client.ensure_buckets().await.unwrap();
+        let kv = client.jetstream().get_key_value(DESIRED_STATE_BUCKET).await.unwrap();
         loop {
             let index = client.deployment_index(&device).await.unwrap();
             let (observed, score_status) = match phase {
                 Phase::Applied => (true, InterpretStatus::SUCCESS),
                 _ => (false, InterpretStatus::FAILURE),
             };
-            let deployments = index
-                .deployments
-                .into_iter()
-                .map(|(name, generation)| {
-                    let status = DeploymentStatus {
-                        desired_generation: generation,
-                        observed_generation: if observed { generation } else { 0 },
-                        phase,
-                        scores: vec![ScoreStatus {
-                            tag: "harmony.file/v1".into(),
-                            name: "file [/etc/motd]".into(),
-                            resource: "file:/etc/motd".into(),
-                            status: score_status,
-                            message: "/etc/motd written".into(),
-                            details: Vec::new(),
-                            error_kind: None,
-                        }],
-                        error: None,
-                        last_attempt_at_ms: now_ms(),
-                        last_applied_at_ms: 0,
-                        ..Default::default()
-                    };
-                    (name, status)
-                })
-                .collect();
+            let mut deployments = BTreeMap::new();
+            for name in index.deployments.into_keys() {
+                let Some(bytes) = kv.get(desired_state_key(&device, &name)).await.unwrap() else { continue };
+                let generation = peek_generation(&bytes, &DecodeLimits::default()).unwrap();
+                let digest = Some(document_digest(&bytes));
+                let status = DeploymentStatus {
+                    desired_generation: generation,
+                    observed_generation: if observed { generation } else { 0 },
+                    phase,
+                    scores: vec![ScoreStatus {
+                        tag: "harmony.file/v1".into(),
+                        name: "file [/etc/motd]".into(),
+                        resource: "file:/etc/motd".into(),
+                        status: score_status,
+                        message: "/etc/motd written".into(),
+                        details: Vec::new(),
+                        error_kind: None,
+                    }],
+                    error: None,
+                    last_attempt_at_ms: now_ms(),
+                    last_applied_at_ms: 0,
+                    desired_digest: digest.clone(),
+                    observed_digest: if observed { digest } else { None },
+                    ..Default::default()
+                };
+                deployments.insert(name, status);
+            }
             report_status(&client, &reported_status(&device, Some(&["harmony.file/v1"]), deployments)).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -152,6 +160,38 @@ async fn a_device_that_fails_or_never_reported_fails_the_score_with_details() {
         outcome.details[2].starts_with("dev-new: FAILURE not deployed: device dev-new has never reported")
     );
     agent.abort();
+}
+
+// Regression: the wait counted `observed >= written` as applied, so a device
+// still running generation 3 of old content (the key had been purged and
+// numbering restarted) was reported SUCCESS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_running_a_newer_generation_fails_the_score_as_superseded() {
+    let server = NatsServer::start();
+    let (client, maestro) = maestro(&server).await;
+    let device = dev("dev-1");
+    let old = DeploymentStatus {
+        desired_generation: 3,
+        observed_generation: 3,
+        phase: Phase::Applied,
+        desired_digest: Some("sha256:01d".into()),
+        observed_digest: Some("sha256:01d".into()),
+        ..Default::default()
+    };
+    let status = reported_status(
+        &device,
+        Some(&["harmony.file/v1"]),
+        [(DeploymentName::new("motd").unwrap(), old)].into(),
+    );
+    report_status(&client, &status).await;
+
+    let outcome = within(maestro.interpret(&score(&["dev-1"], "new\n", Some(20)))).await.unwrap();
+    assert_eq!(outcome.status, InterpretStatus::FAILURE, "{outcome:?}");
+    assert!(
+        outcome.details[0].starts_with("dev-1: FAILURE generation 1 written, not applied")
+            && outcome.details[0].contains("superseded"),
+        "{outcome:?}"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use harmony_fleet::report::{devices_table, status_table};
 use harmony_fleet::{
     error_chain, BucketAction, DeployRequest, DeviceDeploymentScore, FleetClient, FleetError, FleetTopology,
 };
+use harmony_score_wire::names::DESIRED_STATE_BUCKET;
 use harmony_score_wire::{
     encode, now_ms, read_document_file, to_json_pretty, DecodeLimits, DeploymentName, DesiredState, DeviceId,
 };
@@ -63,8 +64,10 @@ pub struct DeployArgs {
     /// Deploy even Score tags the device did not list as supported.
     #[arg(long)]
     force: bool,
-    /// Wait until the device applied it; exit 1 when it failed or did not in time.
-    /// (A document identical to the deployed one is then not written again.)
+    /// Wait until the device applied exactly this document (generation and
+    /// digest); exit 1 when it failed, was superseded by a newer one, or did
+    /// not land in time. (A document identical to the deployed one is then
+    /// not written again.)
     #[arg(long)]
     wait: bool,
     /// Seconds to wait.
@@ -212,10 +215,13 @@ pub async fn command(
 /// `init`: the buckets, created where missing.
 pub async fn init(conn: &Connection) -> Result<(), CliError> {
     for report in conn.client().await?.ensure_buckets().await? {
-        let what = match report.action {
-            BucketAction::Created => "created",
-            BucketAction::Existed => "exists",
-            BucketAction::Repaired => "repaired (rollups disabled, direct get allowed)",
+        let what = match (report.action, report.bucket) {
+            (BucketAction::Created, _) => "created",
+            (BucketAction::Existed, _) => "exists",
+            (BucketAction::Repaired, DESIRED_STATE_BUCKET) => {
+                "repaired (writes republished as hints to harmony.hint.>, direct get allowed)"
+            }
+            (BucketAction::Repaired, _) => "repaired (rollups disabled, direct get allowed)",
         };
         println!("{}: {what}", report.bucket);
     }
