@@ -110,7 +110,11 @@ impl NatsServer {
         // -1: a random free port (first start); a restart keeps the port.
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
         let mut command = Command::new(nats_server_bin());
-        command.args(["-js", "-a", "127.0.0.1", "-p", &port, "--ports_file_dir"]).arg(&ports_dir).arg("-sd").arg(self.store.path());
+        command
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "--ports_file_dir"])
+            .arg(&ports_dir)
+            .arg("-sd")
+            .arg(self.store.path());
         if let Some(config) = &self.config {
             let path = self.store.path().join("server.conf");
             std::fs::write(&path, config).expect("write server config");
@@ -138,7 +142,10 @@ impl NatsServer {
 /// The client port from the `*.ports` file nats-server writes
 /// (`{"nats":["nats://127.0.0.1:PORT"]}`).
 fn read_ports_file(dir: &Path) -> Option<u16> {
-    let entry = std::fs::read_dir(dir).ok()?.filter_map(Result::ok).find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let entry = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
     let value: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok()?;
     let url = value["nats"].get(0)?.as_str()?;
     url.rsplit(':').next()?.parse().ok()
@@ -306,7 +313,12 @@ impl Drop for InProcessAgent {
 /// The configuration of a NATS-following agent for `device`, with its state
 /// and root under `dir`, a resync of an hour (convergence must come from
 /// the live path, not from the timer) and a heartbeat of `heartbeat_secs`.
-pub fn agent_config(device: &str, nats_url: &str, dir: &Path, heartbeat_secs: u64) -> harmony_agent::AgentConfig {
+pub fn agent_config(
+    device: &str,
+    nats_url: &str,
+    dir: &Path,
+    heartbeat_secs: u64,
+) -> harmony_agent::AgentConfig {
     std::fs::create_dir_all(dir.join("root")).expect("root dir");
     harmony_agent::ConfigLayer {
         device_id: Some(device.to_owned()),
@@ -343,7 +355,11 @@ pub async fn until_status(
             last = Some(status);
         }
         while let Some(message) = writes.next().await {
-            if let Ok(status) = harmony_score_wire::from_cbor::<harmony_score_wire::AgentStatus>(&message.payload, 1 << 20, "status") {
+            if let Ok(status) = harmony_score_wire::from_cbor::<harmony_score_wire::AgentStatus>(
+                &message.payload,
+                1 << 20,
+                "status",
+            ) {
                 if check(&status) {
                     return status;
                 }
@@ -357,18 +373,4 @@ pub async fn until_status(
         Ok(status) => status,
         Err(_) => panic!("timed out waiting for {device} {what}; last status: {last:#?}"),
     }
-}
-
-/// TEMPORARY until the fleet sets the republish itself.
-pub async fn ensure_republish(client: &harmony_fleet::FleetClient) {
-    use harmony_fleet::async_nats::jetstream::stream::Republish;
-    let js = client.jetstream();
-    let mut stream = js.get_stream("KV_harmony-desired-state").await.unwrap();
-    let mut config = stream.info().await.unwrap().config.clone();
-    config.republish = Some(Republish {
-        source: harmony_score_wire::names::hint_republish_source(),
-        destination: harmony_score_wire::names::hint_republish_destination(),
-        headers_only: true,
-    });
-    js.update_stream(config).await.unwrap();
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use harmony_e2e::{AgentProcess, NatsServer, WAIT};
-use harmony_fleet::{DeployRequest, FleetClient, FleetError};
+use harmony_fleet::{DeployRequest, Deployed, FleetClient, FleetError};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore, Phase};
 use harmony_scores::{FileScore, PresenceState};
 use harmony_topology::{
@@ -101,8 +101,9 @@ impl Fixture {
             state.to_str().unwrap(),
             "--root",
             root.to_str().unwrap(),
+            // An hour: everything here must converge through hints, not the timer.
             "--resync",
-            "2",
+            "3600",
             "--heartbeat",
             "1",
             "--label",
@@ -126,21 +127,21 @@ impl Fixture {
             .unwrap_or_else(|_| panic!("agent never answered:\n{}", agent.log_text()));
     }
 
-    async fn deploy(&self, deployment: &str, scores: Vec<Box<dyn DeviceScore>>) -> u64 {
+    async fn deploy(&self, deployment: &str, scores: Vec<Box<dyn DeviceScore>>) -> Deployed {
         let request =
             DeployRequest::new(self.device.clone(), DeploymentName::new(deployment).unwrap(), scores);
-        tokio::time::timeout(WAIT, self.client.deploy(request.force(true))).await.unwrap().unwrap().generation
+        tokio::time::timeout(WAIT, self.client.deploy(request.force(true))).await.unwrap().unwrap()
     }
 
     async fn wait_applied(
         &self,
         agent: &AgentProcess,
         deployment: &str,
-        generation: u64,
+        deployed: &Deployed,
     ) -> harmony_score_wire::DeploymentStatus {
-        let name = DeploymentName::new(deployment).unwrap();
+        let (name, generation) = (DeploymentName::new(deployment).unwrap(), deployed.generation);
         self.client
-            .wait_for_generation(&self.device, &name, generation, None, WAIT)
+            .wait_for_generation(&self.device, &name, generation, Some(&deployed.digest), WAIT)
             .await
             .unwrap_or_else(|e| panic!("generation {generation} not applied: {e:?}\n{}", agent.log_text()))
     }
@@ -166,21 +167,21 @@ async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
     f.until_online(&agent).await;
 
     let g1 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
-    let status = f.wait_applied(&agent, "web", g1).await;
+    let status = f.wait_applied(&agent, "web", &g1).await;
     assert_eq!(statuses(&status), [InterpretStatus::SUCCESS, InterpretStatus::SUCCESS]);
-    assert_eq!((status.phase, status.observed_generation), (Phase::Applied, g1));
+    assert_eq!((status.phase, status.observed_generation), (Phase::Applied, g1.generation));
     assert_eq!(std::fs::read_to_string(f.root("/etc/web.conf")).unwrap(), "port = 80\n");
     assert_eq!(status.scores[0].tag, "harmony.file/v1");
-    assert_eq!(status.scores[0].resource, "file:/etc/web.conf");
+    assert_eq!(status.scores[0].resource, "path:/etc/web.conf");
 
     let g2 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
-    assert_eq!(g2, g1 + 1);
-    let status = f.wait_applied(&agent, "web", g2).await;
+    assert_eq!(g2.generation, g1.generation + 1);
+    let status = f.wait_applied(&agent, "web", &g2).await;
     assert_eq!(statuses(&status), [InterpretStatus::NOOP, InterpretStatus::NOOP]);
 
     // Update one file and drop the other: the dropped one is pruned.
     let g3 = f.deploy("web", vec![file("/etc/web.conf", "port = 8080\n")]).await;
-    let status = f.wait_applied(&agent, "web", g3).await;
+    let status = f.wait_applied(&agent, "web", &g3).await;
     assert_eq!(std::fs::read_to_string(f.root("/etc/web.conf")).unwrap(), "port = 8080\n");
     assert!(!f.root("/etc/motd").exists());
     assert_eq!(statuses(&status), [InterpretStatus::SUCCESS, InterpretStatus::SUCCESS]);
@@ -200,7 +201,7 @@ async fn agent_started_later_reads_current_values_and_a_restart_resumes_without_
     let g1 = f.deploy("app", vec![file("/srv/app/config", "v1\n")]).await;
 
     let mut agent = f.start_agent("agent-1.log");
-    let status = f.wait_applied(&agent, "app", g1).await;
+    let status = f.wait_applied(&agent, "app", &g1).await;
     assert_eq!(statuses(&status), [InterpretStatus::SUCCESS]);
     let before = std::fs::metadata(f.root("/srv/app/config")).unwrap();
     let (old, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
@@ -225,7 +226,7 @@ async fn agent_started_later_reads_current_values_and_a_restart_resumes_without_
     };
     let status = tokio::time::timeout(WAIT, fresh).await.unwrap();
     let app = &status.deployments[&DeploymentName::new("app").unwrap()];
-    assert_eq!((app.phase, app.observed_generation), (Phase::Applied, g1));
+    assert_eq!((app.phase, app.observed_generation), (Phase::Applied, g1.generation));
     assert_eq!(statuses(app), [InterpretStatus::NOOP]);
     let after = std::fs::metadata(f.root("/srv/app/config")).unwrap();
     assert_eq!(
@@ -241,7 +242,7 @@ async fn a_generation_written_right_after_a_server_restart_is_applied() {
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
     let g1 = f.deploy("app", vec![file("/etc/app", "1")]).await;
-    f.wait_applied(&agent, "app", g1).await;
+    f.wait_applied(&agent, "app", &g1).await;
 
     f.nats.restart();
     // The operator reconnects too; write as soon as the server takes writes.
@@ -253,13 +254,13 @@ async fn a_generation_written_right_after_a_server_restart_is_applied() {
                 vec![file("/etc/app", "2")],
             );
             match f.client.deploy(request.force(true)).await {
-                Ok(deployed) => return deployed.generation,
+                Ok(deployed) => return deployed,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     };
     let g2 = tokio::time::timeout(WAIT, write).await.unwrap();
-    f.wait_applied(&agent, "app", g2).await;
+    f.wait_applied(&agent, "app", &g2).await;
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "2");
 }
 
@@ -269,16 +270,20 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
     let g1 = f.deploy("app", vec![file("/etc/app", "good")]).await;
-    f.wait_applied(&agent, "app", g1).await;
+    f.wait_applied(&agent, "app", &g1).await;
 
     let g2 =
         f.deploy("app", vec![file("/etc/app", "changed"), Box::new(NewerScore { path: "/x".into() })]).await;
     let name = DeploymentName::new("app").unwrap();
-    let err = f.client.wait_for_generation(&f.device, &name, g2, None, WAIT).await.unwrap_err();
+    let err = f
+        .client
+        .wait_for_generation(&f.device, &name, g2.generation, Some(&g2.digest), WAIT)
+        .await
+        .unwrap_err();
     let FleetError::DeploymentFailed { status, .. } = err else { panic!("{err:?}") };
     assert_eq!(
         (status.phase, status.desired_generation, status.observed_generation),
-        (Phase::Rejected, g2, g1)
+        (Phase::Rejected, g2.generation, g1.generation)
     );
     let error = status.error.as_ref().unwrap();
     assert_eq!(error.kind, harmony_score_wire::ErrorKind::UnknownScoreTags);
@@ -287,7 +292,7 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
 
     // A newer good generation replaces the rejected one.
     let g3 = f.deploy("app", vec![file("/etc/app", "fixed")]).await;
-    let status = f.wait_applied(&agent, "app", g3).await;
+    let status = f.wait_applied(&agent, "app", &g3).await;
     assert!(status.error.is_none());
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "fixed");
 }
@@ -303,31 +308,25 @@ async fn commands_answer_drift_is_repaired_and_the_heartbeat_and_info_are_report
     assert_eq!(reply.message, "pong");
 
     let g1 = f.deploy("app", vec![file("/etc/app", "desired")]).await;
-    f.wait_applied(&agent, "app", g1).await;
+    f.wait_applied(&agent, "app", &g1).await;
     std::fs::write(f.root("/etc/app"), "drifted").unwrap();
     let reply = tokio::time::timeout(WAIT, f.client.reconcile(&f.device, WAIT)).await.unwrap().unwrap();
-    assert!(reply.ok, "{reply:?}");
-    assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "desired");
-
-    // Without a command, the resync timer (2 s here) repairs drift too.
-    std::fs::remove_file(f.root("/etc/app")).unwrap();
-    let repaired = async {
-        while !f.root("/etc/app").exists() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(reply.ok && reply.message.starts_with("reconcile scheduled for 1 deployments"), "{reply:?}");
+    // The reply comes once the run is scheduled, not when it ends.
+    harmony_e2e::within(async {
+        while std::fs::read_to_string(f.root("/etc/app")).unwrap_or_default() != "desired" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    };
-    tokio::time::timeout(WAIT, repaired).await.unwrap();
+    })
+    .await;
 
-    // The heartbeat keeps the status fresh, and the info describes the device.
+    // The heartbeat keeps the status fresh (the resync timer alone is tested
+    // in agent_runner.rs), and the info describes the device.
     let (first, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (later, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
-    assert!(
-        later.heartbeat_at_ms > first.heartbeat_at_ms,
-        "{} !> {}",
-        later.heartbeat_at_ms,
-        first.heartbeat_at_ms
-    );
+    let later = harmony_e2e::until_status(&f.client, &f.device, "a later heartbeat", |s| {
+        s.heartbeat_at_ms > first.heartbeat_at_ms
+    })
+    .await;
     assert_eq!(later.heartbeat_interval_ms, 1000);
     let info = later.info.unwrap();
     assert_eq!(info.labels.get("site").map(String::as_str), Some("lab"));
@@ -345,7 +344,7 @@ async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepte
     let mut agent = f.start_agent("agent-1.log");
     f.until_online(&agent).await;
     let g1 = f.deploy("app", vec![file("/etc/app", "accepted")]).await;
-    f.wait_applied(&agent, "app", g1).await;
+    f.wait_applied(&agent, "app", &g1).await;
     agent.kill();
 
     // The device loses its network and someone removes the file.
@@ -363,12 +362,12 @@ async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepte
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "accepted");
     let local: serde_json::Value =
         serde_json::from_slice(&std::fs::read(f.dir.path().join("state/status.json")).unwrap()).unwrap();
-    assert_eq!(local["deployments"]["app"]["observed_generation"], g1);
+    assert_eq!(local["deployments"]["app"]["observed_generation"], g1.generation);
 
     // When the server is back, the agent reports and follows again.
     f.nats.restart();
     let g2 = f.deploy("app", vec![file("/etc/app", "online again")]).await;
-    f.wait_applied(&agent, "app", g2).await;
+    f.wait_applied(&agent, "app", &g2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +376,7 @@ async fn a_purged_key_is_pruned_like_a_deleted_one() {
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
     let g1 = f.deploy("app", vec![file("/etc/app", "x")]).await;
-    f.wait_applied(&agent, "app", g1).await;
+    f.wait_applied(&agent, "app", &g1).await;
 
     // Another tool purges the key directly (a PURGE marker, not a DEL).
     let kv = f.client.jetstream().get_key_value("harmony-desired-state").await.unwrap();

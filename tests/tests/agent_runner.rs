@@ -13,8 +13,8 @@ use harmony_score_wire::{
 };
 use harmony_scores::{FileScore, PresenceState};
 use harmony_topology::{
-    async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory, LocalDeviceTopology,
-    Outcome, Score, Version,
+    async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
+    LocalDeviceTopology, Outcome, Score, Version,
 };
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,11 @@ struct SleepInterpret(SleepScore);
 
 #[async_trait]
 impl Interpret<LocalDeviceTopology> for SleepInterpret {
-    async fn execute(&self, _: &Inventory, topology: &LocalDeviceTopology) -> Result<Outcome, InterpretError> {
+    async fn execute(
+        &self,
+        _: &Inventory,
+        topology: &LocalDeviceTopology,
+    ) -> Result<Outcome, InterpretError> {
         tokio::time::sleep(Duration::from_millis(self.0.millis)).await;
         std::fs::write(topology.root().join(format!("slept-{}", self.0.name)), b"done")
             .map_err(|e| InterpretError::new(e.to_string()))?;
@@ -87,7 +91,6 @@ impl Fleet {
         let nats = NatsServer::start();
         let client = within(FleetClient::connect(&[nats.url()], None)).await.unwrap();
         within(client.ensure_buckets()).await.unwrap();
-    harmony_e2e::ensure_republish(&client).await;
         Self { nats, client, dir: tempfile::tempdir().unwrap() }
     }
 
@@ -111,7 +114,9 @@ impl Fleet {
     async fn applied(&self, device: &DeviceId, deployment: &str, generation: u64) -> AgentStatus {
         let n = name(deployment);
         until_status(&self.client, device, &format!("{deployment} applied at {generation}"), |s| {
-            s.deployments.get(&n).is_some_and(|d| d.phase == Phase::Applied && d.observed_generation == generation)
+            s.deployments
+                .get(&n)
+                .is_some_and(|d| d.phase == Phase::Applied && d.observed_generation == generation)
         })
         .await
     }
@@ -122,7 +127,12 @@ fn name(text: &str) -> DeploymentName {
 }
 
 fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
-    Box::new(FileScore { path: path.into(), content: content.into(), mode: None, state: PresenceState::Present })
+    Box::new(FileScore {
+        path: path.into(),
+        content: content.into(),
+        mode: None,
+        state: PresenceState::Present,
+    })
 }
 
 fn sleep(name: &str, millis: u64) -> Box<dyn DeviceScore> {
@@ -248,7 +258,10 @@ async fn huge_invalid_documents_do_not_stop_the_device_reporting() {
     let g = f.deploy(&device, "ok", vec![file("/ok", "x")]).await;
     let status = f.applied(&device, "ok", g).await;
     assert!(harmony_score_wire::to_cbor(&status).len() < 64 * 1024);
-    assert!(status.deployments.values().all(|d| d.error.as_ref().is_none_or(|e| !e.message.contains('\u{1b}'))));
+    assert!(status
+        .deployments
+        .values()
+        .all(|d| d.error.as_ref().is_none_or(|e| !e.message.contains('\u{1b}'))));
 }
 
 // Issue 6 §8: the resync timer alone repairs drift (the one test where the

@@ -22,7 +22,7 @@ fn device_user(id: &str) -> String {
                 "harmony.info.{id}"
             ] }},
             subscribe: {{ allow: [
-                "$KV.harmony-desired-state.{id}.>",
+                "harmony.hint.{id}.>",
                 "_INBOX_{id}.>",
                 "device-commands.{id}.>"
             ] }},
@@ -84,19 +84,29 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
             root.to_str().unwrap(),
             "--heartbeat",
             "1",
+            "--resync",
+            "3600",
         ],
         &dir.path().join("agent.log"),
     );
-    let status = client.wait_for_generation(&dev1, &app, g1.generation, None, WAIT).await;
+    let status = client.wait_for_generation(&dev1, &app, g1.generation, Some(&g1.digest), WAIT).await;
     assert!(status.is_ok(), "{status:?}\n{}", agent.log_text());
     let g2 =
         client.deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v2"))).await.unwrap();
-    client.wait_for_generation(&dev1, &app, g2.generation, None, WAIT).await.unwrap();
+    client.wait_for_generation(&dev1, &app, g2.generation, Some(&g2.digest), WAIT).await.unwrap();
     assert_eq!(std::fs::read_to_string(root.join("etc/app")).unwrap(), "v2");
     let reply = client.ping(&dev1, Duration::from_secs(5)).await.unwrap();
     assert!(reply.ok);
     // Several heartbeats (status writes with compare-and-set) went through.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (now, _) = client.device_status(&dev1).await.unwrap().unwrap();
+    for _ in 0..2 {
+        let (seen, _) = client.device_status(&dev1).await.unwrap().unwrap();
+        harmony_e2e::until_status(&client, &dev1, "another heartbeat", |s| {
+            s.heartbeat_at_ms > seen.heartbeat_at_ms
+        })
+        .await;
+    }
+    assert!(client.device_status(&dev1).await.unwrap().unwrap().0.heartbeat_at_ms > now.heartbeat_at_ms);
     assert!(!root.join("secret").exists());
     let log = agent.log_text();
     assert!(!log.contains("Permissions Violation"), "the agent stepped outside its permissions:\n{log}");
@@ -116,6 +126,14 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
     assert!(other.is_err(), "dev-1 read dev-2's desired state");
     let write = js.publish("$KV.harmony-agent-status.dev-2", "forged".into()).await.unwrap().await;
     assert!(write.is_err(), "dev-1 wrote dev-2's status");
+    let mut other_hints = device.subscribe("harmony.hint.dev-2.>").await.unwrap();
+    client
+        .deploy(DeployRequest::new(dev2.clone(), app.clone(), file("/secret", "dev-2 again")).force(true))
+        .await
+        .unwrap();
+    let leaked =
+        tokio::time::timeout(Duration::from_secs(1), futures_util::StreamExt::next(&mut other_hints)).await;
+    assert!(!matches!(leaked, Ok(Some(_))), "dev-1 saw dev-2's hints");
     let listing = js.get_key_value("harmony-desired-state").await;
     assert!(listing.is_err(), "dev-1 could read the bucket's stream info (every key name)");
     assert!(client.device_status(&dev2).await.unwrap().is_none());

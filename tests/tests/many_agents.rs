@@ -40,7 +40,12 @@ const GENERATIONS_PER_ROUND: u64 = 3;
 const ROUND_DEADLINE: Duration = Duration::from_secs(10);
 
 fn file(content: String) -> Vec<Box<dyn DeviceScore>> {
-    vec![Box::new(FileScore { path: "/etc/app.conf".into(), content, mode: None, state: PresenceState::Present })]
+    vec![Box::new(FileScore {
+        path: "/etc/app.conf".into(),
+        content,
+        mode: None,
+        state: PresenceState::Present,
+    })]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +54,6 @@ async fn every_device_reaches_every_final_generation_through_hints_alone() {
     let nats = NatsServer::start();
     let client = within(FleetClient::connect(&[nats.url()], None)).await.unwrap();
     within(client.ensure_buckets()).await.unwrap();
-    harmony_e2e::ensure_republish(&client).await;
     let dir = tempfile::tempdir().unwrap();
     let devices: Vec<DeviceId> = (0..agents()).map(|i| DeviceId::new(format!("dev-{i}")).unwrap()).collect();
     let app = DeploymentName::new("app").unwrap();
@@ -58,7 +62,9 @@ async fn every_device_reaches_every_final_generation_through_hints_alone() {
     let mut statuses = within(client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.>"))).await.unwrap();
     let running: Vec<InProcessAgent> = devices
         .iter()
-        .map(|d| InProcessAgent::start(agent_config(d.as_str(), &nats.url(), &dir.path().join(d.as_str()), 3600)))
+        .map(|d| {
+            InProcessAgent::start(agent_config(d.as_str(), &nats.url(), &dir.path().join(d.as_str()), 3600))
+        })
         .collect();
     let mut observed: HashMap<String, (u64, Phase)> = HashMap::new();
     let mut online = 0;
@@ -92,7 +98,8 @@ async fn every_device_reaches_every_final_generation_through_hints_alone() {
         }
         let reached = tokio::time::timeout(ROUND_DEADLINE, async {
             loop {
-                let behind = observed.values().filter(|(g, p)| *g != generation || *p != Phase::Applied).count();
+                let behind =
+                    observed.values().filter(|(g, p)| *g != generation || *p != Phase::Applied).count();
                 if behind == 0 {
                     return;
                 }
@@ -107,13 +114,15 @@ async fn every_device_reaches_every_final_generation_through_hints_alone() {
         })
         .await;
         if reached.is_err() {
-            let behind: Vec<_> = observed.iter().filter(|(_, (g, p))| *g != generation || *p != Phase::Applied).collect();
+            let behind: Vec<_> =
+                observed.iter().filter(|(_, (g, p))| *g != generation || *p != Phase::Applied).collect();
             panic!("round {round}: {} devices did not reach generation {generation} within {ROUND_DEADLINE:?}: {:?}", behind.len(), &behind[..behind.len().min(10)]);
         }
         slowest = slowest.max(started.elapsed());
         // What the devices report is what they hold.
         for device in devices.iter().step_by(37) {
-            let content = std::fs::read_to_string(dir.path().join(device.as_str()).join("root/etc/app.conf")).unwrap();
+            let content =
+                std::fs::read_to_string(dir.path().join(device.as_str()).join("root/etc/app.conf")).unwrap();
             assert_eq!(content, format!("round {round} generation {generation}\n"));
         }
     }
