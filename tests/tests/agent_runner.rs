@@ -285,3 +285,49 @@ async fn the_resync_timer_alone_repairs_drift() {
     .await;
     let _ = WAIT;
 }
+
+// Issue 6 §9, the lost-update stall, made deterministic: a hint that reaches
+// the device before its value is readable (as a `$KV.…` publish could, or a
+// read served by a replica that is behind). The first edition read the old
+// value, took it for news already passed on, dropped the hint, and caught
+// up only at the next resync (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
+    use futures_util::StreamExt;
+    use harmony_fleet::async_nats::{header, HeaderMap};
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent("dev-1", "dev-1");
+    f.online(&device).await;
+    let g1 = f.deploy(&device, "app", vec![file("/etc/app", "one")]).await;
+    f.applied(&device, "app", g1).await;
+
+    // From here on the only hint the device gets is the one this test sends.
+    let js = f.client.jetstream();
+    let mut stream = within(js.get_stream("KV_harmony-desired-state")).await.unwrap();
+    let mut config = within(stream.info()).await.unwrap().config.clone();
+    config.republish = None;
+    within(js.update_stream(config)).await.unwrap();
+    let next = within(stream.info()).await.unwrap().state.last_sequence + 1;
+
+    // The hint announces the next write before it happens; the test waits
+    // until the device has read the key (its direct get is seen), so the
+    // read returns the old value.
+    let mut reads = within(
+        f.client
+            .nats()
+            .subscribe("$JS.API.DIRECT.GET.KV_harmony-desired-state.$KV.harmony-desired-state.dev-1.app"),
+    )
+    .await
+    .unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(header::NATS_SEQUENCE, next.to_string().as_str());
+    within(f.client.nats().publish_with_headers("harmony.hint.dev-1.app", headers, Default::default()))
+        .await
+        .unwrap();
+    within(reads.next()).await.expect("the device read the key on the hint");
+
+    let g2 = f.deploy(&device, "app", vec![file("/etc/app", "two")]).await;
+    f.applied(&device, "app", g2).await;
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "two");
+}
