@@ -308,7 +308,18 @@ impl AgentStatus {
             step(self);
             self.truncated = true;
         }
-        while !fits(self) && self.deployments.pop_last().is_some() {
+        // Then whole deployments from the end, in proportion to the excess
+        // (encoding the report once per step, not once per deployment).
+        loop {
+            let size = crate::to_cbor(self).len();
+            if size <= max_bytes || self.deployments.is_empty() {
+                return;
+            }
+            let keep = (self.deployments.len() as u128 * max_bytes as u128 * 9 / 10 / size as u128) as usize;
+            let keep = keep.min(self.deployments.len() - 1);
+            if let Some(first_dropped) = self.deployments.keys().nth(keep).cloned() {
+                self.deployments.split_off(&first_dropped);
+            }
             self.truncated = true;
         }
     }
@@ -427,4 +438,66 @@ pub struct CommandReply {
     /// The agent's version.
     #[serde(default)]
     pub agent_version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_text_escapes_control_characters_and_cuts_on_a_char_boundary() {
+        assert_eq!(bounded_text("plain", 512), "plain");
+        assert_eq!(bounded_text("a\u{1b}[31mb\nc", 512), "a\\u{1b}[31mb\\nc");
+        let cut = bounded_text(&"é".repeat(600), 512);
+        assert!(cut.len() <= 512 && cut.ends_with('…'), "{}", cut.len());
+        assert_eq!(bounded_text(&"x".repeat(512), 512).len(), 512, "exactly the limit is not cut");
+    }
+
+    fn status_with(deployments: usize, scores: usize) -> AgentStatus {
+        let score = ScoreStatus {
+            tag: "harmony.file/v1".into(),
+            name: "n".repeat(2000),
+            resource: "path:/x".into(),
+            status: InterpretStatus::NOOP,
+            message: "\u{7}".repeat(2000),
+            details: vec!["d".repeat(100); 20],
+            error_kind: None,
+        };
+        AgentStatus {
+            device_id: DeviceId::new("dev-1").unwrap(),
+            agent_version: "1".into(),
+            updated_at_ms: 0,
+            heartbeat_at_ms: 0,
+            heartbeat_interval_ms: 0,
+            info: None,
+            deployments: (0..deployments)
+                .map(|i| {
+                    let name = DeploymentName::new(format!("d{i}")).unwrap();
+                    (name, DeploymentStatus { scores: vec![score.clone(); scores], ..Default::default() })
+                })
+                .collect(),
+            instance_id: String::new(),
+            errors: Vec::new(),
+            truncated: false,
+        }
+    }
+
+    // Issue 6 §6: a status past the server's max payload stopped the device
+    // reporting for good.
+    #[test]
+    fn a_status_is_bounded_in_every_string_and_as_a_whole() {
+        let mut small = status_with(1, 1);
+        small.bound(MAX_STATUS_BYTES);
+        let score = &small.deployments.values().next().unwrap().scores[0];
+        assert!(score.name.len() <= MAX_MESSAGE_BYTES && score.message.len() <= MAX_MESSAGE_BYTES);
+        assert!(!score.message.contains('\u{7}'));
+        assert_eq!(score.details.len(), MAX_DETAIL_LINES.min(20));
+        assert!(!small.truncated);
+
+        let mut huge = status_with(300, 50);
+        huge.bound(MAX_STATUS_BYTES);
+        assert!(crate::to_cbor(&huge).len() <= MAX_STATUS_BYTES);
+        assert!(huge.truncated);
+        assert!(!huge.deployments.is_empty(), "deployments are kept while Score lists can go");
+    }
 }

@@ -77,7 +77,13 @@ async fn main() {
             .await
             .expect("deploy");
         client
-            .wait_for_generation(&device, &deployment, deployed.generation, None, Duration::from_secs(30))
+            .wait_for_generation(
+                &device,
+                &deployment,
+                deployed.generation,
+                Some(&deployed.digest),
+                Duration::from_secs(30),
+            )
             .await
             .expect("applied");
         samples.push(start.elapsed());
