@@ -220,7 +220,7 @@ impl ConfigLayer {
                     })
                     .collect::<Result<_, ConfigError>>()?,
             },
-            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs.unwrap_or(10)),
+            shutdown_grace: secs(self.shutdown_grace_secs, 10, "shutdown_grace_secs")?,
             trusted_inbox_prefix: match self.trusted_inbox_prefix {
                 Some(prefix) if prefix.is_empty() || prefix.contains(['*', '>', ' ']) => {
                     return Err(ConfigError::Invalid(format!(
@@ -285,6 +285,7 @@ mod tests {
         };
         assert!(ConfigLayer { max_parallel: Some(0), ..base() }.resolve().is_err());
         assert!(ConfigLayer { resync_secs: Some(u64::MAX), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { shutdown_grace_secs: Some(u64::MAX), ..base() }.resolve().is_err());
         assert!(ConfigLayer { trusted_inbox_prefix: Some(">".into()), ..base() }.resolve().is_err());
     }
 

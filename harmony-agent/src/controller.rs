@@ -70,6 +70,8 @@ pub struct Controller {
     tasks: JoinSet<()>,
     stopping: bool,
     dirty: bool,
+    /// Problems of the device as a whole, reported in status.
+    device_errors: Vec<StatusError>,
 }
 
 impl Controller {
@@ -92,6 +94,7 @@ impl Controller {
             tasks: JoinSet::new(),
             stopping: false,
             dirty: true,
+            device_errors: Vec::new(),
         }
     }
 
@@ -103,6 +106,8 @@ impl Controller {
             Ok(loaded) => loaded,
             Err(err) => {
                 error!(cause = %err, "cannot list persisted state");
+                let message = format!("cannot list persisted state: {err}");
+                self.device_errors.push(StatusError::new(ErrorKind::StateUnreadable, message));
                 Vec::new()
             }
         };
@@ -344,7 +349,17 @@ impl Controller {
         entry.record.document = None;
         entry.document = None;
         entry.rejected = None;
-        entry.failure = None;
+        // An unreadable record's resources are unknown, so nothing can be
+        // pruned for it: keep saying so rather than vanish from status.
+        entry.failure = entry.failure.take().filter(|f| f.kind == ErrorKind::StateUnreadable).map(|f| {
+            StatusError::new(
+                f.kind,
+                format!(
+                    "deleted, but its state was unreadable: what it owned was not pruned ({})",
+                    f.message
+                ),
+            )
+        });
         entry.retry = None;
         self.dirty = true;
         self.save(name);
@@ -593,8 +608,8 @@ impl Controller {
             .filter_map(|(n, d)| {
                 let rejected = d.rejected.as_mut()?;
                 let (bytes, format) = rejected.retry_bytes.clone()?;
-                // Forget that it was reported, so the same refusal is not
-                // deduplicated away if it still holds (it is re-recorded as is).
+                // Offered as the source would; a refusal that still holds is
+                // recognised by `reject` (same digest and kind) and not re-reported.
                 Some((n.clone(), bytes, format))
             })
             .collect();
@@ -661,7 +676,7 @@ impl Controller {
                 .map(|(n, d)| (n.clone(), d.status()))
                 .collect(),
             instance_id: self.instance_id.clone(),
-            errors: Vec::new(),
+            errors: self.device_errors.clone(),
             truncated: false,
         }
     }

@@ -598,7 +598,20 @@ async fn a_record_this_agent_cannot_run_is_reported_and_kept_byte_for_byte() {
         ciborium::into_writer(&value, &mut out).unwrap();
         out
     };
+    // It owns a file, whose undo this agent could run: a rollback must not undo it.
+    std::fs::write(device.root("/kept"), "still wanted").unwrap();
+    let undo: Box<dyn DeviceScore> = Box::new(harmony_scores::FileScore {
+        path: "/kept".into(),
+        content: String::new(),
+        mode: None,
+        state: harmony_scores::PresenceState::Absent,
+    });
+    let owned = crate::store::OwnedResource {
+        resource: ResourceId::path("/kept"),
+        undo: harmony_score_wire::try_to_cbor(&undo).unwrap(),
+    };
     let record = DeploymentRecord {
+        owned: vec![owned],
         document: Some(StoredDocument {
             digest: document_digest(&unknown),
             bytes: unknown.clone(),
@@ -618,7 +631,13 @@ async fn a_record_this_agent_cannot_run_is_reported_and_kept_byte_for_byte() {
     let web = &status.deployments[&name("web")];
     assert_eq!(web.error.as_ref().unwrap().kind, ErrorKind::UnknownScoreTags);
     assert!(web.error.as_ref().unwrap().message.contains("future.thing/v9"));
+    // A resync (a reconcile command) schedules nothing for it either.
+    let (reply, answer) = oneshot::channel();
+    agent.inbox.command(Command::ReconcileNow { reply });
+    let text = tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    assert!(text.starts_with("reconcile scheduled for 0 deployments"), "{text}");
     agent.stop().await;
+    assert_eq!(read(&device.root("/kept")), "still wanted", "what it owns is still wanted");
     let reloaded = Store::open(&device.state()).unwrap().load_all().unwrap().remove(0).1.unwrap();
     assert_eq!(reloaded.document.unwrap().bytes, unknown, "the record is not re-encoded");
 }
@@ -697,5 +716,27 @@ async fn huge_invalid_values_cannot_grow_status_past_its_bound() {
         assert!(!message.contains('\u{1b}'));
     }
     assert!(harmony_score_wire::to_cbor(&status).len() < 16 * 1024);
+    agent.stop().await;
+}
+
+// A run whose last Score honours the signal is superseded, not failed (no
+// retry, no backoff).
+#[tokio::test]
+async fn a_run_cancelled_in_its_last_score_is_superseded_not_failed() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    let only = json!({"type": "test.sleep/v1", "name": "a", "millis": 60_000, "honour_cancel": true});
+    agent.offer("web", 1, json!([only]));
+    agent
+        .until("g1 running", |s| {
+            s.deployments
+                .get(&name("web"))
+                .is_some_and(|d| d.current_score.as_deref() == Some("1/1 sleep [a]"))
+        })
+        .await;
+    agent.offer("web", 2, json!([file("/web", "two")]));
+    let web = agent.applied("web", 2).await;
+    assert_eq!(web.superseded_generation, Some(1));
+    assert!(web.scores.iter().all(|s| s.is_ok()), "{:?}", web.scores);
     agent.stop().await;
 }

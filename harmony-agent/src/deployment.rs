@@ -162,8 +162,14 @@ impl Deployment {
     }
 
     /// Whether there is anything to run: a document, or resources to undo.
+    ///
+    /// Owned resources alone are work only once the deployment was deleted:
+    /// while the persisted document cannot be decoded by this agent (a
+    /// rollback to a version without one of its tags), what it owns is
+    /// still wanted and must not be undone.
     pub fn has_work(&self) -> bool {
-        self.pruned_at.is_none() && (self.document.is_some() || !self.record.owned.is_empty())
+        self.pruned_at.is_none()
+            && (self.document.is_some() || (self.record.document.is_none() && !self.record.owned.is_empty()))
     }
 
     /// Every resource this deployment holds or wants: the accepted

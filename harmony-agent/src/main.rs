@@ -203,7 +203,8 @@ fn run(args: RunArgs) -> ExitCode {
     })
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT (graceful: runs stop at a Score
+/// boundary); a second one exits at once.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
@@ -212,6 +213,14 @@ async fn shutdown_signal() {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                eprintln!("harmony-agent: second signal, exiting now");
+                std::process::exit(130);
+            });
         }
         _ => {
             // Without signal handlers, fall back to Ctrl-C alone.

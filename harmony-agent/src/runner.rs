@@ -152,5 +152,8 @@ pub async fn execute(
         }
         result.scores.push(status);
     }
+    // Raised during the last Score: the run did not finish as asked (a
+    // Score that honoured the signal returned `cancelled`).
+    result.cancelled |= signal.is_cancelled();
     let _ = events.send(RunEvent::Finished { deployment, run_id, result });
 }

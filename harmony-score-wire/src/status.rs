@@ -40,7 +40,8 @@ pub struct AgentStatus {
     /// different ids fighting over one key are two devices with one id.
     #[serde(default)]
     pub instance_id: String,
-    /// Problems of the device as a whole (`duplicate_device`, `state_unreadable`).
+    /// Problems of the device as a whole: `duplicate_device`, and
+    /// `state_unreadable` when the state folder itself cannot be listed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<StatusError>,
     /// Set when the report was cut to fit the size limit (see [`AgentStatus::bound`]).

@@ -26,6 +26,9 @@ use crate::store::DocumentFormat;
 
 /// Largest index value read.
 const MAX_INDEX_BYTES: usize = 1024 * 1024;
+/// How often a key behind its hint is read again before the value read is
+/// taken as it is (about 20 s in all with the backoff below).
+const MAX_LAG_ATTEMPTS: u32 = 16;
 /// The longest wait between two reads of a key that is behind its hint.
 const MAX_LAG_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -166,10 +169,16 @@ impl Follower {
                 return Vec::new();
             }
         };
-        if latest.revision() < min_revision {
+        // A key whose messages were removed (purged by subject, bucket
+        // recreated) never reaches the hinted sequence: after a while the
+        // value read is taken as it is, rather than read again forever.
+        if latest.revision() < min_revision && attempt < MAX_LAG_ATTEMPTS {
             debug!(key = %subject_key, read = latest.revision(), hinted = min_revision, "read is behind its hint; reading again");
             self.lag(key, min_revision, attempt);
             return Vec::new();
+        }
+        if latest.revision() < min_revision {
+            warn!(key = %subject_key, read = latest.revision(), hinted = min_revision, "key never reached its hinted sequence; taking what it holds");
         }
         match key {
             Some(name) => {
