@@ -211,8 +211,17 @@ impl FleetClient {
                     });
                 }
             }
+            // The index is written before every key this client writes, so
+            // when it knows the deployment at least as far as the key does,
+            // the key's history can hold nothing newer. Only a key written
+            // (or deleted) by another tool, past the index, costs the
+            // history read (one direct get per kept revision).
+            let index_generation = index.last_generation(&deployment);
+            let index_covers_key =
+                index_generation > 0 && header.as_ref().is_none_or(|h| h.generation <= index_generation);
             let in_history = match latest.revision {
                 0 => 0,
+                _ if index_covers_key => 0,
                 _ => last_generation_in_history(store, &key).await?,
             };
             let in_key = header.as_ref().map_or(0, |h| h.generation).max(in_history);

@@ -64,6 +64,7 @@ async fn main() {
     }
 
     let mut samples = Vec::with_capacity(deploys);
+    let mut writes = Vec::with_capacity(deploys);
     for i in 0..deploys {
         let scores: Vec<Box<dyn DeviceScore>> = vec![Box::new(FileScore {
             path: "/etc/bench.conf".into(),
@@ -76,6 +77,7 @@ async fn main() {
             .deploy(DeployRequest::new(device.clone(), deployment.clone(), scores))
             .await
             .expect("deploy");
+        writes.push(start.elapsed());
         client
             .wait_for_generation(
                 &device,
@@ -89,11 +91,17 @@ async fn main() {
         samples.push(start.elapsed());
     }
     samples.sort();
+    writes.sort();
     println!(
         "deploy -> status applied, {deploys} sequential deploys: median {:?}, p99 {:?}, max {:?}",
         percentile(&samples, 0.5),
         percentile(&samples, 0.99),
         samples[samples.len() - 1]
+    );
+    println!(
+        "  of which the operator's write (index and key, compare-and-set): median {:?}, p99 {:?}",
+        percentile(&writes, 0.5),
+        percentile(&writes, 0.99)
     );
     if let Some(kib) = agent.pid().and_then(rss_kib) {
         println!("agent RSS after the deploys: {kib} KiB");
