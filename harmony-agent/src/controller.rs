@@ -27,7 +27,7 @@ use crate::deployment::{
 };
 use crate::inbox::{Command, InboxReceiver, Input, Item};
 use crate::runner::{self, PruneItem, RunEvent, RunPlan, RunResult, Timeouts};
-use crate::store::{DocumentFormat, HighWater, OwnedResource, Store, StoredDocument};
+use crate::store::{DocumentFormat, HighWater, OwnedResource, Store, StoreError, StoredDocument};
 use crate::AGENT_VERSION;
 
 /// Largest undo Score read back from a record.
@@ -56,7 +56,7 @@ pub struct ControllerSettings {
 pub struct Controller {
     settings: ControllerSettings,
     maestro: Arc<Maestro<LocalDeviceTopology>>,
-    store: Store,
+    store: Arc<Store>,
     timeouts: Arc<Timeouts>,
     limits: DecodeLimits,
     instance_id: String,
@@ -82,7 +82,7 @@ impl Controller {
             timeouts: Arc::new(settings.timeouts.clone()),
             settings,
             maestro: Arc::new(maestro),
-            store,
+            store: Arc::new(store),
             limits: DecodeLimits::default(),
             instance_id: instance_id(),
             deployments: BTreeMap::new(),
@@ -168,19 +168,19 @@ impl Controller {
         tokio::pin!(shutdown);
         let resync = self.settings.resync;
         let mut resync_tick = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
-        self.start_ready();
+        self.start_ready().await;
         self.publish(&status);
         loop {
             let retry_at = self.next_retry();
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(event) = self.events_rx.recv() => self.on_event(event),
+                Some(event) = self.events_rx.recv() => self.on_event(event).await,
                 item = inbox.recv() => match item {
-                    Item::Input(input) => self.handle(input),
-                    Item::Command(command) => self.command(command),
+                    Item::Input(input) => self.handle(input).await,
+                    Item::Command(command) => self.command(command).await,
                 },
-                _ = resync_tick.tick() => { self.resync(); }
+                _ = resync_tick.tick() => { self.resync().await; }
                 () = sleep_until(retry_at), if retry_at.is_some() => self.run_due_retries(Instant::now()),
                 Some(joined) = self.tasks.join_next() => {
                     if let Err(err) = joined {
@@ -190,7 +190,7 @@ impl Controller {
                     }
                 }
             }
-            self.start_ready();
+            self.start_ready().await;
             self.publish(&status);
         }
         debug!(coalesced = inbox.coalesced(), "inputs replaced by newer ones before they ran");
@@ -214,7 +214,7 @@ impl Controller {
         let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
         while self.running > 0 {
             tokio::select! {
-                Some(event) = self.events_rx.recv() => self.on_event(event),
+                Some(event) = self.events_rx.recv() => self.on_event(event).await,
                 () = tokio::time::sleep_until(deadline) => {
                     warn!(runs = self.running, "runs did not reach a Score boundary in time; aborted");
                     self.tasks.abort_all();
@@ -226,17 +226,17 @@ impl Controller {
         self.publish(status);
     }
 
-    fn handle(&mut self, input: Input) {
+    async fn handle(&mut self, input: Input) {
         match input {
-            Input::Document { deployment, bytes, format } => self.offer(&deployment, bytes, format),
-            Input::Deleted { deployment } => self.delete(&deployment),
+            Input::Document { deployment, bytes, format } => self.offer(&deployment, bytes, format).await,
+            Input::Deleted { deployment } => self.delete(&deployment).await,
         }
     }
 
-    fn command(&mut self, command: Command) {
+    async fn command(&mut self, command: Command) {
         match command {
             Command::ReconcileNow { reply } => {
-                let scheduled = self.resync();
+                let scheduled = self.resync().await;
                 let failing = self.status().deployments.values().filter(|d| d.error.is_some()).count();
                 let _ = reply.send(format!(
                     "reconcile scheduled for {scheduled} deployments ({} running, {failing} failing or refused)",
@@ -260,7 +260,7 @@ impl Controller {
     /// Offers the current value of a deployment's key: decoded, judged,
     /// checked for resource conflicts, persisted, then run (superseding a
     /// run of an older generation).
-    pub fn offer(&mut self, name: &DeploymentName, bytes: Vec<u8>, format: DocumentFormat) {
+    pub async fn offer(&mut self, name: &DeploymentName, bytes: Vec<u8>, format: DocumentFormat) {
         let digest = document_digest(&bytes);
         let doc = match self.decode(&bytes, format) {
             Ok(doc) => doc,
@@ -334,13 +334,13 @@ impl Controller {
         entry.pruned_at = None;
         entry.retry = None;
         self.dirty = true;
-        if self.save(name) {
+        if self.save(name).await {
             self.schedule(name, true);
         }
     }
 
     /// The deployment's key is gone: undo everything it owns.
-    pub fn delete(&mut self, name: &DeploymentName) {
+    pub async fn delete(&mut self, name: &DeploymentName) {
         let Some(entry) = self.deployments.get_mut(name) else { return };
         if entry.record.document.is_none() && entry.rejected.is_none() && entry.failure.is_none() {
             return; // already deleted (its prune runs or ran)
@@ -362,7 +362,7 @@ impl Controller {
         });
         entry.retry = None;
         self.dirty = true;
-        self.save(name);
+        self.save(name).await;
         self.schedule(name, true);
     }
 
@@ -388,9 +388,20 @@ impl Controller {
 
     /// Persists a deployment's record; a failure makes it FAILED
     /// (`persist_failed`) and schedules a retry instead of a run.
-    fn save(&mut self, name: &DeploymentName) -> bool {
+    async fn save(&mut self, name: &DeploymentName) -> bool {
+        let Some(entry) = self.deployments.get(name) else { return false };
+        // On the blocking pool: an fsync on slow flash takes long, and the
+        // source and the runs share this runtime.
+        let (store, record, key) = (self.store.clone(), entry.record.clone(), name.clone());
+        let saved =
+            tokio::task::spawn_blocking(move || store.save(&key, &record)).await.unwrap_or_else(|join| {
+                Err(StoreError::IoFailed {
+                    path: "(save task)".into(),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            });
         let Some(entry) = self.deployments.get_mut(name) else { return false };
-        match self.store.save(name, &entry.record) {
+        match saved {
             Ok(()) => {
                 if entry.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed) {
                     entry.failure = None;
@@ -426,19 +437,21 @@ impl Controller {
         }
     }
 
-    fn start_ready(&mut self) {
+    async fn start_ready(&mut self) {
         while !self.stopping && self.running < self.settings.max_parallel {
             let Some(name) = self.ready.pop_front() else { break };
-            self.start_run(&name);
+            self.start_run(&name).await;
         }
     }
 
-    fn start_run(&mut self, name: &DeploymentName) {
+    async fn start_run(&mut self, name: &DeploymentName) {
         let Some(entry) = self.deployments.get_mut(name) else { return };
         if entry.running.is_some() || !entry.has_work() {
             return;
         }
-        if entry.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed) && !self.save(name) {
+        if entry.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed)
+            && !self.save(name).await
+        {
             return;
         }
         let Some(entry) = self.deployments.get_mut(name) else { return };
@@ -505,7 +518,7 @@ impl Controller {
         }
     }
 
-    fn on_event(&mut self, event: RunEvent) {
+    async fn on_event(&mut self, event: RunEvent) {
         match event {
             RunEvent::Progress { deployment, run_id, current } => {
                 if let Some(run) = self.deployments.get_mut(&deployment).and_then(|d| d.running.as_mut()) {
@@ -515,11 +528,13 @@ impl Controller {
                     }
                 }
             }
-            RunEvent::Finished { deployment, run_id, result } => self.finish(&deployment, run_id, result),
+            RunEvent::Finished { deployment, run_id, result } => {
+                self.finish(&deployment, run_id, result).await
+            }
         }
     }
 
-    fn finish(&mut self, name: &DeploymentName, run_id: u64, mut result: RunResult) {
+    async fn finish(&mut self, name: &DeploymentName, run_id: u64, mut result: RunResult) {
         let Some(entry) = self.deployments.get_mut(name) else { return };
         let Some(run) = entry.running.take_if(|r| r.run_id == run_id) else { return };
         self.running -= 1;
@@ -571,7 +586,7 @@ impl Controller {
         let deleted_and_undone = entry.record.document.is_none() && entry.record.owned.is_empty();
         let changed = entry.record != before;
         let rerun = entry.rerun;
-        if changed && !self.save(name) {
+        if changed && !self.save(name).await {
             // Not persisted, so not applied: the observed generation stays
             // what the disk says, and the run is retried.
             if let Some(entry) = self.deployments.get_mut(name) {
@@ -594,13 +609,13 @@ impl Controller {
             self.schedule(name, false);
         }
         if ownership_changed || deleted_and_undone {
-            self.reoffer_clearable(Some(name));
+            self.reoffer_clearable(Some(name)).await;
         }
     }
 
     /// Offers again every refused document whose reason may have cleared
     /// (a conflicting owner went away, an upgrade brought a tag), except `skip`'s.
-    fn reoffer_clearable(&mut self, skip: Option<&DeploymentName>) {
+    async fn reoffer_clearable(&mut self, skip: Option<&DeploymentName>) {
         let offers: Vec<_> = self
             .deployments
             .iter_mut()
@@ -614,20 +629,20 @@ impl Controller {
             })
             .collect();
         for (name, bytes, format) in offers {
-            self.offer(&name, bytes, format);
+            self.offer(&name, bytes, format).await;
         }
     }
 
     /// Drift repair and re-evaluation: re-offers refused documents whose
     /// reason may clear, schedules every deployment with work, and forgets
     /// long-pruned ones. Returns how many deployments were scheduled.
-    fn resync(&mut self) -> usize {
+    async fn resync(&mut self) -> usize {
         let now = Instant::now();
         self.deployments.retain(|_, d| {
             d.running.is_some()
                 || d.pruned_at.is_none_or(|at| now.saturating_duration_since(at) < FORGET_PRUNED_AFTER)
         });
-        self.reoffer_clearable(None);
+        self.reoffer_clearable(None).await;
         let names: Vec<_> =
             self.deployments.iter().filter(|(_, d)| d.has_work()).map(|(n, _)| n.clone()).collect();
         for name in &names {
