@@ -87,6 +87,24 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     let info_rx = status_rx.clone();
     let writer =
         tokio::spawn(status::write_loop(js.clone(), client.clone(), config.clone(), status_rx, stop.clone()));
+    // Commands have a task of their own: a full re-read of the keys (many
+    // direct gets after a reconnect) never holds up a ping.
+    let commands_task = {
+        let (client, config, inbox, mut stop) = (client.clone(), config.clone(), inbox.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    message = commands.next() => match message {
+                        Some(message) => {
+                            tokio::spawn(answer(client.clone(), config.clone(), inbox.clone(), message));
+                        }
+                        None => return,
+                    },
+                }
+            }
+        })
+    };
 
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + config.resync, config.resync);
     loop {
@@ -109,13 +127,11 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                 other => debug!(event = %other, "NATS event"),
             },
             Some(message) = hints.next() => follower.on_hint(&message).await,
-            Some(message) = commands.next() => {
-                tokio::spawn(answer(client.clone(), config.clone(), inbox.clone(), message));
-            }
             _ = resync.tick() => follower.full_sync().await,
         }
     }
     let _ = writer.await;
+    let _ = commands_task.await;
     if let Err(err) = client.flush().await {
         debug!(cause = %err, "flush on shutdown");
     }
