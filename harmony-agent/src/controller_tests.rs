@@ -372,6 +372,13 @@ async fn wrong_device_wrong_key_expired_and_replayed_documents_are_refused() {
     agent.applied("marker", 1).await;
     let web = agent.status.borrow().deployments[&name("web")].clone();
     assert_eq!((web.phase, web.observed_generation), (Phase::Applied, 3));
+    // Also with the accepted generation's number and other content.
+    agent.offer("web", 3, json!([file("/web", "forged three")]));
+    agent.offer("marker3", 1, json!([file("/marker3", "x")]));
+    agent.applied("marker3", 1).await;
+    let web = agent.status.borrow().deployments[&name("web")].clone();
+    assert_eq!((web.phase, web.observed_generation), (Phase::Applied, 3));
+    assert_eq!(web.desired_digest, web.observed_digest, "the refused document is not the desired one");
     assert_eq!(read(&device.root("/web")), "three");
     agent.stop().await;
 

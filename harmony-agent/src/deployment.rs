@@ -269,9 +269,12 @@ impl Deployment {
         let desired_generation = accepted
             .max(self.record.observed_generation)
             .max(self.rejected.as_ref().and_then(|r| r.generation).unwrap_or(0));
+        // The refused document's digest only when its refusal is the phase:
+        // an older or equal generation refused as stale leaves the accepted
+        // one desired (and applied).
         let desired_digest = match rejected {
-            Some(r) if r.generation.is_some_and(|g| g >= accepted) => Some(r.digest.clone()),
-            _ => self.record.document.as_ref().map(|d| d.digest.clone()),
+            Some(r) => Some(r.digest.clone()),
+            None => self.record.document.as_ref().map(|d| d.digest.clone()),
         };
         DeploymentStatus {
             desired_generation,
