@@ -348,12 +348,24 @@ impl FleetClient {
 }
 
 /// Reads and decodes one status key; deleted or missing → `None`.
+///
+/// The device's identity is the key, never the value: a device may write
+/// only its own key, but it writes whatever it likes into it, including
+/// another device's id.
 async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus, u64)>, FleetError> {
+    let Ok(device) = DeviceId::new(key) else {
+        warn!(key = %harmony_score_wire::bounded_text(key, 80), "status key is not a device id; skipped");
+        return Ok(None);
+    };
     let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read status {key}"), e))?;
     match entry {
         Some(entry) if entry.operation == kv::Operation::Put => {
-            let status = from_cbor(&entry.value, MAX_VALUE_BYTES, "agent status")
+            let mut status: AgentStatus = from_cbor(&entry.value, MAX_VALUE_BYTES, "agent status")
                 .map_err(|source| FleetError::BadValue { key: key.to_owned(), source })?;
+            if status.device_id != device {
+                warn!(key = %device, claimed = %status.device_id, "a status claims another device id; the key decides");
+                status.device_id = device;
+            }
             Ok(Some((status, entry.revision)))
         }
         _ => Ok(None),

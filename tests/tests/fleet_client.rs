@@ -503,6 +503,26 @@ async fn statuses_are_listed_and_device_info_read() {
     assert!(within(client.device_info(&dev("dev-c"))).await.unwrap().is_none());
 }
 
+// Issue 7 §1: a device wrote its own status claiming `device_id: dev-2`, and
+// `harmony-fleet status` showed dev-2 twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_key_decides_the_device_not_the_value() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    report(&client, &status(&dev("dev-2"), Some(ALL_TAGS), vec![("web", deployment(1, 1, Phase::Applied))]))
+        .await;
+    // dev-1 writes its own key, claiming to be dev-2.
+    let forged = status(&dev("dev-2"), Some(ALL_TAGS), vec![("web", deployment(9, 9, Phase::Applied))]);
+    let kv = within(client.jetstream().get_key_value("harmony-agent-status")).await.unwrap();
+    within(kv.put("dev-1", harmony_score_wire::to_cbor(&forged).into())).await.unwrap();
+    let all = within(client.list_statuses()).await.unwrap();
+    assert_eq!(all.iter().map(|s| s.device_id.as_str()).collect::<Vec<_>>(), ["dev-1", "dev-2"]);
+    let (dev2, _) = within(client.device_status(&dev("dev-2"))).await.unwrap().unwrap();
+    assert_eq!(dev2.deployments[&name("web")].observed_generation, 1, "dev-2's own report is untouched");
+    let (dev1, _) = within(client.device_status(&dev("dev-1"))).await.unwrap().unwrap();
+    assert_eq!(dev1.device_id.as_str(), "dev-1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_map_no_responders_to_device_offline_and_check_replies() {
     let server = NatsServer::start();
