@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harmony_score_wire::names::redact_userinfo;
+use harmony_score_wire::names::split_url_credentials;
 use harmony_score_wire::DeviceId;
 use serde::Deserialize;
 
@@ -35,8 +35,11 @@ impl std::str::FromStr for Source {
 pub struct AgentConfig {
     /// This device's id.
     pub device_id: DeviceId,
-    /// NATS server URLs, tried in turn.
+    /// NATS server URLs, tried in turn, without credentials.
     pub nats_urls: Vec<String>,
+    /// User and password taken out of the URLs (the first URL that had
+    /// them), passed through the client's auth options only.
+    pub nats_auth: Option<(String, String)>,
     /// NATS credentials file.
     pub creds: Option<PathBuf>,
     /// Where accepted desired state and ownership are persisted.
@@ -68,7 +71,8 @@ impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
             .field("device_id", &self.device_id)
-            .field("nats_urls", &self.nats_urls.iter().map(|u| redact_userinfo(u)).collect::<Vec<_>>())
+            .field("nats_urls", &self.nats_urls)
+            .field("nats_auth", &self.nats_auth.as_ref().map(|(user, _)| format!("{user}:***")))
             .field("creds", &self.creds.as_ref().map(|_| "<set>"))
             .field("state_dir", &self.state_dir)
             .field("root", &self.root)
@@ -186,6 +190,15 @@ impl ConfigLayer {
             .map(|u| u.trim().to_owned())
             .filter(|u| !u.is_empty())
             .collect();
+        let mut nats_auth = None;
+        let nats_urls: Vec<String> = nats_urls
+            .iter()
+            .map(|url| {
+                let (bare, auth) = split_url_credentials(url);
+                nats_auth = nats_auth.take().or(auth);
+                bare
+            })
+            .collect();
         if nats_urls.is_empty() && source == Source::Nats {
             return Err(ConfigError::Missing("nats"));
         }
@@ -199,6 +212,7 @@ impl ConfigLayer {
         Ok(AgentConfig {
             device_id,
             nats_urls,
+            nats_auth,
             creds: self.creds,
             state_dir: self.state_dir.ok_or(ConfigError::Missing("state_dir"))?,
             root: self.root.unwrap_or_else(|| PathBuf::from("/")),
@@ -300,6 +314,8 @@ mod tests {
         .resolve()
         .unwrap();
         assert!(!format!("{config:?}").contains("s3cret"));
+        assert_eq!(config.nats_urls, ["nats://h:1"]);
+        assert_eq!(config.nats_auth, Some(("u".to_owned(), "s3cret".to_owned())));
     }
 
     #[test]

@@ -104,11 +104,18 @@ impl FleetClient {
         if urls.is_empty() {
             return Err(connect_failed("no NATS URL given".into()));
         }
-        // async-nats 0.51 parses a URL's `user:password@` but does not send it.
-        let url_auth = urls
+        // Credentials leave the URLs and go through the auth options: a
+        // URL with a password reaches async-nats' logs, and 0.51 does not
+        // even send it.
+        let mut url_auth = None;
+        let bare: Vec<String> = urls
             .iter()
-            .filter_map(|url| url.parse::<async_nats::ServerAddr>().ok())
-            .find_map(|addr| Some((addr.username()?.to_owned(), addr.password()?.to_owned())));
+            .map(|url| {
+                let (bare, auth) = harmony_score_wire::names::split_url_credentials(url);
+                url_auth = url_auth.take().or(auth);
+                bare
+            })
+            .collect();
         let options = match url_auth {
             Some((user, password)) => options.user_and_password(user, password),
             None => options,
@@ -116,7 +123,7 @@ impl FleetClient {
         let nats = options
             .name("harmony-fleet")
             .connection_timeout(Duration::from_secs(5))
-            .connect(urls.to_vec())
+            .connect(bare)
             .await
             .map_err(|e| connect_failed(e.into()))?;
         Ok(Self::from_nats(nats))

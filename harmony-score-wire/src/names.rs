@@ -82,16 +82,33 @@ pub fn parse_desired_state_key(key: &str) -> Option<(DeviceId, Option<Deployment
     Some((device, Some(DeploymentName::new(rest).ok()?)))
 }
 
+/// Splits the `user:password@` off a NATS server URL: the URL without it,
+/// and the credentials, so they travel through the client's auth options
+/// and never reach a log in a URL. The userinfo ends at the *last* `@`, so
+/// a password may hold `@`, `:` and `/`; a URL without a scheme is split too.
+pub fn split_url_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let Some(at) = rest.rfind('@') else { return (url.to_owned(), None) };
+    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let bare = match scheme {
+        Some(scheme) => format!("{scheme}://{host}"),
+        None => host.to_owned(),
+    };
+    (bare, Some((user.to_owned(), password.to_owned())))
+}
+
 /// `nats://user:secret@host` → `nats://***@host`, for logs.
 pub fn redact_userinfo(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((_, host)) if !rest.split('/').next().unwrap_or_default().is_empty() && !host.is_empty() => {
-                format!("{scheme}://***@{host}")
-            }
-            _ => url.to_owned(),
+    match split_url_credentials(url) {
+        (bare, Some(_)) => match bare.split_once("://") {
+            Some((scheme, host)) => format!("{scheme}://***@{host}"),
+            None => format!("***@{bare}"),
         },
-        None => url.to_owned(),
+        (bare, None) => bare,
     }
 }
 
@@ -127,5 +144,13 @@ mod tests {
         assert_eq!(redact_userinfo("nats://dev-1:s3cret@10.0.0.5:4222"), "nats://***@10.0.0.5:4222");
         assert_eq!(redact_userinfo("nats://10.0.0.5:4222"), "nats://10.0.0.5:4222");
         assert_eq!(redact_userinfo("10.0.0.5:4222"), "10.0.0.5:4222");
+        // Issue 7 §1: a password holding `@`, and a URL without a scheme, leaked.
+        assert_eq!(redact_userinfo("nats://dev-1:p@ss:w/rd@10.0.0.5:4222"), "nats://***@10.0.0.5:4222");
+        assert_eq!(redact_userinfo("dev-1:s3cret@10.0.0.5:4222"), "***@10.0.0.5:4222");
+        assert_eq!(
+            split_url_credentials("nats://dev-1:p@ss:w/rd@h:1"),
+            ("nats://h:1".to_owned(), Some(("dev-1".to_owned(), "p@ss:w/rd".to_owned())))
+        );
+        assert_eq!(split_url_credentials("h:1"), ("h:1".to_owned(), None));
     }
 }

@@ -167,11 +167,16 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `harmony-agent run` with `args`, logging to `log`.
     pub fn start(args: &[&str], log: &Path) -> Self {
+        Self::start_logging(args, log, "harmony_agent=debug,info")
+    }
+
+    /// Like [`AgentProcess::start`], with `HARMONY_LOG` set to `filter`.
+    pub fn start_logging(args: &[&str], log: &Path, filter: &str) -> Self {
         let file = std::fs::File::create(log).expect("agent log");
         let child = Command::new(workspace_bin("harmony-agent"))
             .arg("run")
             .args(args)
-            .env("HARMONY_LOG", "harmony_agent=debug,info")
+            .env("HARMONY_LOG", filter)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

@@ -12,8 +12,12 @@ use harmony_scores::{FileScore, PresenceState};
 
 /// One user per device with exactly the permissions docs/security.md lists.
 fn device_user(id: &str) -> String {
+    device_user_with_password(id, &format!("pw-{id}"))
+}
+
+fn device_user_with_password(id: &str, password: &str) -> String {
     format!(
-        r#"{{ user: "{id}", password: "pw-{id}", permissions: {{
+        r#"{{ user: "{id}", password: "{password}", permissions: {{
             publish: {{ allow: [
                 "$JS.API.DIRECT.GET.KV_harmony-desired-state.$KV.harmony-desired-state.{id}.>",
                 "$JS.API.DIRECT.GET.KV_harmony-agent-status.$KV.harmony-agent-status.{id}",
@@ -137,4 +141,68 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
     let listing = js.get_key_value("harmony-desired-state").await;
     assert!(listing.is_err(), "dev-1 could read the bucket's stream info (every key name)");
     assert!(client.device_status(&dev2).await.unwrap().is_none());
+}
+
+// Issue 7 §1: redaction failed for a password holding `@`, for a URL
+// without a scheme, and at HARMONY_LOG=debug, where async-nats printed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_a_url_never_reach_a_log_at_any_level() {
+    harmony_scores::ensure_linked();
+    const PASSWORD: &str = "p@ss:w0rd-xyzzy";
+    let config = format!(
+        "accounts {{ FLEET {{ jetstream: enabled, users: [ {{ user: operator, password: \"{PASSWORD}\" }}, {} ] }} }}\n",
+        device_user_with_password("dev-1", PASSWORD)
+    );
+    let nats = NatsServer::start_with_config(&config);
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let operator = format!("nats://operator:{PASSWORD}@127.0.0.1:{port}");
+    let client =
+        tokio::time::timeout(WAIT, FleetClient::connect(&[operator.clone()], None)).await.unwrap().unwrap();
+    client.ensure_buckets().await.unwrap();
+    let dev1 = DeviceId::new("dev-1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (i, url) in
+        [format!("nats://dev-1:{PASSWORD}@127.0.0.1:{port}"), format!("dev-1:{PASSWORD}@127.0.0.1:{port}")]
+            .iter()
+            .enumerate()
+    {
+        let state = dir.path().join(format!("state-{i}"));
+        let root = dir.path().join(format!("root-{i}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let mut agent = AgentProcess::start_logging(
+            &[
+                "--device-id",
+                "dev-1",
+                "--nats",
+                url,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--root",
+                root.to_str().unwrap(),
+            ],
+            &dir.path().join(format!("agent-{i}.log")),
+            "trace",
+        );
+        let online = async {
+            while client.ping(&dev1, Duration::from_secs(1)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, online)
+            .await
+            .unwrap_or_else(|_| panic!("agent {i} never answered:\n{}", agent.log_text()));
+        agent.stop();
+        let log = agent.log_text();
+        assert!(log.contains("connected"), "{log}");
+        assert!(!log.contains("w0rd"), "the password reached the agent's log ({url}):\n{log}");
+    }
+    let fleet = std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
+        .args(["--nats", &operator, "devices"])
+        .env("HARMONY_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(fleet.status.success(), "{}", String::from_utf8_lossy(&fleet.stderr));
+    let output =
+        format!("{}{}", String::from_utf8_lossy(&fleet.stdout), String::from_utf8_lossy(&fleet.stderr));
+    assert!(!output.contains("w0rd"), "the password reached the operator's log:\n{output}");
 }

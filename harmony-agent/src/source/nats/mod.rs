@@ -44,7 +44,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                 let _ = tx.send(event);
             }
         });
-    if let Some((user, password)) = url_credentials(&config.nats_urls) {
+    if let Some((user, password)) = config.nats_auth.clone() {
         options = options.user_and_password(user, password);
     }
     if let Some(creds) = &config.creds {
@@ -142,14 +142,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// The `user:password@` of the first URL that has one: async-nats 0.51
-/// parses it but does not send it, so the agent passes it on itself.
-fn url_credentials(urls: &[String]) -> Option<(String, String)> {
-    urls.iter()
-        .filter_map(|url| url.parse::<async_nats::ServerAddr>().ok())
-        .find_map(|addr| Some((addr.username()?.to_owned(), addr.password()?.to_owned())))
 }
 
 async fn publish_info(client: &async_nats::Client, config: &AgentConfig, info: Option<&DeviceInfo>) {
