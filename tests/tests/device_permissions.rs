@@ -156,8 +156,10 @@ async fn credentials_in_a_url_never_reach_a_log_at_any_level() {
     let nats = NatsServer::start_with_config(&config);
     let port = nats.url().rsplit(':').next().unwrap().to_owned();
     let operator = format!("nats://operator:{PASSWORD}@127.0.0.1:{port}");
-    let client =
-        tokio::time::timeout(WAIT, FleetClient::connect(&[operator.clone()], None)).await.unwrap().unwrap();
+    let client = tokio::time::timeout(WAIT, FleetClient::connect(std::slice::from_ref(&operator), None))
+        .await
+        .unwrap()
+        .unwrap();
     client.ensure_buckets().await.unwrap();
     let dev1 = DeviceId::new("dev-1").unwrap();
     let dir = tempfile::tempdir().unwrap();
