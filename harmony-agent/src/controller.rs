@@ -346,6 +346,7 @@ impl Controller {
             return; // already deleted (its prune runs or ran)
         }
         info!(deployment = %name, "deleted; pruning");
+        let had_document = entry.record.document.is_some();
         entry.record.document = None;
         entry.document = None;
         entry.rejected = None;
@@ -362,8 +363,18 @@ impl Controller {
         });
         entry.retry = None;
         self.dirty = true;
-        self.save(name);
+        let saved = self.save(name);
+        // Nothing owned is left to undo (Scores without an undo, such as an
+        // absent file): no run will say `pruned`, so say it now.
+        if let Some(entry) = self.deployments.get_mut(name) {
+            if saved && had_document && entry.running.is_none() && entry.record.is_tombstone() {
+                info!(deployment = %name, "pruned");
+                entry.pruned_at = Some(Instant::now());
+            }
+        }
         self.schedule(name, true);
+        // What the document only named (no undo) is free from now on.
+        self.reoffer_clearable(Some(name));
     }
 
     fn reject(
@@ -582,7 +593,9 @@ impl Controller {
                     last.ok = false;
                 }
             }
-        } else if deleted_and_undone && !result.cancelled {
+        } else if deleted_and_undone {
+            // Also when the run was cancelled (a delete during its last
+            // Score): nothing is left to run, so nothing else would say it.
             if let Some(entry) = self.deployments.get_mut(name) {
                 if entry.rejected.is_none() && entry.pruned_at.is_none() {
                     info!(deployment = %name, "pruned");

@@ -740,3 +740,59 @@ async fn a_run_cancelled_in_its_last_score_is_superseded_not_failed() {
     assert!(web.scores.iter().all(|s| s.is_ok()), "{:?}", web.scores);
     agent.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Attacks on the second edition (branch `attack`).
+// ---------------------------------------------------------------------------
+
+fn absent_file(path: &str) -> Value {
+    json!({"type": "harmony.file/v1", "path": path, "state": "absent"})
+}
+
+// Attack: a deployment whose Scores own nothing to undo (here a file that
+// must be absent) was deleted. Nothing was left to run, so nothing ever set
+// `pruned`: status said `applying` forever, and a document refused for a
+// conflict with it waited for the next resync (an hour here).
+#[tokio::test]
+async fn a_deleted_deployment_with_nothing_to_undo_is_pruned_and_releases_its_resources() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("cleanup", 1, json!([absent_file("/stale")]));
+    agent.applied("cleanup", 1).await;
+    agent.offer("app", 1, json!([file("/stale", "wanted again")]));
+    let app = agent.until_phase("app", 1, Phase::Rejected).await;
+    assert_eq!(app.error.unwrap().kind, ErrorKind::ResourceConflict);
+    agent.delete("cleanup");
+    agent
+        .until("cleanup pruned", |s| {
+            s.deployments.get(&name("cleanup")).is_none_or(|d| d.phase == Phase::Pruned)
+        })
+        .await;
+    agent.applied("app", 1).await;
+    assert_eq!(read(&device.root("/stale")), "wanted again");
+    agent.stop().await;
+}
+
+// Attack: a delete that arrives while the deployment's last Score runs. The
+// run ends cancelled with nothing left owned, so it was neither rerun nor
+// marked pruned: status said `applying` forever.
+#[tokio::test]
+async fn a_delete_during_the_last_score_ends_pruned_not_applying_forever() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([sleep("a", 0)]));
+    agent.applied("web", 1).await;
+    agent.offer("web", 2, json!([sleep("b", 1500)]));
+    agent
+        .until("g2 running", |s| {
+            s.deployments
+                .get(&name("web"))
+                .is_some_and(|d| d.current_score.as_deref() == Some("1/1 sleep [b]"))
+        })
+        .await;
+    agent.delete("web");
+    agent
+        .until("web pruned", |s| s.deployments.get(&name("web")).is_none_or(|d| d.phase == Phase::Pruned))
+        .await;
+    agent.stop().await;
+}
