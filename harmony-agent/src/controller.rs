@@ -636,10 +636,15 @@ impl Controller {
     /// long-pruned ones. Returns how many deployments were scheduled.
     fn resync(&mut self) -> usize {
         let now = Instant::now();
-        self.deployments.retain(|_, d| {
-            d.running.is_some()
-                || d.pruned_at.is_none_or(|at| now.saturating_duration_since(at) < FORGET_PRUNED_AFTER)
-        });
+        for d in self.deployments.values_mut() {
+            let long_pruned =
+                d.pruned_at.is_some_and(|at| now.saturating_duration_since(at) >= FORGET_PRUNED_AFTER);
+            if d.running.is_none() && long_pruned {
+                // Gone from status, but the record stays: its high-water
+                // mark keeps a replayed old generation refused.
+                *d = Deployment { record: std::mem::take(&mut d.record), ..Deployment::default() };
+            }
+        }
         self.reoffer_clearable(None);
         let names: Vec<_> =
             self.deployments.iter().filter(|(_, d)| d.has_work()).map(|(n, _)| n.clone()).collect();

@@ -749,6 +749,67 @@ fn absent_file(path: &str) -> Value {
     json!({"type": "harmony.file/v1", "path": path, "state": "absent"})
 }
 
+/// A controller driven by hand (no run loop), for states a test cannot wait
+/// for in real time (ten minutes after a prune).
+async fn manual_controller(device: &Device) -> Controller {
+    let settings = ControllerSettings {
+        device: DeviceId::new("dev-1").unwrap(),
+        max_parallel: 4,
+        resync: Duration::from_secs(3600),
+        timeouts: Timeouts::default(),
+        shutdown_grace: Duration::from_secs(5),
+        heartbeat: Duration::from_secs(30),
+        info: DeviceInfo::default(),
+    };
+    let maestro =
+        Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(device.dir.path().join("root")))
+            .await
+            .unwrap();
+    let mut controller = Controller::new(settings, maestro, Store::open(&device.state()).unwrap());
+    controller.boot();
+    controller
+}
+
+/// Starts what is ready and routes run events until nothing runs.
+async fn drain(controller: &mut Controller) {
+    controller.start_ready();
+    while controller.running > 0 {
+        let event = tokio::time::timeout(WAIT, controller.events_rx.recv()).await.unwrap().unwrap();
+        controller.on_event(event);
+        controller.start_ready();
+    }
+}
+
+// Attack: the high-water mark "outlives deletes" only until the resync ten
+// minutes after the prune, which removed the whole entry from memory (the
+// mark included). The deleted deployment's old document written back to its
+// key after that was accepted and ran again, and its record (holding the
+// mark) was overwritten.
+#[tokio::test]
+async fn a_forgotten_pruned_deployment_still_refuses_its_old_generation() {
+    let device = Device::new();
+    let mut controller = manual_controller(&device).await;
+    let g2 = doc("web", 2, json!([file("/web", "two")]));
+    controller.offer(&name("web"), g2.clone(), DocumentFormat::Cbor);
+    drain(&mut controller).await;
+    assert_eq!(read(&device.root("/web")), "two");
+    controller.delete(&name("web"));
+    drain(&mut controller).await;
+    assert!(!device.root("/web").exists());
+    let entry = controller.deployments.get_mut(&name("web")).unwrap();
+    assert!(entry.pruned_at.is_some(), "pruned");
+    // Ten minutes and more later (std Instant: the clock cannot be paused).
+    entry.pruned_at = Some(Instant::now().checked_sub(FORGET_PRUNED_AFTER * 2).expect("uptime"));
+    controller.resync();
+    assert!(!controller.status().deployments.contains_key(&name("web")), "forgotten from status");
+
+    controller.offer(&name("web"), g2, DocumentFormat::Cbor);
+    drain(&mut controller).await;
+    assert!(!device.root("/web").exists(), "the replayed generation 2 ran again");
+    let status = controller.status().deployments[&name("web")].clone();
+    assert_eq!(status.error.map(|e| e.kind), Some(ErrorKind::StaleGeneration));
+}
+
 // Attack: a deployment whose Scores own nothing to undo (here a file that
 // must be absent) was deleted. Nothing was left to run, so nothing ever set
 // `pruned`: status said `applying` forever, and a document refused for a
