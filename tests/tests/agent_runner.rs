@@ -331,3 +331,26 @@ async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
     f.applied(&device, "app", g2).await;
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "two");
 }
+
+// ---------------------------------------------------------------------------
+// Attacks on the second edition (branch `attack`).
+// ---------------------------------------------------------------------------
+
+// Attack: the operator deletes a device's status key (a reset, a cleanup;
+// `device_status` documents that a status may be deleted). The agent's next
+// compare-and-set conflicts with the delete marker, reads it, cannot decode
+// its empty payload as a status, and took it for another agent instance:
+// `duplicate_device` for ten minutes, on a device that has no twin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_deleting_the_status_key_is_not_a_duplicate_device() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent("dev-1", "dev-1");
+    let seen = f.online(&device).await;
+    let kv = within(f.client.jetstream().get_key_value("harmony-agent-status")).await.unwrap();
+    within(kv.delete("dev-1")).await.unwrap();
+    let g = f.deploy(&device, "app", vec![file("/a", "x")]).await;
+    let status = f.applied(&device, "app", g).await;
+    assert_eq!(status.instance_id, seen.instance_id);
+    assert!(status.errors.is_empty(), "{:?}", status.errors);
+}
