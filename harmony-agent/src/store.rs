@@ -141,6 +141,8 @@ pub struct Store {
     dir: PathBuf,
     /// Held open for the lock; released when the store is dropped.
     _lock: File,
+    /// The state directory, locked as well (the lock file may be deleted).
+    _dir_lock: File,
 }
 
 impl Store {
@@ -160,16 +162,22 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked { path: state_dir.to_owned() })
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StoreError::IoFailed { path: lock_path, source })
+        // The lock file can be deleted under a running agent (a "stale
+        // lock" cleaned up by hand); the state directory itself cannot be
+        // while it holds the records. Both are locked.
+        let dir_lock = File::open(state_dir).map_err(io(state_dir))?;
+        for (file, path) in [(&dir_lock, state_dir), (&lock, lock_path.as_path())] {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked { path: state_dir.to_owned() })
+                }
+                Err(std::fs::TryLockError::Error(source)) => {
+                    return Err(StoreError::IoFailed { path: path.to_owned(), source })
+                }
             }
         }
-        Ok(Self { dir, _lock: lock })
+        Ok(Self { dir, _lock: lock, _dir_lock: dir_lock })
     }
 
     fn path(&self, name: &DeploymentName) -> PathBuf {
@@ -365,6 +373,18 @@ mod tests {
         let good = std::fs::read(&path).unwrap();
         std::fs::write(&path, &good[..good.len() / 2]).unwrap();
         assert!(store.load_all().unwrap()[0].1.is_err());
+    }
+
+    // Attack: someone "cleans up a stale lock" (or a tmp cleaner removes it)
+    // while the agent runs. flock held on the unlinked file no longer guards
+    // the path: a second agent created a fresh `lock`, took it, and ran on
+    // the same records, each undoing the other's resources.
+    #[test]
+    fn deleting_the_lock_file_does_not_let_a_second_store_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join("lock")).unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
     }
 
     #[test]
