@@ -584,8 +584,11 @@ impl Controller {
         let rerun = entry.rerun;
         if changed && !self.save(name) {
             // Not persisted, so not applied: the observed generation stays
-            // what the disk says, and the run is retried.
+            // what the disk says, and the run is retried. Nor undone: what
+            // the disk says is owned stays owned (no other deployment may
+            // take it), and the undo runs again once saves work.
             if let Some(entry) = self.deployments.get_mut(name) {
+                entry.record.owned = before.owned;
                 entry.record.observed_generation = before.observed_generation;
                 entry.record.observed_digest = before.observed_digest;
                 entry.record.last_applied_at_ms = before.last_applied_at_ms;

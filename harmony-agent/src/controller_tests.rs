@@ -857,3 +857,120 @@ async fn a_delete_during_the_last_score_ends_pruned_not_applying_forever() {
         .await;
     agent.stop().await;
 }
+
+/// A test-only Score owning `path:/<name>`: applying writes the file,
+/// undoing it (`undo: true`) sleeps `millis` first, then removes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SlowUndoScore {
+    name: String,
+    millis: u64,
+    #[serde(default)]
+    undo: bool,
+}
+
+impl Score<LocalDeviceTopology> for SlowUndoScore {
+    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
+        Box::new(SlowUndoInterpret(self.clone()))
+    }
+    fn name(&self) -> String {
+        format!("slow-undo [{}]", self.name)
+    }
+}
+
+#[derive(Debug)]
+struct SlowUndoInterpret(SlowUndoScore);
+
+#[async_trait]
+impl Interpret<LocalDeviceTopology> for SlowUndoInterpret {
+    async fn execute(
+        &self,
+        _: &Inventory,
+        topology: &LocalDeviceTopology,
+    ) -> Result<Outcome, InterpretError> {
+        let path = topology.root().join(&self.0.name);
+        if self.0.undo {
+            tokio::time::sleep(Duration::from_millis(self.0.millis)).await;
+            let _ = std::fs::remove_file(path);
+        } else {
+            std::fs::write(path, b"made").map_err(|e| InterpretError::new(e.to_string()))?;
+        }
+        Ok(Outcome::success("done"))
+    }
+    fn get_name(&self) -> InterpretName {
+        InterpretName::Custom("SlowUndo")
+    }
+    fn get_version(&self) -> Version {
+        Version::from("1.0.0")
+    }
+    fn get_status(&self) -> InterpretStatus {
+        InterpretStatus::QUEUED
+    }
+    fn get_children(&self) -> Vec<Id> {
+        Vec::new()
+    }
+}
+
+device_score! {
+    tag: "test.slow-undo/v1",
+    summary: "test only: writes a file; its undo sleeps, then removes it",
+    impl DeviceScore for SlowUndoScore {
+        fn validate(&self) -> Result<(), ScoreValidationError> {
+            harmony_score_wire::validate::check_text("name", &self.name, 64)
+        }
+        fn resource(&self) -> ResourceId {
+            ResourceId::path(&format!("/{}", self.name))
+        }
+        fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+            (!self.undo).then(|| Box::new(SlowUndoScore { undo: true, ..self.clone() }) as Box<dyn DeviceScore>)
+        }
+    }
+}
+
+// Attack: the disk fills up while a deleted deployment's undo runs. The
+// undo held, the controller dropped the resource from what the deployment
+// owns in memory, and the save of that failed. Memory and disk then
+// disagreed: another deployment took the resource at once (nothing in
+// memory owned it), the deleted one had no work left so its persist
+// failure was never retried (`failed` forever), and its record on disk
+// still owned the resource, so the next start would undo what the other
+// deployment now owns.
+#[tokio::test]
+async fn a_failed_save_after_a_prune_keeps_memory_and_disk_in_step() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("old", 1, json!([{"type": "test.slow-undo/v1", "name": "r", "millis": 1500}]));
+    agent.applied("old", 1).await;
+    agent.delete("old");
+    agent
+        .until("undo running", |s| {
+            s.deployments
+                .get(&name("old"))
+                .is_some_and(|d| d.current_score.as_deref() == Some("1/1 prune slow-undo [r]"))
+        })
+        .await;
+    // The disk "fills up": every save fails from here on.
+    let records = device.state().join("deployments");
+    let moved = device.state().join("moved");
+    std::fs::rename(&records, &moved).unwrap();
+    std::fs::write(&records, b"not a folder").unwrap();
+    agent
+        .until("old failed to persist", |s| {
+            s.deployments
+                .get(&name("old"))
+                .is_some_and(|d| d.error.as_ref().is_some_and(|e| e.kind == ErrorKind::PersistFailed))
+        })
+        .await;
+    agent.offer("new", 1, json!([file("/r", "new")]));
+    agent.until("new offered", |s| s.deployments.contains_key(&name("new"))).await;
+    // The disk recovers.
+    std::fs::remove_file(&records).unwrap();
+    std::fs::rename(&moved, &records).unwrap();
+    agent
+        .until("old pruned", |s| s.deployments.get(&name("old")).is_some_and(|d| d.phase == Phase::Pruned))
+        .await;
+    agent.applied("new", 1).await;
+    agent.stop().await;
+    let loaded = Store::open(&device.state()).unwrap().load_all().unwrap();
+    let old = loaded.iter().find(|(n, _)| n.as_str() == "old").unwrap().1.as_ref().unwrap();
+    assert!(old.owned.is_empty(), "the record on disk still owns {:?}", old.owned);
+}
