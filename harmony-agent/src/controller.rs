@@ -275,7 +275,14 @@ impl Controller {
         };
         let entry = self.deployments.entry(name.clone()).or_default();
         match entry.judge(&self.settings.device, name, &doc, &digest, now_ms() / 1000) {
-            Verdict::Unchanged => return,
+            Verdict::Unchanged => {
+                // The key holds the accepted document again: a refusal of
+                // what it held in between no longer describes the key.
+                if entry.rejected.take().is_some() {
+                    self.dirty = true;
+                }
+                return;
+            }
             Verdict::Reject(kind, message) => {
                 return self.reject(name, Some(doc.generation), digest, kind, message, None);
             }

@@ -974,3 +974,27 @@ async fn a_failed_save_after_a_prune_keeps_memory_and_disk_in_step() {
     let old = loaded.iter().find(|(n, _)| n.as_str() == "old").unwrap().1.as_ref().unwrap();
     assert!(old.owned.is_empty(), "the record on disk still owns {:?}", old.owned);
 }
+
+// Attack: a bad write to a key (truncated, so its generation counts as
+// newer and status says `rejected`), then the key restored to the document
+// the device already runs (a revert from the key's history, another tool).
+// The restored document was `Unchanged` and returned early, so the stale
+// refusal stayed: `rejected` until some newer generation came.
+#[tokio::test]
+async fn restoring_the_accepted_document_clears_a_refusal_of_what_replaced_it() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    let g1 = doc("web", 1, json!([file("/web", "one")]));
+    agent.offer_bytes("web", g1.clone());
+    agent.applied("web", 1).await;
+    let mut truncated = doc("web", 2, json!([file("/web", "two")]));
+    truncated.truncate(truncated.len() - 5);
+    agent.offer_bytes("web", truncated);
+    agent.until("truncated refused", |s| s.deployments[&name("web")].phase == Phase::Rejected).await;
+    agent.offer_bytes("web", g1);
+    let status =
+        agent.until("the key holds g1 again", |s| s.deployments[&name("web")].phase != Phase::Rejected).await;
+    let web = &status.deployments[&name("web")];
+    assert_eq!((web.phase, web.error.as_ref()), (Phase::Applied, None));
+    agent.stop().await;
+}
