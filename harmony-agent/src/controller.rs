@@ -575,6 +575,7 @@ impl Controller {
                 }
             }
             entry.last_run = Some(LastRun {
+                generation: run.generation,
                 scores: result.scores,
                 prune_failures: result.prune_failures,
                 ok,

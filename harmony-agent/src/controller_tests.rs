@@ -1019,3 +1019,29 @@ async fn two_names_for_one_file_through_a_symlinked_directory_conflict() {
     assert_eq!(read(&device.root("/usr/lib/x.conf")), "from a");
     agent.stop().await;
 }
+
+// Attack: a generation that fixes a failing one, accepted while every run
+// slot is busy. Until it starts, status kept the old run's failure and
+// showed it under the new desired generation: `failed` at generation 2
+// before generation 2 ran at all. The operator's wait
+// (`generation_progress`) reads exactly that as "generation 2 failed".
+#[tokio::test]
+async fn a_queued_generation_does_not_inherit_the_failure_of_the_one_it_replaces() {
+    let device = Device::new();
+    let mut agent = device.start_with(|s| s.max_parallel = 1).await;
+    let failing = json!({"type": "test.sleep/v1", "name": "f", "millis": 0, "fail": true});
+    agent.offer("web", 1, json!([failing]));
+    agent.until_phase("web", 1, Phase::Failed).await;
+    agent.offer("busy", 1, json!([sleep("busy", 3000)]));
+    agent
+        .until("busy running", |s| {
+            s.deployments.get(&name("busy")).is_some_and(|d| d.current_score.is_some())
+        })
+        .await;
+    agent.offer("web", 2, json!([file("/web", "fixed")]));
+    let status = agent.until("web g2 seen", |s| s.deployments[&name("web")].desired_generation == 2).await;
+    let web = &status.deployments[&name("web")];
+    assert_ne!(web.phase, Phase::Failed, "generation 2 has not run yet: {web:?}");
+    agent.applied("web", 2).await;
+    agent.stop().await;
+}

@@ -80,6 +80,8 @@ pub struct Running {
 /// The result of the last finished run.
 #[derive(Debug, Clone)]
 pub struct LastRun {
+    /// The generation it applied (`None`: a prune of a deleted deployment).
+    pub generation: Option<u64>,
     /// Per Score, in order.
     pub scores: Vec<ScoreStatus>,
     /// Undos that failed.
@@ -244,7 +246,9 @@ impl Deployment {
             .rejected
             .as_ref()
             .filter(|r| self.record.document.is_none() || r.generation.is_none_or(|g| g > accepted));
-        let last_failed = self.last_run.as_ref().filter(|r| !r.ok);
+        // A failure of an older generation says nothing about the one
+        // accepted since, which has not run yet (it waits for a slot).
+        let last_failed = self.last_run.as_ref().filter(|r| !r.ok && r.generation == self.generation());
         let (phase, error) = if self.pruned_at.is_some() {
             (Phase::Pruned, None)
         } else if let Some(r) = rejected {
