@@ -1045,3 +1045,37 @@ async fn a_queued_generation_does_not_inherit_the_failure_of_the_one_it_replaces
     agent.applied("web", 2).await;
     agent.stop().await;
 }
+
+// Attack: the disk is full when a deployment with nothing to undo is
+// deleted. The delete could not be saved (`persist_failed`), and as the
+// deployment had no work left its save was never retried: `failed`
+// forever, and its record on disk still held the deleted document, which
+// the next start would run again.
+#[tokio::test]
+async fn a_delete_that_could_not_be_saved_is_saved_once_the_disk_recovers() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("cleanup", 1, json!([absent_file("/stale")]));
+    agent.applied("cleanup", 1).await;
+    let records = device.state().join("deployments");
+    let moved = device.state().join("moved");
+    std::fs::rename(&records, &moved).unwrap();
+    std::fs::write(&records, b"not a folder").unwrap();
+    agent.delete("cleanup");
+    agent
+        .until("delete not persisted", |s| {
+            s.deployments[&name("cleanup")].error.as_ref().is_some_and(|e| e.kind == ErrorKind::PersistFailed)
+        })
+        .await;
+    std::fs::remove_file(&records).unwrap();
+    std::fs::rename(&moved, &records).unwrap();
+    agent
+        .until("cleanup pruned", |s| {
+            s.deployments.get(&name("cleanup")).is_none_or(|d| d.phase == Phase::Pruned)
+        })
+        .await;
+    agent.stop().await;
+    let loaded = Store::open(&device.state()).unwrap().load_all().unwrap();
+    let record = loaded.iter().find(|(n, _)| n.as_str() == "cleanup").unwrap().1.as_ref().unwrap();
+    assert!(record.document.is_none(), "the deleted document is still on disk");
+}

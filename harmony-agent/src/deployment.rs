@@ -170,8 +170,13 @@ impl Deployment {
     /// rollback to a version without one of its tags), what it owns is
     /// still wanted and must not be undone.
     pub fn has_work(&self) -> bool {
+        let deleted = self.record.document.is_none();
+        // A delete that could not be saved is work too: its save is retried
+        // by the run (which then has nothing else to do).
+        let unsaved_delete =
+            deleted && self.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed);
         self.pruned_at.is_none()
-            && (self.document.is_some() || (self.record.document.is_none() && !self.record.owned.is_empty()))
+            && (self.document.is_some() || (deleted && !self.record.owned.is_empty()) || unsaved_delete)
     }
 
     /// Every resource this deployment holds or wants: the accepted
