@@ -115,8 +115,20 @@ impl Controller {
             let mut entry = Deployment::default();
             match record {
                 Ok(record) => {
+                    let mut adopt = true;
                     if let Some(stored) = &record.document {
                         match self.decode(&stored.bytes, stored.format) {
+                            // A record copied or renamed under another name:
+                            // what it owns is another deployment's. Kept
+                            // aside, never run, never pruned.
+                            Ok(doc) if doc.deployment != name => {
+                                let message = format!("holds the document of deployment {}", doc.deployment);
+                                let err = self.store.set_aside(&name, message);
+                                error!(deployment = %name, cause = %err, "persisted state is another deployment's; kept aside");
+                                entry.failure =
+                                    Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
+                                adopt = false;
+                            }
                             Ok(doc) => entry.document = Some(Accepted::new(doc)),
                             Err(err) => {
                                 error!(deployment = %name, cause = %err, "persisted document cannot run on this agent");
@@ -128,7 +140,9 @@ impl Controller {
                             }
                         }
                     }
-                    entry.record = record;
+                    if adopt {
+                        entry.record = record;
+                    }
                 }
                 Err(err) => {
                     error!(deployment = %name, cause = %err, "persisted state unreadable; kept aside, reading the key again");

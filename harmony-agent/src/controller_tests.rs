@@ -1079,3 +1079,28 @@ async fn a_delete_that_could_not_be_saved_is_saved_once_the_disk_recovers() {
     let record = loaded.iter().find(|(n, _)| n.as_str() == "cleanup").unwrap().1.as_ref().unwrap();
     assert!(record.document.is_none(), "the deleted document is still on disk");
 }
+
+// Attack: a record copied in the state folder under another deployment's
+// name (`cp web.state web-old.state`, a backup kept in place). At boot the
+// copy ran web's document as deployment `web-old`, owning web's resources
+// too (boot checks no conflict); the source then reported `web-old`'s key
+// as deleted and its prune removed the file `web` still wants.
+#[tokio::test]
+async fn a_record_copied_under_another_name_does_not_prune_the_original() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([file("/a", "web's")]));
+    agent.applied("web", 1).await;
+    agent.stop().await;
+    let records = device.state().join("deployments");
+    std::fs::copy(records.join("web.state"), records.join("web-old.state")).unwrap();
+
+    let mut agent = device.start().await;
+    agent.applied("web", 1).await;
+    agent.delete("web-old"); // its key does not exist
+    agent.offer("marker", 1, json!([file("/marker", "x")]));
+    agent.applied("marker", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read(&device.root("/a")), "web's", "the copy's prune removed web's file");
+    agent.stop().await;
+}

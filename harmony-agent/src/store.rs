@@ -240,6 +240,12 @@ impl Store {
         StoreError::CorruptRecord { path: path.to_owned(), message, kept_as }
     }
 
+    /// Moves `name`'s record aside like an unreadable one (it loaded, but
+    /// is not that deployment's), so it is kept and never overwritten.
+    pub fn set_aside(&self, name: &DeploymentName, message: String) -> StoreError {
+        self.quarantine(&self.path(name), message)
+    }
+
     /// Writes a record atomically (0600: documents may hold secrets).
     pub fn save(&self, name: &DeploymentName, record: &DeploymentRecord) -> Result<(), StoreError> {
         let path = self.path(name);
