@@ -211,6 +211,10 @@ impl Store {
     }
 
     fn load_file(&self, path: &Path) -> Result<DeploymentRecord, StoreError> {
+        // Opening a FIFO would block the boot; a directory cannot be read.
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(self.quarantine(path, "not a regular file".to_owned()));
+        }
         let bytes =
             read_bounded(path).map_err(|source| StoreError::IoFailed { path: path.to_owned(), source })?;
         let checked = from_cbor::<Envelope>(&bytes, MAX_RECORD_BYTES, "state envelope")
@@ -391,6 +395,31 @@ mod tests {
         let _first = Store::open(dir.path()).unwrap();
         std::fs::remove_file(dir.path().join("lock")).unwrap();
         assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
+    }
+
+    // Attack: a FIFO (or any non-regular file) named like a record. Opening
+    // it blocked load_all, and with it the agent's boot, until some process
+    // wrote to it.
+    #[test]
+    fn a_fifo_named_like_a_record_does_not_block_the_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fifo = store.dir().join("web.state");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir_path = dir.path().to_owned();
+        drop(store);
+        std::thread::spawn(move || {
+            let store = Store::open(&dir_path).unwrap();
+            let _ =
+                tx.send(store.load_all().map(|l| l.into_iter().map(|(_, r)| r.is_err()).collect::<Vec<_>>()));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+        if got.is_err() {
+            // Release the stuck reader before failing.
+            drop(std::fs::OpenOptions::new().read(true).write(true).open(&fifo));
+        }
+        assert_eq!(got.expect("load_all returned").unwrap(), vec![true], "reported as unreadable");
     }
 
     #[test]
