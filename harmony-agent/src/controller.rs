@@ -115,8 +115,20 @@ impl Controller {
             let mut entry = Deployment::default();
             match record {
                 Ok(record) => {
+                    let mut adopt = true;
                     if let Some(stored) = &record.document {
                         match self.decode(&stored.bytes, stored.format) {
+                            // A record copied or renamed under another name:
+                            // what it owns is another deployment's. Kept
+                            // aside, never run, never pruned.
+                            Ok(doc) if doc.deployment != name => {
+                                let message = format!("holds the document of deployment {}", doc.deployment);
+                                let err = self.store.set_aside(&name, message);
+                                error!(deployment = %name, cause = %err, "persisted state is another deployment's; kept aside");
+                                entry.failure =
+                                    Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
+                                adopt = false;
+                            }
                             Ok(doc) => entry.document = Some(Accepted::new(doc)),
                             Err(err) => {
                                 error!(deployment = %name, cause = %err, "persisted document cannot run on this agent");
@@ -128,7 +140,9 @@ impl Controller {
                             }
                         }
                     }
-                    entry.record = record;
+                    if adopt {
+                        entry.record = record;
+                    }
                 }
                 Err(err) => {
                     error!(deployment = %name, cause = %err, "persisted state unreadable; kept aside, reading the key again");
@@ -275,7 +289,14 @@ impl Controller {
         };
         let entry = self.deployments.entry(name.clone()).or_default();
         match entry.judge(&self.settings.device, name, &doc, &digest, now_ms() / 1000) {
-            Verdict::Unchanged => return,
+            Verdict::Unchanged => {
+                // The key holds the accepted document again: a refusal of
+                // what it held in between no longer describes the key.
+                if entry.rejected.take().is_some() {
+                    self.dirty = true;
+                }
+                return;
+            }
             Verdict::Reject(kind, message) => {
                 return self.reject(name, Some(doc.generation), digest, kind, message, None);
             }
@@ -346,6 +367,7 @@ impl Controller {
             return; // already deleted (its prune runs or ran)
         }
         info!(deployment = %name, "deleted; pruning");
+        let had_document = entry.record.document.is_some();
         entry.record.document = None;
         entry.document = None;
         entry.rejected = None;
@@ -362,8 +384,18 @@ impl Controller {
         });
         entry.retry = None;
         self.dirty = true;
-        self.save(name).await;
+        let saved = self.save(name).await;
+        // Nothing owned is left to undo (Scores without an undo, such as an
+        // absent file): no run will say `pruned`, so say it now.
+        if let Some(entry) = self.deployments.get_mut(name) {
+            if saved && had_document && entry.running.is_none() && entry.record.is_tombstone() {
+                info!(deployment = %name, "pruned");
+                entry.pruned_at = Some(Instant::now());
+            }
+        }
         self.schedule(name, true);
+        // What the document only named (no undo) is free from now on.
+        self.reoffer_clearable(Some(name)).await;
     }
 
     fn reject(
@@ -572,6 +604,7 @@ impl Controller {
                 }
             }
             entry.last_run = Some(LastRun {
+                generation: run.generation,
                 scores: result.scores,
                 prune_failures: result.prune_failures,
                 ok,
@@ -588,8 +621,11 @@ impl Controller {
         let rerun = entry.rerun;
         if changed && !self.save(name).await {
             // Not persisted, so not applied: the observed generation stays
-            // what the disk says, and the run is retried.
+            // what the disk says, and the run is retried. Nor undone: what
+            // the disk says is owned stays owned (no other deployment may
+            // take it), and the undo runs again once saves work.
             if let Some(entry) = self.deployments.get_mut(name) {
+                entry.record.owned = before.owned;
                 entry.record.observed_generation = before.observed_generation;
                 entry.record.observed_digest = before.observed_digest;
                 entry.record.last_applied_at_ms = before.last_applied_at_ms;
@@ -597,7 +633,9 @@ impl Controller {
                     last.ok = false;
                 }
             }
-        } else if deleted_and_undone && !result.cancelled {
+        } else if deleted_and_undone {
+            // Also when the run was cancelled (a delete during its last
+            // Score): nothing is left to run, so nothing else would say it.
             if let Some(entry) = self.deployments.get_mut(name) {
                 if entry.rejected.is_none() && entry.pruned_at.is_none() {
                     info!(deployment = %name, "pruned");
@@ -638,10 +676,15 @@ impl Controller {
     /// long-pruned ones. Returns how many deployments were scheduled.
     async fn resync(&mut self) -> usize {
         let now = Instant::now();
-        self.deployments.retain(|_, d| {
-            d.running.is_some()
-                || d.pruned_at.is_none_or(|at| now.saturating_duration_since(at) < FORGET_PRUNED_AFTER)
-        });
+        for d in self.deployments.values_mut() {
+            let long_pruned =
+                d.pruned_at.is_some_and(|at| now.saturating_duration_since(at) >= FORGET_PRUNED_AFTER);
+            if d.running.is_none() && long_pruned {
+                // Gone from status, but the record stays: its high-water
+                // mark keeps a replayed old generation refused.
+                *d = Deployment { record: std::mem::take(&mut d.record), ..Deployment::default() };
+            }
+        }
         self.reoffer_clearable(None).await;
         let names: Vec<_> =
             self.deployments.iter().filter(|(_, d)| d.has_work()).map(|(n, _)| n.clone()).collect();

@@ -80,6 +80,8 @@ pub struct Running {
 /// The result of the last finished run.
 #[derive(Debug, Clone)]
 pub struct LastRun {
+    /// The generation it applied (`None`: a prune of a deleted deployment).
+    pub generation: Option<u64>,
     /// Per Score, in order.
     pub scores: Vec<ScoreStatus>,
     /// Undos that failed.
@@ -168,8 +170,13 @@ impl Deployment {
     /// rollback to a version without one of its tags), what it owns is
     /// still wanted and must not be undone.
     pub fn has_work(&self) -> bool {
+        let deleted = self.record.document.is_none();
+        // A delete that could not be saved is work too: its save is retried
+        // by the run (which then has nothing else to do).
+        let unsaved_delete =
+            deleted && self.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed);
         self.pruned_at.is_none()
-            && (self.document.is_some() || (self.record.document.is_none() && !self.record.owned.is_empty()))
+            && (self.document.is_some() || (deleted && !self.record.owned.is_empty()) || unsaved_delete)
     }
 
     /// Every resource this deployment holds or wants: the accepted
@@ -244,7 +251,9 @@ impl Deployment {
             .rejected
             .as_ref()
             .filter(|r| self.record.document.is_none() || r.generation.is_none_or(|g| g > accepted));
-        let last_failed = self.last_run.as_ref().filter(|r| !r.ok);
+        // A failure of an older generation says nothing about the one
+        // accepted since, which has not run yet (it waits for a slot).
+        let last_failed = self.last_run.as_ref().filter(|r| !r.ok && r.generation == self.generation());
         let (phase, error) = if self.pruned_at.is_some() {
             (Phase::Pruned, None)
         } else if let Some(r) = rejected {

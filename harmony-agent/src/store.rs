@@ -141,6 +141,8 @@ pub struct Store {
     dir: PathBuf,
     /// Held open for the lock; released when the store is dropped.
     _lock: File,
+    /// The state directory, locked as well (the lock file may be deleted).
+    _dir_lock: File,
 }
 
 impl Store {
@@ -160,16 +162,22 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked { path: state_dir.to_owned() })
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StoreError::IoFailed { path: lock_path, source })
+        // The lock file can be deleted under a running agent (a "stale
+        // lock" cleaned up by hand); the state directory itself cannot be
+        // while it holds the records. Both are locked.
+        let dir_lock = File::open(state_dir).map_err(io(state_dir))?;
+        for (file, path) in [(&dir_lock, state_dir), (&lock, lock_path.as_path())] {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked { path: state_dir.to_owned() })
+                }
+                Err(std::fs::TryLockError::Error(source)) => {
+                    return Err(StoreError::IoFailed { path: path.to_owned(), source })
+                }
             }
         }
-        Ok(Self { dir, _lock: lock })
+        Ok(Self { dir, _lock: lock, _dir_lock: dir_lock })
     }
 
     fn path(&self, name: &DeploymentName) -> PathBuf {
@@ -203,6 +211,10 @@ impl Store {
     }
 
     fn load_file(&self, path: &Path) -> Result<DeploymentRecord, StoreError> {
+        // Opening a FIFO would block the boot; a directory cannot be read.
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(self.quarantine(path, "not a regular file".to_owned()));
+        }
         let bytes =
             read_bounded(path).map_err(|source| StoreError::IoFailed { path: path.to_owned(), source })?;
         let checked = from_cbor::<Envelope>(&bytes, MAX_RECORD_BYTES, "state envelope")
@@ -230,6 +242,12 @@ impl Store {
             warn!(path = %path.display(), cause = %err, "cannot move an unreadable record aside");
         }
         StoreError::CorruptRecord { path: path.to_owned(), message, kept_as }
+    }
+
+    /// Moves `name`'s record aside like an unreadable one (it loaded, but
+    /// is not that deployment's), so it is kept and never overwritten.
+    pub fn set_aside(&self, name: &DeploymentName, message: String) -> StoreError {
+        self.quarantine(&self.path(name), message)
     }
 
     /// Writes a record atomically (0600: documents may hold secrets).
@@ -365,6 +383,43 @@ mod tests {
         let good = std::fs::read(&path).unwrap();
         std::fs::write(&path, &good[..good.len() / 2]).unwrap();
         assert!(store.load_all().unwrap()[0].1.is_err());
+    }
+
+    // Attack: someone "cleans up a stale lock" (or a tmp cleaner removes it)
+    // while the agent runs. flock held on the unlinked file no longer guards
+    // the path: a second agent created a fresh `lock`, took it, and ran on
+    // the same records, each undoing the other's resources.
+    #[test]
+    fn deleting_the_lock_file_does_not_let_a_second_store_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join("lock")).unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
+    }
+
+    // Attack: a FIFO (or any non-regular file) named like a record. Opening
+    // it blocked load_all, and with it the agent's boot, until some process
+    // wrote to it.
+    #[test]
+    fn a_fifo_named_like_a_record_does_not_block_the_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fifo = store.dir().join("web.state");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir_path = dir.path().to_owned();
+        drop(store);
+        std::thread::spawn(move || {
+            let store = Store::open(&dir_path).unwrap();
+            let _ =
+                tx.send(store.load_all().map(|l| l.into_iter().map(|(_, r)| r.is_err()).collect::<Vec<_>>()));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+        if got.is_err() {
+            // Release the stuck reader before failing.
+            drop(std::fs::OpenOptions::new().read(true).write(true).open(&fifo));
+        }
+        assert_eq!(got.expect("load_all returned").unwrap(), vec![true], "reported as unreadable");
     }
 
     #[test]

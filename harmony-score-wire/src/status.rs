@@ -65,6 +65,9 @@ pub enum Phase {
     Rejected,
     /// The deployment was deleted and what it owned was undone.
     Pruned,
+    /// A phase this build does not know (reported by a newer agent).
+    #[serde(other)]
+    Unknown,
 }
 
 /// One deployment's status (Kubernetes' observedGeneration pattern: the
@@ -444,6 +447,26 @@ pub struct CommandReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Attack: a newer agent reports a phase this build does not know (the
+    // architecture plans `verifying` and `rolled_back`). ErrorKind has a
+    // catch-all for exactly this; Phase did not, so the whole status of
+    // such a device failed to decode in an older operator tool (`status`,
+    // `devices`, every wait), although `phase_label` already prints
+    // "unknown" for a phase it does not know.
+    #[test]
+    fn a_phase_from_a_newer_agent_still_decodes() {
+        let status = serde_json::json!({
+            "device_id": "dev-1", "agent_version": "9.0.0",
+            "deployments": {"web": {"desired_generation": 3, "observed_generation": 2, "phase": "verifying"}}
+        });
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&status, &mut bytes).unwrap();
+        let decoded = crate::from_cbor::<AgentStatus>(&bytes, 1 << 20, "agent status").unwrap();
+        let web = &decoded.deployments[&DeploymentName::new("web").unwrap()];
+        assert_eq!(web.observed_generation, 2);
+        assert_ne!(web.phase, Phase::Applied);
+    }
 
     #[test]
     fn bounded_text_escapes_control_characters_and_cuts_on_a_char_boundary() {

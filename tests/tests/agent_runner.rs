@@ -331,3 +331,66 @@ async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
     f.applied(&device, "app", g2).await;
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "two");
 }
+
+// ---------------------------------------------------------------------------
+// Attacks on the second edition (branch `attack`).
+// ---------------------------------------------------------------------------
+
+// Attack: the operator deletes a device's status key (a reset, a cleanup;
+// `device_status` documents that a status may be deleted). The agent's next
+// compare-and-set conflicts with the delete marker, reads it, cannot decode
+// its empty payload as a status, and took it for another agent instance:
+// `duplicate_device` for ten minutes, on a device that has no twin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_deleting_the_status_key_is_not_a_duplicate_device() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent("dev-1", "dev-1");
+    let seen = f.online(&device).await;
+    let kv = within(f.client.jetstream().get_key_value("harmony-agent-status")).await.unwrap();
+    within(kv.delete("dev-1")).await.unwrap();
+    let g = f.deploy(&device, "app", vec![file("/a", "x")]).await;
+    let status = f.applied(&device, "app", g).await;
+    assert_eq!(status.instance_id, seen.instance_id);
+    assert!(status.errors.is_empty(), "{:?}", status.errors);
+}
+
+// Attack: a flood of hints naming keys that do not exist (any principal that
+// may publish on `harmony.hint.<id>.>`, or a tool probing names). Each name
+// joined the follower's set of known deployments for good, and every resync
+// (and reconnect) read every one of them again, one direct get after the
+// other, on the loop that also reads hints and commands: memory and work
+// grew without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_for_keys_that_do_not_exist_are_not_read_again_at_every_resync() {
+    use futures_util::StreamExt;
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let mut config = agent_config("dev-1", &f.nats.url(), &f.dir.path().join("dev-1"), 3600);
+    config.resync = Duration::from_secs(1);
+    let _agent = InProcessAgent::start(config);
+    f.online(&device).await;
+    let mut reads =
+        within(f.client.nats().subscribe("$JS.API.DIRECT.GET.KV_harmony-desired-state.>")).await.unwrap();
+    const GHOSTS: usize = 2000;
+    for i in 0..GHOSTS {
+        within(f.client.nats().publish(format!("harmony.hint.dev-1.ghost-{i}"), Default::default()))
+            .await
+            .unwrap();
+    }
+    within(f.client.nats().flush()).await.unwrap();
+    // Every hint is read once.
+    let mut seen = 0;
+    while seen < GHOSTS {
+        within(reads.next()).await.unwrap();
+        seen += 1;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Then, over three resyncs, only the index (and real keys) are read.
+    let window = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut later = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(window, reads.next()).await {
+        later += 1;
+    }
+    assert!(later < 100, "{later} direct gets in 3 s after {GHOSTS} hints for keys that do not exist");
+}

@@ -39,14 +39,15 @@ pub async fn run(dir: PathBuf, context: SourceContext) {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        let now = match scan(&dir) {
-            Ok(now) => now,
+        let (mut now, unsure) = match scan(&dir) {
+            Ok(scanned) => scanned,
             Err(err) => {
                 // An unreadable folder is not an empty one: delete nothing.
                 warn!(dir = %dir.display(), cause = %err, "cannot scan document folder");
                 continue;
             }
         };
+        let mut unread = Vec::new();
         for (name, entry) in &now {
             if seen.get(name) == Some(entry) {
                 continue;
@@ -60,17 +61,28 @@ pub async fn run(dir: PathBuf, context: SourceContext) {
                         return;
                     }
                 }
-                Err(err) => warn!(file = %path.display(), cause = %err, "cannot read document"),
+                Err(err) => {
+                    warn!(file = %path.display(), cause = %err, "cannot read document; trying again");
+                    unread.push(name.clone());
+                }
             }
         }
         known.extend(now.keys().cloned());
-        let gone: Vec<DeploymentName> =
-            known.iter().filter(|name| !now.contains_key(*name)).cloned().collect();
+        // A file that could not be examined is not a deleted one.
+        let gone: Vec<DeploymentName> = known
+            .iter()
+            .filter(|name| !now.contains_key(*name) && !unsure.contains(*name))
+            .cloned()
+            .collect();
         for name in gone {
             known.remove(&name);
             if !inbox.send(Input::Deleted { deployment: name }) {
                 return;
             }
+        }
+        // Read again at the next scan, even if its size and mtime stay.
+        for name in unread {
+            now.remove(&name);
         }
         seen = now;
     }
@@ -83,8 +95,12 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn scan(dir: &Path) -> std::io::Result<Seen> {
+/// The documents in `dir`, and the names of entries that could not be
+/// examined or are not regular files (a dangling symlink, a FIFO): those
+/// are neither read nor taken as deleted.
+fn scan(dir: &Path) -> std::io::Result<(Seen, std::collections::BTreeSet<DeploymentName>)> {
     let mut out = BTreeMap::new();
+    let mut unsure = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else { continue };
@@ -99,8 +115,110 @@ fn scan(dir: &Path) -> std::io::Result<Seen> {
             warn!(file = %path.display(), "file name is not a deployment name; ignored");
             continue;
         };
-        let meta = std::fs::metadata(&path)?;
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => {
+                warn!(file = %path.display(), "not a regular file; ignored (its deployment is kept)");
+                unsure.insert(name);
+                continue;
+            }
+            Err(err) => {
+                warn!(file = %path.display(), cause = %err, "cannot examine file; ignored (its deployment is kept)");
+                unsure.insert(name);
+                continue;
+            }
+        };
         out.insert(name, (path.clone(), format, meta.modified().ok(), meta.len()));
     }
-    Ok(out)
+    Ok((out, unsure))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::inbox::{inbox, InboxReceiver, Item};
+
+    fn start(dir: &Path) -> (InboxReceiver, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = inbox();
+        let (stop_tx, stop) = watch::channel(false);
+        let (_, status) = watch::channel(harmony_score_wire::AgentStatus {
+            device_id: harmony_score_wire::DeviceId::new("dev-1").unwrap(),
+            agent_version: String::new(),
+            updated_at_ms: 0,
+            heartbeat_at_ms: 0,
+            heartbeat_interval_ms: 0,
+            info: None,
+            deployments: BTreeMap::new(),
+            instance_id: String::new(),
+            errors: Vec::new(),
+            truncated: false,
+        });
+        let known = vec![DeploymentName::new("usb").unwrap()];
+        let task = tokio::spawn(run(dir.to_owned(), SourceContext { inbox: tx, known, status, stop }));
+        (rx, stop_tx, task)
+    }
+
+    /// The inputs the source queues within five seconds, with when each came.
+    async fn inputs(rx: &mut InboxReceiver) -> Vec<(Input, Duration)> {
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Item::Input(input) = rx.recv().await {
+                    out.push((input, started.elapsed()));
+                }
+            }
+        })
+        .await;
+        out
+    }
+
+    fn web_within(got: &[(Input, Duration)], limit: Duration) -> bool {
+        got.iter().any(|(i, at)| {
+            matches!(i, Input::Document { deployment, .. } if deployment.as_str() == "web") && *at < limit
+        })
+    }
+
+    // Attack: a document that is a symlink to removable media that was
+    // unplugged. Its metadata failed, and that failed the whole scan: no
+    // other deployment was updated while the dangling link stayed.
+    #[tokio::test]
+    async fn a_dangling_symlink_neither_stops_the_folder_nor_deletes_its_deployment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/nonexistent/usb/usb.cbor", dir.path().join("usb.cbor")).unwrap();
+        std::fs::write(dir.path().join("web.json"), b"{}").unwrap();
+        let (mut rx, stop, task) = start(dir.path());
+        let got = inputs(&mut rx).await;
+        let _ = stop.send(true);
+        task.await.unwrap();
+        assert!(web_within(&got, Duration::from_secs(5)), "{got:?}");
+        assert!(!got.iter().any(|(i, _)| matches!(i, Input::Deleted { .. })), "{got:?}");
+    }
+
+    // Attack: a FIFO (or a device file) named like a document. Opening it
+    // for reading blocked the source (and its runtime thread) until some
+    // process opened it for writing; here one does after eight seconds.
+    #[tokio::test]
+    async fn a_fifo_named_like_a_document_does_not_block_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("a-fifo.cbor");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        std::fs::write(dir.path().join("web.json"), b"{}").unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(8));
+            // Read-write never blocks on a FIFO, and releases a stuck reader.
+            drop(std::fs::OpenOptions::new().read(true).write(true).open(fifo));
+        });
+        let (mut rx, stop, task) = start(dir.path());
+        let got = inputs(&mut rx).await;
+        let _ = stop.send(true);
+        task.await.unwrap();
+        writer.join().unwrap();
+        assert!(web_within(&got, Duration::from_secs(4)), "{got:?}");
+    }
 }

@@ -69,7 +69,8 @@ pub(super) struct Follower {
     inbox: InboxSender,
     /// Deployments whose keys this source reads at every full sync: those
     /// the device held state for at start, those the index lists, and
-    /// those a hint named.
+    /// those a hint named (a name whose key does not exist at all is
+    /// dropped once read, so this does not grow with hints for made-up names).
     known: BTreeSet<DeploymentName>,
     /// Per deployment: the revision last passed on, and its generation.
     passed: HashMap<DeploymentName, (u64, Option<u64>)>,
@@ -207,8 +208,19 @@ impl Follower {
         let input = match latest {
             Latest::Value { value, .. } => {
                 let generation = peek_generation(&value, &DecodeLimits::default());
+                self.known.insert(name.clone());
                 self.passed.insert(name.clone(), (revision, generation));
                 Input::Document { deployment: name, bytes: value.to_vec(), format: DocumentFormat::Cbor }
+            }
+            Latest::Gone { revision: 0 } => {
+                // The key does not exist at all (no value, no delete
+                // marker): a hint for a name nobody wrote, or one that was
+                // purged. Pass the delete on, then stop following the name,
+                // so a flood of such hints cannot grow the set every resync
+                // reads. A real write hints again; the index lists again.
+                self.known.remove(&name);
+                self.passed.remove(&name);
+                Input::Deleted { deployment: name }
             }
             Latest::Gone { .. } => {
                 self.passed.insert(name.clone(), (revision, None));

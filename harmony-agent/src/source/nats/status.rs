@@ -162,7 +162,11 @@ impl CasWriter {
             Err(err) if err.kind() == DirectGetErrorKind::NotFound => return Ok(0),
             Err(err) => return Err(err.into()),
         };
-        if !self.first {
+        // A delete marker (the operator deleted the key) was written by no
+        // agent instance: take its revision over.
+        let deleted =
+            message.headers.get("KV-Operation").is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+        if !self.first && !deleted {
             let other = from_cbor::<AgentStatus>(&message.payload, 2 * MAX_STATUS_BYTES, "agent status")
                 .map(|s| (s.instance_id, s.info.map(|i| i.hostname).unwrap_or_default()))
                 .unwrap_or_else(|_| ("(unreadable)".to_owned(), String::new()));
