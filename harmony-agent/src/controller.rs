@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use harmony_score_wire::{
     decode, decode_json, document_digest, from_cbor, now_ms, peek_generation, try_to_cbor, AgentStatus,
-    DecodeLimits, DeploymentName, DeviceId, DeviceInfo, DeviceScore, ErrorKind, ScoreStatus, StatusError,
+    DecodeLimits, DeploymentName, DeviceId, DeviceInfo, DeviceScore, ErrorKind, ResourceId, ScoreStatus,
+    StatusError,
 };
 use harmony_topology::{InterpretStatus, LocalDeviceTopology, Maestro, RunSignal};
 use tokio::sync::{mpsc, watch};
@@ -303,21 +304,24 @@ impl Controller {
             Verdict::Accept => {}
         }
         let accepted = Accepted::new(doc);
-        let mine: HashSet<_> = accepted.resources.iter().collect();
-        let conflict = self.deployments.iter().filter(|(other, _)| *other != name).find_map(|(other, d)| {
-            d.resources().find(|r| mine.contains(r)).map(|r| (other.clone(), r.clone()))
-        });
-        if let Some((other, resource)) = conflict {
-            let message = format!("{resource} is owned by deployment {other}");
-            let generation = Some(accepted.doc.generation);
-            return self.reject(
-                name,
-                generation,
-                digest,
-                ErrorKind::ResourceConflict,
-                message,
-                Some((bytes, format)),
+        // Conflicts by what the device's filesystem makes of each path (a
+        // symlinked parent is an alias: `/lib/x` is `/usr/lib/x` on a
+        // merged-/usr device), resolved now, on the blocking pool.
+        let others: Vec<(DeploymentName, Vec<ResourceId>)> = self
+            .deployments
+            .iter()
+            .filter(|(other, _)| *other != name)
+            .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
+            .collect();
+        let (topology, mine) = (self.maestro.topology().clone(), accepted.resources.clone());
+        let clash =
+            tokio::task::spawn_blocking(move || alias_clash(&topology, &mine, &others)).await.unwrap_or_else(
+                |join| Some((ErrorKind::ResourceConflict, format!("conflict check failed: {join}"))),
             );
+        if let Some((kind, message)) = clash {
+            let generation = Some(accepted.doc.generation);
+            let keep = kind.may_clear().then_some((bytes, format));
+            return self.reject(name, generation, digest, kind, message, keep);
         }
         // Undos are recorded (and persisted) before anything runs, so a
         // crash mid-run never forgets a resource.
@@ -738,6 +742,49 @@ impl Controller {
             truncated: false,
         }
     }
+}
+
+/// The first clash of a document's resources, with each other or with
+/// another deployment's, counting every alias the device's filesystem makes
+/// (see [`LocalDeviceTopology::device_path`]): a duplicate within the
+/// document, or a conflict naming the other deployment.
+fn alias_clash(
+    topology: &LocalDeviceTopology,
+    mine: &[ResourceId],
+    others: &[(DeploymentName, Vec<ResourceId>)],
+) -> Option<(ErrorKind, String)> {
+    let device_id = |id: &ResourceId| -> ResourceId {
+        if id.kind() != ResourceId::PATH {
+            return id.clone();
+        }
+        topology.device_path(id.name()).map_or_else(|| id.clone(), |p| ResourceId::path(&p))
+    };
+    let mut claimed: std::collections::HashMap<ResourceId, &ResourceId> = std::collections::HashMap::new();
+    for id in mine {
+        for key in [id.clone(), device_id(id)] {
+            if let Some(first) = claimed.insert(key.clone(), id) {
+                if first != id {
+                    return Some((
+                        ErrorKind::DuplicateResource,
+                        format!("{first} and {id} are one resource ({key})"),
+                    ));
+                }
+            }
+        }
+    }
+    for (other, ids) in others {
+        for id in ids {
+            let aliases = [id.clone(), device_id(id)];
+            if let Some(mine) = aliases.iter().find_map(|a| claimed.get(a)) {
+                let through = if *mine == id { String::new() } else { format!(" (as {id})") };
+                return Some((
+                    ErrorKind::ResourceConflict,
+                    format!("{mine} is owned by deployment {other}{through}"),
+                ));
+            }
+        }
+    }
+    None
 }
 
 async fn sleep_until(at: Option<Instant>) {

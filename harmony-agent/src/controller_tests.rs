@@ -1012,7 +1012,6 @@ async fn restoring_the_accepted_document_clears_a_refusal_of_what_replaced_it() 
 // do not collide: both deployments are accepted, overwrite each other's
 // file, and deleting one removes the other's.
 #[tokio::test]
-#[ignore = "defect: resource conflicts are lexical; aliases through symlinked directories are not caught"]
 async fn two_names_for_one_file_through_a_symlinked_directory_conflict() {
     let device = Device::new();
     std::fs::create_dir_all(device.root("/usr/lib")).unwrap();
@@ -1024,6 +1023,11 @@ async fn two_names_for_one_file_through_a_symlinked_directory_conflict() {
     let b = agent.until_phase("b", 1, Phase::Rejected).await;
     assert_eq!(b.error.unwrap().kind, ErrorKind::ResourceConflict);
     assert_eq!(read(&device.root("/usr/lib/x.conf")), "from a");
+    // And within one document.
+    agent.offer("c", 1, json!([file("/lib/y.conf", "1"), file("/usr/lib/y.conf", "2")]));
+    let c = agent.until_phase("c", 1, Phase::Rejected).await;
+    assert_eq!(c.error.unwrap().kind, ErrorKind::DuplicateResource);
+    assert!(!device.root("/usr/lib/y.conf").exists());
     agent.stop().await;
 }
 

@@ -216,7 +216,6 @@ mod tests {
     // converge; on a small device a file of a few GiB gets the agent
     // killed for memory at every resync instead.
     #[tokio::test]
-    #[ignore = "defect: FileInterpret reads the whole existing file to compare it"]
     async fn a_huge_existing_file_is_replaced_without_reading_it_whole() {
         // Only where a 1 TiB allocation is refused rather than granted lazily.
         let overcommit = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").unwrap_or_default();

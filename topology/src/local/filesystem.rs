@@ -10,6 +10,10 @@ use async_trait::async_trait;
 
 use super::LocalDeviceTopology;
 
+/// Most bytes [`Filesystem::inspect`] reads of a file (one more tells a
+/// longer file apart).
+pub const MAX_INSPECT_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Permission bits a mode may carry (`rwx` for all three, setuid/gid, sticky).
 const MODE_MASK: u32 = 0o7777;
 
@@ -53,7 +57,9 @@ pub enum FilesystemError {
 /// names them; the topology decides where they really live.
 #[async_trait]
 pub trait Filesystem: Send + Sync {
-    /// What is at `path`, reading a file's content.
+    /// What is at `path`, reading a file's content (at most
+    /// [`MAX_INSPECT_BYTES`] + 1 bytes of it: a longer file differs from any
+    /// content a Score can hold).
     async fn inspect(&self, path: &str) -> Result<PathEntry, FilesystemError>;
     /// Replaces `path` atomically with `content` and permission bits `mode`,
     /// creating missing parent directories (0755).
@@ -108,7 +114,13 @@ fn inspect_blocking(path: &Path) -> io::Result<PathEntry> {
     };
     let mode = meta.permissions().mode() & MODE_MASK;
     if meta.is_file() {
-        Ok(PathEntry::File { content: fs::read(path)?, mode })
+        // Bounded: a Score's content is at most a document (1 MiB), so the
+        // first MAX_INSPECT_BYTES + 1 bytes tell whether it matches; a
+        // huge file already in place must not be read whole into memory.
+        use std::io::Read;
+        let mut content = Vec::new();
+        File::open(path)?.take(MAX_INSPECT_BYTES + 1).read_to_end(&mut content)?;
+        Ok(PathEntry::File { content, mode })
     } else if meta.is_dir() {
         Ok(PathEntry::Directory { mode })
     } else {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-pub use filesystem::{write_file_atomic, Filesystem, FilesystemError, PathEntry};
+pub use filesystem::{write_file_atomic, Filesystem, FilesystemError, PathEntry, MAX_INSPECT_BYTES};
 
 use crate::{PreparationError, PreparationOutcome, Topology};
 
@@ -43,6 +43,37 @@ impl LocalDeviceTopology {
     /// would leave it.
     pub fn resolve(&self, path: &str) -> Result<PathBuf, FilesystemError> {
         paths::resolve_under(&self.root, path)
+    }
+}
+
+impl LocalDeviceTopology {
+    /// The path as the device's filesystem sees it now: the parent
+    /// directory's symlinks resolved (beneath the root), the last component
+    /// kept (a write replaces a link, it does not follow it). `/lib/x` on a
+    /// merged-/usr root is `/usr/lib/x`. Parents that do not exist yet are
+    /// kept as written. `None` when the parent resolves outside the root or
+    /// the path is not absolute.
+    ///
+    /// Blocking (it reads the filesystem). A symlink created after this
+    /// call is not seen: this names aliases for conflict checks, it is not
+    /// an access check.
+    pub fn device_path(&self, path: &str) -> Option<String> {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        let (last, parents) = parts.split_last()?;
+        if !path.starts_with('/') || parts.contains(&"..") {
+            return None;
+        }
+        let canonical_root = std::fs::canonicalize(&self.root).ok()?;
+        for existing in (0..=parents.len()).rev() {
+            let prefix: PathBuf = parents[..existing].iter().fold(self.root.clone(), |p, c| p.join(c));
+            if let Ok(resolved) = std::fs::canonicalize(&prefix) {
+                let rest = parents[existing..].iter().chain(std::iter::once(last));
+                let full = rest.fold(resolved, |p, c| p.join(c));
+                let relative = full.strip_prefix(&canonical_root).ok()?;
+                return Some(format!("/{}", relative.to_str()?));
+            }
+        }
+        None
     }
 }
 

@@ -111,3 +111,27 @@ mod tests {
         assert_eq!(resolve_under(dir.path(), "/in/x").unwrap(), dir.path().join("in/x"));
     }
 }
+
+#[cfg(test)]
+mod device_path_tests {
+    use crate::LocalDeviceTopology;
+
+    #[test]
+    fn parents_resolve_through_symlinks_beneath_the_root_and_the_last_component_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", dir.path().join("lib")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib", dir.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("x.conf", dir.path().join("usr/lib/link.conf")).unwrap();
+        let topo = LocalDeviceTopology::new(dir.path());
+        assert_eq!(topo.device_path("/lib/x.conf").as_deref(), Some("/usr/lib/x.conf"));
+        assert_eq!(topo.device_path("/usr/lib/x.conf").as_deref(), Some("/usr/lib/x.conf"));
+        assert_eq!(topo.device_path("/lib/new/dir/f").as_deref(), Some("/usr/lib/new/dir/f"));
+        assert_eq!(topo.device_path("/usr/lib/link.conf").as_deref(), Some("/usr/lib/link.conf"));
+        assert_eq!(topo.device_path("/etc/x").as_deref(), Some("/etc/x"));
+        // An absolute link points outside this root (the host's /usr/lib).
+        assert_eq!(topo.device_path("/abs/x"), None);
+        assert_eq!(topo.device_path("relative"), None);
+        assert_eq!(topo.device_path("/"), None);
+    }
+}
