@@ -236,7 +236,10 @@ impl ConfigLayer {
             },
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "shutdown_grace_secs")?,
             trusted_inbox_prefix: match self.trusted_inbox_prefix {
-                Some(prefix) if prefix.is_empty() || prefix.contains(['*', '>', ' ']) => {
+                // Ending in '.' so `_INBOX` cannot also match `_INBOX_<id>`.
+                Some(prefix)
+                    if !prefix.ends_with('.') || prefix.len() < 2 || prefix.contains(['*', '>', ' ']) =>
+                {
                     return Err(ConfigError::Invalid(format!(
                         "trusted_inbox_prefix {prefix:?} is not a subject prefix"
                     )))
@@ -301,6 +304,8 @@ mod tests {
         assert!(ConfigLayer { resync_secs: Some(u64::MAX), ..base() }.resolve().is_err());
         assert!(ConfigLayer { shutdown_grace_secs: Some(u64::MAX), ..base() }.resolve().is_err());
         assert!(ConfigLayer { trusted_inbox_prefix: Some(">".into()), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { trusted_inbox_prefix: Some("_INBOX".into()), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { trusted_inbox_prefix: Some("_OPS.".into()), ..base() }.resolve().is_ok());
     }
 
     #[test]

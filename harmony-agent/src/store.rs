@@ -254,6 +254,15 @@ impl Store {
     pub fn save(&self, name: &DeploymentName, record: &DeploymentRecord) -> Result<(), StoreError> {
         let path = self.path(name);
         let payload = to_cbor(record);
+        if payload.len() > MAX_RECORD_BYTES - 1024 {
+            // It could not be read back: refuse it now rather than lose the
+            // record (ownership, high-water mark) at the next start.
+            let source = std::io::Error::other(format!(
+                "record of {} bytes is larger than the {MAX_RECORD_BYTES} bytes a record may have",
+                payload.len()
+            ));
+            return Err(StoreError::IoFailed { path, source });
+        }
         let envelope = Envelope { format: RECORD_FORMAT, checksum: document_digest(&payload), payload };
         write_file_atomic(&path, &to_cbor(&envelope), 0o600)
             .map_err(|source| StoreError::IoFailed { path, source })

@@ -27,7 +27,7 @@ pub struct DesiredState {
     /// When it was issued, in seconds since the Unix epoch (0: unknown).
     #[serde(default)]
     pub issued_at: u64,
-    /// After this time (seconds since the Unix epoch) the device refuses it.
+    /// From this time on (seconds since the Unix epoch) the device refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
     /// The Scores, in the order they run.

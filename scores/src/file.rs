@@ -54,9 +54,13 @@ harmony_score_wire::device_score! {
 
         fn undo(&self) -> Option<Box<dyn DeviceScore>> {
             match self.state {
-                PresenceState::Present => {
-                    Some(Box::new(FileScore { state: PresenceState::Absent, ..self.clone() }))
-                }
+                // The content stays behind: an absent file needs none, and
+                // the agent keeps every undo in its state.
+                PresenceState::Present => Some(Box::new(FileScore {
+                    state: PresenceState::Absent,
+                    content: String::new(),
+                    ..self.clone()
+                })),
                 PresenceState::Absent => None,
             }
         }
@@ -192,6 +196,9 @@ mod tests {
         assert!(!dir.path().join("a/b").exists());
         assert_eq!(m.interpret(undo.as_ref()).await.unwrap().status, InterpretStatus::NOOP);
         assert!(undo.undo().is_none());
+        // The agent keeps every undo in its state: it carries no content.
+        let form = serde_json::to_value(&undo).unwrap();
+        assert_eq!((form["state"].as_str(), form["content"].as_str()), (Some("absent"), Some("")));
     }
 
     #[tokio::test]

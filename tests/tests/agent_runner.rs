@@ -3,6 +3,7 @@
 //! Agents here resync once an hour: everything converges through the
 //! republished hints or not at all.
 
+use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use harmony_e2e::{agent_config, until_status, within, InProcessAgent, NatsServer, WAIT};
@@ -393,4 +394,29 @@ async fn hints_for_keys_that_do_not_exist_are_not_read_again_at_every_resync() {
         later += 1;
     }
     assert!(later < 100, "{later} direct gets in 3 s after {GHOSTS} hints for keys that do not exist");
+}
+
+// Review finding: a bucket that lost its messages (recreated after a server
+// lost its store) made every key read as "not found", and every device
+// pruned every deployment. Deletes and purges leave a marker; a key with no
+// message at all is no instruction to undo anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_no_message_at_all_prunes_nothing() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent("dev-1", "dev-1");
+    f.online(&device).await;
+    let g = f.deploy(&device, "app", vec![file("/etc/app", "kept")]).await;
+    f.applied(&device, "app", g).await;
+
+    // Every message of the key goes, markers included (a stream purge by
+    // subject, as a lost store would), and the device hears of the key.
+    let mut stream = within(f.client.jetstream().get_stream("KV_harmony-desired-state")).await.unwrap();
+    within(stream.purge().filter("$KV.harmony-desired-state.dev-1.app").into_future()).await.unwrap();
+    let _ = within(stream.info()).await.unwrap();
+    within(f.client.nats().publish("harmony.hint.dev-1.app", Default::default())).await.unwrap();
+    let g = f.deploy(&device, "marker", vec![file("/marker", "x")]).await;
+    let status = f.applied(&device, "marker", g).await;
+    assert_eq!(status.deployments[&name("app")].phase, Phase::Applied);
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "kept");
 }

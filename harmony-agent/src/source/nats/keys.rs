@@ -213,14 +213,19 @@ impl Follower {
                 Input::Document { deployment: name, bytes: value.to_vec(), format: DocumentFormat::Cbor }
             }
             Latest::Gone { revision: 0 } => {
-                // The key does not exist at all (no value, no delete
-                // marker): a hint for a name nobody wrote, or one that was
-                // purged. Pass the delete on, then stop following the name,
-                // so a flood of such hints cannot grow the set every resync
-                // reads. A real write hints again; the index lists again.
-                self.known.remove(&name);
+                // The key does not exist at all: no value and no delete
+                // marker. Deletes and purges leave a marker, so this is a
+                // name nobody wrote, or a bucket that lost its messages
+                // (recreated after a server lost its store). Neither is an
+                // instruction to undo anything: a lost bucket must not
+                // prune a fleet. Stop following the name (a flood of such
+                // hints cannot grow the set every resync reads); a real
+                // write hints again, the index lists again.
+                if self.known.remove(&name) {
+                    warn!(deployment = %name, "its key does not exist (no value, no delete marker); keeping what the device runs");
+                }
                 self.passed.remove(&name);
-                Input::Deleted { deployment: name }
+                return;
             }
             Latest::Gone { .. } => {
                 self.passed.insert(name.clone(), (revision, None));
