@@ -64,6 +64,52 @@ pub struct AgentConfig {
     /// (the operator's inbox prefix); anything else could make the device
     /// write where its own credentials let it.
     pub trusted_inbox_prefix: String,
+    /// What the device owner allows, whatever a document says.
+    pub policy: DevicePolicy,
+}
+
+/// The device owner's limits on what documents may do here. A document
+/// with a Score outside them is refused whole, before anything of it runs
+/// (`policy_denied`), whoever wrote or signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePolicy {
+    /// Score tags that may run; `None`: every tag this agent knows.
+    pub allowed_tags: Option<std::collections::BTreeSet<String>>,
+    /// Normalized absolute paths beneath which every file and directory a
+    /// Score names must lie (after resolving symlinked parents); `/`: anywhere.
+    pub allowed_paths: Vec<String>,
+}
+
+impl Default for DevicePolicy {
+    fn default() -> Self {
+        Self { allowed_tags: None, allowed_paths: vec!["/".to_owned()] }
+    }
+}
+
+impl DevicePolicy {
+    /// Whether `path` (normalized, absolute) lies beneath an allowed path.
+    pub fn allows_path(&self, path: &str) -> bool {
+        self.allowed_paths.iter().any(|prefix| {
+            prefix == "/"
+                || path == prefix
+                || path.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+
+    /// Whether Scores tagged `tag` may run.
+    pub fn allows_tag(&self, tag: &str) -> bool {
+        self.allowed_tags.as_ref().is_none_or(|tags| tags.contains(tag))
+    }
+}
+
+/// The `[policy]` table of the configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyLayer {
+    /// `allowed_tags = ["harmony.file/v1"]`.
+    pub allowed_tags: Option<Vec<String>>,
+    /// `allowed_paths = ["/etc/app", "/var/lib/app"]`.
+    pub allowed_paths: Option<Vec<String>>,
 }
 
 // Written by hand so a credentials path never gets more than its name in logs.
@@ -118,6 +164,8 @@ pub struct ConfigLayer {
     pub shutdown_grace_secs: Option<u64>,
     /// `trusted_inbox_prefix = "_INBOX."`.
     pub trusted_inbox_prefix: Option<String>,
+    /// `[policy]` table.
+    pub policy: Option<PolicyLayer>,
 }
 
 /// Why the configuration cannot be used.
@@ -170,7 +218,8 @@ impl ConfigLayer {
             max_parallel,
             interpret_timeout_secs,
             shutdown_grace_secs,
-            trusted_inbox_prefix
+            trusted_inbox_prefix,
+            policy
         );
         self.labels.extend(over.labels);
         self.interpret_timeouts.extend(over.interpret_timeouts);
@@ -235,6 +284,7 @@ impl ConfigLayer {
                     .collect::<Result<_, ConfigError>>()?,
             },
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "shutdown_grace_secs")?,
+            policy: resolve_policy(self.policy.unwrap_or_default())?,
             trusted_inbox_prefix: match self.trusted_inbox_prefix {
                 // Ending in '.' so `_INBOX` cannot also match `_INBOX_<id>`.
                 Some(prefix)
@@ -249,6 +299,26 @@ impl ConfigLayer {
             },
         })
     }
+}
+
+fn resolve_policy(layer: PolicyLayer) -> Result<DevicePolicy, ConfigError> {
+    let allowed_paths = match layer.allowed_paths {
+        None => vec!["/".to_owned()],
+        Some(paths) if paths.is_empty() => {
+            return Err(ConfigError::Invalid("policy.allowed_paths is empty: no Score could run".into()))
+        }
+        Some(paths) => paths
+            .iter()
+            .map(|p| {
+                if p.trim_end_matches('/').is_empty() && p.starts_with('/') {
+                    return Ok("/".to_owned());
+                }
+                harmony_score_wire::normalize_path(p)
+                    .map_err(|e| ConfigError::Invalid(format!("policy.allowed_paths {p:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(DevicePolicy { allowed_tags: layer.allowed_tags.map(|t| t.into_iter().collect()), allowed_paths })
 }
 
 #[cfg(test)]
@@ -288,13 +358,17 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "device_id = \"d\"\nstate_dir = \"/s\"\nmax_parallel = 2\ninterpret_timeout_secs = 60\n[interpret_timeouts]\n\"harmony.file/v1\" = 5\n",
+            "device_id = \"d\"\nstate_dir = \"/s\"\nmax_parallel = 2\ninterpret_timeout_secs = 60\n[interpret_timeouts]\n\"harmony.file/v1\" = 5\n[policy]\nallowed_tags = [\"harmony.file/v1\"]\nallowed_paths = [\"/etc/app\"]\n",
         )
         .unwrap();
         let config = ConfigLayer::from_file(&path).unwrap().resolve().unwrap();
         assert_eq!(config.max_parallel, 2);
         assert_eq!(config.timeouts.default, Duration::from_secs(60));
         assert_eq!(config.timeouts.per_tag["harmony.file/v1"], Duration::from_secs(5));
+        assert!(
+            config.policy.allows_tag("harmony.file/v1") && !config.policy.allows_tag("harmony.directory/v1")
+        );
+        assert_eq!(config.policy.allowed_paths, ["/etc/app"]);
         let base = || ConfigLayer {
             device_id: Some("d".into()),
             state_dir: Some("/s".into()),
@@ -306,6 +380,18 @@ mod tests {
         assert!(ConfigLayer { trusted_inbox_prefix: Some(">".into()), ..base() }.resolve().is_err());
         assert!(ConfigLayer { trusted_inbox_prefix: Some("_INBOX".into()), ..base() }.resolve().is_err());
         assert!(ConfigLayer { trusted_inbox_prefix: Some("_OPS.".into()), ..base() }.resolve().is_ok());
+        let policy = |paths: &[&str]| PolicyLayer {
+            allowed_paths: Some(paths.iter().map(|p| (*p).to_owned()).collect()),
+            ..Default::default()
+        };
+        assert!(ConfigLayer { policy: Some(policy(&[])), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { policy: Some(policy(&["etc"])), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { policy: Some(policy(&["/etc/../x"])), ..base() }.resolve().is_err());
+        let config = ConfigLayer { policy: Some(policy(&["/etc//app/", "/"])), ..base() }.resolve().unwrap();
+        assert_eq!(config.policy.allowed_paths, ["/etc/app", "/"]);
+        let narrow = DevicePolicy { allowed_tags: None, allowed_paths: vec!["/etc/app".into()] };
+        assert!(narrow.allows_path("/etc/app") && narrow.allows_path("/etc/app/x"));
+        assert!(!narrow.allows_path("/etc/application") && !narrow.allows_path("/etc"));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use crate::config::DevicePolicy;
 use crate::deployment::{
     error_policy, Accepted, Action, Deployment, LastRun, Rejection, Running, Verdict, FORGET_PRUNED_AFTER,
 };
@@ -51,6 +52,8 @@ pub struct ControllerSettings {
     pub heartbeat: Duration,
     /// Published in status.
     pub info: DeviceInfo,
+    /// The device owner's limits.
+    pub policy: DevicePolicy,
 }
 
 /// Runs a device's deployments against its topology.
@@ -313,11 +316,25 @@ impl Controller {
             .filter(|(other, _)| *other != name)
             .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
             .collect();
+        if let Some((index, score)) = accepted
+            .doc
+            .scores
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !self.settings.policy.allows_tag(s.typetag_name()))
+        {
+            let message =
+                format!("score #{index} ({}) is not allowed by this device's policy", score.typetag_name());
+            let generation = Some(accepted.doc.generation);
+            return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
+        }
         let (topology, mine) = (self.maestro.topology().clone(), accepted.resources.clone());
-        let clash =
-            tokio::task::spawn_blocking(move || alias_clash(&topology, &mine, &others)).await.unwrap_or_else(
-                |join| Some((ErrorKind::ResourceConflict, format!("conflict check failed: {join}"))),
-            );
+        let policy = self.settings.policy.clone();
+        let clash = tokio::task::spawn_blocking(move || {
+            outside_policy(&topology, &policy, &mine).or_else(|| alias_clash(&topology, &mine, &others))
+        })
+        .await
+        .unwrap_or_else(|join| Some((ErrorKind::ResourceConflict, format!("conflict check failed: {join}"))));
         if let Some((kind, message)) = clash {
             let generation = Some(accepted.doc.generation);
             let keep = kind.may_clear().then_some((bytes, format));
@@ -742,6 +759,27 @@ impl Controller {
             truncated: false,
         }
     }
+}
+
+/// The first path the policy does not allow, by its name and by what the
+/// device's filesystem makes of it (a symlinked parent must not lead out).
+fn outside_policy(
+    topology: &LocalDeviceTopology,
+    policy: &DevicePolicy,
+    mine: &[ResourceId],
+) -> Option<(ErrorKind, String)> {
+    mine.iter().filter(|id| id.kind() == ResourceId::PATH).find_map(|id| {
+        let device = topology.device_path(id.name());
+        let allowed =
+            policy.allows_path(id.name()) && device.as_deref().is_none_or(|p| policy.allows_path(p));
+        (!allowed).then(|| {
+            let seen = device
+                .filter(|p| p != id.name())
+                .map(|p| format!(" (on the device: {p})"))
+                .unwrap_or_default();
+            (ErrorKind::PolicyDenied, format!("{id}{seen} is outside this device's allowed paths"))
+        })
+    })
 }
 
 /// The first clash of a document's resources, with each other or with

@@ -145,6 +145,7 @@ impl Device {
             shutdown_grace: Duration::from_secs(5),
             heartbeat: Duration::from_secs(30),
             info: DeviceInfo::default(),
+            policy: crate::DevicePolicy::default(),
         };
         tweak(&mut settings);
         let maestro =
@@ -767,6 +768,7 @@ async fn manual_controller(device: &Device) -> Controller {
         shutdown_grace: Duration::from_secs(5),
         heartbeat: Duration::from_secs(30),
         info: DeviceInfo::default(),
+        policy: crate::DevicePolicy::default(),
     };
     let maestro =
         Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(device.dir.path().join("root")))
@@ -1113,5 +1115,41 @@ async fn a_record_copied_under_another_name_does_not_prune_the_original() {
     agent.applied("marker", 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(read(&device.root("/a")), "web's", "the copy's prune removed web's file");
+    agent.stop().await;
+}
+
+// Issue 7 §5: the device owner's policy holds whatever a document says:
+// tags and paths outside it refuse the whole document before anything runs,
+// also through a symlinked directory that leads out of an allowed path.
+#[tokio::test]
+async fn a_score_outside_the_device_policy_refuses_the_whole_document() {
+    let device = Device::new();
+    std::fs::create_dir_all(device.root("/etc/app")).unwrap();
+    std::os::unix::fs::symlink("..", device.root("/etc/app/up")).unwrap();
+    let mut agent = device
+        .start_with(|s| {
+            s.policy = crate::DevicePolicy {
+                allowed_tags: Some(["harmony.file/v1".to_owned()].into()),
+                allowed_paths: vec!["/etc/app".to_owned()],
+            };
+        })
+        .await;
+    agent.offer("ok", 1, json!([file("/etc/app/conf", "x")]));
+    agent.applied("ok", 1).await;
+    for (deployment, scores, what) in [
+        ("tag", json!([file("/etc/app/a", "x"), dir_score("/etc/app/d")]), "harmony.directory/v1"),
+        ("path", json!([file("/etc/app/b", "x"), file("/etc/passwd", "x")]), "path:/etc/passwd"),
+        ("prefix", json!([file("/etc/application", "x")]), "path:/etc/application"),
+        ("link", json!([file("/etc/app/up/shadow", "x")]), "on the device: /etc/shadow"),
+    ] {
+        agent.offer(deployment, 1, scores);
+        let status = agent.until_phase(deployment, 1, Phase::Rejected).await;
+        let error = status.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::PolicyDenied, "{deployment}: {}", error.message);
+        assert!(error.message.contains(what), "{deployment}: {}", error.message);
+    }
+    for path in ["/etc/app/a", "/etc/app/d", "/etc/app/b", "/etc/passwd", "/etc/application", "/etc/shadow"] {
+        assert!(!device.root(path).exists(), "{path} was written");
+    }
     agent.stop().await;
 }

@@ -87,6 +87,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         shutdown_grace: config.shutdown_grace,
         heartbeat: config.heartbeat,
         info: device_info(&config),
+        policy: config.policy.clone(),
     };
     let mut controller = Controller::new(settings, maestro, store);
     controller.boot();

@@ -146,6 +146,8 @@ pub enum ErrorKind {
     StaleGeneration,
     /// A resource the document names is owned by another deployment.
     ResourceConflict,
+    /// A Score is outside the device owner's policy (its tag, or a path).
+    PolicyDenied,
     /// The persisted state of a deployment cannot be read; kept aside on disk.
     StateUnreadable,
     /// The accepted state could not be persisted, so the run is not applied.
@@ -182,6 +184,7 @@ impl ErrorKind {
             Expired => "expired",
             StaleGeneration => "stale_generation",
             ResourceConflict => "resource_conflict",
+            PolicyDenied => "policy_denied",
             StateUnreadable => "state_unreadable",
             PersistFailed => "persist_failed",
             ScoresFailed => "scores_failed",
