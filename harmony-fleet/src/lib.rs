@@ -9,6 +9,7 @@
 mod client;
 mod desired;
 mod error;
+pub mod nats_config;
 pub mod report;
 mod score;
 mod topology;

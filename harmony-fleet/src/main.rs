@@ -88,6 +88,19 @@ enum Command {
     },
     /// Creates the fleet's KV buckets where missing.
     Init,
+    /// Writes a nats-server configuration with one user per device and an
+    /// operator, and each principal's connection settings (files 0600).
+    NatsConfig {
+        /// Device ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        devices: Vec<DeviceId>,
+        /// The folder to write into (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// The server address devices and the operator connect to.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +110,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Encode { doc, output } => cli::encode_file(&doc, output.as_deref()),
         Command::Inspect { doc } => cli::inspect_file(&doc),
+        Command::NatsConfig { devices, out, url } => cli::nats_config(&devices, &out, &url),
         command => run_online(command, connection(cli.nats, cli.creds)),
     };
     match result {
@@ -156,7 +170,9 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
                 cli::command(&conn, &device, "reconcile", secs(timeout)).await
             }
             Command::Init => cli::init(&conn).await,
-            Command::Encode { .. } | Command::Inspect { .. } => unreachable!("handled offline"),
+            Command::Encode { .. } | Command::Inspect { .. } | Command::NatsConfig { .. } => {
+                unreachable!("handled offline")
+            }
         }
     })
 }

@@ -10,37 +10,14 @@ use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore};
 use harmony_scores::{FileScore, PresenceState};
 
-/// One user per device with exactly the permissions docs/security.md lists.
-fn device_user(id: &str) -> String {
-    device_user_with_password(id, &format!("pw-{id}"))
+/// The authorization `harmony-fleet nats-config` generates, for dev-1 and dev-2.
+fn generated() -> harmony_fleet::nats_config::NatsAuthConfig {
+    harmony_fleet::nats_config::generate(&[DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap()])
+        .expect("random passwords")
 }
 
 fn device_user_with_password(id: &str, password: &str) -> String {
-    format!(
-        r#"{{ user: "{id}", password: "{password}", permissions: {{
-            publish: {{ allow: [
-                "$JS.API.DIRECT.GET.KV_harmony-desired-state.$KV.harmony-desired-state.{id}.>",
-                "$JS.API.DIRECT.GET.KV_harmony-agent-status.$KV.harmony-agent-status.{id}",
-                "$KV.harmony-agent-status.{id}",
-                "harmony.heartbeat.{id}",
-                "harmony.info.{id}"
-            ] }},
-            subscribe: {{ allow: [
-                "harmony.hint.{id}.>",
-                "_INBOX_{id}.>",
-                "device-commands.{id}.>"
-            ] }},
-            allow_responses: true
-        }} }}"#
-    )
-}
-
-fn server_config() -> String {
-    format!(
-        "accounts {{ FLEET {{ jetstream: enabled, users: [ {{ user: operator, password: op }}, {}, {} ] }} }}\n",
-        device_user("dev-1"),
-        device_user("dev-2")
-    )
+    harmony_fleet::nats_config::device_user(&DeviceId::new(id).unwrap(), password)
 }
 
 fn file(path: &str, content: &str) -> Vec<Box<dyn DeviceScore>> {
@@ -55,9 +32,11 @@ fn file(path: &str, content: &str) -> Vec<Box<dyn DeviceScore>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_device() {
     harmony_scores::ensure_linked();
-    let nats = NatsServer::start_with_config(&server_config());
+    let auth = generated();
+    let nats = NatsServer::start_with_config(&auth.server_conf);
     let port = nats.url().rsplit(':').next().unwrap().to_owned();
-    let operator = format!("nats://operator:op@127.0.0.1:{port}");
+    let operator = auth.operator.url(&format!("127.0.0.1:{port}"));
+    let dev1_password = auth.devices[0].1.password.clone();
     let client = tokio::time::timeout(WAIT, FleetClient::connect(&[operator], None)).await.unwrap().unwrap();
     client.ensure_buckets().await.unwrap();
     let (dev1, dev2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
@@ -73,7 +52,7 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("root")).unwrap();
-    let device_url = format!("nats://dev-1:pw-dev-1@127.0.0.1:{port}");
+    let device_url = auth.devices[0].1.url(&format!("127.0.0.1:{port}"));
     let state = dir.path().join("state");
     let root = dir.path().join("root");
     let agent = AgentProcess::start(
@@ -118,7 +97,7 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
     // The same credentials, used by hand, reach nothing of dev-2.
     let device = async_nats::ConnectOptions::new()
         .custom_inbox_prefix("_INBOX_dev-1")
-        .user_and_password("dev-1".into(), "pw-dev-1".into())
+        .user_and_password("dev-1".into(), dev1_password)
         .connect(format!("nats://127.0.0.1:{port}"))
         .await
         .unwrap();
@@ -138,6 +117,36 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
     let leaked =
         tokio::time::timeout(Duration::from_secs(1), futures_util::StreamExt::next(&mut other_hints)).await;
     assert!(!matches!(leaked, Ok(Some(_))), "dev-1 saw dev-2's hints");
+    // A compromised device cannot rewrite its own desired state or index,
+    // follow the raw bucket subjects, or create a consumer.
+    for subject in ["$KV.harmony-desired-state.dev-1.app", "$KV.harmony-desired-state.dev-1._index"] {
+        let forged = js.publish(subject, "forged".into()).await.unwrap().await;
+        assert!(forged.is_err(), "dev-1 wrote {subject}");
+    }
+    let consumer = js
+        .create_consumer_on_stream(
+            jetstream::consumer::pull::Config {
+                filter_subject: "$KV.harmony-desired-state.>".into(),
+                ..Default::default()
+            },
+            "KV_harmony-desired-state",
+        )
+        .await;
+    assert!(consumer.is_err(), "dev-1 created a consumer on the desired-state stream");
+    let mut raw = device.subscribe("$KV.harmony-desired-state.>").await.unwrap();
+    client
+        .deploy(
+            DeployRequest::new(dev2.clone(), app.clone(), file("/secret", "dev-2 a third time")).force(true),
+        )
+        .await
+        .unwrap();
+    let leaked = tokio::time::timeout(Duration::from_secs(1), futures_util::StreamExt::next(&mut raw)).await;
+    assert!(!matches!(leaked, Ok(Some(_))), "dev-1 saw a raw desired-state write");
+    assert_eq!(
+        client.desired_state(&dev1, &app).await.unwrap().map(|d| d.generation),
+        Some(g2.generation),
+        "dev-1's desired state is the operator's"
+    );
     let listing = js.get_key_value("harmony-desired-state").await;
     assert!(listing.is_err(), "dev-1 could read the bucket's stream info (every key name)");
     assert!(client.device_status(&dev2).await.unwrap().is_none());
@@ -207,4 +216,73 @@ async fn credentials_in_a_url_never_reach_a_log_at_any_level() {
     let output =
         format!("{}{}", String::from_utf8_lossy(&fleet.stdout), String::from_utf8_lossy(&fleet.stderr));
     assert!(!output.contains("w0rd"), "the password reached the operator's log:\n{output}");
+}
+
+// Issue 7 §4: the CLI writes the configuration and one credential file per
+// principal, each readable by its owner only, and nats-server runs with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_config_writes_a_working_configuration_and_private_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("auth");
+    let run = std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
+        .args(["nats-config", "--devices", "dev-1,dev-2", "--url", "nats://127.0.0.1:1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    for name in ["nats-server.conf", "operator.env", "dev-1.toml", "dev-2.toml"] {
+        let mode = std::fs::metadata(out.join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+    }
+    let bad = std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
+        .args(["nats-config", "--devices", "Not_An_Id", "--out"])
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "an invalid device id is refused");
+
+    let nats = NatsServer::start_with_config(&std::fs::read_to_string(out.join("nats-server.conf")).unwrap());
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let env = std::fs::read_to_string(out.join("operator.env")).unwrap();
+    let operator = env
+        .trim()
+        .strip_prefix("HARMONY_NATS=")
+        .unwrap()
+        .replace("127.0.0.1:1", &format!("127.0.0.1:{port}"));
+    let client = tokio::time::timeout(WAIT, FleetClient::connect(&[operator], None)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, client.ensure_buckets()).await.unwrap().unwrap();
+    let agent_toml = std::fs::read_to_string(out.join("dev-1.toml")).unwrap();
+    let layer: harmony_agent::ConfigLayer = toml_like(&agent_toml, &port);
+    let url = layer.nats.unwrap().remove(0);
+    let (bare, auth) = harmony_score_wire::names::split_url_credentials(&url);
+    let (user, password) = auth.unwrap();
+    let device = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_INBOX_dev-1")
+        .user_and_password(user, password)
+        .connect(bare)
+        .await
+        .unwrap();
+    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(device);
+    let desired = js.get_stream_no_info("KV_harmony-desired-state").await.unwrap();
+    let own = desired.direct_get_last_for_subject("$KV.harmony-desired-state.dev-1.app").await;
+    assert!(matches!(&own, Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound), "{own:?}");
+    let other = desired.direct_get_last_for_subject("$KV.harmony-desired-state.dev-2.app").await;
+    assert!(
+        other.as_ref().is_err_and(|e| e.kind() != jetstream::stream::DirectGetErrorKind::NotFound),
+        "{other:?}"
+    );
+}
+
+/// The `nats = [...]` of a generated agent configuration, pointed at `port`.
+fn toml_like(text: &str, port: &str) -> harmony_agent::ConfigLayer {
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nats = [\"").and_then(|r| r.strip_suffix("\"]")))
+        .expect("a nats line");
+    assert!(text.contains("device_id = \"dev-1\""), "{text}");
+    harmony_agent::ConfigLayer {
+        nats: Some(vec![url.replace("127.0.0.1:1", &format!("127.0.0.1:{port}"))]),
+        ..Default::default()
+    }
 }

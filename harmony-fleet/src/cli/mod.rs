@@ -227,3 +227,38 @@ pub async fn init(conn: &Connection) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `harmony-fleet nats-config`: writes `nats-server.conf`, `operator.env`
+/// (`HARMONY_NATS=…`) and `<device>.toml` (an agent configuration) into
+/// `out`, each readable by its owner only: they hold passwords.
+pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let config = harmony_fleet::nats_config::generate(devices)
+        .map_err(|e| CliError::Failed(format!("cannot read random bytes for passwords: {e}")))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", out.display())))?;
+    let write = |name: &str, text: String| -> Result<(), CliError> {
+        use std::io::Write;
+        let path = out.join(name);
+        let failed = |e: std::io::Error| CliError::Failed(format!("cannot write {}: {e}", path.display()));
+        let _ = std::fs::remove_file(&path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(failed)?;
+        file.write_all(text.as_bytes()).map_err(failed)?;
+        println!("{}", path.display());
+        Ok(())
+    };
+    write("nats-server.conf", config.server_conf.clone())?;
+    write("operator.env", format!("HARMONY_NATS={}\n", config.operator.url(url)))?;
+    for (device, principal) in &config.devices {
+        write(
+            &format!("{device}.toml"),
+            format!("device_id = \"{device}\"\nnats = [\"{}\"]\n", principal.url(url)),
+        )?;
+    }
+    Ok(())
+}
