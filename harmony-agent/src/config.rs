@@ -66,6 +66,10 @@ pub struct AgentConfig {
     pub trusted_inbox_prefix: String,
     /// What the device owner allows, whatever a document says.
     pub policy: DevicePolicy,
+    /// The keys whose signatures this device accepts, and how many must sign.
+    pub trust: harmony_score_wire::TrustedKeys,
+    /// Accept bare (unsigned) documents. Off unless set: a warning at every start.
+    pub allow_unsigned: bool,
 }
 
 /// The device owner's limits on what documents may do here. A document
@@ -126,6 +130,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("source", &self.source)
             .field("max_parallel", &self.max_parallel)
             .field("timeouts", &self.timeouts)
+            .field("allow_unsigned", &self.allow_unsigned)
             .finish_non_exhaustive()
     }
 }
@@ -166,6 +171,12 @@ pub struct ConfigLayer {
     pub trusted_inbox_prefix: Option<String>,
     /// `[policy]` table.
     pub policy: Option<PolicyLayer>,
+    /// `trusted_keys = ["/etc/harmony/operator.pub"]`: public key files (64 hex digits).
+    pub trusted_keys: Option<Vec<PathBuf>>,
+    /// `signature_threshold = 1`.
+    pub signature_threshold: Option<usize>,
+    /// `allow_unsigned = false`.
+    pub allow_unsigned: Option<bool>,
 }
 
 /// Why the configuration cannot be used.
@@ -219,7 +230,10 @@ impl ConfigLayer {
             interpret_timeout_secs,
             shutdown_grace_secs,
             trusted_inbox_prefix,
-            policy
+            policy,
+            trusted_keys,
+            signature_threshold,
+            allow_unsigned
         );
         self.labels.extend(over.labels);
         self.interpret_timeouts.extend(over.interpret_timeouts);
@@ -285,6 +299,8 @@ impl ConfigLayer {
             },
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "shutdown_grace_secs")?,
             policy: resolve_policy(self.policy.unwrap_or_default())?,
+            trust: resolve_trust(self.trusted_keys.unwrap_or_default(), self.signature_threshold)?,
+            allow_unsigned: self.allow_unsigned.unwrap_or(false),
             trusted_inbox_prefix: match self.trusted_inbox_prefix {
                 // Ending in '.' so `_INBOX` cannot also match `_INBOX_<id>`.
                 Some(prefix)
@@ -299,6 +315,29 @@ impl ConfigLayer {
             },
         })
     }
+}
+
+fn resolve_trust(
+    files: Vec<PathBuf>,
+    threshold: Option<usize>,
+) -> Result<harmony_score_wire::TrustedKeys, ConfigError> {
+    let keys = files
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::ReadFailed { path: path.clone(), source })?;
+            harmony_score_wire::parse_public_key(&text)
+                .map_err(|e| ConfigError::Invalid(format!("trusted key {}: {e}", path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let threshold = threshold.unwrap_or(1);
+    if threshold == 0 || (!keys.is_empty() && threshold > keys.len()) {
+        return Err(ConfigError::Invalid(format!(
+            "signature_threshold {threshold} needs 1 to {} trusted keys",
+            keys.len()
+        )));
+    }
+    Ok(harmony_score_wire::TrustedKeys::new(keys, threshold))
 }
 
 fn resolve_policy(layer: PolicyLayer) -> Result<DevicePolicy, ConfigError> {

@@ -54,6 +54,10 @@ pub struct ControllerSettings {
     pub info: DeviceInfo,
     /// The device owner's limits.
     pub policy: DevicePolicy,
+    /// Whose signatures are accepted.
+    pub trust: harmony_score_wire::TrustedKeys,
+    /// Whether bare documents are accepted.
+    pub allow_unsigned: bool,
 }
 
 /// Runs a device's deployments against its topology.
@@ -121,7 +125,9 @@ impl Controller {
                 Ok(record) => {
                     let mut adopt = true;
                     if let Some(stored) = &record.document {
-                        match self.decode(&stored.bytes, stored.format) {
+                        // Verified when it was accepted; the envelope is only opened here.
+                        let payload = harmony_score_wire::payload_of(&stored.bytes).unwrap_or_default();
+                        match self.decode(&payload, stored.format) {
                             // A record copied or renamed under another name:
                             // what it owns is another deployment's. Kept
                             // aside, never run, never pruned.
@@ -275,16 +281,45 @@ impl Controller {
         }
     }
 
+    /// The document inside `bytes` once its signatures hold: a signed
+    /// envelope must carry enough valid signatures by trusted keys; a bare
+    /// document is accepted only with `allow_unsigned`.
+    fn verified_payload(&self, bytes: &[u8], format: DocumentFormat) -> Result<Vec<u8>, (ErrorKind, String)> {
+        if format == DocumentFormat::Cbor && harmony_score_wire::is_signed(bytes) {
+            if self.settings.trust.is_empty() {
+                let message = "document is signed, but this device trusts no key (trusted_keys)".to_owned();
+                return Err((ErrorKind::BadSignature, message));
+            }
+            return self.settings.trust.verify(bytes).map_err(|e| (ErrorKind::BadSignature, e.to_string()));
+        }
+        if self.settings.allow_unsigned {
+            Ok(bytes.to_vec())
+        } else {
+            Err((ErrorKind::Unsigned, harmony_score_wire::SignatureError::Unsigned.to_string()))
+        }
+    }
+
     /// Offers the current value of a deployment's key: decoded, judged,
     /// checked for resource conflicts, persisted, then run (superseding a
     /// run of an older generation).
     pub async fn offer(&mut self, name: &DeploymentName, bytes: Vec<u8>, format: DocumentFormat) {
         let digest = document_digest(&bytes);
-        let doc = match self.decode(&bytes, format) {
+        // Signatures first: nothing of an unverified document is decoded
+        // into Scores. The digest stays that of the bytes as stored.
+        let payload = match self.verified_payload(&bytes, format) {
+            Ok(payload) => payload,
+            Err((kind, message)) => {
+                let generation = harmony_score_wire::payload_of(&bytes)
+                    .ok()
+                    .and_then(|p| peek_generation(&p, &self.limits));
+                return self.reject(name, generation, digest, kind, message, None);
+            }
+        };
+        let doc = match self.decode(&payload, format) {
             Ok(doc) => doc,
             Err(err) => {
                 let generation = match format {
-                    DocumentFormat::Cbor => peek_generation(&bytes, &self.limits),
+                    DocumentFormat::Cbor => peek_generation(&payload, &self.limits),
                     DocumentFormat::Json => None,
                 };
                 let keep = err.kind().may_clear().then_some((bytes, format));

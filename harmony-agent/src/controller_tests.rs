@@ -146,6 +146,8 @@ impl Device {
             heartbeat: Duration::from_secs(30),
             info: DeviceInfo::default(),
             policy: crate::DevicePolicy::default(),
+            trust: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
+            allow_unsigned: true,
         };
         tweak(&mut settings);
         let maestro =
@@ -769,6 +771,8 @@ async fn manual_controller(device: &Device) -> Controller {
         heartbeat: Duration::from_secs(30),
         info: DeviceInfo::default(),
         policy: crate::DevicePolicy::default(),
+        trust: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
+        allow_unsigned: true,
     };
     let maestro =
         Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(device.dir.path().join("root")))

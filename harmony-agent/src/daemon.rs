@@ -88,7 +88,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         heartbeat: config.heartbeat,
         info: device_info(&config),
         policy: config.policy.clone(),
+        trust: config.trust.clone(),
+        allow_unsigned: config.allow_unsigned,
     };
+    if config.allow_unsigned {
+        warn!("allow_unsigned is set: this device runs documents nobody signed");
+    } else if config.trust.is_empty() {
+        warn!("no trusted_keys and allow_unsigned is off: every document will be refused");
+    }
     let mut controller = Controller::new(settings, maestro, store);
     controller.boot();
     let (status_tx, status_rx) = watch::channel(controller.status());

@@ -73,6 +73,12 @@ struct RunArgs {
     /// Seconds one Interpret may run before it fails as `timeout` (default 300).
     #[arg(long)]
     interpret_timeout: Option<u64>,
+    /// A public key file whose signatures this device accepts; repeatable.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<PathBuf>,
+    /// Accept unsigned documents (logs a warning at every start).
+    #[arg(long)]
+    allow_unsigned: bool,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -183,6 +189,8 @@ fn run(args: RunArgs) -> ExitCode {
         labels: args.labels.into_iter().collect(),
         max_parallel: args.max_parallel,
         interpret_timeout_secs: args.interpret_timeout,
+        trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
+        allow_unsigned: args.allow_unsigned.then_some(true),
         ..Default::default()
     };
     let config = match file.overridden_by(flags).resolve() {

@@ -38,7 +38,7 @@ fn folder_documents_are_applied_updated_pruned_and_survive_a_restart() {
         let source = format!("dir:{}", docs.display());
         Agent(
             Command::new(env!("CARGO_BIN_EXE_harmony-agent"))
-                .args(["run", "--device-id", "dev-1", "--source", &source, "--state-dir"])
+                .args(["run", "--allow-unsigned", "--device-id", "dev-1", "--source", &source, "--state-dir"])
                 .arg(&state)
                 .arg("--root")
                 .arg(&root)
@@ -89,7 +89,7 @@ fn a_toml_config_with_flag_overrides_runs_and_sigint_stops_it_cleanly() {
     std::fs::write(
         &config,
         format!(
-            "device_id = \"dev-1\"\nsource = \"dir:{}\"\nstate_dir = \"{}\"\nroot = \"{}\"\n[labels]\nsite = \"lab\"\n",
+            "device_id = \"dev-1\"\nallow_unsigned = true\nsource = \"dir:{}\"\nstate_dir = \"{}\"\nroot = \"{}\"\n[labels]\nsite = \"lab\"\n",
             docs.display(),
             state.display(),
             unused_root.display()

@@ -76,6 +76,8 @@ pub struct FleetClient {
     pub(crate) nats: async_nats::Client,
     pub(crate) js: jetstream::Context,
     buckets: Arc<OnceCell<Buckets>>,
+    /// Signs every document this client writes, when set.
+    pub(crate) signer: Option<Arc<harmony_score_wire::DocumentSigner>>,
 }
 
 impl std::fmt::Debug for FleetClient {
@@ -132,7 +134,15 @@ impl FleetClient {
     /// A fleet client over an existing connection.
     pub fn from_nats(nats: async_nats::Client) -> Self {
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(nats.clone());
-        Self { nats, js, buckets: Arc::new(OnceCell::new()) }
+        Self { nats, js, buckets: Arc::new(OnceCell::new()), signer: None }
+    }
+
+    /// This client with every document it writes signed by `signer`
+    /// (devices that trust its public key accept them).
+    #[must_use]
+    pub fn with_signer(mut self, signer: harmony_score_wire::DocumentSigner) -> Self {
+        self.signer = Some(Arc::new(signer));
+        self
     }
 
     /// The underlying NATS connection.

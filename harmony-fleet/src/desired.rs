@@ -191,7 +191,7 @@ impl FleetClient {
             {
                 doc.generation = header.generation;
                 doc.issued_at = header.issued_at;
-                if encode(&doc).map_err(FleetError::EncodeFailed)? == value.as_ref() {
+                if self.sealed(encode(&doc).map_err(FleetError::EncodeFailed)?) == value.as_ref() {
                     // Already deployed; the index must still list it (another
                     // tool may have written the key, or a delete raced).
                     let listed = index.deployments.get(&deployment).is_some_and(|g| *g >= header.generation);
@@ -244,7 +244,7 @@ impl FleetClient {
             };
             doc.generation = generation;
             doc.issued_at = issued_at;
-            let bytes = encode(&doc).map_err(FleetError::EncodeFailed)?;
+            let bytes = self.sealed(encode(&doc).map_err(FleetError::EncodeFailed)?);
             if ours != Some(generation) {
                 index.deleted.remove(&deployment);
                 index.deployments.insert(deployment.clone(), generation);
@@ -311,9 +311,16 @@ impl FleetClient {
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(device, deployment);
         match read_latest(store, &key).await?.value {
-            Some(value) => harmony_score_wire::decode(&value, &Default::default())
-                .map(Some)
-                .map_err(|source| FleetError::BadDocument { key, source }),
+            Some(value) => {
+                let payload =
+                    harmony_score_wire::payload_of(&value).map_err(|e| FleetError::BadDocument {
+                        key: key.clone(),
+                        source: harmony_score_wire::DecodeError::Malformed { message: e.to_string() },
+                    })?;
+                harmony_score_wire::decode(&payload, &Default::default())
+                    .map(Some)
+                    .map_err(|source| FleetError::BadDocument { key, source })
+            }
             None => Ok(None),
         }
     }
@@ -421,7 +428,25 @@ async fn last_generation_in_history(store: &kv::Store, key: &str) -> Result<u64,
     Ok(highest)
 }
 
+impl FleetClient {
+    /// `payload` as written: wrapped in a signed envelope when this client signs.
+    fn sealed(&self, payload: Vec<u8>) -> Vec<u8> {
+        match &self.signer {
+            Some(signer) => signer.sign(payload),
+            None => payload,
+        }
+    }
+}
+
 fn decode_header(key: &str, value: &[u8]) -> Result<DocHeader, FleetError> {
+    // A signed value's header is inside its payload (not verified here: the
+    // operator only numbers generations with it).
+    if harmony_score_wire::is_signed(value) {
+        if let Ok(payload) = harmony_score_wire::payload_of(value) {
+            return from_cbor(&payload, MAX_VALUE_BYTES, "desired state")
+                .map_err(|source| FleetError::BadValue { key: key.to_owned(), source });
+        }
+    }
     from_cbor(value, MAX_VALUE_BYTES, "desired state")
         .map_err(|source| FleetError::BadValue { key: key.to_owned(), source })
 }

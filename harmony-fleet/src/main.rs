@@ -23,6 +23,9 @@ struct Cli {
     /// NATS credentials file.
     #[arg(long, global = true, value_name = "FILE")]
     creds: Option<PathBuf>,
+    /// Sign documents with this key (`harmony.key` from `keygen`) [default: $HARMONY_SIGN_KEY].
+    #[arg(long, global = true, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,6 +91,12 @@ enum Command {
     },
     /// Creates the fleet's KV buckets where missing.
     Init,
+    /// Writes a new signing key pair: `harmony.key` (secret, 0600) and `harmony.pub`.
+    Keygen {
+        /// The folder to write into (created; existing key files are not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Writes a nats-server configuration with one user per device and an
     /// operator, and each principal's connection settings (files 0600).
     NatsConfig {
@@ -107,11 +116,13 @@ fn main() -> ExitCode {
     harmony_scores::ensure_linked();
     init_logging();
     let cli = Cli::parse();
+    let sign_key = cli.sign_key.clone().or_else(|| std::env::var_os("HARMONY_SIGN_KEY").map(PathBuf::from));
     let result = match cli.command {
-        Command::Encode { doc, output } => cli::encode_file(&doc, output.as_deref()),
+        Command::Encode { doc, output } => cli::encode_file(&doc, output.as_deref(), sign_key.as_deref()),
+        Command::Keygen { out } => cli::keygen(&out),
         Command::Inspect { doc } => cli::inspect_file(&doc),
         Command::NatsConfig { devices, out, url } => cli::nats_config(&devices, &out, &url),
-        command => run_online(command, connection(cli.nats, cli.creds)),
+        command => run_online(command, connection(cli.nats, cli.creds, sign_key)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,10 +157,10 @@ fn describe(err: &CliError) -> String {
     }
 }
 
-fn connection(nats: Option<String>, creds: Option<PathBuf>) -> Connection {
+fn connection(nats: Option<String>, creds: Option<PathBuf>, sign_key: Option<PathBuf>) -> Connection {
     let urls = nats.or_else(|| std::env::var("HARMONY_NATS").ok()).unwrap_or_else(|| DEFAULT_NATS.to_owned());
     let urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
-    Connection { urls, creds }
+    Connection { urls, creds, sign_key }
 }
 
 fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
@@ -170,7 +181,10 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
                 cli::command(&conn, &device, "reconcile", secs(timeout)).await
             }
             Command::Init => cli::init(&conn).await,
-            Command::Encode { .. } | Command::Inspect { .. } | Command::NatsConfig { .. } => {
+            Command::Encode { .. }
+            | Command::Inspect { .. }
+            | Command::NatsConfig { .. }
+            | Command::Keygen { .. } => {
                 unreachable!("handled offline")
             }
         }

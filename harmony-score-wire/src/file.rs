@@ -36,6 +36,9 @@ pub fn read_document_file(path: &Path, limits: &DecodeLimits) -> Result<DesiredS
     let file = std::fs::File::open(path).map_err(read_failed)?;
     let mut bytes = Vec::new();
     file.take(limits.max_bytes as u64 + 1).read_to_end(&mut bytes).map_err(read_failed)?;
+    // A signed envelope is opened, not verified: whoever runs a file by hand
+    // decides whether to trust it (`harmony-agent apply --trusted-key` checks).
+    let bytes = if is_json_path(path) { bytes } else { crate::payload_of(&bytes).unwrap_or(bytes) };
     let decoded = if is_json_path(path) { decode_json(&bytes, limits) } else { decode(&bytes, limits) };
     decoded.map_err(|source| DocumentFileError::Rejected { path: path.to_owned(), source })
 }

@@ -11,6 +11,7 @@ mod ids;
 pub mod names;
 mod registry;
 mod resource;
+mod signed;
 mod status;
 pub mod validate;
 
@@ -23,11 +24,18 @@ pub use file::{is_json_path, read_document_file, DocumentFileError};
 pub use ids::{DeploymentName, DeviceId, IdError};
 pub use registry::{is_registered, registered_scores, DeviceScore, ScoreRegistration};
 pub use resource::{normalize_path, PathError, ResourceId, ResourceIdError, MAX_NAME_BYTES, MAX_PATH_BYTES};
+pub use signed::{
+    is_signed, key_id, open_signed, parse_public_key, parse_secret_key, payload_of, to_hex32,
+    DocumentSignature, DocumentSigner, SignatureError, SignedDocument, TrustedKeys, SIGNED_TAG,
+};
 pub use status::{
     bounded_text, now_ms, AgentStatus, CommandReply, DeploymentStatus, DeviceInfo, ErrorKind, Phase,
     ScoreStatus, StatusError, SupportedScore, MAX_DETAIL_LINES, MAX_MESSAGE_BYTES, MAX_STATUS_BYTES,
 };
 pub use validate::ScoreValidationError;
+
+/// Re-exported: the public half of a signing key, as [`TrustedKeys`] takes it.
+pub use ed25519_dalek::VerifyingKey;
 
 /// Re-exported for `inventory::submit!` in Score crates.
 pub use inventory;

@@ -148,6 +148,11 @@ pub enum ErrorKind {
     ResourceConflict,
     /// A Score is outside the device owner's policy (its tag, or a path).
     PolicyDenied,
+    /// A bare document where the device accepts signed documents only.
+    Unsigned,
+    /// A signed document without enough valid signatures by trusted keys
+    /// (wrong key, tampered bytes, malformed envelope).
+    BadSignature,
     /// The persisted state of a deployment cannot be read; kept aside on disk.
     StateUnreadable,
     /// The accepted state could not be persisted, so the run is not applied.
@@ -185,6 +190,8 @@ impl ErrorKind {
             StaleGeneration => "stale_generation",
             ResourceConflict => "resource_conflict",
             PolicyDenied => "policy_denied",
+            Unsigned => "unsigned",
+            BadSignature => "bad_signature",
             StateUnreadable => "state_unreadable",
             PersistFailed => "persist_failed",
             ScoresFailed => "scores_failed",

@@ -40,6 +40,7 @@ async fn main() {
     let url = nats.url();
     let agent = AgentProcess::start(
         &[
+            "--allow-unsigned",
             "--device-id",
             "bench-1",
             "--nats",

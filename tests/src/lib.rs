@@ -332,6 +332,7 @@ pub fn agent_config(
         root: Some(dir.join("root")),
         resync_secs: Some(3600),
         heartbeat_secs: Some(heartbeat_secs),
+        allow_unsigned: Some(true),
         ..Default::default()
     }
     .resolve()

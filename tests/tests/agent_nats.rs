@@ -93,6 +93,7 @@ impl Fixture {
         let state = self.dir.path().join("state");
         let url = self.nats.url();
         let args = [
+            "--allow-unsigned",
             "--device-id",
             self.device.as_str(),
             "--nats",

@@ -420,3 +420,75 @@ async fn a_key_with_no_message_at_all_prunes_nothing() {
     assert_eq!(status.deployments[&name("app")].phase, Phase::Applied);
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "kept");
 }
+
+// Issue 7 §3: signed documents. The device trusts one key: documents signed
+// by it apply; an unsigned one, one signed by another key, a tampered one,
+// one for another device and an expired one are each refused with their own
+// typed reason, while the last good generation keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_documents_signed_by_a_trusted_key_run() {
+    use harmony_score_wire::{encode, open_signed, to_cbor, DesiredState, DocumentSigner, TrustedKeys};
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let trusted = DocumentSigner::from_seed([1; 32]);
+    let mut config = agent_config("dev-1", &f.nats.url(), &f.dir.path().join("dev-1"), 3600);
+    config.trust = TrustedKeys::new(vec![trusted.verifying_key()], 1);
+    config.allow_unsigned = false;
+    let _agent = InProcessAgent::start(config);
+    f.online(&device).await;
+    let signed = f.client.clone().with_signer(DocumentSigner::from_seed([1; 32]));
+    let g1 = within(signed.deploy(
+        DeployRequest::new(device.clone(), name("app"), vec![file("/etc/app", "signed")]).force(true),
+    ))
+    .await
+    .unwrap();
+    f.applied(&device, "app", g1.generation).await;
+
+    let kv = within(f.client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
+    let doc = |generation: u64, device_id: &str, expires_at: Option<u64>| {
+        let mut doc = DesiredState::new(
+            DeviceId::new(device_id).unwrap(),
+            name("app"),
+            generation,
+            vec![file("/etc/app", "evil")],
+        );
+        doc.expires_at = expires_at;
+        encode(&doc).unwrap()
+    };
+    let tampered = {
+        let mut envelope = open_signed(&trusted.sign(doc(11, "dev-1", None))).unwrap();
+        let last = envelope.payload.len() - 2;
+        envelope.payload[last] ^= 0x01;
+        to_cbor(&envelope)
+    };
+    let cases: Vec<(u64, Vec<u8>, ErrorKind)> = vec![
+        (10, doc(10, "dev-1", None), ErrorKind::Unsigned),
+        (11, DocumentSigner::from_seed([2; 32]).sign(doc(11, "dev-1", None)), ErrorKind::BadSignature),
+        (12, tampered, ErrorKind::BadSignature),
+        (13, trusted.sign(doc(13, "dev-2", None)), ErrorKind::WrongDevice),
+        (14, trusted.sign(doc(14, "dev-1", Some(1))), ErrorKind::Expired),
+    ];
+    for (generation, bytes, kind) in cases {
+        within(kv.put("dev-1.app", bytes.into())).await.unwrap();
+        let app = name("app");
+        let status = until_status(&f.client, &device, &format!("{kind:?}"), |s| {
+            s.deployments.get(&app).and_then(|d| d.error.as_ref()).is_some_and(|e| e.kind == kind)
+        })
+        .await;
+        let app = &status.deployments[&name("app")];
+        assert_eq!(
+            (app.phase, app.observed_generation),
+            (Phase::Rejected, g1.generation),
+            "{kind:?} at {generation}"
+        );
+        assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed");
+    }
+    // A newer signed generation still applies.
+    let g2 = within(signed.deploy(
+        DeployRequest::new(device.clone(), name("app"), vec![file("/etc/app", "signed again")]).force(true),
+    ))
+    .await
+    .unwrap();
+    f.applied(&device, "app", g2.generation).await;
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed again");
+}

@@ -57,6 +57,7 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
     let root = dir.path().join("root");
     let agent = AgentProcess::start(
         &[
+            "--allow-unsigned",
             "--device-id",
             "dev-1",
             "--nats",
@@ -182,6 +183,7 @@ async fn credentials_in_a_url_never_reach_a_log_at_any_level() {
         std::fs::create_dir_all(&root).unwrap();
         let mut agent = AgentProcess::start_logging(
             &[
+                "--allow-unsigned",
                 "--device-id",
                 "dev-1",
                 "--nats",

@@ -205,3 +205,55 @@ async fn deploy_wait_fails_with_exit_1_when_the_device_runs_a_newer_generation()
     );
     assert!(!run.stdout.contains("timed out"), "ends at once, not at the timeout: {}", run.stdout);
 }
+
+// Issue 7 §3: `keygen` writes a key pair (the secret 0600, never
+// overwritten); `encode --sign-key` and `deploy` with `HARMONY_SIGN_KEY`
+// write envelopes that verify against the public key, and nothing else does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_then_signed_encode_and_deploy_verify_against_the_public_key() {
+    use std::os::unix::fs::PermissionsExt;
+    harmony_scores::ensure_linked();
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let run = fleet(&server, &["keygen", "--out", keys.to_str().unwrap()]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.starts_with("ed25519:"), "{}", run.stdout);
+    let mode = std::fs::metadata(keys.join("harmony.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = fleet(&server, &["keygen", "--out", keys.to_str().unwrap()]).await;
+    assert_ne!(again.code, Some(0), "an existing key is never overwritten");
+    let public =
+        harmony_score_wire::parse_public_key(&std::fs::read_to_string(keys.join("harmony.pub")).unwrap())
+            .unwrap();
+    let trust = harmony_score_wire::TrustedKeys::new(vec![public], 1);
+
+    let doc = write_doc(dir.path());
+    let out = dir.path().join("web.cbor");
+    let key = keys.join("harmony.key");
+    let run =
+        fleet(&server, &["--sign-key", key.to_str().unwrap(), "encode", &doc, "-o", out.to_str().unwrap()])
+            .await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let payload = trust.verify(&std::fs::read(&out).unwrap()).expect("the encoded file verifies");
+    assert_eq!(harmony_score_wire::decode(&payload, &Default::default()).unwrap().deployment.as_str(), "web");
+
+    let run = within(
+        tokio::process::Command::new(workspace_bin("harmony-fleet"))
+            .args(["--nats", &server.url(), "deploy", &doc, "--force"])
+            .env("HARMONY_SIGN_KEY", &key)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    let kv = within(client.jetstream().get_key_value(DESIRED_STATE_BUCKET)).await.unwrap();
+    let stored = within(kv.get("dev-1.web")).await.unwrap().unwrap();
+    assert!(trust.verify(&stored).is_ok(), "the deployed value is signed by the key");
+    let other = harmony_score_wire::TrustedKeys::new(
+        vec![harmony_score_wire::DocumentSigner::from_seed([9; 32]).verifying_key()],
+        1,
+    );
+    assert!(other.verify(&stored).is_err());
+}

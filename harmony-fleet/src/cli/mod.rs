@@ -38,12 +38,62 @@ pub struct Connection {
     pub urls: Vec<String>,
     /// Credentials file.
     pub creds: Option<PathBuf>,
+    /// Signs every document written (`--sign-key`, `$HARMONY_SIGN_KEY`).
+    pub sign_key: Option<PathBuf>,
 }
 
 impl Connection {
-    async fn client(&self) -> Result<FleetClient, FleetError> {
-        FleetClient::connect(&self.urls, self.creds.as_deref()).await
+    async fn client(&self) -> Result<FleetClient, CliError> {
+        let client = FleetClient::connect(&self.urls, self.creds.as_deref()).await?;
+        Ok(match &self.sign_key {
+            Some(path) => client.with_signer(read_sign_key(path)?),
+            None => client,
+        })
     }
+}
+
+/// Reads a secret key file (`harmony.key`: 64 hex digits).
+pub fn read_sign_key(path: &Path) -> Result<harmony_score_wire::DocumentSigner, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read signing key {}: {e}", path.display())))?;
+    harmony_score_wire::parse_secret_key(&text)
+        .map_err(|e| CliError::Usage(format!("signing key {}: {e}", path.display())))
+}
+
+/// `keygen`: a new ed25519 key pair, `harmony.key` (0600) and `harmony.pub`.
+pub fn keygen(out: &Path) -> Result<(), CliError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| CliError::Failed(format!("cannot read random bytes: {e}")))?;
+    let signer = harmony_score_wire::DocumentSigner::from_seed(seed);
+    std::fs::create_dir_all(out)
+        .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", out.display())))?;
+    let write = |name: &str, text: String, mode: u32| -> Result<(), CliError> {
+        let path = out.join(name);
+        let failed = |e: std::io::Error| CliError::Failed(format!("cannot write {}: {e}", path.display()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(failed)?;
+        file.write_all(text.as_bytes()).map_err(failed)
+    };
+    write("harmony.key", format!("{}\n", harmony_score_wire::to_hex32(&seed)), 0o600)?;
+    write(
+        "harmony.pub",
+        format!("{}\n", harmony_score_wire::to_hex32(&signer.verifying_key().to_bytes())),
+        0o644,
+    )?;
+    println!(
+        "{}\t{}",
+        harmony_score_wire::key_id(&signer.verifying_key()),
+        out.join("harmony.pub").display()
+    );
+    Ok(())
 }
 
 /// `deploy`'s flags.
@@ -80,9 +130,13 @@ fn read_doc(path: &Path) -> Result<DesiredState, CliError> {
 }
 
 /// `encode`: JSON document → CBOR.
-pub fn encode_file(path: &Path, output: Option<&Path>) -> Result<(), CliError> {
+pub fn encode_file(path: &Path, output: Option<&Path>, sign_key: Option<&Path>) -> Result<(), CliError> {
     let doc = read_doc(path)?;
     let bytes = encode(&doc).map_err(|e| CliError::Usage(error_chain(&e)))?;
+    let bytes = match sign_key {
+        Some(key) => read_sign_key(key)?.sign(bytes),
+        None => bytes,
+    };
     match output {
         Some(out) => std::fs::write(out, &bytes)
             .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", out.display()))),
