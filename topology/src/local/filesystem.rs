@@ -128,6 +128,23 @@ fn inspect_blocking(path: &Path) -> io::Result<PathEntry> {
     }
 }
 
+/// Changes the mode through a descriptor, never through a path: the last
+/// component is opened without following a symlink, and a regular file
+/// with a second hard link (which may be a file outside the root) is
+/// refused, since its mode is that other file's too.
+fn set_mode_blocking(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.nlink() > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} links point at this file; its mode is not changed", meta.nlink()),
+        ));
+    }
+    file.set_permissions(Permissions::from_mode(mode & MODE_MASK))
+}
+
 fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
     match result {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -165,10 +182,7 @@ impl Filesystem for LocalDeviceTopology {
     }
 
     async fn set_mode(&self, path: &str, mode: u32) -> Result<(), FilesystemError> {
-        self.blocking("chmod", path, move |p| {
-            fs::set_permissions(p, Permissions::from_mode(mode & MODE_MASK))
-        })
-        .await
+        self.blocking("chmod", path, move |p| set_mode_blocking(&p, mode)).await
     }
 
     async fn remove_file(&self, path: &str) -> Result<(), FilesystemError> {
@@ -179,7 +193,7 @@ impl Filesystem for LocalDeviceTopology {
         self.blocking("mkdir", path, move |p| {
             DirBuilder::new().recursive(true).mode(mode & MODE_MASK).create(&p)?;
             // As for files, the umask may have cleared bits the Score asked for.
-            fs::set_permissions(&p, Permissions::from_mode(mode & MODE_MASK))
+            set_mode_blocking(&p, mode)
         })
         .await
     }
@@ -209,6 +223,26 @@ mod tests {
         let names: Vec<_> =
             fs::read_dir(dir.path().join("a/b")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("c.txt")]);
+    }
+
+    // Issue 7 §2: a hard link inside the root to a file outside it, and a
+    // chmod through the path, changed the outside file's mode.
+    #[tokio::test]
+    async fn a_mode_change_never_reaches_a_hard_linked_or_symlinked_file() {
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("secret");
+        fs::write(&target, "x").unwrap();
+        fs::set_permissions(&target, Permissions::from_mode(0o600)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        fs::hard_link(&target, dir.path().join("hard")).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("soft")).unwrap();
+        let topo = LocalDeviceTopology::new(dir.path());
+        assert!(topo.set_mode("/hard", 0o777).await.is_err());
+        assert!(topo.set_mode("/soft", 0o777).await.is_err());
+        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o7777, 0o600);
+        topo.write_file("/own", b"y", 0o600).await.unwrap();
+        topo.set_mode("/own", 0o640).await.unwrap();
+        assert_eq!(fs::metadata(dir.path().join("own")).unwrap().permissions().mode() & 0o7777, 0o640);
     }
 
     #[tokio::test]
