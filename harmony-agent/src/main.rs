@@ -27,6 +27,12 @@ enum Command {
         /// Directory every Score path is resolved under.
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Require a signature by this public key (repeatable), as the daemon does.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
+        /// Require the document to be for this device.
+        #[arg(long)]
+        device_id: Option<String>,
     },
     /// Lists the Score tags this agent runs: tag, version, summary.
     Scores,
@@ -92,7 +98,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Apply { doc, root } => apply(doc, root),
+        Command::Apply { doc, root, trusted_keys, device_id } => apply(doc, root, &trusted_keys, device_id),
         Command::Run(args) => run(*args),
         Command::Scores => {
             for reg in registered_scores() {
@@ -126,14 +132,52 @@ fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-fn apply(doc: PathBuf, root: PathBuf) -> ExitCode {
-    let doc = match read_document_file(&doc, &DecodeLimits::default()) {
+fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Option<String>) -> ExitCode {
+    let refuse = |message: String| {
+        eprintln!("harmony-agent: {}: rejected: {message}", path.display());
+        ExitCode::from(2)
+    };
+    if !trusted_keys.is_empty() {
+        // The same checks as the daemon's: a signature by a trusted key over
+        // the exact bytes, before anything is decoded.
+        let layer = ConfigLayer {
+            device_id: Some(device_id.clone().unwrap_or_else(|| "apply".to_owned())),
+            state_dir: Some(root.clone()),
+            trusted_keys: Some(trusted_keys.to_vec()),
+            ..Default::default()
+        };
+        let trust = match layer.resolve() {
+            Ok(config) => config.trust,
+            Err(err) => return refuse(err.to_string()),
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) => return refuse(format!("cannot read: {err}")),
+        };
+        if !harmony_score_wire::is_signed(&bytes) {
+            return refuse("unsigned: the document is not signed".to_owned());
+        }
+        if let Err(err) = trust.verify(&bytes) {
+            return refuse(format!("bad_signature: {err}"));
+        }
+    }
+    let doc = match read_document_file(&path, &DecodeLimits::default()) {
         Ok(doc) => doc,
         Err(err) => {
             eprintln!("harmony-agent: {err}");
             return ExitCode::from(2);
         }
     };
+    if let Some(device) = &device_id {
+        if doc.device_id.as_str() != device {
+            return refuse(format!("wrong_device: the document is for {}", doc.device_id));
+        }
+    }
+    if let Some(expires_at) = doc.expires_at {
+        if expires_at <= harmony_score_wire::now_ms() / 1000 {
+            return refuse(format!("expired: at {expires_at} (seconds since the epoch)"));
+        }
+    }
     block_on(async {
         let maestro = match Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(root)).await {
             Ok(m) => m,

@@ -231,3 +231,53 @@ fn scores_lists_every_registered_tag_with_version_and_summary() {
     assert!(tags.contains(&"harmony.file/v1") && tags.contains(&"harmony.directory/v1"), "{text}");
     assert!(text.lines().all(|l| l.split('\t').count() == 3 && l.split('\t').nth(1) == Some("v1")), "{text}");
 }
+
+// Issue 7 §3: `apply --trusted-key` runs the daemon's checks (signature,
+// device, expiry); `apply` without keys still refuses an expired document or
+// one for another `--device-id`. Nothing of a refused document is applied.
+#[test]
+fn apply_with_a_trusted_key_runs_the_daemons_checks() {
+    use harmony_score_wire::{to_hex32, DocumentSigner};
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let (trusted, other) = (DocumentSigner::from_seed([3; 32]), DocumentSigner::from_seed([4; 32]));
+    let public = work.path().join("trusted.pub");
+    std::fs::write(&public, to_hex32(&trusted.verifying_key().to_bytes())).unwrap();
+    let cbor = |value: &Value| {
+        encode(&decode_json(&serde_json::to_vec(value).unwrap(), &DecodeLimits::default()).unwrap()).unwrap()
+    };
+    let file = |name: &str, bytes: Vec<u8>| {
+        let path = work.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let good = doc(json!([{"type": "harmony.file/v1", "path": "/etc/motd", "content": "signed\n"}]));
+    let signed = file("signed.cbor", trusted.sign(cbor(&good)));
+    let unsigned = file("unsigned.cbor", cbor(&good));
+    let wrong_key = file("other.cbor", other.sign(cbor(&good)));
+    let mut expired = good.clone();
+    expired["expires_at"] = json!(1);
+    let expired = file("expired.cbor", trusted.sign(cbor(&expired)));
+    let run = |doc: &Path, extra: &[&str]| {
+        let mut args = vec!["apply", doc.to_str().unwrap(), "--root", root.path().to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = agent(&args);
+        (out.status.code().unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let key = ["--trusted-key", public.to_str().unwrap()];
+    for (doc, extra, reason) in [
+        (&unsigned, &key[..], "unsigned"),
+        (&wrong_key, &key[..], "bad_signature"),
+        (&expired, &key[..], "expired"),
+        (&expired, &[][..], "expired"),
+        (&signed, &["--device-id", "dev-2"][..], "wrong_device"),
+    ] {
+        let (code, stderr) = run(doc, extra);
+        assert_eq!(code, 2, "{reason}: {stderr}");
+        assert!(stderr.contains(reason), "{reason}: {stderr}");
+        assert!(!root.path().join("etc/motd").exists(), "{reason}: something was applied");
+    }
+    let (code, stderr) = run(&signed, &[&key[..], &["--device-id", "dev-1"][..]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_to_string(root.path().join("etc/motd")).unwrap(), "signed\n");
+}
