@@ -32,6 +32,15 @@ use crate::runner::{self, PruneItem, RunEvent, RunPlan, RunResult, Timeouts};
 use crate::store::{DocumentFormat, HighWater, OwnedResource, Store, StoreError, StoredDocument};
 use crate::AGENT_VERSION;
 
+/// Failures [`Controller::recheck`] sets, cleared when the document passes again.
+const RECHECKED: [ErrorKind; 5] = [
+    ErrorKind::Unsigned,
+    ErrorKind::BadSignature,
+    ErrorKind::WrongDevice,
+    ErrorKind::Expired,
+    ErrorKind::PolicyDenied,
+];
+
 /// Largest undo Score read back from a record.
 const MAX_UNDO_BYTES: usize = 1024 * 1024;
 
@@ -279,6 +288,44 @@ impl Controller {
             DocumentFormat::Cbor => decode(bytes, &self.limits),
             DocumentFormat::Json => decode_json(bytes, &self.limits),
         }
+    }
+
+    /// Checks an accepted document again as if it were offered now:
+    /// signature, device, expiry and policy. `None` when it may run.
+    async fn recheck(&self, name: &DeploymentName) -> Option<StatusError> {
+        let entry = self.deployments.get(name)?;
+        let (stored, accepted) = (entry.record.document.as_ref()?, entry.document.as_ref()?);
+        if let Err((kind, message)) = self.verified_payload(&stored.bytes, stored.format) {
+            return Some(StatusError::new(
+                kind,
+                format!("accepted generation {}: {message}", stored.generation),
+            ));
+        }
+        let doc = &accepted.doc;
+        if doc.device_id != self.settings.device {
+            return Some(StatusError::new(
+                ErrorKind::WrongDevice,
+                format!("document is for device {}", doc.device_id),
+            ));
+        }
+        if let Some(expires_at) = doc.expires_at {
+            if expires_at <= now_ms() / 1000 {
+                let message = format!(
+                    "accepted generation {} expired at {expires_at} (seconds since the epoch)",
+                    doc.generation
+                );
+                return Some(StatusError::new(ErrorKind::Expired, message));
+            }
+        }
+        if let Some(score) = doc.scores.iter().find(|s| !self.settings.policy.allows_tag(s.typetag_name())) {
+            let message = format!("{} is not allowed by this device's policy", score.typetag_name());
+            return Some(StatusError::new(ErrorKind::PolicyDenied, message));
+        }
+        let (topology, policy, mine) =
+            (self.maestro.topology().clone(), self.settings.policy.clone(), accepted.resources.clone());
+        let outside =
+            tokio::task::spawn_blocking(move || outside_policy(&topology, &policy, &mine)).await.ok()?;
+        outside.map(|(kind, message)| StatusError::new(kind, message))
     }
 
     /// The document inside `bytes` once its signatures hold: a signed
@@ -542,7 +589,24 @@ impl Controller {
         {
             return;
         }
+        // What was accepted once is checked again before every run (after a
+        // restart, at every drift repair): a key removed from the trusted
+        // set, a narrowed policy or a passed expiry stops it from running.
+        // Nothing is undone: it stays owned, and a newer document replaces it.
+        if let Some(refusal) = self.recheck(name).await {
+            let Some(entry) = self.deployments.get_mut(name) else { return };
+            if entry.failure.as_ref() != Some(&refusal) {
+                warn!(deployment = %name, kind = %refusal.kind, message = %refusal.message, "accepted document no longer passes its checks; not run");
+                entry.failure = Some(refusal);
+                self.dirty = true;
+            }
+            return;
+        }
         let Some(entry) = self.deployments.get_mut(name) else { return };
+        if entry.failure.as_ref().is_some_and(|f| RECHECKED.contains(&f.kind)) {
+            entry.failure = None;
+            self.dirty = true;
+        }
         let wanted: HashSet<_> = entry.wanted().collect();
         let mut prune = Vec::new();
         let mut unreadable_undos = Vec::new();
@@ -805,8 +869,11 @@ fn outside_policy(
 ) -> Option<(ErrorKind, String)> {
     mine.iter().filter(|id| id.kind() == ResourceId::PATH).find_map(|id| {
         let device = topology.device_path(id.name());
+        // Unresolvable (not UTF-8, an unreadable root): allowed only where
+        // every path is.
+        let anywhere = policy.allows_path("/");
         let allowed =
-            policy.allows_path(id.name()) && device.as_deref().is_none_or(|p| policy.allows_path(p));
+            policy.allows_path(id.name()) && device.as_deref().map_or(anywhere, |p| policy.allows_path(p));
         (!allowed).then(|| {
             let seen = device
                 .filter(|p| p != id.name())

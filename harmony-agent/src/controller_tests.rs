@@ -1157,3 +1157,72 @@ async fn a_score_outside_the_device_policy_refuses_the_whole_document() {
     }
     agent.stop().await;
 }
+
+// Review finding: an accepted document was never checked again. A key
+// removed from the trusted set, a narrowed policy, or a passed expiry did
+// not stop it: every restart and drift repair ran it again.
+#[tokio::test]
+async fn an_accepted_document_is_checked_again_before_every_run() {
+    use harmony_score_wire::{DocumentSigner, TrustedKeys};
+    let device = Device::new();
+    let key = DocumentSigner::from_seed([5; 32]);
+    let trusting = |s: &mut ControllerSettings| {
+        s.trust = TrustedKeys::new(vec![DocumentSigner::from_seed([5; 32]).verifying_key()], 1);
+        s.allow_unsigned = false;
+    };
+    let mut agent = device.start_with(trusting).await;
+    agent.offer_bytes("web", key.sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+    agent.applied("web", 1).await;
+    agent.stop().await;
+
+    // The key is no longer trusted: the document stays owned, is not run.
+    std::fs::remove_file(device.root("/srv/web")).unwrap();
+    let mut agent = device
+        .start_with(|s| {
+            s.trust = TrustedKeys::new(vec![DocumentSigner::from_seed([6; 32]).verifying_key()], 1);
+            s.allow_unsigned = false;
+        })
+        .await;
+    let web = agent.until_phase("web", 1, Phase::Failed).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::BadSignature);
+    assert!(!device.root("/srv/web").exists(), "drift repair ran an untrusted document");
+    agent.stop().await;
+
+    // A narrowed policy.
+    let mut agent = device
+        .start_with(|s| {
+            trusting(s);
+            s.policy = crate::DevicePolicy { allowed_tags: None, allowed_paths: vec!["/etc".into()] };
+        })
+        .await;
+    let web = agent.until_phase("web", 1, Phase::Failed).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::PolicyDenied);
+    assert!(!device.root("/srv/web").exists());
+    agent.stop().await;
+
+    // Trusted again and inside the policy: it runs (and repairs the drift).
+    let mut agent = device.start_with(trusting).await;
+    agent.applied("web", 1).await;
+    assert_eq!(read(&device.root("/srv/web")), "v1");
+
+    // A document accepted before its expiry stops running once it passes.
+    let expires_at = harmony_score_wire::now_ms() / 1000 + 2;
+    let mut expiring: DesiredState =
+        serde_json::from_value(json!({"device_id": "dev-1", "deployment": "web",
+        "generation": 2, "expires_at": expires_at, "scores": [file("/srv/web", "v2")]}))
+        .unwrap();
+    expiring.issued_at = 0;
+    agent.offer_bytes("web", key.sign(encode(&expiring).unwrap()));
+    agent.applied("web", 2).await;
+    while harmony_score_wire::now_ms() / 1000 <= expires_at {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::remove_file(device.root("/srv/web")).unwrap();
+    let (reply, answer) = oneshot::channel();
+    agent.inbox.command(Command::ReconcileNow { reply });
+    tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+    let web = agent.until_phase("web", 2, Phase::Failed).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::Expired);
+    assert!(!device.root("/srv/web").exists());
+    agent.stop().await;
+}
