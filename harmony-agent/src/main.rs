@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use harmony_agent::{run_scores, ConfigLayer};
-use harmony_score_wire::{read_document_file, registered_scores, DecodeLimits};
+use harmony_score_wire::{registered_scores, DecodeLimits};
 use harmony_topology::{Inventory, LocalDeviceTopology, Maestro};
 
 #[derive(Parser)]
@@ -137,7 +137,26 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
         eprintln!("harmony-agent: {}: rejected: {message}", path.display());
         ExitCode::from(2)
     };
-    if !trusted_keys.is_empty() {
+    // Read once, bounded; what is verified is what is decoded.
+    let limits = DecodeLimits::default();
+    let bytes = {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(&path)
+            .and_then(|f| f.take(limits.max_bytes as u64 + 64 * 1024).read_to_end(&mut bytes));
+        if let Err(err) = read {
+            return refuse(format!("cannot read: {err}"));
+        }
+        bytes
+    };
+    let json = harmony_score_wire::is_json_path(&path);
+    let payload = if trusted_keys.is_empty() {
+        if json {
+            bytes
+        } else {
+            harmony_score_wire::payload_of(&bytes).unwrap_or(bytes)
+        }
+    } else {
         // The same checks as the daemon's: a signature by a trusted key over
         // the exact bytes, before anything is decoded.
         let layer = ConfigLayer {
@@ -150,23 +169,22 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
             Ok(config) => config.trust,
             Err(err) => return refuse(err.to_string()),
         };
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(err) => return refuse(format!("cannot read: {err}")),
-        };
-        if !harmony_score_wire::is_signed(&bytes) {
+        if json || !harmony_score_wire::is_signed(&bytes) {
             return refuse("unsigned: the document is not signed".to_owned());
         }
-        if let Err(err) = trust.verify(&bytes) {
-            return refuse(format!("bad_signature: {err}"));
+        match trust.verify(&bytes) {
+            Ok(payload) => payload,
+            Err(err) => return refuse(format!("bad_signature: {err}")),
         }
-    }
-    let doc = match read_document_file(&path, &DecodeLimits::default()) {
+    };
+    let decoded = if json {
+        harmony_score_wire::decode_json(&payload, &limits)
+    } else {
+        harmony_score_wire::decode(&payload, &limits)
+    };
+    let doc = match decoded {
         Ok(doc) => doc,
-        Err(err) => {
-            eprintln!("harmony-agent: {err}");
-            return ExitCode::from(2);
-        }
+        Err(err) => return refuse(format!("{}: {err}", err.kind())),
     };
     if let Some(device) = &device_id {
         if doc.device_id.as_str() != device {

@@ -492,3 +492,29 @@ async fn only_documents_signed_by_a_trusted_key_run() {
     f.applied(&device, "app", g2.generation).await;
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed again");
 }
+
+// Review finding: a delete whose marker was cleaned up while the device was
+// away (purge-deletes, compaction) was never seen. The index's tombstone
+// says it was deleted: that is a delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_marker_is_gone_is_seen_through_the_index_tombstone() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let agent = f.agent("dev-1", "dev-1");
+    f.online(&device).await;
+    let g = f.deploy(&device, "app", vec![file("/etc/app", "x")]).await;
+    f.applied(&device, "app", g).await;
+    agent.stop().await.unwrap();
+
+    assert!(within(f.client.delete(&device, &name("app"))).await.unwrap());
+    let mut stream = within(f.client.jetstream().get_stream("KV_harmony-desired-state")).await.unwrap();
+    within(stream.purge().filter("$KV.harmony-desired-state.dev-1.app").into_future()).await.unwrap();
+    let _ = within(stream.info()).await.unwrap();
+    let _agent = f.agent("dev-1", "dev-1");
+    let app = name("app");
+    until_status(&f.client, &device, "app pruned", |s| {
+        s.deployments.get(&app).is_some_and(|d| d.phase == Phase::Pruned)
+    })
+    .await;
+    assert!(!f.root("dev-1", "/etc/app").exists());
+}

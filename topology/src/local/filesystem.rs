@@ -134,8 +134,14 @@ fn inspect_blocking(path: &Path) -> io::Result<PathEntry> {
 /// refused, since its mode is that other file's too.
 fn set_mode_blocking(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    // Non-blocking and no controlling terminal: a FIFO or a device node
+    // swapped in must neither hang the agent nor be used.
+    let flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let file = OpenOptions::new().read(true).custom_flags(flags).open(path)?;
     let meta = file.metadata()?;
+    if !meta.is_file() && !meta.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "neither a regular file nor a directory"));
+    }
     if meta.is_file() && meta.nlink() > 1 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,

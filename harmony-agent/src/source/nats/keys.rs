@@ -75,6 +75,8 @@ pub(super) struct Follower {
     /// Per deployment: the revision last passed on, and its generation.
     passed: HashMap<DeploymentName, (u64, Option<u64>)>,
     lagging: HashMap<KeyName, Lagging>,
+    /// Deployments the index lists as deleted (its tombstones).
+    tombstoned: std::collections::HashSet<DeploymentName>,
 }
 
 impl Follower {
@@ -94,6 +96,7 @@ impl Follower {
             known: known.into_iter().collect(),
             passed: HashMap::new(),
             lagging: HashMap::new(),
+            tombstoned: std::collections::HashSet::new(),
         })
     }
 
@@ -212,6 +215,14 @@ impl Follower {
                 self.passed.insert(name.clone(), (revision, generation));
                 Input::Document { deployment: name, bytes: value.to_vec(), format: DocumentFormat::Cbor }
             }
+            // No message at all, but the operator's index says it was
+            // deleted: its delete marker was cleaned up while the device
+            // was away. That is a delete.
+            Latest::Gone { revision: 0 } if self.tombstoned.contains(&name) => {
+                self.known.remove(&name);
+                self.passed.insert(name.clone(), (0, None));
+                Input::Deleted { deployment: name }
+            }
             Latest::Gone { revision: 0 } => {
                 // The key does not exist at all: no value and no delete
                 // marker. Deletes and purges leave a marker, so this is a
@@ -259,6 +270,7 @@ impl Follower {
                 to_read.push(name.clone());
             }
         }
+        self.tombstoned = index.deleted.keys().cloned().collect();
         for name in index.deleted.keys() {
             if self.known.contains(name) && self.passed.get(name).is_none_or(|(_, g)| g.is_some()) {
                 to_read.push(name.clone());
