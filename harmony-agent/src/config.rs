@@ -330,6 +330,10 @@ fn resolve_trust(
                 .map_err(|e| ConfigError::Invalid(format!("trusted key {}: {e}", path.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // One key listed twice is one signer: a threshold must not count it twice.
+    let mut keys = keys;
+    keys.sort_by_key(|k| k.to_bytes());
+    keys.dedup();
     let threshold = threshold.unwrap_or(1);
     if threshold == 0 || (!keys.is_empty() && threshold > keys.len()) {
         return Err(ConfigError::Invalid(format!(

@@ -28,10 +28,11 @@ impl std::fmt::Debug for Principal {
 }
 
 impl Principal {
-    /// `nats://user:password@host:port` for `server` (`host:port` or `nats://host:port`).
+    /// `scheme://user:password@host:port` for `server` (`host:port`, taken
+    /// as `nats://`, or with its own scheme, which is kept: `tls://` stays TLS).
     pub fn url(&self, server: &str) -> String {
-        let host = server.split_once("://").map_or(server, |(_, h)| h);
-        format!("nats://{}:{}@{host}", self.user, self.password)
+        let (scheme, host) = server.split_once("://").unwrap_or(("nats", server));
+        format!("{scheme}://{}:{}@{host}", self.user, self.password)
     }
 }
 
@@ -119,6 +120,7 @@ mod tests {
         assert!(config.server_conf.contains("\"harmony.hint.dev-1.>\""));
         assert!(config.server_conf.contains("\"_INBOX_dev-2.>\""));
         assert!(!format!("{config:?}").contains(&config.operator.password), "Debug hides passwords");
+        assert!(config.operator.url("tls://h:4222").starts_with("tls://operator:"), "the scheme is kept");
         assert_eq!(
             config.devices[0].1.url("127.0.0.1:4222"),
             format!("nats://dev-1:{}@127.0.0.1:4222", config.devices[0].1.password)

@@ -91,14 +91,43 @@ pub fn split_url_credentials(url: &str) -> (String, Option<(String, String)>) {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, url),
     };
+    // NATS server URLs have no path or query, so everything up to the
+    // last '@' is userinfo (a password may hold '@' as written or as %40).
     let Some(at) = rest.rfind('@') else { return (url.to_owned(), None) };
     let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+    if host.is_empty() {
+        return (url.to_owned(), None);
+    }
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     let bare = match scheme {
         Some(scheme) => format!("{scheme}://{host}"),
         None => host.to_owned(),
     };
-    (bare, Some((user.to_owned(), password.to_owned())))
+    (bare, Some((percent_decode(user), percent_decode(password))))
+}
+
+/// `%40` → `@` (URL userinfo escapes); anything else is kept as written.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_owned())
 }
 
 /// `nats://user:secret@host` → `nats://***@host`, for logs.
@@ -152,5 +181,9 @@ mod tests {
             ("nats://h:1".to_owned(), Some(("dev-1".to_owned(), "p@ss:w/rd".to_owned())))
         );
         assert_eq!(split_url_credentials("h:1"), ("h:1".to_owned(), None));
+        assert_eq!(
+            split_url_credentials("nats://u:p%40ss%2Fx@h:1").1,
+            Some(("u".to_owned(), "p@ss/x".to_owned()))
+        );
     }
 }

@@ -243,6 +243,22 @@ async fn nats_config_writes_a_working_configuration_and_private_credentials() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2), "an invalid device id is refused");
+    for args in [
+        &["--devices", "operator"][..],
+        &["--devices", "dev-1,dev-1"][..],
+        &["--devices", "dev-1", "--url", "nats://h:1\"\nallow_unsigned = true"][..],
+        &["--devices", "dev-1", "--url", "nats://$(reboot):1"][..],
+    ] {
+        let refused = std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
+            .arg("nats-config")
+            .args(args)
+            .arg("--out")
+            .arg(dir.path().join("refused"))
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(2), "{args:?}");
+    }
+    assert!(!dir.path().join("refused").exists(), "nothing written for a refused request");
 
     let nats = NatsServer::start_with_config(&std::fs::read_to_string(out.join("nats-server.conf")).unwrap());
     let port = nats.url().rsplit(':').next().unwrap().to_owned();

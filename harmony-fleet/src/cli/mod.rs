@@ -82,6 +82,13 @@ pub fn keygen(out: &Path) -> Result<(), CliError> {
             .map_err(failed)?;
         file.write_all(text.as_bytes()).map_err(failed)
     };
+    // Both names are checked first: a new secret beside an old public key
+    // would sign documents no device accepts.
+    for name in ["harmony.key", "harmony.pub"] {
+        if out.join(name).exists() {
+            return Err(CliError::Usage(format!("{} exists; not overwritten", out.join(name).display())));
+        }
+    }
     write("harmony.key", format!("{}\n", harmony_score_wire::to_hex32(&seed)), 0o600)?;
     write(
         "harmony.pub",
@@ -287,6 +294,16 @@ pub async fn init(conn: &Connection) -> Result<(), CliError> {
 /// `out`, each readable by its owner only: they hold passwords.
 pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), CliError> {
     use std::os::unix::fs::OpenOptionsExt;
+    // The URL is written into a TOML file and a shell environment file.
+    if url.is_empty() || !url.chars().all(|c| c.is_ascii_alphanumeric() || "-._:/[]".contains(c)) {
+        return Err(CliError::Usage(format!("--url {url:?}: only a plain scheme://host:port is allowed")));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for device in devices {
+        if device.as_str() == "operator" || !seen.insert(device.clone()) {
+            return Err(CliError::Usage(format!("device id {device} is reserved or repeated")));
+        }
+    }
     let config = harmony_fleet::nats_config::generate(devices)
         .map_err(|e| CliError::Failed(format!("cannot read random bytes for passwords: {e}")))?;
     std::fs::create_dir_all(out)
