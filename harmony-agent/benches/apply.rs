@@ -52,6 +52,32 @@ fn main() {
         .collect();
     println!("decode, 100 FileScores: median {:?} over {} runs", median(decode_times), RUNS * 10);
 
+    // Signatures: what signing costs the operator and verifying the device,
+    // against the decode above.
+    let signer = harmony_score_wire::DocumentSigner::from_seed([7; 32]);
+    let trust = harmony_score_wire::TrustedKeys::new(vec![signer.verifying_key()], 1);
+    let signed = signer.sign(bytes.clone());
+    println!("signed envelope, 100 FileScores: {} bytes (+{})", signed.len(), signed.len() - bytes.len());
+    let time = |f: &dyn Fn()| {
+        median(
+            (0..RUNS * 10)
+                .map(|_| {
+                    let start = Instant::now();
+                    f();
+                    start.elapsed()
+                })
+                .collect(),
+        )
+    };
+    println!(
+        "sign, 100 FileScores: median {:?}",
+        time(&|| drop(std::hint::black_box(signer.sign(bytes.clone()))))
+    );
+    println!(
+        "verify, 100 FileScores: median {:?}",
+        time(&|| drop(std::hint::black_box(trust.verify(&signed).unwrap())))
+    );
+
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let doc = decode(&bytes, &DecodeLimits::default()).unwrap();
     let (mut first, mut noop) = (Vec::new(), Vec::new());

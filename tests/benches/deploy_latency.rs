@@ -38,18 +38,30 @@ async fn main() {
     std::fs::create_dir(&root).expect("root");
     let state = dir.path().join("state");
     let url = nats.url();
+    // `HARMONY_BENCH_SIGNED=1`: the operator signs, the agent verifies.
+    let signed = std::env::var_os("HARMONY_BENCH_SIGNED").is_some();
+    let public = dir.path().join("bench.pub");
+    let signer = harmony_score_wire::DocumentSigner::from_seed([11; 32]);
+    std::fs::write(&public, harmony_score_wire::to_hex32(&signer.verifying_key().to_bytes())).expect("key");
+    let client = if signed { client.with_signer(signer) } else { client };
+    let trust: Vec<&str> =
+        if signed { vec!["--trusted-key", public.to_str().unwrap()] } else { vec!["--allow-unsigned"] };
+    println!("documents: {}", if signed { "signed (ed25519), verified by the agent" } else { "unsigned" });
     let agent = AgentProcess::start(
         &[
-            "--allow-unsigned",
-            "--device-id",
-            "bench-1",
-            "--nats",
-            &url,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--root",
-            root.to_str().unwrap(),
-        ],
+            &trust[..],
+            &[
+                "--device-id",
+                "bench-1",
+                "--nats",
+                &url,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--root",
+                root.to_str().unwrap(),
+            ][..],
+        ]
+        .concat(),
         &dir.path().join("agent.log"),
     );
     let device = DeviceId::new("bench-1").expect("id");
