@@ -867,13 +867,23 @@ fn outside_policy(
     policy: &DevicePolicy,
     mine: &[ResourceId],
 ) -> Option<(ErrorKind, String)> {
+    // The allowed paths as the device's filesystem makes them too: on a
+    // merged-/usr device `/lib/firmware` is `/usr/lib/firmware`.
+    let resolved = DevicePolicy {
+        allowed_tags: None,
+        allowed_paths: policy
+            .allowed_paths
+            .iter()
+            .map(|p| if p == "/" { p.clone() } else { topology.device_path(p).unwrap_or_else(|| p.clone()) })
+            .collect(),
+    };
     mine.iter().filter(|id| id.kind() == ResourceId::PATH).find_map(|id| {
         let device = topology.device_path(id.name());
         // Unresolvable (not UTF-8, an unreadable root): allowed only where
         // every path is.
         let anywhere = policy.allows_path("/");
-        let allowed =
-            policy.allows_path(id.name()) && device.as_deref().map_or(anywhere, |p| policy.allows_path(p));
+        let allowed = policy.allows_path(id.name())
+            && device.as_deref().map_or(anywhere, |p| policy.allows_path(p) || resolved.allows_path(p));
         (!allowed).then(|| {
             let seen = device
                 .filter(|p| p != id.name())

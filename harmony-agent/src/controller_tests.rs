@@ -1156,6 +1156,20 @@ async fn a_score_outside_the_device_policy_refuses_the_whole_document() {
         assert!(!device.root(path).exists(), "{path} was written");
     }
     agent.stop().await;
+
+    // An allowed path is itself resolved: on a merged-/usr device,
+    // `/lib/firmware` allows `/lib/firmware/x`, which is `/usr/lib/firmware/x`.
+    std::fs::create_dir_all(device.root("/usr/lib/firmware")).unwrap();
+    std::os::unix::fs::symlink("usr/lib", device.root("/lib")).unwrap();
+    let mut agent = device
+        .start_with(|s| {
+            s.policy = crate::DevicePolicy { allowed_tags: None, allowed_paths: vec!["/lib/firmware".into()] }
+        })
+        .await;
+    agent.offer("fw", 1, json!([file("/lib/firmware/blob", "x")]));
+    agent.applied("fw", 1).await;
+    assert_eq!(read(&device.root("/usr/lib/firmware/blob")), "x");
+    agent.stop().await;
 }
 
 // Review finding: an accepted document was never checked again. A key
