@@ -356,9 +356,7 @@ impl Controller {
         let payload = match self.verified_payload(&bytes, format) {
             Ok(payload) => payload,
             Err((kind, message)) => {
-                let generation = harmony_score_wire::payload_of(&bytes)
-                    .ok()
-                    .and_then(|p| peek_generation(&p, &self.limits));
+                let generation = peek_generation(&bytes, &self.limits);
                 return self.reject(name, generation, digest, kind, message, None);
             }
         };

@@ -41,7 +41,7 @@ pub enum DocumentFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredDocument {
     /// The bytes, exactly as read from the source.
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "harmony_score_wire::cbor_bytes")]
     pub bytes: Vec<u8>,
     /// How they are encoded.
     pub format: DocumentFormat,
@@ -57,7 +57,7 @@ pub struct OwnedResource {
     /// The resource.
     pub resource: ResourceId,
     /// The CBOR of the Score that undoes it (`DeviceScore::undo`).
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "harmony_score_wire::cbor_bytes")]
     pub undo: Vec<u8>,
 }
 
@@ -109,7 +109,7 @@ struct Envelope {
     format: u32,
     /// `sha256:<hex>` of `payload`.
     checksum: String,
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "harmony_score_wire::cbor_bytes")]
     payload: Vec<u8>,
 }
 
@@ -280,40 +280,6 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     File::open(path)?.take(MAX_RECORD_BYTES as u64 + 1).read_to_end(&mut bytes)?;
     Ok(bytes)
-}
-
-/// Byte strings as CBOR byte strings (not arrays of integers), without a
-/// dependency on `serde_bytes`.
-mod serde_bytes_compat {
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(bytes)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a byte string")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = seq.next_element::<u8>()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(Visitor)
-    }
 }
 
 #[cfg(test)]

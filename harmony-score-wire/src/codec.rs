@@ -188,14 +188,24 @@ pub fn decode_json(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredState, 
     decode_value(value, limits)
 }
 
-/// The `generation` of a document that may not decode, so that a rejection
-/// can still say which generation it refused. `None` when it cannot be read.
+/// The `generation` of a document that may not decode (or its signed
+/// envelope), so that a rejection can still say which generation it
+/// refused. `None` when it cannot be read.
 pub fn peek_generation(bytes: &[u8], limits: &DecodeLimits) -> Option<u64> {
+    // Only the field asked for is kept: the rest (every Score) is skipped
+    // as it is read, not built into a value tree.
+    #[derive(serde::Deserialize)]
+    struct Header {
+        generation: u64,
+    }
+    if crate::is_signed(bytes) {
+        // Not verified: this only says which generation a refusal was about.
+        return peek_generation(&crate::open_signed(bytes).ok()?.payload, limits);
+    }
     check_size(bytes, limits).ok()?;
-    let value: Value = ciborium::de::from_reader_with_recursion_limit(bytes, limits.max_depth + 1).ok()?;
-    let Value::Map(fields) = value else { return None };
-    let (_, generation) = fields.into_iter().find(|(k, _)| k.as_text() == Some("generation"))?;
-    u64::try_from(generation.as_integer()?).ok()
+    ciborium::de::from_reader_with_recursion_limit::<Header, _>(bytes, limits.max_depth + 1)
+        .ok()
+        .map(|h| h.generation)
 }
 
 fn check_size(bytes: &[u8], limits: &DecodeLimits) -> Result<(), DecodeError> {

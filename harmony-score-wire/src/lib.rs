@@ -4,6 +4,7 @@
 //! the same bytes. It holds serde types, the CBOR codec and names, and
 //! deliberately no async runtime and no NATS client.
 
+pub mod cbor_bytes;
 mod codec;
 mod document;
 mod file;

@@ -29,7 +29,7 @@ pub struct SignedDocument {
     #[serde(rename = "type")]
     pub kind: String,
     /// The CBOR `DesiredState`, exactly as signed.
-    #[serde(with = "bytes")]
+    #[serde(with = "crate::cbor_bytes")]
     pub payload: Vec<u8>,
     /// One per signing key.
     pub signatures: Vec<DocumentSignature>,
@@ -41,7 +41,7 @@ pub struct DocumentSignature {
     /// [`key_id`] of the signing key.
     pub key_id: String,
     /// The 64-byte ed25519 signature of the payload.
-    #[serde(with = "bytes")]
+    #[serde(with = "crate::cbor_bytes")]
     pub signature: Vec<u8>,
 }
 
@@ -208,32 +208,6 @@ fn parse_hex32(text: &str) -> Result<[u8; 32], String> {
 /// Hex of 32 bytes, as the key files hold them.
 pub fn to_hex32(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Byte strings as CBOR byte strings.
-mod bytes {
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(bytes)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a byte string")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-        }
-        d.deserialize_byte_buf(Visitor)
-    }
 }
 
 #[cfg(test)]

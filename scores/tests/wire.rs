@@ -288,3 +288,19 @@ fn an_invalid_score_rejects_the_document_naming_index_tag_and_field() {
         ));
     }
 }
+
+// A refusal names the generation it refused, also of a document that does
+// not decode (unknown tags) or that is signed; never of a truncated one.
+#[test]
+fn peek_generation_reads_the_generation_of_bare_signed_and_undecodable_documents() {
+    let limits = DecodeLimits::default();
+    let unknown = cbor_of(&json!({"device_id": "dev-1", "deployment": "d", "generation": 7,
+        "scores": [{"type": "future.thing/v9", "path": "/x"}]}));
+    assert_eq!(harmony_score_wire::peek_generation(&unknown, &limits), Some(7));
+    let signed = harmony_score_wire::DocumentSigner::from_seed([1; 32]).sign(unknown.clone());
+    assert_eq!(harmony_score_wire::peek_generation(&signed, &limits), Some(7));
+    assert_eq!(harmony_score_wire::peek_generation(&unknown[..unknown.len() - 3], &limits), None);
+    let huge = cbor_of(&json!({"generation": u64::MAX, "scores": []}));
+    assert_eq!(harmony_score_wire::peek_generation(&huge, &limits), Some(u64::MAX));
+    assert_eq!(harmony_score_wire::peek_generation(&cbor_of(&json!({"generation": -1})), &limits), None);
+}
