@@ -299,7 +299,7 @@ impl ConfigLayer {
             },
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "shutdown_grace_secs")?,
             policy: resolve_policy(self.policy.unwrap_or_default())?,
-            trust: resolve_trust(self.trusted_keys.unwrap_or_default(), self.signature_threshold)?,
+            trust: load_trusted_keys(self.trusted_keys.unwrap_or_default(), self.signature_threshold)?,
             allow_unsigned: self.allow_unsigned.unwrap_or(false),
             trusted_inbox_prefix: match self.trusted_inbox_prefix {
                 // Ending in '.' so `_INBOX` cannot also match `_INBOX_<id>`.
@@ -317,7 +317,9 @@ impl ConfigLayer {
     }
 }
 
-fn resolve_trust(
+/// Loads the public key files a device trusts (`harmony.pub`: 64 hex
+/// digits), one key counted once, and checks the threshold against them.
+pub fn load_trusted_keys(
     files: Vec<PathBuf>,
     threshold: Option<usize>,
 ) -> Result<harmony_score_wire::TrustedKeys, ConfigError> {

@@ -332,18 +332,14 @@ impl Controller {
     /// envelope must carry enough valid signatures by trusted keys; a bare
     /// document is accepted only with `allow_unsigned`.
     fn verified_payload(&self, bytes: &[u8], format: DocumentFormat) -> Result<Vec<u8>, (ErrorKind, String)> {
-        if format == DocumentFormat::Cbor && harmony_score_wire::is_signed(bytes) {
-            if self.settings.trust.is_empty() {
-                let message = "document is signed, but this device trusts no key (trusted_keys)".to_owned();
-                return Err((ErrorKind::BadSignature, message));
-            }
-            return self.settings.trust.verify(bytes).map_err(|e| (ErrorKind::BadSignature, e.to_string()));
-        }
-        if self.settings.allow_unsigned {
-            Ok(bytes.to_vec())
-        } else {
-            Err((ErrorKind::Unsigned, harmony_score_wire::SignatureError::Unsigned.to_string()))
-        }
+        // JSON (folder sources) cannot be signed: it passes only unsigned.
+        let allow_unsigned = self.settings.allow_unsigned;
+        let opened = match format {
+            DocumentFormat::Cbor => self.settings.trust.open(bytes, allow_unsigned),
+            DocumentFormat::Json if allow_unsigned => Ok(bytes.to_vec()),
+            DocumentFormat::Json => Err(harmony_score_wire::SignatureError::Unsigned),
+        };
+        opened.map_err(|e| (e.kind(), e.to_string()))
     }
 
     /// Offers the current value of a deployment's key: decoded, judged,

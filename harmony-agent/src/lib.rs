@@ -18,7 +18,9 @@ mod source;
 mod store;
 
 pub use apply::{run_scores, ApplyReport};
-pub use config::{AgentConfig, ConfigError, ConfigLayer, DevicePolicy, PolicyLayer, Source};
+pub use config::{
+    load_trusted_keys, AgentConfig, ConfigError, ConfigLayer, DevicePolicy, PolicyLayer, Source,
+};
 pub use daemon::{device_info, run, DaemonError};
 pub use deployment::{backoff, FORGET_PRUNED_AFTER};
 pub use runner::Timeouts;

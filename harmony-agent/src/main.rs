@@ -150,6 +150,8 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
         bytes
     };
     let json = harmony_score_wire::is_json_path(&path);
+    // The daemon's decision: with keys, only a signature by one of them;
+    // without, apply is the device owner's own act and opens any envelope.
     let payload = if trusted_keys.is_empty() {
         if json {
             bytes
@@ -157,24 +159,15 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
             harmony_score_wire::payload_of(&bytes).unwrap_or(bytes)
         }
     } else {
-        // The same checks as the daemon's: a signature by a trusted key over
-        // the exact bytes, before anything is decoded.
-        let layer = ConfigLayer {
-            device_id: Some(device_id.clone().unwrap_or_else(|| "apply".to_owned())),
-            state_dir: Some(root.clone()),
-            trusted_keys: Some(trusted_keys.to_vec()),
-            ..Default::default()
-        };
-        let trust = match layer.resolve() {
-            Ok(config) => config.trust,
+        let trust = match harmony_agent::load_trusted_keys(trusted_keys.to_vec(), None) {
+            Ok(trust) => trust,
             Err(err) => return refuse(err.to_string()),
         };
-        if json || !harmony_score_wire::is_signed(&bytes) {
-            return refuse("unsigned: the document is not signed".to_owned());
-        }
-        match trust.verify(&bytes) {
+        let opened =
+            if json { Err(harmony_score_wire::SignatureError::Unsigned) } else { trust.open(&bytes, false) };
+        match opened {
             Ok(payload) => payload,
-            Err(err) => return refuse(format!("bad_signature: {err}")),
+            Err(err) => return refuse(format!("{}: {err}", err.kind())),
         }
     };
     let decoded = if json {

@@ -55,9 +55,22 @@ pub enum SignatureError {
     /// The envelope is not well formed.
     #[error("malformed signed envelope: {0}")]
     Malformed(String),
+    /// A signed document, and no key is trusted.
+    #[error("document is signed, but this device trusts no key")]
+    NoTrustedKeys,
     /// Fewer valid signatures by trusted keys than the threshold.
     #[error("{valid} valid signature(s) by trusted keys, {threshold} required (signed by: {signers})")]
     NotTrusted { valid: usize, threshold: usize, signers: String },
+}
+
+impl SignatureError {
+    /// The kind a status reports: `unsigned`, or `bad_signature` for the rest.
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            SignatureError::Unsigned => crate::ErrorKind::Unsigned,
+            _ => crate::ErrorKind::BadSignature,
+        }
+    }
 }
 
 /// `ed25519:<16 hex digits>`: a short, stable name of a public key.
@@ -153,6 +166,24 @@ impl TrustedKeys {
     /// Whether no key is trusted.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// The one decision every reader makes (the agent on each offer and
+    /// before each run, `harmony-agent apply`): a signed envelope must carry
+    /// enough valid signatures by these keys; a bare document passes only
+    /// with `allow_unsigned`. Returns the document's bytes.
+    pub fn open(&self, bytes: &[u8], allow_unsigned: bool) -> Result<Vec<u8>, SignatureError> {
+        if is_signed(bytes) {
+            if self.is_empty() {
+                return Err(SignatureError::NoTrustedKeys);
+            }
+            return self.verify(bytes);
+        }
+        if allow_unsigned {
+            Ok(bytes.to_vec())
+        } else {
+            Err(SignatureError::Unsigned)
+        }
     }
 
     /// Checks the envelope's signatures and returns the payload when at
