@@ -100,6 +100,13 @@ impl DevicePolicy {
         })
     }
 
+    /// Why `doc` uses a Score tag this policy does not allow; `None` when it does not.
+    pub fn refused_tag(&self, doc: &harmony_score_wire::DesiredState) -> Option<String> {
+        let (index, score) =
+            doc.scores.iter().enumerate().find(|(_, s)| !self.allows_tag(s.typetag_name()))?;
+        Some(format!("score #{index} ({}) is not allowed by this device's policy", score.typetag_name()))
+    }
+
     /// Whether Scores tagged `tag` may run.
     pub fn allows_tag(&self, tag: &str) -> bool {
         self.allowed_tags.as_ref().is_none_or(|tags| tags.contains(tag))

@@ -317,8 +317,7 @@ impl Controller {
                 return Some(StatusError::new(ErrorKind::Expired, message));
             }
         }
-        if let Some(score) = doc.scores.iter().find(|s| !self.settings.policy.allows_tag(s.typetag_name())) {
-            let message = format!("{} is not allowed by this device's policy", score.typetag_name());
+        if let Some(message) = self.settings.policy.refused_tag(doc) {
             return Some(StatusError::new(ErrorKind::PolicyDenied, message));
         }
         let (topology, policy, mine) =
@@ -392,15 +391,7 @@ impl Controller {
             .filter(|(other, _)| *other != name)
             .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
             .collect();
-        if let Some((index, score)) = accepted
-            .doc
-            .scores
-            .iter()
-            .enumerate()
-            .find(|(_, s)| !self.settings.policy.allows_tag(s.typetag_name()))
-        {
-            let message =
-                format!("score #{index} ({}) is not allowed by this device's policy", score.typetag_name());
+        if let Some(message) = self.settings.policy.refused_tag(&accepted.doc) {
             let generation = Some(accepted.doc.generation);
             return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
         }

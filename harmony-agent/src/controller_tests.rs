@@ -137,18 +137,7 @@ impl Device {
     }
 
     async fn start_with(&self, tweak: impl FnOnce(&mut ControllerSettings)) -> Running {
-        let mut settings = ControllerSettings {
-            device: DeviceId::new("dev-1").unwrap(),
-            max_parallel: 4,
-            resync: Duration::from_secs(3600),
-            timeouts: Timeouts::default(),
-            shutdown_grace: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(30),
-            info: DeviceInfo::default(),
-            policy: crate::DevicePolicy::default(),
-            trust: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
-            allow_unsigned: true,
-        };
+        let mut settings = settings();
         tweak(&mut settings);
         let maestro =
             Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(self.dir.path().join("root")))
@@ -234,6 +223,23 @@ impl Running {
         let _ = self.shutdown.take().unwrap().send(());
         tokio::time::timeout(WAIT, &mut self.task).await.expect("bounded shutdown").unwrap();
         started.elapsed()
+    }
+}
+
+/// The settings every test starts from: dev-1, a resync of an hour (nothing
+/// here converges by the timer), unsigned documents allowed.
+fn settings() -> ControllerSettings {
+    ControllerSettings {
+        device: DeviceId::new("dev-1").unwrap(),
+        max_parallel: 4,
+        resync: Duration::from_secs(3600),
+        timeouts: Timeouts::default(),
+        shutdown_grace: Duration::from_secs(5),
+        heartbeat: Duration::from_secs(30),
+        info: DeviceInfo::default(),
+        policy: crate::DevicePolicy::default(),
+        trust: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
+        allow_unsigned: true,
     }
 }
 
@@ -762,18 +768,7 @@ fn absent_file(path: &str) -> Value {
 /// A controller driven by hand (no run loop), for states a test cannot wait
 /// for in real time (ten minutes after a prune).
 async fn manual_controller(device: &Device) -> Controller {
-    let settings = ControllerSettings {
-        device: DeviceId::new("dev-1").unwrap(),
-        max_parallel: 4,
-        resync: Duration::from_secs(3600),
-        timeouts: Timeouts::default(),
-        shutdown_grace: Duration::from_secs(5),
-        heartbeat: Duration::from_secs(30),
-        info: DeviceInfo::default(),
-        policy: crate::DevicePolicy::default(),
-        trust: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
-        allow_unsigned: true,
-    };
+    let settings = settings();
     let maestro =
         Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(device.dir.path().join("root")))
             .await

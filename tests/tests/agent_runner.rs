@@ -6,7 +6,7 @@
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
-use harmony_e2e::{agent_config, until_status, within, InProcessAgent, NatsServer, WAIT};
+use harmony_e2e::{agent_config, until_status, within, InProcessAgent, NatsServer};
 use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::{
     device_score, AgentStatus, DeploymentName, DeviceId, DeviceScore, ErrorKind, Phase, ResourceId,
@@ -284,7 +284,6 @@ async fn the_resync_timer_alone_repairs_drift() {
         }
     })
     .await;
-    let _ = WAIT;
 }
 
 // Issue 6 §9, the lost-update stall, made deterministic: a hint that reaches

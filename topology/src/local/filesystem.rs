@@ -82,14 +82,13 @@ pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<(
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir =
         path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    if path.file_name().is_none() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"));
+    }
     DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // The temp name does not embed the target's: a target name near
     // NAME_MAX would otherwise make the temp name too long to create.
-    let _ = name;
     let tmp = dir.join(format!(".harmony-tmp.{}.{n}", std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(mode & MODE_MASK).open(&tmp)?;
