@@ -32,6 +32,32 @@ use crate::runner::{self, PruneItem, RunEvent, RunPlan, RunResult, Timeouts};
 use crate::store::{DocumentFormat, HighWater, OwnedResource, Store, StoreError, StoredDocument};
 use crate::AGENT_VERSION;
 
+/// The parts of a record a run changes, kept to tell whether to save and
+/// to restore them when the save fails.
+struct Persisted {
+    owned: Vec<OwnedResource>,
+    observed_generation: u64,
+    observed_digest: Option<String>,
+    last_applied_at_ms: u64,
+}
+
+impl Persisted {
+    fn of(record: &crate::store::DeploymentRecord) -> Self {
+        Self {
+            owned: record.owned.clone(),
+            observed_generation: record.observed_generation,
+            observed_digest: record.observed_digest.clone(),
+            last_applied_at_ms: record.last_applied_at_ms,
+        }
+    }
+
+    fn changed(&self, record: &crate::store::DeploymentRecord) -> bool {
+        self.owned != record.owned
+            || self.observed_generation != record.observed_generation
+            || self.observed_digest != record.observed_digest
+    }
+}
+
 /// Failures [`Controller::recheck`] sets, cleared when the document passes again.
 const RECHECKED: [ErrorKind; 5] = [
     ErrorKind::Unsigned,
@@ -680,7 +706,9 @@ impl Controller {
         result.prune_failures += pending.len();
         result.scores.extend(pending);
 
-        let before = entry.record.clone();
+        // What a run can change in the record (the document cannot): not a
+        // clone of the whole record, which holds up to a 1 MiB document.
+        let before = Persisted::of(&entry.record);
         let wanted: HashSet<_> = entry.wanted().cloned().collect();
         let pruned: HashSet<_> = result.pruned.iter().filter(|r| !wanted.contains(*r)).collect();
         entry.record.owned.retain(|o| !pruned.contains(&o.resource));
@@ -722,7 +750,9 @@ impl Controller {
             entry.record.last_applied_at_ms = *at;
         }
         let deleted_and_undone = entry.record.document.is_none() && entry.record.owned.is_empty();
-        let changed = entry.record != before;
+        // Only what says something new is written: a drift repair that held
+        // moves `last_applied_at_ms` in memory (status) without an fsync.
+        let changed = before.changed(&entry.record);
         let rerun = entry.rerun;
         if changed && !self.save(name).await {
             // Not persisted, so not applied: the observed generation stays

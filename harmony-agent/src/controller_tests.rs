@@ -1235,3 +1235,42 @@ async fn an_accepted_document_is_checked_again_before_every_run() {
     assert!(!device.root("/srv/web").exists());
     agent.stop().await;
 }
+
+// Review finding: every run that held rewrote (and fsynced) the record,
+// because its `last_applied_at_ms` moved: one fsync per deployment per
+// resync. A drift repair that changes nothing the record says writes nothing.
+#[tokio::test]
+async fn a_drift_repair_that_holds_does_not_rewrite_the_record() {
+    use std::os::unix::fs::MetadataExt;
+    let device = Device::new();
+    let mut agent = device.start().await;
+    agent.offer("web", 1, json!([file("/web", "one")]));
+    agent.applied("web", 1).await;
+    let record = device.state().join("deployments/web.state");
+    let inode = std::fs::metadata(&record).unwrap().ino();
+    let n = name("web");
+    // A rerun that finds nothing to do (NOOP), then one that repairs drift
+    // (SUCCESS): each is a distinct status, so the waits cannot be satisfied early.
+    for (drift, outcome) in [(false, InterpretStatus::NOOP), (true, InterpretStatus::SUCCESS)] {
+        if drift {
+            std::fs::write(device.root("/web"), "drifted").unwrap();
+        }
+        let (reply, answer) = oneshot::channel();
+        agent.inbox.command(Command::ReconcileNow { reply });
+        tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+        agent
+            .until(&format!("a rerun reporting {outcome:?}"), |s| {
+                s.deployments.get(&n).is_some_and(|d| {
+                    d.current_score.is_none() && d.scores.first().is_some_and(|sc| sc.status == outcome)
+                })
+            })
+            .await;
+        assert_eq!(read(&device.root("/web")), "one");
+        assert_eq!(
+            std::fs::metadata(&record).unwrap().ino(),
+            inode,
+            "the record was rewritten ({outcome:?})"
+        );
+    }
+    agent.stop().await;
+}
