@@ -1,7 +1,5 @@
 //! The CBOR codec for `DesiredState`, bounded in everything it reads.
 
-use ciborium::Value;
-
 use crate::registry::is_registered;
 use crate::{DeploymentName, DesiredState, DeviceId, DeviceScore, ErrorKind, FORMAT_VERSION};
 
@@ -141,10 +139,9 @@ pub fn check_scores(scores: &[Box<dyn DeviceScore>]) -> Result<(), DecodeError> 
             message: crate::bounded_text(&err.message, crate::MAX_MESSAGE_BYTES),
         })?;
     }
-    let mut resources = std::collections::HashSet::new();
+    let mut resources = std::collections::HashSet::with_capacity(scores.len());
     for score in scores {
-        let resource = score.resource();
-        if !resources.insert(resource.clone()) {
+        if let Some(resource) = resources.replace(score.resource()) {
             return Err(DecodeError::DuplicateResource { resource: resource.to_string() });
         }
     }
@@ -157,25 +154,24 @@ pub fn to_json_pretty(doc: &DesiredState) -> Result<String, EncodeError> {
 }
 
 /// Decodes a CBOR document within `limits`.
+///
+/// The bytes are walked once without building anything ([`crate::scan`]):
+/// well-formed, within the depth limit, the fields checked below, every
+/// Score's tag known. Only then does serde read them, straight into the
+/// typed document, so a document's memory is its bytes and its Scores,
+/// never a generic value tree (a junk array of a million items costs
+/// nothing more than its bytes).
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredState, DecodeError> {
     check_size(bytes, limits)?;
-    let mut reader = bytes;
-    // ciborium counts recursion per container; the same bound as our own walk.
-    let value: Value = ciborium::de::from_reader_with_recursion_limit(&mut reader, limits.max_depth + 1)
-        .map_err(|err| cbor_error(err, limits))?;
-    if !reader.is_empty() {
-        return Err(DecodeError::Malformed {
-            message: format!("{} trailing bytes after the document", reader.len()),
-        });
-    }
-    decode_value(value, limits)
+    decode_checked_size(bytes, limits)
 }
 
 /// Decodes the JSON form of a document within `limits`, with the same checks
-/// as [`decode`].
+/// as [`decode`]: the text is transcoded to CBOR as it is parsed (no value
+/// tree either), then decoded as CBOR.
 pub fn decode_json(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredState, DecodeError> {
     check_size(bytes, limits)?;
-    let json: serde_json::Value = serde_json::from_slice(bytes).map_err(|err| {
+    let cbor = crate::json::to_cbor(bytes).map_err(|err| {
         if err.is_eof() {
             DecodeError::Truncated
         } else if err.to_string().contains("recursion limit") {
@@ -184,8 +180,74 @@ pub fn decode_json(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredState, 
             DecodeError::malformed(err)
         }
     })?;
-    let value = Value::serialized(&json).map_err(DecodeError::malformed)?;
-    decode_value(value, limits)
+    // The size bound applies to the text the operator wrote; its CBOR may be
+    // a little larger (a float is 9 bytes) and is bounded by the text.
+    decode_checked_size(&cbor, limits)
+}
+
+/// Checks the document's shape, ids and tags before building Scores, so
+/// that errors name what is wrong rather than where serde stopped.
+fn decode_checked_size(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredState, DecodeError> {
+    let outline = crate::scan::outline(bytes, limits.max_depth, limits.max_scores)?;
+    if !outline.is_map {
+        return Err(DecodeError::malformed("a document is a map"));
+    }
+    match outline.format {
+        None => {}
+        Some(Some(f)) if f == u64::from(FORMAT_VERSION) => {}
+        Some(Some(f)) => return Err(DecodeError::UnsupportedFormat { format: f }),
+        Some(None) => return Err(DecodeError::malformed("format is not an unsigned integer")),
+    }
+    let Some(Some(id)) = &outline.device_id else {
+        return Err(DecodeError::malformed("device_id is missing or not text"));
+    };
+    DeviceId::new(id.as_ref()).map_err(|e| DecodeError::InvalidDeviceId { message: e.to_string() })?;
+    let Some(Some(name)) = &outline.deployment else {
+        return Err(DecodeError::malformed("deployment is missing or not text"));
+    };
+    DeploymentName::new(name.as_ref())
+        .map_err(|e| DecodeError::InvalidDeploymentName { message: e.to_string() })?;
+    let Some(scores) = outline.scores else {
+        return Err(DecodeError::malformed("scores is missing or not an array"));
+    };
+    if scores.count > limits.max_scores {
+        return Err(DecodeError::TooManyScores { count: scores.count, limit: limits.max_scores });
+    }
+    let mut tags = Vec::with_capacity(scores.items.len());
+    for (index, score) in scores.items.iter().enumerate() {
+        let tag = score.tag.as_deref().ok_or_else(|| DecodeError::Malformed {
+            message: format!("score #{index} has no text \"type\""),
+        })?;
+        tags.push(tag);
+    }
+    let mut unknown: Vec<String> = tags.iter().filter(|t| !is_registered(t)).map(|t| t.to_string()).collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        unknown.dedup();
+        return Err(DecodeError::UnknownScoreTags { tags: unknown });
+    }
+    let reordered = crate::scan::with_tags_first(bytes, &scores.items);
+    let bytes = reordered.as_deref().unwrap_or(bytes);
+    // ciborium counts recursion per container; the same bound as the walk.
+    let doc: DesiredState = ciborium::de::from_reader_with_recursion_limit(bytes, limits.max_depth + 1)
+        .map_err(|err| {
+            // Find the Score at fault so the error names it; the whole
+            // document is decoded only once when nothing is wrong.
+            for (index, (score, tag)) in scores.items.iter().zip(&tags).enumerate() {
+                let one = &bytes[score.span.clone()];
+                let decoded = ciborium::de::from_reader_with_recursion_limit::<Box<dyn DeviceScore>, _>(
+                    one,
+                    limits.max_depth + 1,
+                );
+                if let Err(err) = decoded {
+                    let message = one_line(&err.to_string());
+                    return DecodeError::InvalidScore { index, tag: tag.to_string(), field: None, message };
+                }
+            }
+            cbor_error(err, limits)
+        })?;
+    check_scores(&doc.scores)?;
+    Ok(doc)
 }
 
 /// The `generation` of a document that may not decode (or its signed
@@ -224,92 +286,6 @@ fn cbor_error(err: ciborium::de::Error<std::io::Error>, limits: &DecodeLimits) -
         Error::Semantic(Some(offset), msg) => DecodeError::malformed(format!("at byte {offset}: {msg}")),
         Error::Semantic(None, msg) => DecodeError::malformed(msg),
         Error::RecursionLimitExceeded => DecodeError::TooDeep { limit: limits.max_depth },
-    }
-}
-
-/// Checks the parsed value's shape, ids and tags before building Scores, so
-/// that errors name what is wrong rather than where serde stopped.
-fn decode_value(value: Value, limits: &DecodeLimits) -> Result<DesiredState, DecodeError> {
-    if depth(&value) > limits.max_depth {
-        return Err(DecodeError::TooDeep { limit: limits.max_depth });
-    }
-    let Value::Map(fields) = &value else {
-        return Err(DecodeError::malformed("a document is a map"));
-    };
-    let field = |name: &str| fields.iter().find(|(k, _)| k.as_text() == Some(name)).map(|(_, v)| v);
-
-    if let Some(format) = field("format") {
-        match format.as_integer().and_then(|i| u64::try_from(i).ok()) {
-            Some(f) if f == u64::from(FORMAT_VERSION) => {}
-            Some(f) => return Err(DecodeError::UnsupportedFormat { format: f }),
-            None => return Err(DecodeError::malformed("format is not an unsigned integer")),
-        }
-    }
-    match field("device_id").map(Value::as_text) {
-        Some(Some(id)) => {
-            DeviceId::new(id).map_err(|e| DecodeError::InvalidDeviceId { message: e.to_string() })?;
-        }
-        _ => return Err(DecodeError::malformed("device_id is missing or not text")),
-    }
-    match field("deployment").map(Value::as_text) {
-        Some(Some(name)) => {
-            DeploymentName::new(name)
-                .map_err(|e| DecodeError::InvalidDeploymentName { message: e.to_string() })?;
-        }
-        _ => return Err(DecodeError::malformed("deployment is missing or not text")),
-    }
-    let Some(Value::Array(scores)) = field("scores") else {
-        return Err(DecodeError::malformed("scores is missing or not an array"));
-    };
-    if scores.len() > limits.max_scores {
-        return Err(DecodeError::TooManyScores { count: scores.len(), limit: limits.max_scores });
-    }
-    let tags = score_tags(scores)?;
-    let mut unknown: Vec<String> = tags.iter().filter(|t| !is_registered(t)).map(|t| t.to_string()).collect();
-    if !unknown.is_empty() {
-        unknown.sort();
-        unknown.dedup();
-        return Err(DecodeError::UnknownScoreTags { tags: unknown });
-    }
-    let doc = value.deserialized::<DesiredState>().map_err(|err| {
-        // Find the Score at fault so the error names it; the whole document
-        // is decoded only once when nothing is wrong.
-        for (index, (score, tag)) in scores.iter().zip(&tags).enumerate() {
-            if let Err(err) = score.deserialized::<Box<dyn crate::DeviceScore>>() {
-                let message = one_line(&err.to_string());
-                return DecodeError::InvalidScore { index, tag: tag.to_string(), field: None, message };
-            }
-        }
-        DecodeError::malformed(err)
-    })?;
-    check_scores(&doc.scores)?;
-    Ok(doc)
-}
-
-fn score_tags(scores: &[Value]) -> Result<Vec<&str>, DecodeError> {
-    scores
-        .iter()
-        .enumerate()
-        .map(|(index, score)| {
-            let tag = match score {
-                Value::Map(fields) => {
-                    fields.iter().find(|(k, _)| k.as_text() == Some("type")).and_then(|(_, v)| v.as_text())
-                }
-                _ => None,
-            };
-            tag.ok_or_else(|| DecodeError::Malformed {
-                message: format!("score #{index} has no text \"type\""),
-            })
-        })
-        .collect()
-}
-
-fn depth(value: &Value) -> usize {
-    match value {
-        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-        Value::Map(entries) => 1 + entries.iter().map(|(k, v)| depth(k).max(depth(v))).max().unwrap_or(0),
-        Value::Tag(_, inner) => 1 + depth(inner),
-        _ => 0,
     }
 }
 

@@ -44,11 +44,12 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
     }
     let mut out = String::with_capacity(path.len());
     for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => return Err(PathError::ParentComponent),
-            part if part.len() > MAX_NAME_BYTES => return Err(PathError::TooLong),
-            part => {
+        // Byte patterns: a `str` match calls `memcmp` per component.
+        match part.as_bytes() {
+            [] | [b'.'] => {}
+            [b'.', b'.'] => return Err(PathError::ParentComponent),
+            _ if part.len() > MAX_NAME_BYTES => return Err(PathError::TooLong),
+            _ => {
                 out.push('/');
                 out.push_str(part);
             }

@@ -304,3 +304,77 @@ fn peek_generation_reads_the_generation_of_bare_signed_and_undecodable_documents
     assert_eq!(harmony_score_wire::peek_generation(&huge, &limits), Some(u64::MAX));
     assert_eq!(harmony_score_wire::peek_generation(&cbor_of(&json!({"generation": -1})), &limits), None);
 }
+
+/// A map in the order given (serde_json's maps sort their keys).
+fn ordered(entries: Vec<(&str, ciborium::Value)>) -> ciborium::Value {
+    ciborium::Value::Map(entries.into_iter().map(|(k, v)| (ciborium::Value::Text(k.into()), v)).collect())
+}
+
+fn cbor_value(value: &ciborium::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).unwrap();
+    out
+}
+
+// Issue 7 §6: a document padded with a junk array was built into a value
+// tree twice its size. Junk anywhere, before or after a Score's `type`,
+// is skipped, and the document decodes to what it says without it.
+#[test]
+fn junk_fields_anywhere_are_skipped_and_a_late_type_is_found() {
+    use ciborium::Value as V;
+    let junk = || V::Array(vec![V::from(0); 100_000]);
+    let file = |junk_first: bool, junk_after: bool| {
+        let mut entries = Vec::new();
+        if junk_first {
+            entries.push(("junk", junk()));
+        }
+        entries.push(("type", V::Text("harmony.file/v1".into())));
+        if junk_after {
+            entries.push(("junk2", junk()));
+        }
+        entries.push(("path", V::Text("/etc/app/conf".into())));
+        entries.push(("content", V::Text("a = 1\n".into())));
+        ordered(entries)
+    };
+    let document = |padded: bool, score: ciborium::Value| {
+        let mut entries = vec![
+            ("device_id", V::Text("dev-1".into())),
+            ("deployment", V::Text("motd".into())),
+            ("generation", V::from(7)),
+        ];
+        if padded {
+            entries.insert(1, ("junk", junk()));
+        }
+        entries.push(("scores", V::Array(vec![score])));
+        cbor_value(&ordered(entries))
+    };
+    let limits = DecodeLimits::default();
+    let plain = as_json(&decode(&document(false, file(false, false)), &limits).unwrap());
+    for (padded, junk_first, junk_after) in [(true, false, false), (false, true, false), (false, false, true)]
+    {
+        let bytes = document(padded, file(junk_first, junk_after));
+        assert_eq!(as_json(&decode(&bytes, &limits).unwrap()), plain, "{padded} {junk_first} {junk_after}");
+    }
+    // The same in JSON, whose objects become indefinite-length CBOR maps.
+    let text = r#"{"junk": [0, [1, {"a": null}]], "device_id": "dev-1", "deployment": "motd", "generation": 7,
+        "scores": [{"junk": [0, 0], "path": "/etc/app/conf", "content": "a = 1\n", "type": "harmony.file/v1"}]}"#;
+    assert_eq!(as_json(&decode_json(text.as_bytes(), &limits).unwrap()), plain);
+}
+
+#[test]
+fn a_tagged_or_indefinite_document_is_read_as_cbor_says() {
+    let limits = DecodeLimits::default();
+    let cbor = encode(&sample_document(sample_scores())).unwrap();
+    let mut tagged = vec![0xd9, 0xd9, 0xf7]; // the self-described CBOR tag
+    tagged.extend(&cbor);
+    assert!(
+        matches!(decode(&tagged, &limits), Err(DecodeError::Malformed { .. })),
+        "a document is an untagged map"
+    );
+    // The JSON route writes every object and array with indefinite length.
+    let json_text = serde_json::to_vec(&sample_document(sample_scores())).unwrap();
+    assert_eq!(
+        as_json(&decode_json(&json_text, &limits).unwrap()),
+        as_json(&decode(&cbor, &limits).unwrap())
+    );
+}
