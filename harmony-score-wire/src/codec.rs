@@ -3,6 +3,9 @@
 use crate::registry::is_registered;
 use crate::{DeploymentName, DesiredState, DeviceId, DeviceScore, ErrorKind, FORMAT_VERSION};
 
+/// Longest unknown tag a [`DecodeError::UnknownScoreTags`] repeats.
+const MAX_TAG_ECHO: usize = 128;
+
 /// Bounds on what [`decode`] accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeLimits {
@@ -49,6 +52,7 @@ pub enum DecodeError {
     #[error("document has {count} scores, more than the limit of {limit}")]
     TooManyScores { count: usize, limit: usize },
     /// Score tags this binary does not know; the whole document is refused.
+    /// Each is escaped and cut to 128 bytes (it came from outside).
     #[error("unknown score tags: {}", tags.join(", "))]
     UnknownScoreTags { tags: Vec<String> },
     /// The `device_id` is not an RFC 1123 label.
@@ -220,7 +224,9 @@ fn decode_checked_size(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredSta
         })?;
         tags.push(tag);
     }
-    let mut unknown: Vec<String> = tags.iter().filter(|t| !is_registered(t)).map(|t| t.to_string()).collect();
+    // An unknown tag is text from outside: echoed bounded and escaped.
+    let mut unknown: Vec<String> =
+        tags.iter().filter(|t| !is_registered(t)).map(|t| crate::bounded_text(t, MAX_TAG_ECHO)).collect();
     if !unknown.is_empty() {
         unknown.sort();
         unknown.dedup();
@@ -337,4 +343,36 @@ pub fn from_cbor<T: serde::de::DeserializeOwned>(
     }
     ciborium::de::from_reader_with_recursion_limit(bytes, 64)
         .map_err(|e| ValueDecodeError { what, message: one_line(&e.to_string()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn document_with_tags(tags: &[&str]) -> Vec<u8> {
+        let scores: Vec<_> = tags.iter().map(|t| serde_json::json!({ "type": t })).collect();
+        let doc =
+            serde_json::json!({"device_id": "dev-1", "deployment": "d", "generation": 1, "scores": scores});
+        let mut out = Vec::new();
+        ciborium::into_writer(&doc, &mut out).unwrap();
+        out
+    }
+
+    // Found by fuzzing (decode_cbor): an unknown tag was repeated raw, so a
+    // tag holding NULs, newlines or terminal escapes reached logs and
+    // terminals as they were, at any length.
+    #[test]
+    fn unknown_tags_are_named_escaped_and_bounded() {
+        let long = "x".repeat(10_000);
+        let bytes = document_with_tags(&["harmj\0\0\0file/v1", "a\u{1b}[31m\nb", &long, "a\u{1b}[31m\nb"]);
+        let Err(DecodeError::UnknownScoreTags { tags }) = decode(&bytes, &DecodeLimits::default()) else {
+            panic!("not refused for its tags");
+        };
+        assert_eq!(tags.len(), 3, "{tags:?}");
+        assert!(tags.contains(&"harmj\\u{0}\\u{0}\\u{0}file/v1".to_owned()), "{tags:?}");
+        assert!(tags.contains(&"a\\u{1b}[31m\\nb".to_owned()), "{tags:?}");
+        assert!(tags.iter().all(|t| t.len() <= MAX_TAG_ECHO), "{tags:?}");
+        let text = DecodeError::UnknownScoreTags { tags }.to_string();
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+    }
 }
