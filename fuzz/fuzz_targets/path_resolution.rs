@@ -58,12 +58,14 @@ fuzz_target!(|data: &[u8]| {
         assert!(normal.is_err(), "{text:?} has a '..' component");
     }
 
-    // `kind:name` text: what parses prints back as itself (valid paths and
-    // other kinds), and the kind is one of the allowed shape.
+    // `kind:name` text: what parses prints back as itself (other kinds, and
+    // paths in normal form; a path that does not normalize keeps an escaped
+    // text, which only a Score refused at validation ever has), and has no
+    // control characters.
     if let Ok(id) = ResourceId::try_from(text.to_owned()) {
         let printed = id.to_string();
         assert!(printed.starts_with(&format!("{}:", id.kind())));
-        if id.kind() != ResourceId::PATH || normalize_path(id.name()).is_ok() {
+        if id.kind() != ResourceId::PATH || normalize_path(id.name()).as_deref() == Ok(id.name()) {
             assert_eq!(ResourceId::try_from(printed).as_ref(), Ok(&id));
         }
         assert!(!id.name().chars().any(char::is_control), "{id:?}");
