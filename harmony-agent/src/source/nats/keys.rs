@@ -55,6 +55,18 @@ impl Latest {
 /// A key of the device: a deployment's, or (`None`) the index.
 type KeyName = Option<DeploymentName>;
 
+/// Hints taken together: for each key of the device named, the highest
+/// sequence hinted (0: a hint without one).
+#[derive(Debug, Default)]
+pub(super) struct Hints(std::collections::BTreeMap<KeyName, u64>);
+
+impl Hints {
+    /// How many keys the hints name.
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// A key read older than its hint: read again at `next`.
 struct Lagging {
     min_revision: u64,
@@ -100,8 +112,11 @@ impl Follower {
         })
     }
 
-    /// A hint arrived: read the key it names, at least at the sequence it carries.
-    pub(super) async fn on_hint(&mut self, message: &async_nats::Message) {
+    /// Adds a hint to `hints` (one entry per key of this device, its highest
+    /// sequence); a hint for another device or of another shape is dropped.
+    /// The message is not kept: a queued message can hold on to the read
+    /// buffer of a whole document that arrived beside it.
+    pub(super) fn add_hint(&self, hints: &mut Hints, message: &async_nats::Message) {
         let Some(key) = message.subject.strip_prefix(HINT_PREFIX).and_then(|s| s.strip_prefix('.')) else {
             return;
         };
@@ -112,16 +127,30 @@ impl Follower {
         if device != self.device {
             return;
         }
-        let min_revision = message
+        let sequence = message
             .headers
             .as_ref()
             .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
             .and_then(|v| v.as_str().parse::<u64>().ok())
             .unwrap_or(0);
-        if let Some(name) = &deployment {
-            self.known.insert(name.clone());
+        let hinted = hints.0.entry(deployment).or_insert(sequence);
+        *hinted = (*hinted).max(sequence);
+    }
+
+    /// Hints arrived: read each key they name once, at least at the highest
+    /// sequence hinted, unless a value at least that new was already passed
+    /// on (a burst of writes to one key is then one direct get, not one per
+    /// write, however far behind the hints are).
+    pub(super) async fn on_hints(&mut self, hints: Hints) {
+        for (key, min_revision) in hints.0 {
+            if let Some(name) = &key {
+                if min_revision > 0 && self.passed.get(name).is_some_and(|(r, _)| *r >= min_revision) {
+                    continue;
+                }
+                self.known.insert(name.clone());
+            }
+            self.sync(key, min_revision, 0).await;
         }
-        self.sync(deployment, min_revision, 0).await;
     }
 
     /// Reads the index and every known deployment's key (at start, after a

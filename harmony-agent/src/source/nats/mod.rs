@@ -13,7 +13,7 @@ mod status;
 use std::time::Duration;
 
 use async_nats::{jetstream, ConnectOptions, Event, Message, ServerError};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use harmony_score_wire::names::{command_subject, hint_subjects, inbox_prefix, info_subject};
 use harmony_score_wire::{to_cbor, CommandReply, DeviceInfo};
 use tokio::sync::{mpsc, oneshot};
@@ -26,6 +26,9 @@ use crate::AGENT_VERSION;
 
 /// Timeout of every JetStream request (direct gets, publish acks).
 const JS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most hints taken together before the other inputs of the loop get a turn.
+const MAX_HINT_BATCH: usize = 1024;
 
 /// Follows the device's keys on NATS and feeds the inbox until `stop` turns true.
 pub async fn run(config: AgentConfig, context: SourceContext) {
@@ -126,7 +129,23 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                 Event::ClientError(err) => warn!(cause = %err, "NATS client error"),
                 other => debug!(event = %other, "NATS event"),
             },
-            Some(message) = hints.next() => follower.on_hint(&message).await,
+            Some(message) = hints.next() => {
+                // Every hint already received is taken with this one, so a
+                // burst of writes costs one direct get per key, and hints do
+                // not queue behind gets (each queued message may pin the
+                // read buffer of a whole document received beside it).
+                let mut batch = keys::Hints::default();
+                follower.add_hint(&mut batch, &message);
+                drop(message);
+                for _ in 1..MAX_HINT_BATCH {
+                    match hints.next().now_or_never() {
+                        Some(Some(message)) => follower.add_hint(&mut batch, &message),
+                        _ => break,
+                    }
+                }
+                debug!(keys = batch.len(), "hints");
+                follower.on_hints(batch).await;
+            }
             _ = resync.tick() => follower.full_sync().await,
         }
     }
