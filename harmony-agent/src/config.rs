@@ -70,6 +70,9 @@ pub struct AgentConfig {
     pub trust: harmony_score_wire::TrustedKeys,
     /// Accept bare (unsigned) documents. Off unless set: a warning at every start.
     pub allow_unsigned: bool,
+    /// The offline root keys whose key sets ([`harmony_score_wire::KeySet`])
+    /// this device accepts; empty: key sets are ignored and `trust` stays.
+    pub root_keys: harmony_score_wire::TrustedKeys,
 }
 
 /// The device owner's limits on what documents may do here. A document
@@ -138,6 +141,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("max_parallel", &self.max_parallel)
             .field("timeouts", &self.timeouts)
             .field("allow_unsigned", &self.allow_unsigned)
+            .field("root_keys", &self.root_keys)
             .finish_non_exhaustive()
     }
 }
@@ -184,6 +188,11 @@ pub struct ConfigLayer {
     pub signature_threshold: Option<usize>,
     /// `allow_unsigned = false`.
     pub allow_unsigned: Option<bool>,
+    /// `root_keys = ["/etc/harmony/root.pub"]`: the offline root keys that
+    /// sign key sets.
+    pub root_keys: Option<Vec<PathBuf>>,
+    /// `root_threshold = 1`: how many root keys must sign a key set.
+    pub root_threshold: Option<usize>,
 }
 
 /// Why the configuration cannot be used.
@@ -240,7 +249,9 @@ impl ConfigLayer {
             policy,
             trusted_keys,
             signature_threshold,
-            allow_unsigned
+            allow_unsigned,
+            root_keys,
+            root_threshold
         );
         self.labels.extend(over.labels);
         self.interpret_timeouts.extend(over.interpret_timeouts);
@@ -307,6 +318,12 @@ impl ConfigLayer {
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "shutdown_grace_secs")?,
             policy: resolve_policy(self.policy.unwrap_or_default())?,
             trust: load_trusted_keys(self.trusted_keys.unwrap_or_default(), self.signature_threshold)?,
+            root_keys: load_keys(
+                self.root_keys.unwrap_or_default(),
+                self.root_threshold,
+                "root key",
+                "root_threshold",
+            )?,
             allow_unsigned: self.allow_unsigned.unwrap_or(false),
             trusted_inbox_prefix: match self.trusted_inbox_prefix {
                 // Ending in '.' so `_INBOX` cannot also match `_INBOX_<id>`.
@@ -330,13 +347,22 @@ pub fn load_trusted_keys(
     files: Vec<PathBuf>,
     threshold: Option<usize>,
 ) -> Result<harmony_score_wire::TrustedKeys, ConfigError> {
+    load_keys(files, threshold, "trusted key", "signature_threshold")
+}
+
+fn load_keys(
+    files: Vec<PathBuf>,
+    threshold: Option<usize>,
+    what: &str,
+    threshold_name: &str,
+) -> Result<harmony_score_wire::TrustedKeys, ConfigError> {
     let keys = files
         .iter()
         .map(|path| {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| ConfigError::ReadFailed { path: path.clone(), source })?;
             harmony_score_wire::parse_public_key(&text)
-                .map_err(|e| ConfigError::Invalid(format!("trusted key {}: {e}", path.display())))
+                .map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", path.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;
     // One key listed twice is one signer: a threshold must not count it twice.
@@ -346,7 +372,7 @@ pub fn load_trusted_keys(
     let threshold = threshold.unwrap_or(1);
     if threshold == 0 || (!keys.is_empty() && threshold > keys.len()) {
         return Err(ConfigError::Invalid(format!(
-            "signature_threshold {threshold} needs 1 to {} trusted keys",
+            "{threshold_name} {threshold} needs 1 to {} keys",
             keys.len()
         )));
     }

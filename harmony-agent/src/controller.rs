@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use harmony_score_wire::{
     decode, decode_json, document_digest, from_cbor, now_ms, peek_generation, try_to_cbor, AgentStatus,
-    DecodeLimits, DeploymentName, DeviceId, DeviceInfo, DeviceScore, ErrorKind, ResourceId, ScoreStatus,
-    StatusError,
+    DecodeLimits, DeploymentName, DeviceId, DeviceInfo, DeviceScore, ErrorKind, KeySet, ResourceId,
+    ScoreStatus, StatusError,
 };
 use harmony_topology::{InterpretStatus, LocalDeviceTopology, Maestro, RunSignal};
 use tokio::sync::{mpsc, watch};
@@ -93,6 +93,15 @@ pub struct ControllerSettings {
     pub trust: harmony_score_wire::TrustedKeys,
     /// Whether bare documents are accepted.
     pub allow_unsigned: bool,
+    /// The root keys that sign key sets; empty: key sets are ignored.
+    pub root_keys: harmony_score_wire::TrustedKeys,
+}
+
+/// The key set the device accepted last, and the trust it gives.
+struct HeldKeySet {
+    keyset: KeySet,
+    trust: harmony_score_wire::TrustedKeys,
+    bytes: Vec<u8>,
 }
 
 /// Runs a device's deployments against its topology.
@@ -115,6 +124,10 @@ pub struct Controller {
     dirty: bool,
     /// Problems of the device as a whole, reported in status.
     device_errors: Vec<StatusError>,
+    /// The root-signed key set in force; `None`: the configured keys are.
+    keyset: Option<HeldKeySet>,
+    /// Why the last key set offered was refused.
+    keyset_error: Option<StatusError>,
 }
 
 impl Controller {
@@ -138,6 +151,8 @@ impl Controller {
             stopping: false,
             dirty: true,
             device_errors: Vec::new(),
+            keyset: None,
+            keyset_error: None,
         }
     }
 
@@ -145,6 +160,7 @@ impl Controller {
     /// boots offline runs what it last accepted and finishes interrupted
     /// prunes. Unreadable records are reported, not skipped.
     pub fn boot(&mut self) {
+        self.load_keyset();
         let loaded = match self.store.load_all() {
             Ok(loaded) => loaded,
             Err(err) => {
@@ -238,6 +254,7 @@ impl Controller {
                 item = inbox.recv() => match item {
                     Item::Input(input) => self.handle(input).await,
                     Item::Command(command) => self.command(command).await,
+                    Item::KeySet(bytes) => self.offer_keyset(&bytes).await,
                 },
                 _ = resync_tick.tick() => { self.resync().await; }
                 () = sleep_until(retry_at), if retry_at.is_some() => self.run_due_retries(Instant::now()),
@@ -321,7 +338,7 @@ impl Controller {
     async fn recheck(&self, name: &DeploymentName) -> Option<StatusError> {
         let entry = self.deployments.get(name)?;
         let (stored, accepted) = (entry.record.document.as_ref()?, entry.document.as_ref()?);
-        if let Err((kind, message)) = self.verified_payload(&stored.bytes, stored.format) {
+        if let Err((kind, message)) = self.verified_payload(&stored.bytes, stored.format, false) {
             return Some(StatusError::new(
                 kind,
                 format!("accepted generation {}: {message}", stored.generation),
@@ -354,13 +371,35 @@ impl Controller {
     }
 
     /// The document inside `bytes` once its signatures hold: a signed
-    /// envelope must carry enough valid signatures by trusted keys; a bare
-    /// document is accepted only with `allow_unsigned`.
-    fn verified_payload(&self, bytes: &[u8], format: DocumentFormat) -> Result<Vec<u8>, (ErrorKind, String)> {
+    /// envelope must carry enough valid signatures by trusted keys (the key
+    /// set's, once one is accepted); a bare document is accepted only with
+    /// `allow_unsigned`. With `fresh` (a document offered now, not one
+    /// accepted before) the key set must not have expired.
+    fn verified_payload(
+        &self,
+        bytes: &[u8],
+        format: DocumentFormat,
+        fresh: bool,
+    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+        let trust = match &self.keyset {
+            Some(held) => {
+                if fresh && held.keyset.expired(now_ms() / 1000) && harmony_score_wire::is_signed(bytes) {
+                    return Err((
+                        ErrorKind::KeysetExpired,
+                        format!(
+                            "the key set this device trusts (version {}) expired at {}: no new document is accepted until the root signs a newer one",
+                            held.keyset.version, held.keyset.expires_at
+                        ),
+                    ));
+                }
+                &held.trust
+            }
+            None => &self.settings.trust,
+        };
         // JSON (folder sources) cannot be signed: it passes only unsigned.
         let allow_unsigned = self.settings.allow_unsigned;
         let opened = match format {
-            DocumentFormat::Cbor => self.settings.trust.open(bytes, allow_unsigned),
+            DocumentFormat::Cbor => trust.open(bytes, allow_unsigned),
             DocumentFormat::Json if allow_unsigned => Ok(bytes.to_vec()),
             DocumentFormat::Json => Err(harmony_score_wire::SignatureError::Unsigned),
         };
@@ -374,11 +413,13 @@ impl Controller {
         let digest = document_digest(&bytes);
         // Signatures first: nothing of an unverified document is decoded
         // into Scores. The digest stays that of the bytes as stored.
-        let payload = match self.verified_payload(&bytes, format) {
+        let payload = match self.verified_payload(&bytes, format, true) {
             Ok(payload) => payload,
             Err((kind, message)) => {
                 let generation = peek_generation(&bytes, &self.limits);
-                return self.reject(name, generation, digest, kind, message, None);
+                // A new key set may make it acceptable: kept to offer again then.
+                let keep = (!self.settings.root_keys.is_empty()).then_some((bytes, format));
+                return self.reject(name, generation, digest, kind, message, keep);
             }
         };
         let doc = match self.decode(&payload, format) {
@@ -869,7 +910,14 @@ impl Controller {
                 .map(|(n, d)| (n.clone(), d.status()))
                 .collect(),
             instance_id: self.instance_id.clone(),
-            errors: self.device_errors.clone(),
+            errors: self
+                .device_errors
+                .iter()
+                .chain(&self.keyset_error)
+                .cloned()
+                .chain(self.keyset_expiry())
+                .collect(),
+            keyset_version: self.keyset.as_ref().map(|held| held.keyset.version),
             truncated: false,
         }
     }
@@ -984,3 +1032,6 @@ fn instance_id() -> String {
 #[cfg(test)]
 #[path = "controller_tests.rs"]
 mod tests;
+
+#[path = "controller_keysets.rs"]
+mod keysets;

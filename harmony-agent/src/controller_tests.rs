@@ -240,6 +240,7 @@ fn settings() -> ControllerSettings {
         policy: crate::DevicePolicy::default(),
         trust: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
         allow_unsigned: true,
+        root_keys: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
     }
 }
 
@@ -1273,4 +1274,139 @@ async fn a_drift_repair_that_holds_does_not_rewrite_the_record() {
         );
     }
     agent.stop().await;
+}
+
+mod keysets {
+    use harmony_score_wire::{DocumentSigner, KeySet, TrustedKeys};
+
+    use super::*;
+
+    fn key(n: u8) -> DocumentSigner {
+        DocumentSigner::from_seed([n; 32])
+    }
+
+    const ROOT: u8 = 100;
+
+    /// Trusts key 1 by configuration, and key sets signed by the root.
+    fn rooted(s: &mut ControllerSettings) {
+        s.trust = TrustedKeys::new(vec![key(1).verifying_key()], 1);
+        s.root_keys = TrustedKeys::new(vec![key(ROOT).verifying_key()], 1);
+        s.allow_unsigned = false;
+    }
+
+    fn keyset(version: u64, expires_at: u64, keys: &[u8], signer: u8) -> Vec<u8> {
+        let keys: Vec<_> = keys.iter().map(|n| key(*n).verifying_key()).collect();
+        KeySet::new(version, 0, expires_at, 1, &keys).sign(&[&key(signer)])
+    }
+
+    fn in_a_day() -> u64 {
+        harmony_score_wire::now_ms() / 1000 + 86_400
+    }
+
+    fn has_error(s: &AgentStatus, kind: ErrorKind) -> bool {
+        s.errors.iter().any(|e| e.kind == kind)
+    }
+
+    // Issue 7 §3: rotation without touching devices.
+    #[tokio::test]
+    async fn a_root_signed_key_set_rotates_the_trusted_keys_and_survives_a_restart() {
+        let device = Device::new();
+        let mut agent = device.start_with(rooted).await;
+        agent.offer_bytes("web", key(1).sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+        agent.applied("web", 1).await;
+
+        // Signed by key 2, which nothing trusts yet.
+        agent.offer_bytes("web", key(2).sign(doc("web", 2, json!([file("/srv/web", "v2")]))));
+        let web = agent.until_phase("web", 2, Phase::Rejected).await;
+        assert_eq!(web.error.unwrap().kind, ErrorKind::BadSignature);
+        assert_eq!(read(&device.root("/srv/web")), "v1");
+
+        // The root delegates to key 2: the refused document is offered again
+        // by the agent itself (the source does not send it twice) and applies.
+        assert!(agent.inbox.keyset(keyset(1, in_a_day(), &[2], ROOT)));
+        agent.applied("web", 2).await;
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        assert_eq!(agent.status.borrow().keyset_version, Some(1));
+
+        // Key 1 is no longer trusted, configured or not.
+        agent.offer_bytes("web", key(1).sign(doc("web", 3, json!([file("/srv/web", "v3")]))));
+        let web = agent.until_phase("web", 3, Phase::Rejected).await;
+        assert_eq!(web.error.unwrap().kind, ErrorKind::BadSignature);
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        agent.stop().await;
+
+        // After a restart the persisted key set is in force: the document
+        // signed by key 2 passes its re-check and repairs drift.
+        std::fs::remove_file(device.root("/srv/web")).unwrap();
+        let mut agent = device.start_with(rooted).await;
+        agent.applied("web", 2).await;
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        assert_eq!(agent.status.borrow().keyset_version, Some(1));
+
+        // A key set signed by an online key, not the root, is refused.
+        assert!(agent.inbox.keyset(keyset(5, in_a_day(), &[1], 2)));
+        let s = agent
+            .until("a key set refused for its signature", |s| has_error(s, ErrorKind::BadSignature))
+            .await;
+        assert_eq!(s.keyset_version, Some(1));
+        // An older root-signed one too (rollback of keys).
+        assert!(agent.inbox.keyset(keyset(0, in_a_day(), &[1], ROOT)));
+        let s = agent.until("an older key set refused", |s| has_error(s, ErrorKind::StaleGeneration)).await;
+        assert_eq!(s.keyset_version, Some(1));
+        // The key holding the accepted key set again clears the refusal.
+        assert!(agent.inbox.keyset(keyset(1, in_a_day(), &[2], ROOT)));
+        agent.until("the refusal cleared", |s| s.errors.is_empty()).await;
+        agent.stop().await;
+
+        // A root the device no longer has: the persisted key set is not used.
+        let mut agent = device
+            .start_with(|s| {
+                rooted(s);
+                s.root_keys = TrustedKeys::new(vec![key(101).verifying_key()], 1);
+            })
+            .await;
+        let s =
+            agent.until("the persisted key set refused", |s| has_error(s, ErrorKind::StateUnreadable)).await;
+        assert_eq!(s.keyset_version, None);
+        agent.stop().await;
+    }
+
+    // Issue 7 §3: an expired key set is refused; one that expires refuses
+    // new documents while the last accepted generation keeps running.
+    #[tokio::test]
+    async fn an_expired_key_set_is_refused_and_one_that_expires_stops_new_documents_only() {
+        let device = Device::new();
+        let mut agent = device.start_with(rooted).await;
+        let now = harmony_score_wire::now_ms() / 1000;
+        assert!(agent.inbox.keyset(keyset(1, now - 1, &[2], ROOT)));
+        let s = agent.until("an expired key set refused", |s| has_error(s, ErrorKind::KeysetExpired)).await;
+        assert_eq!(s.keyset_version, None);
+
+        let expires_at = now + 2;
+        assert!(agent.inbox.keyset(keyset(2, expires_at, &[2], ROOT)));
+        agent.until("key set 2 in force", |s| s.keyset_version == Some(2)).await;
+        agent.offer_bytes("web", key(2).sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+        agent.applied("web", 1).await;
+        while harmony_score_wire::now_ms() / 1000 <= expires_at {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        agent.offer_bytes("web", key(2).sign(doc("web", 2, json!([file("/srv/web", "v2")]))));
+        let web = agent.until_phase("web", 2, Phase::Rejected).await;
+        assert_eq!(web.error.unwrap().kind, ErrorKind::KeysetExpired);
+        assert_eq!(web.observed_generation, 1);
+        let s = agent.status.borrow().clone();
+        assert!(has_error(&s, ErrorKind::KeysetExpired), "{:?}", s.errors);
+        // What was accepted under it still runs: drift is repaired.
+        std::fs::remove_file(device.root("/srv/web")).unwrap();
+        let (reply, answer) = oneshot::channel();
+        agent.inbox.command(Command::ReconcileNow { reply });
+        tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+        agent.until("drift repaired", |_| device.root("/srv/web").exists()).await;
+        assert_eq!(read(&device.root("/srv/web")), "v1");
+        // A newer key set lifts the freeze, and the refused document applies.
+        assert!(agent.inbox.keyset(keyset(3, in_a_day(), &[2], ROOT)));
+        agent.applied("web", 2).await;
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        agent.stop().await;
+    }
 }

@@ -90,6 +90,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         policy: config.policy.clone(),
         trust: config.trust.clone(),
         allow_unsigned: config.allow_unsigned,
+        root_keys: config.root_keys.clone(),
     };
     if config.allow_unsigned {
         warn!("allow_unsigned is set: this device runs documents nobody signed");

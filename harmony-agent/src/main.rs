@@ -85,6 +85,9 @@ struct RunArgs {
     /// Accept unsigned documents (logs a warning at every start).
     #[arg(long)]
     allow_unsigned: bool,
+    /// A root public key file whose key sets this device accepts; repeatable.
+    #[arg(long = "root-key")]
+    root_keys: Vec<PathBuf>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -246,6 +249,7 @@ fn run(args: RunArgs) -> ExitCode {
         interpret_timeout_secs: args.interpret_timeout,
         trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
         allow_unsigned: args.allow_unsigned.then_some(true),
+        root_keys: (!args.root_keys.is_empty()).then_some(args.root_keys),
         ..Default::default()
     };
     let config = match file.overridden_by(flags).resolve() {

@@ -106,9 +106,9 @@ struct DocHeader {
 
 /// A key's latest entry: its revision (0: never written) and, for a live
 /// value, the value.
-struct Latest {
-    revision: u64,
-    value: Option<bytes::Bytes>,
+pub(crate) struct Latest {
+    pub(crate) revision: u64,
+    pub(crate) value: Option<bytes::Bytes>,
 }
 
 impl FleetClient {
@@ -378,7 +378,7 @@ enum Deleted {
 
 /// The latest entry of `key`, delete and purge markers included (their
 /// revision is what the next compare-and-set write must name).
-async fn read_latest(store: &kv::Store, key: &str) -> Result<Latest, FleetError> {
+pub(crate) async fn read_latest(store: &kv::Store, key: &str) -> Result<Latest, FleetError> {
     let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read {key}"), e))?;
     Ok(match entry {
         None => Latest { revision: 0, value: None },
@@ -391,7 +391,12 @@ async fn read_latest(store: &kv::Store, key: &str) -> Result<Latest, FleetError>
 
 /// Writes `value` if the key's last revision is still `revision` (0: the key
 /// has no message at all); `false` when another writer came first.
-async fn cas_write(store: &kv::Store, key: &str, value: Vec<u8>, revision: u64) -> Result<bool, FleetError> {
+pub(crate) async fn cas_write(
+    store: &kv::Store,
+    key: &str,
+    value: Vec<u8>,
+    revision: u64,
+) -> Result<bool, FleetError> {
     match store.update(key, value.into(), revision).await {
         Ok(_) => Ok(true),
         Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),

@@ -83,6 +83,12 @@ pub enum FleetError {
         #[source]
         source: harmony_score_wire::DecodeError,
     },
+    /// Not a key set the fleet's devices could accept; nothing was written.
+    #[error("invalid key set: {message}")]
+    InvalidKeySet {
+        /// What is wrong with it.
+        message: String,
+    },
     /// A compare-and-set write lost to concurrent writers too many times.
     #[error("conflict on {key}: {reason}")]
     Conflict {

@@ -97,6 +97,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Key sets: the online signing keys, signed by the offline root key.
+    Keyset {
+        #[command(subcommand)]
+        action: KeysetCommand,
+    },
     /// Writes a nats-server configuration with one user per device and an
     /// operator, and each principal's connection settings (files 0600).
     NatsConfig {
@@ -112,6 +117,19 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysetCommand {
+    /// Signs a key set with the root key(s), offline: writes the signed key set to --out.
+    Sign(cli::KeysetSignArgs),
+    /// Publishes a signed key set to every device (its version must be above the fleet's).
+    Publish {
+        /// The signed key set (from `keyset sign`).
+        file: PathBuf,
+    },
+    /// Prints the key set the fleet holds, as JSON.
+    Show,
+}
+
 fn main() -> ExitCode {
     harmony_scores::ensure_linked();
     init_logging();
@@ -120,6 +138,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Encode { doc, output } => cli::encode_file(&doc, output.as_deref(), sign_key.as_deref()),
         Command::Keygen { out } => cli::keygen(&out),
+        Command::Keyset { action: KeysetCommand::Sign(args) } => cli::keyset_sign(&args),
         Command::Inspect { doc } => cli::inspect_file(&doc),
         Command::NatsConfig { devices, out, url } => cli::nats_config(&devices, &out, &url),
         command => run_online(command, connection(cli.nats, cli.creds, sign_key)),
@@ -144,6 +163,7 @@ fn exit_code(err: &CliError) -> u8 {
             | FleetError::NoDeviceInfo { .. }
             | FleetError::StaleGeneration { .. }
             | FleetError::GenerationExhausted { .. }
+            | FleetError::InvalidKeySet { .. }
             | FleetError::EncodeFailed(_),
         ) => 2,
         CliError::Fleet(_) | CliError::Failed(_) => 1,
@@ -181,6 +201,11 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
                 cli::command(&conn, &device, "reconcile", secs(timeout)).await
             }
             Command::Init => cli::init(&conn).await,
+            Command::Keyset { action: KeysetCommand::Publish { file } } => {
+                cli::keyset_publish(&conn, &file).await
+            }
+            Command::Keyset { action: KeysetCommand::Show } => cli::keyset_show(&conn).await,
+            Command::Keyset { action: KeysetCommand::Sign(_) } => unreachable!("handled offline"),
             Command::Encode { .. }
             | Command::Inspect { .. }
             | Command::NatsConfig { .. }

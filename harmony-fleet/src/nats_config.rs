@@ -8,7 +8,9 @@
 
 use std::io::Read;
 
-use harmony_score_wire::names::{hint_subjects, inbox_prefix, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
+use harmony_score_wire::names::{
+    hint_subjects, inbox_prefix, keyset_hint_subject, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET, KEYSET_KEY,
+};
 use harmony_score_wire::DeviceId;
 
 /// One principal's credentials.
@@ -83,6 +85,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
         r#"{{ user: "{id}", password: "{password}", permissions: {{
         publish: {{ allow: [
           "$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_STATE_BUCKET}.{id}.>",
+          "$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_STATE_BUCKET}.{KEYSET_KEY}",
           "$JS.API.DIRECT.GET.{status}.$KV.{AGENT_STATUS_BUCKET}.{id}",
           "$KV.{AGENT_STATUS_BUCKET}.{id}",
           "harmony.heartbeat.{id}",
@@ -90,6 +93,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
         ] }},
         subscribe: {{ allow: [
           "{hints}",
+          "{keyset_hint}",
           "{inbox}.>",
           "device-commands.{id}.>"
         ] }},
@@ -97,6 +101,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
       }} }}"#,
         hints = hint_subjects(id),
         inbox = inbox_prefix(id),
+        keyset_hint = keyset_hint_subject(),
     )
 }
 

@@ -259,6 +259,7 @@ mod tests {
             deployments: BTreeMap::from([(DeploymentName::new(deployment).unwrap(), ds)]),
             instance_id: String::new(),
             errors: Vec::new(),
+            keyset_version: None,
             truncated: false,
         }
     }

@@ -9,6 +9,7 @@ mod codec;
 mod document;
 mod file;
 mod ids;
+mod keyset;
 pub mod names;
 mod registry;
 mod resource;
@@ -23,6 +24,7 @@ pub use codec::{
 pub use document::{document_digest, DeploymentIndex, DesiredState, FORMAT_VERSION};
 pub use file::{is_json_path, read_document_file, DocumentFileError};
 pub use ids::{DeploymentName, DeviceId, IdError};
+pub use keyset::{KeySet, KeySetError, KEYSET_TAG, MAX_KEYSET_BYTES, MAX_KEYSET_KEYS};
 pub use registry::{is_registered, registered_scores, DeviceScore, ScoreRegistration};
 pub use resource::{normalize_path, PathError, ResourceId, ResourceIdError, MAX_NAME_BYTES, MAX_PATH_BYTES};
 pub use signed::{

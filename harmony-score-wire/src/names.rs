@@ -19,6 +19,16 @@ pub fn index_key(device: &DeviceId) -> String {
     format!("{device}.{INDEX_SUFFIX}")
 }
 
+/// `_keyset`: the fleet's one key-set key in the desired-state bucket
+/// (the root-signed online keys, [`crate::KeySet`]). It cannot be a
+/// device's key: device ids never start with `_`.
+pub const KEYSET_KEY: &str = "_keyset";
+
+/// `harmony.hint._keyset`: the subject a device follows the key set on.
+pub fn keyset_hint_subject() -> String {
+    format!("{HINT_PREFIX}.{KEYSET_KEY}")
+}
+
 /// `<device>`: the device's status key.
 pub fn status_key(device: &DeviceId) -> String {
     device.to_string()
@@ -156,6 +166,8 @@ mod tests {
         assert_eq!(status_key(&d), "dev-1");
         assert_eq!(desired_state_subjects(&d), "$KV.harmony-desired-state.dev-1.>");
         assert_eq!(hint_subjects(&d), "harmony.hint.dev-1.>");
+        assert_eq!(keyset_hint_subject(), "harmony.hint._keyset");
+        assert_eq!(KEYSET_KEY, "_keyset");
         assert_eq!(hint_republish_source(), "$KV.harmony-desired-state.>");
         assert_eq!(hint_republish_destination(), "harmony.hint.>");
         assert_eq!(command_subject(&d, "ping"), "device-commands.dev-1.ping");

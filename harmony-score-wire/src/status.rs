@@ -44,6 +44,10 @@ pub struct AgentStatus {
     /// `state_unreadable` when the state folder itself cannot be listed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<StatusError>,
+    /// The version of the root-signed key set the device trusts; `None`
+    /// when it trusts only its configured keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyset_version: Option<u64>,
     /// Set when the report was cut to fit the size limit (see [`AgentStatus::bound`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
@@ -163,6 +167,9 @@ pub enum ErrorKind {
     PruneFailed,
     /// Another agent instance writes this device's status: two devices share one id.
     DuplicateDevice,
+    /// The key set the device trusts has expired: no new document is
+    /// accepted until the root signs a newer one.
+    KeysetExpired,
     /// A kind this build does not know (sent by a newer agent).
     #[serde(other)]
     Unknown,
@@ -197,6 +204,7 @@ impl ErrorKind {
             ScoresFailed => "scores_failed",
             PruneFailed => "prune_failed",
             DuplicateDevice => "duplicate_device",
+            KeysetExpired => "keyset_expired",
             Unknown => "unknown",
         }
     }
@@ -512,6 +520,7 @@ mod tests {
                 .collect(),
             instance_id: String::new(),
             errors: Vec::new(),
+            keyset_version: None,
             truncated: false,
         }
     }

@@ -264,6 +264,7 @@ pub fn reported_status(
         deployments,
         instance_id: "test-instance".into(),
         errors: Vec::new(),
+        keyset_version: None,
         truncated: false,
     }
 }

@@ -155,6 +155,7 @@ mod tests {
             deployments: BTreeMap::new(),
             instance_id: String::new(),
             errors: Vec::new(),
+            keyset_version: None,
             truncated: false,
         });
         let known = vec![DeploymentName::new("usb").unwrap()];

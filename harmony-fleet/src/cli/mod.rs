@@ -333,3 +333,87 @@ pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), Cl
     }
     Ok(())
 }
+
+/// `keyset sign`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct KeysetSignArgs {
+    /// A root secret key (`harmony.key` from `keygen`); repeat for a root threshold.
+    #[arg(long = "root-key", required = true, value_name = "FILE")]
+    root_keys: Vec<PathBuf>,
+    /// An online public key (`harmony.pub`) that may sign documents; repeat for several.
+    #[arg(long = "key", required = true, value_name = "FILE")]
+    keys: Vec<PathBuf>,
+    /// How many of the keys must sign a document.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// The key set's version: above every key set published before.
+    #[arg(long)]
+    version: u64,
+    /// Days until the key set expires (devices then refuse new documents until a newer one).
+    #[arg(long, default_value_t = 365, value_name = "DAYS")]
+    expires_in_days: u64,
+    /// Where to write the signed key set.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `keyset sign`: the root signs a key set, offline.
+pub fn keyset_sign(args: &KeysetSignArgs) -> Result<(), CliError> {
+    let roots = args.root_keys.iter().map(|p| read_sign_key(p)).collect::<Result<Vec<_>, _>>()?;
+    let keys = args
+        .keys
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("cannot read public key {}: {e}", path.display())))?;
+            harmony_score_wire::parse_public_key(&text)
+                .map_err(|e| CliError::Usage(format!("public key {}: {e}", path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let now = now_ms() / 1000;
+    let expires_at =
+        args.expires_in_days.checked_mul(86_400).and_then(|s| s.checked_add(now)).ok_or_else(|| {
+            CliError::Usage(format!("--expires-in-days {} is too far", args.expires_in_days))
+        })?;
+    let keyset = harmony_score_wire::KeySet::new(args.version, now, expires_at, args.threshold, &keys);
+    keyset.check().map_err(|e| CliError::Usage(e.to_string()))?;
+    let signed = keyset.sign(&roots.iter().collect::<Vec<_>>());
+    std::fs::write(&args.out, signed)
+        .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", args.out.display())))?;
+    println!(
+        "key set version {} ({} keys, threshold {}) written to {}",
+        keyset.version,
+        keys.len(),
+        keyset.threshold,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `keyset publish FILE`.
+pub async fn keyset_publish(conn: &Connection, file: &Path) -> Result<(), CliError> {
+    let bytes =
+        std::fs::read(file).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let version = conn.client().await?.publish_keyset(&bytes).await?;
+    println!("published key set version {version}");
+    Ok(())
+}
+
+/// `keyset show`.
+pub async fn keyset_show(conn: &Connection) -> Result<(), CliError> {
+    match conn.client().await?.keyset().await? {
+        Some(keyset) => {
+            println!(
+                "version {}\nissued_at {}\nexpires_at {}\nthreshold {}",
+                keyset.version, keyset.issued_at, keyset.expires_at, keyset.threshold
+            );
+            for key in &keyset.keys {
+                // Checked when read: every key parses.
+                let id = harmony_score_wire::parse_public_key(key).map(|k| harmony_score_wire::key_id(&k));
+                println!("key {}\t{key}", id.unwrap_or_default());
+            }
+        }
+        None => println!("no key set published"),
+    }
+    Ok(())
+}

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use async_nats::{jetstream, ConnectOptions, Event, Message, ServerError};
 use futures_util::StreamExt;
-use harmony_score_wire::names::{command_subject, hint_subjects, inbox_prefix, info_subject};
+use harmony_score_wire::names::{
+    command_subject, hint_subjects, inbox_prefix, info_subject, keyset_hint_subject,
+};
 use harmony_score_wire::{to_cbor, CommandReply, DeviceInfo};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -66,23 +68,38 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         }
     };
     let js = jetstream::ContextBuilder::new().timeout(JS_TIMEOUT).build(client.clone());
-    let mut follower = match keys::Follower::new(&js, device.clone(), inbox.clone(), known).await {
-        Ok(follower) => follower,
-        Err(err) => {
-            error!(cause = %err, "cannot open the desired-state stream");
-            return;
-        }
-    };
+    // Key sets matter only to a device with root keys to check them (and
+    // only such a device's credentials need to read the key set).
+    let follow_keyset = !config.root_keys.is_empty();
+    let mut follower =
+        match keys::Follower::new(&js, device.clone(), inbox.clone(), known, follow_keyset).await {
+            Ok(follower) => follower,
+            Err(err) => {
+                error!(cause = %err, "cannot open the desired-state stream");
+                return;
+            }
+        };
     let subscriptions = tokio::try_join!(
         client.subscribe(hint_subjects(&device)),
         client.subscribe(command_subject(&device, ">")),
     );
-    let (mut hints, mut commands) = match subscriptions {
+    let (hints, mut commands) = match subscriptions {
         Ok(subs) => subs,
         Err(err) => {
             error!(cause = %err, "cannot subscribe");
             return;
         }
+    };
+    let mut hints = if follow_keyset {
+        match client.subscribe(keyset_hint_subject()).await {
+            Ok(keyset_hints) => futures_util::stream::select(hints, keyset_hints).boxed(),
+            Err(err) => {
+                error!(cause = %err, "cannot subscribe");
+                return;
+            }
+        }
+    } else {
+        hints.boxed()
     };
     let info_rx = status_rx.clone();
     let writer =
