@@ -318,7 +318,7 @@ impl ConfigLayer {
                     )))
                 }
                 Some(prefix) => prefix,
-                None => "_INBOX.".to_owned(),
+                None => harmony_score_wire::names::DEFAULT_TRUSTED_INBOX_PREFIX.to_owned(),
             },
         })
     }
