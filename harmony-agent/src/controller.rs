@@ -343,7 +343,7 @@ impl Controller {
                 return Some(StatusError::new(ErrorKind::Expired, message));
             }
         }
-        if let Some(message) = self.settings.policy.refused_tag(doc) {
+        if let Some(message) = self.settings.policy.refused_score(doc) {
             return Some(StatusError::new(ErrorKind::PolicyDenied, message));
         }
         let (topology, policy, mine) =
@@ -417,7 +417,7 @@ impl Controller {
             .filter(|(other, _)| *other != name)
             .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
             .collect();
-        if let Some(message) = self.settings.policy.refused_tag(&accepted.doc) {
+        if let Some(message) = self.settings.policy.refused_score(&accepted.doc) {
             let generation = Some(accepted.doc.generation);
             return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
         }
@@ -877,7 +877,7 @@ impl Controller {
 
 /// The first path the policy does not allow, by its name and by what the
 /// device's filesystem makes of it (a symlinked parent must not lead out).
-fn outside_policy(
+pub(crate) fn outside_policy(
     topology: &LocalDeviceTopology,
     policy: &DevicePolicy,
     mine: &[ResourceId],
@@ -885,12 +885,12 @@ fn outside_policy(
     // The allowed paths as the device's filesystem makes them too: on a
     // merged-/usr device `/lib/firmware` is `/usr/lib/firmware`.
     let resolved = DevicePolicy {
-        allowed_tags: None,
         allowed_paths: policy
             .allowed_paths
             .iter()
             .map(|p| if p == "/" { p.clone() } else { topology.device_path(p).unwrap_or_else(|| p.clone()) })
             .collect(),
+        ..DevicePolicy::default()
     };
     mine.iter().filter(|id| id.kind() == ResourceId::PATH).find_map(|id| {
         let device = topology.device_path(id.name());

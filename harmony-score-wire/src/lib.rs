@@ -10,6 +10,7 @@ mod document;
 mod file;
 mod ids;
 pub mod names;
+mod privilege;
 mod registry;
 mod resource;
 mod signed;
@@ -23,6 +24,7 @@ pub use codec::{
 pub use document::{document_digest, DeploymentIndex, DesiredState, FORMAT_VERSION};
 pub use file::{is_json_path, read_document_file, DocumentFileError};
 pub use ids::{DeploymentName, DeviceId, IdError};
+pub use privilege::{mode_privilege, Privilege, SETUID_SETGID_BITS};
 pub use registry::{is_registered, registered_scores, DeviceScore, ScoreRegistration};
 pub use resource::{normalize_path, PathError, ResourceId, ResourceIdError, MAX_NAME_BYTES, MAX_PATH_BYTES};
 pub use signed::{
