@@ -148,7 +148,7 @@ impl Controller {
         let loaded = match self.store.load_all() {
             Ok(loaded) => loaded,
             Err(err) => {
-                error!(cause = %err, "cannot list persisted state");
+                error!(cause = %harmony_score_wire::log_text(&err), "cannot list persisted state");
                 let message = format!("cannot list persisted state: {err}");
                 self.device_errors.push(StatusError::new(ErrorKind::StateUnreadable, message));
                 Vec::new()
@@ -169,14 +169,14 @@ impl Controller {
                             Ok(doc) if doc.deployment != name => {
                                 let message = format!("holds the document of deployment {}", doc.deployment);
                                 let err = self.store.set_aside(&name, message);
-                                error!(deployment = %name, cause = %err, "persisted state is another deployment's; kept aside");
+                                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted state is another deployment's; kept aside");
                                 entry.failure =
                                     Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
                                 adopt = false;
                             }
                             Ok(doc) => entry.document = Some(Accepted::new(doc)),
                             Err(err) => {
-                                error!(deployment = %name, cause = %err, "persisted document cannot run on this agent");
+                                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted document cannot run on this agent");
                                 let message = format!(
                                     "persisted generation {} cannot run on this agent: {err}",
                                     stored.generation
@@ -190,7 +190,7 @@ impl Controller {
                     }
                 }
                 Err(err) => {
-                    error!(deployment = %name, cause = %err, "persisted state unreadable; kept aside, reading the key again");
+                    error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted state unreadable; kept aside, reading the key again");
                     entry.failure = Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
                 }
             }
@@ -244,7 +244,7 @@ impl Controller {
                 Some(joined) = self.tasks.join_next() => {
                     if let Err(err) = joined {
                         if !err.is_cancelled() {
-                            error!(cause = %err, "a run task failed");
+                            error!(cause = %harmony_score_wire::log_text(&err), "a run task failed");
                         }
                     }
                 }
@@ -525,7 +525,7 @@ impl Controller {
         if entry.rejected.as_ref().is_some_and(|r| r.digest == digest && r.error.kind == kind) {
             return; // already reported
         }
-        warn!(deployment = %name, ?generation, kind = %kind, message = %harmony_score_wire::bounded_text(&message, 512), "document rejected");
+        warn!(deployment = %name, ?generation, kind = %kind, message = %harmony_score_wire::log_text(&message), "document rejected");
         entry.rejected =
             Some(Rejection { generation, digest, error: StatusError::new(kind, message), retry_bytes });
         entry.pruned_at = None;
@@ -555,7 +555,7 @@ impl Controller {
                 true
             }
             Err(err) => {
-                error!(deployment = %name, cause = %err, "cannot persist deployment state");
+                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "cannot persist deployment state");
                 entry.failure = Some(StatusError::new(ErrorKind::PersistFailed, err.to_string()));
                 let attempt = entry.retry.map_or(0, |(a, _)| a + 1);
                 if let Action::RequeueAfter(delay) = error_policy(false, false, attempt, jitter()) {
@@ -607,7 +607,7 @@ impl Controller {
         if let Some(refusal) = self.recheck(name).await {
             let Some(entry) = self.deployments.get_mut(name) else { return };
             if entry.failure.as_ref() != Some(&refusal) {
-                warn!(deployment = %name, kind = %refusal.kind, message = %refusal.message, "accepted document no longer passes its checks; not run");
+                warn!(deployment = %name, kind = %refusal.kind, message = %harmony_score_wire::log_text(&refusal.message), "accepted document no longer passes its checks; not run");
                 entry.failure = Some(refusal);
                 self.dirty = true;
             }

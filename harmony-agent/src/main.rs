@@ -147,7 +147,8 @@ fn apply(
     policy: Option<&std::path::Path>,
 ) -> ExitCode {
     let refuse = |message: String| {
-        eprintln!("harmony-agent: {}: rejected: {message}", path.display());
+        // The message may quote the document (an unknown tag): one escaped line.
+        eprintln!("harmony-agent: {}: rejected: {}", path.display(), cli_text(&message));
         ExitCode::from(2)
     };
     let policy = match policy.map(harmony_agent::DevicePolicy::from_config_file).transpose() {
@@ -218,7 +219,7 @@ fn apply(
         let maestro = match Maestro::initialize(Inventory::empty(), topology).await {
             Ok(m) => m,
             Err(err) => {
-                eprintln!("harmony-agent: {}", error_chain(&err));
+                eprintln!("harmony-agent: {}", cli_text(&error_chain(&err)));
                 return ExitCode::FAILURE;
             }
         };
@@ -232,6 +233,11 @@ fn apply(
             ExitCode::FAILURE
         }
     })
+}
+
+/// `text` as one line for stderr: control characters escaped, at most 8 KiB.
+fn cli_text(text: &str) -> String {
+    harmony_score_wire::bounded_text(text, 8 * 1024)
 }
 
 /// `outer: cause: root cause`, for one line on stderr.
@@ -284,7 +290,7 @@ fn run(args: RunArgs) -> ExitCode {
         match harmony_agent::run(config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("harmony-agent: {}", error_chain(&err));
+                eprintln!("harmony-agent: {}", cli_text(&error_chain(&err)));
                 ExitCode::FAILURE
             }
         }

@@ -348,3 +348,18 @@ fn apply_refuses_what_the_device_policy_refuses() {
         agent(&["apply", setuid.to_str().unwrap(), "--root", root_arg, "--policy", broken.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "an unreadable policy refuses");
 }
+
+// Issue 7 §2: an unknown tag is echoed in the refusal; a newline or an
+// escape in it must not reach the terminal raw.
+#[test]
+fn a_refusal_quoting_the_document_is_one_escaped_line() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let path = work.path().join("evil.json");
+    let value = doc(json!([{"type": "evil\n2026-01-01 INFO forged\u{1b}[31m", "path": "/x"}]));
+    std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+    let (code, _, stderr) = apply(&path, root.path());
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(!stderr.contains('\u{1b}') && stderr.contains("evil\\n2026"), "{stderr:?}");
+}

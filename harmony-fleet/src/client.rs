@@ -333,7 +333,7 @@ impl FleetClient {
             match read_status(store, &key).await {
                 Ok(found) => found.map(|(status, _)| status),
                 Err(err) => {
-                    warn!(key = %key, cause = %err, "skipping unreadable status");
+                    warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(&err), "skipping unreadable status");
                     None
                 }
             }
@@ -408,7 +408,7 @@ fn valid_inbox_prefix(prefix: &str) -> bool {
 /// another device's id.
 async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus, u64)>, FleetError> {
     let Ok(device) = DeviceId::new(key) else {
-        warn!(key = %harmony_score_wire::bounded_text(key, 80), "status key is not a device id; skipped");
+        warn!(key = %harmony_score_wire::log_text(key), "status key is not a device id; skipped");
         return Ok(None);
     };
     let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read status {key}"), e))?;

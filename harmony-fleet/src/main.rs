@@ -142,7 +142,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("harmony-fleet: {}", describe(&err));
+            // Errors may quote what devices wrote: one escaped line.
+            eprintln!("harmony-fleet: {}", harmony_score_wire::bounded_text(&describe(&err), 8 * 1024));
             ExitCode::from(exit_code(&err))
         }
     }

@@ -37,6 +37,9 @@ pub use status::{
 };
 pub use validate::ScoreValidationError;
 
+/// Re-exported: a log field made one safe line (see [`bounded_text`]).
+pub use harmony_topology::text::log_text;
+
 /// Re-exported: the public half of a signing key, as [`TrustedKeys`] takes it.
 pub use ed25519_dalek::VerifyingKey;
 
