@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harmony_score_wire::names::split_url_credentials;
-use harmony_score_wire::DeviceId;
+use harmony_score_wire::{DeviceId, Privilege};
 use serde::Deserialize;
 
 use crate::runner::Timeouts;
@@ -85,11 +85,23 @@ pub struct DevicePolicy {
     /// Normalized absolute paths beneath which every file and directory a
     /// Score names must lie (after resolving symlinked parents); `/`: anywhere.
     pub allowed_paths: Vec<String>,
+    /// Whether Scores may set setuid or setgid modes ([`Privilege::SetuidMode`]).
+    pub allow_setuid: bool,
+    /// Whether Scores may run privileged containers ([`Privilege::PrivilegedContainer`]).
+    pub allow_privileged_containers: bool,
+    /// Whether Scores may run containers in the host's network namespace ([`Privilege::HostNetwork`]).
+    pub allow_host_network: bool,
 }
 
 impl Default for DevicePolicy {
     fn default() -> Self {
-        Self { allowed_tags: None, allowed_paths: vec!["/".to_owned()] }
+        Self {
+            allowed_tags: None,
+            allowed_paths: vec!["/".to_owned()],
+            allow_setuid: false,
+            allow_privileged_containers: false,
+            allow_host_network: false,
+        }
     }
 }
 
@@ -103,16 +115,57 @@ impl DevicePolicy {
         })
     }
 
-    /// Why `doc` uses a Score tag this policy does not allow; `None` when it does not.
-    pub fn refused_tag(&self, doc: &harmony_score_wire::DesiredState) -> Option<String> {
-        let (index, score) =
-            doc.scores.iter().enumerate().find(|(_, s)| !self.allows_tag(s.typetag_name()))?;
-        Some(format!("score #{index} ({}) is not allowed by this device's policy", score.typetag_name()))
+    /// Why `doc` has a Score this policy refuses by what the Score is: a
+    /// tag it does not allow, or a privilege it does not grant. `None` when
+    /// every Score passes. (Paths need the device's filesystem; they are
+    /// judged beside this, by the controller.)
+    pub fn refused_score(&self, doc: &harmony_score_wire::DesiredState) -> Option<String> {
+        doc.scores.iter().enumerate().find_map(|(index, score)| {
+            let tag = score.typetag_name();
+            if !self.allows_tag(tag) {
+                return Some(format!("score #{index} ({tag}) is not allowed by this device's policy"));
+            }
+            let privilege = score.privileges().into_iter().find(|p| !self.allows_privilege(*p))?;
+            let setting = privilege_setting(privilege).map(|s| format!(" ({s} = false)")).unwrap_or_default();
+            Some(format!(
+                "score #{index} ({tag}) needs privilege {privilege}, which this device's policy does not allow{setting}"
+            ))
+        })
     }
 
     /// Whether Scores tagged `tag` may run.
     pub fn allows_tag(&self, tag: &str) -> bool {
         self.allowed_tags.as_ref().is_none_or(|tags| tags.contains(tag))
+    }
+
+    /// Whether Scores may use `privilege`. A privilege this agent does not
+    /// know is never granted.
+    pub fn allows_privilege(&self, privilege: Privilege) -> bool {
+        match privilege {
+            Privilege::SetuidMode => self.allow_setuid,
+            Privilege::PrivilegedContainer => self.allow_privileged_containers,
+            Privilege::HostNetwork => self.allow_host_network,
+            _ => false,
+        }
+    }
+}
+
+impl DevicePolicy {
+    /// The policy of an agent configuration file: its `[policy]` table
+    /// resolved as the daemon resolves it (defaults when it has none); its
+    /// other settings are parsed, not used.
+    pub fn from_config_file(path: &Path) -> Result<Self, ConfigError> {
+        resolve_policy(ConfigLayer::from_file(path)?.policy.unwrap_or_default())
+    }
+}
+
+/// The `[policy]` setting that grants `privilege`.
+fn privilege_setting(privilege: Privilege) -> Option<&'static str> {
+    match privilege {
+        Privilege::SetuidMode => Some("allow_setuid"),
+        Privilege::PrivilegedContainer => Some("allow_privileged_containers"),
+        Privilege::HostNetwork => Some("allow_host_network"),
+        _ => None,
     }
 }
 
@@ -124,6 +177,12 @@ pub struct PolicyLayer {
     pub allowed_tags: Option<Vec<String>>,
     /// `allowed_paths = ["/etc/app", "/var/lib/app"]`.
     pub allowed_paths: Option<Vec<String>>,
+    /// `allow_setuid = false`: setuid and setgid modes.
+    pub allow_setuid: Option<bool>,
+    /// `allow_privileged_containers = false`.
+    pub allow_privileged_containers: Option<bool>,
+    /// `allow_host_network = false`: containers in the host's network namespace.
+    pub allow_host_network: Option<bool>,
 }
 
 // Written by hand so a credentials path never gets more than its name in logs.
@@ -335,7 +394,7 @@ impl ConfigLayer {
                     )))
                 }
                 Some(prefix) => prefix,
-                None => "_INBOX.".to_owned(),
+                None => harmony_score_wire::names::DEFAULT_TRUSTED_INBOX_PREFIX.to_owned(),
             },
         })
     }
@@ -396,7 +455,13 @@ fn resolve_policy(layer: PolicyLayer) -> Result<DevicePolicy, ConfigError> {
             })
             .collect::<Result<_, _>>()?,
     };
-    Ok(DevicePolicy { allowed_tags: layer.allowed_tags.map(|t| t.into_iter().collect()), allowed_paths })
+    Ok(DevicePolicy {
+        allowed_tags: layer.allowed_tags.map(|t| t.into_iter().collect()),
+        allowed_paths,
+        allow_setuid: layer.allow_setuid.unwrap_or(false),
+        allow_privileged_containers: layer.allow_privileged_containers.unwrap_or(false),
+        allow_host_network: layer.allow_host_network.unwrap_or(false),
+    })
 }
 
 #[cfg(test)]
@@ -467,9 +532,60 @@ mod tests {
         assert!(ConfigLayer { policy: Some(policy(&["/etc/../x"])), ..base() }.resolve().is_err());
         let config = ConfigLayer { policy: Some(policy(&["/etc//app/", "/"])), ..base() }.resolve().unwrap();
         assert_eq!(config.policy.allowed_paths, ["/etc/app", "/"]);
-        let narrow = DevicePolicy { allowed_tags: None, allowed_paths: vec!["/etc/app".into()] };
+        let narrow = DevicePolicy { allowed_paths: vec!["/etc/app".into()], ..Default::default() };
         assert!(narrow.allows_path("/etc/app") && narrow.allows_path("/etc/app/x"));
         assert!(!narrow.allows_path("/etc/application") && !narrow.allows_path("/etc"));
+    }
+
+    #[test]
+    fn privileges_are_off_unless_the_policy_grants_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "device_id = \"d\"\nstate_dir = \"/s\"\n").unwrap();
+        let policy = ConfigLayer::from_file(&path).unwrap().resolve().unwrap().policy;
+        assert_eq!(policy, DevicePolicy::default());
+        for privilege in [Privilege::SetuidMode, Privilege::PrivilegedContainer, Privilege::HostNetwork] {
+            assert!(!policy.allows_privilege(privilege), "{privilege}");
+        }
+        std::fs::write(
+            &path,
+            "device_id = \"d\"\nstate_dir = \"/s\"\n[policy]\nallow_setuid = true\nallow_host_network = true\n",
+        )
+        .unwrap();
+        let policy = ConfigLayer::from_file(&path).unwrap().resolve().unwrap().policy;
+        assert!(policy.allow_setuid && policy.allow_host_network && !policy.allow_privileged_containers);
+        assert!(policy.allows_privilege(Privilege::SetuidMode));
+        assert!(!policy.allows_privilege(Privilege::PrivilegedContainer));
+        assert_eq!(DevicePolicy::from_config_file(&path).unwrap(), policy, "apply reads the same table");
+        for bad in ["allow_setuid = \"yes\"", "allow_suid = true"] {
+            std::fs::write(&path, format!("device_id = \"d\"\nstate_dir = \"/s\"\n[policy]\n{bad}\n"))
+                .unwrap();
+            assert!(matches!(ConfigLayer::from_file(&path), Err(ConfigError::ParseFailed { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_score_is_refused_for_its_tag_or_for_a_privilege_the_policy_does_not_grant() {
+        harmony_scores::ensure_linked();
+        let doc = |scores: serde_json::Value| -> harmony_score_wire::DesiredState {
+            serde_json::from_value(serde_json::json!({"device_id": "d", "deployment": "web", "generation": 1,
+                "scores": scores}))
+            .unwrap()
+        };
+        let setuid = doc(serde_json::json!([
+            {"type": "harmony.file/v1", "path": "/a", "mode": 0o644},
+            {"type": "harmony.file/v1", "path": "/b", "mode": 0o4755},
+        ]));
+        let message = DevicePolicy::default().refused_score(&setuid).unwrap();
+        assert_eq!(
+            message,
+            "score #1 (harmony.file/v1) needs privilege setuid_mode, which this device's policy does not allow (allow_setuid = false)"
+        );
+        let allowing = DevicePolicy { allow_setuid: true, ..Default::default() };
+        assert_eq!(allowing.refused_score(&setuid), None);
+        let narrow =
+            DevicePolicy { allowed_tags: Some(["harmony.directory/v1".to_owned()].into()), ..allowing };
+        assert!(narrow.refused_score(&setuid).unwrap().contains("score #0 (harmony.file/v1) is not allowed"));
     }
 
     #[test]

@@ -164,7 +164,7 @@ impl Controller {
         let loaded = match self.store.load_all() {
             Ok(loaded) => loaded,
             Err(err) => {
-                error!(cause = %err, "cannot list persisted state");
+                error!(cause = %harmony_score_wire::log_text(&err), "cannot list persisted state");
                 let message = format!("cannot list persisted state: {err}");
                 self.device_errors.push(StatusError::new(ErrorKind::StateUnreadable, message));
                 Vec::new()
@@ -185,14 +185,14 @@ impl Controller {
                             Ok(doc) if doc.deployment != name => {
                                 let message = format!("holds the document of deployment {}", doc.deployment);
                                 let err = self.store.set_aside(&name, message);
-                                error!(deployment = %name, cause = %err, "persisted state is another deployment's; kept aside");
+                                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted state is another deployment's; kept aside");
                                 entry.failure =
                                     Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
                                 adopt = false;
                             }
                             Ok(doc) => entry.document = Some(Accepted::new(doc)),
                             Err(err) => {
-                                error!(deployment = %name, cause = %err, "persisted document cannot run on this agent");
+                                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted document cannot run on this agent");
                                 let message = format!(
                                     "persisted generation {} cannot run on this agent: {err}",
                                     stored.generation
@@ -206,7 +206,7 @@ impl Controller {
                     }
                 }
                 Err(err) => {
-                    error!(deployment = %name, cause = %err, "persisted state unreadable; kept aside, reading the key again");
+                    error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted state unreadable; kept aside, reading the key again");
                     entry.failure = Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
                 }
             }
@@ -261,7 +261,7 @@ impl Controller {
                 Some(joined) = self.tasks.join_next() => {
                     if let Err(err) = joined {
                         if !err.is_cancelled() {
-                            error!(cause = %err, "a run task failed");
+                            error!(cause = %harmony_score_wire::log_text(&err), "a run task failed");
                         }
                     }
                 }
@@ -360,7 +360,7 @@ impl Controller {
                 return Some(StatusError::new(ErrorKind::Expired, message));
             }
         }
-        if let Some(message) = self.settings.policy.refused_tag(doc) {
+        if let Some(message) = self.settings.policy.refused_score(doc) {
             return Some(StatusError::new(ErrorKind::PolicyDenied, message));
         }
         let (topology, policy, mine) =
@@ -458,7 +458,7 @@ impl Controller {
             .filter(|(other, _)| *other != name)
             .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
             .collect();
-        if let Some(message) = self.settings.policy.refused_tag(&accepted.doc) {
+        if let Some(message) = self.settings.policy.refused_score(&accepted.doc) {
             let generation = Some(accepted.doc.generation);
             return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
         }
@@ -566,7 +566,7 @@ impl Controller {
         if entry.rejected.as_ref().is_some_and(|r| r.digest == digest && r.error.kind == kind) {
             return; // already reported
         }
-        warn!(deployment = %name, ?generation, kind = %kind, message = %harmony_score_wire::bounded_text(&message, 512), "document rejected");
+        warn!(deployment = %name, ?generation, kind = %kind, message = %harmony_score_wire::log_text(&message), "document rejected");
         entry.rejected =
             Some(Rejection { generation, digest, error: StatusError::new(kind, message), retry_bytes });
         entry.pruned_at = None;
@@ -596,7 +596,7 @@ impl Controller {
                 true
             }
             Err(err) => {
-                error!(deployment = %name, cause = %err, "cannot persist deployment state");
+                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "cannot persist deployment state");
                 entry.failure = Some(StatusError::new(ErrorKind::PersistFailed, err.to_string()));
                 let attempt = entry.retry.map_or(0, |(a, _)| a + 1);
                 if let Action::RequeueAfter(delay) = error_policy(false, false, attempt, jitter()) {
@@ -648,7 +648,7 @@ impl Controller {
         if let Some(refusal) = self.recheck(name).await {
             let Some(entry) = self.deployments.get_mut(name) else { return };
             if entry.failure.as_ref() != Some(&refusal) {
-                warn!(deployment = %name, kind = %refusal.kind, message = %refusal.message, "accepted document no longer passes its checks; not run");
+                warn!(deployment = %name, kind = %refusal.kind, message = %harmony_score_wire::log_text(&refusal.message), "accepted document no longer passes its checks; not run");
                 entry.failure = Some(refusal);
                 self.dirty = true;
             }
@@ -925,7 +925,7 @@ impl Controller {
 
 /// The first path the policy does not allow, by its name and by what the
 /// device's filesystem makes of it (a symlinked parent must not lead out).
-fn outside_policy(
+pub(crate) fn outside_policy(
     topology: &LocalDeviceTopology,
     policy: &DevicePolicy,
     mine: &[ResourceId],
@@ -933,12 +933,12 @@ fn outside_policy(
     // The allowed paths as the device's filesystem makes them too: on a
     // merged-/usr device `/lib/firmware` is `/usr/lib/firmware`.
     let resolved = DevicePolicy {
-        allowed_tags: None,
         allowed_paths: policy
             .allowed_paths
             .iter()
             .map(|p| if p == "/" { p.clone() } else { topology.device_path(p).unwrap_or_else(|| p.clone()) })
             .collect(),
+        ..DevicePolicy::default()
     };
     mine.iter().filter(|id| id.kind() == ResourceId::PATH).find_map(|id| {
         let device = topology.device_path(id.name());

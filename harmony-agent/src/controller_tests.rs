@@ -416,9 +416,9 @@ async fn corrupt_input_is_rejected_and_the_last_good_generation_keeps_running() 
         agent.until("truncated g2 refused", |s| s.deployments[&name("web")].phase == Phase::Rejected).await;
     assert_eq!(web.deployments[&name("web")].error.as_ref().unwrap().kind, ErrorKind::Truncated);
     assert_eq!(web.deployments[&name("web")].observed_generation, 1);
-    // An invalid Score (a setuid mode) refuses the whole document before any Score runs.
+    // An invalid Score (a mode beyond 0o7777) refuses the whole document before any Score runs.
     let mut bad = json!({"device_id": "dev-1", "deployment": "web", "generation": 3,
-        "scores": [file("/first", "x"), {"type": "harmony.file/v1", "path": "/x", "mode": 0o4755}]});
+        "scores": [file("/first", "x"), {"type": "harmony.file/v1", "path": "/x", "mode": 0o14755}]});
     let cbor = {
         let mut out = Vec::new();
         ciborium::into_writer(&bad.take(), &mut out).unwrap();
@@ -1131,6 +1131,7 @@ async fn a_score_outside_the_device_policy_refuses_the_whole_document() {
             s.policy = crate::DevicePolicy {
                 allowed_tags: Some(["harmony.file/v1".to_owned()].into()),
                 allowed_paths: vec!["/etc/app".to_owned()],
+                ..Default::default()
             };
         })
         .await;
@@ -1159,12 +1160,63 @@ async fn a_score_outside_the_device_policy_refuses_the_whole_document() {
     std::os::unix::fs::symlink("usr/lib", device.root("/lib")).unwrap();
     let mut agent = device
         .start_with(|s| {
-            s.policy = crate::DevicePolicy { allowed_tags: None, allowed_paths: vec!["/lib/firmware".into()] }
+            s.policy =
+                crate::DevicePolicy { allowed_paths: vec!["/lib/firmware".into()], ..Default::default() }
         })
         .await;
     agent.offer("fw", 1, json!([file("/lib/firmware/blob", "x")]));
     agent.applied("fw", 1).await;
     assert_eq!(read(&device.root("/usr/lib/firmware/blob")), "x");
+    agent.stop().await;
+}
+
+// Issue 7 §5: whether a setuid or setgid mode may be set is the device
+// owner's decision. Without `allow_setuid` a document with such a Score is
+// refused whole (`policy_denied`, naming the Score, its tag and the
+// privilege) before anything of it runs; with it, the mode is set exactly.
+// An accepted one stops running when the policy no longer allows it.
+#[tokio::test]
+async fn a_setuid_mode_runs_only_where_the_device_policy_allows_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let device = Device::new();
+    let setuid = json!({"type": "harmony.file/v1", "path": "/usr/bin/tool", "content": "#!", "mode": 0o4755});
+    let setgid_dir = json!({"type": "harmony.directory/v1", "path": "/srv/shared", "mode": 0o2770});
+    let mut agent = device.start().await;
+    for (deployment, scores, index) in [
+        ("tool", json!([file("/first", "x"), setuid.clone()]), "#1 (harmony.file/v1)"),
+        ("shared", json!([setgid_dir.clone(), file("/second", "x")]), "#0 (harmony.directory/v1)"),
+    ] {
+        agent.offer(deployment, 1, scores);
+        let status = agent.until_phase(deployment, 1, Phase::Rejected).await;
+        let error = status.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::PolicyDenied, "{}", error.message);
+        for part in [index, "setuid_mode", "allow_setuid"] {
+            assert!(error.message.contains(part), "{part:?} missing: {}", error.message);
+        }
+        assert_eq!(status.observed_generation, 0);
+    }
+    for path in ["/first", "/usr/bin/tool", "/srv/shared", "/second"] {
+        assert!(!device.root(path).exists(), "{path} was written");
+    }
+    agent.stop().await;
+
+    let allowing = |s: &mut ControllerSettings| s.policy.allow_setuid = true;
+    let mut agent = device.start_with(allowing).await;
+    agent.offer("tool", 2, json!([file("/first", "x"), setuid]));
+    agent.offer("shared", 2, json!([setgid_dir, file("/second", "x")]));
+    agent.applied("tool", 2).await;
+    agent.applied("shared", 2).await;
+    let mode = |path: &str| std::fs::metadata(device.root(path)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("/usr/bin/tool"), 0o4755);
+    assert_eq!(mode("/srv/shared"), 0o2770);
+    agent.stop().await;
+
+    // The policy narrowed again: the accepted document stays owned, not run.
+    std::fs::remove_file(device.root("/usr/bin/tool")).unwrap();
+    let mut agent = device.start().await;
+    let tool = agent.until_phase("tool", 2, Phase::Failed).await;
+    assert_eq!(tool.error.unwrap().kind, ErrorKind::PolicyDenied);
+    assert!(!device.root("/usr/bin/tool").exists(), "drift repair ran a document the policy refuses");
     agent.stop().await;
 }
 
@@ -1202,7 +1254,7 @@ async fn an_accepted_document_is_checked_again_before_every_run() {
     let mut agent = device
         .start_with(|s| {
             trusting(s);
-            s.policy = crate::DevicePolicy { allowed_tags: None, allowed_paths: vec!["/etc".into()] };
+            s.policy = crate::DevicePolicy { allowed_paths: vec!["/etc".into()], ..Default::default() };
         })
         .await;
     let web = agent.until_phase("web", 1, Phase::Failed).await;

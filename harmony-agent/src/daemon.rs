@@ -155,6 +155,6 @@ fn write_status_file(path: &Path, status: &AgentStatus) {
         .map_err(std::io::Error::other)
         .and_then(|bytes| harmony_topology::local::write_file_atomic(path, &bytes, 0o644));
     if let Err(err) = result {
-        error!(cause = %err, "cannot write local status");
+        error!(cause = %harmony_score_wire::log_text(&err), "cannot write local status");
     }
 }

@@ -33,6 +33,11 @@ enum Command {
         /// Require the document to be for this device.
         #[arg(long)]
         device_id: Option<String>,
+        /// Apply the `[policy]` table of this agent configuration file (its
+        /// other settings are not read). Without it: every registered tag,
+        /// any path, no privileges (no setuid, no privileged containers).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
     /// Lists the Score tags this agent runs: tag, version, summary.
     Scores,
@@ -101,7 +106,9 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Apply { doc, root, trusted_keys, device_id } => apply(doc, root, &trusted_keys, device_id),
+        Command::Apply { doc, root, trusted_keys, device_id, policy } => {
+            apply(doc, root, &trusted_keys, device_id, policy.as_deref())
+        }
         Command::Run(args) => run(*args),
         Command::Scores => {
             for reg in registered_scores() {
@@ -135,10 +142,24 @@ fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Option<String>) -> ExitCode {
+fn apply(
+    path: PathBuf,
+    root: PathBuf,
+    trusted_keys: &[PathBuf],
+    device_id: Option<String>,
+    policy: Option<&std::path::Path>,
+) -> ExitCode {
     let refuse = |message: String| {
-        eprintln!("harmony-agent: {}: rejected: {message}", path.display());
+        // The message may quote the document (an unknown tag): one escaped line.
+        eprintln!("harmony-agent: {}: rejected: {}", path.display(), cli_text(&message));
         ExitCode::from(2)
+    };
+    let policy = match policy.map(harmony_agent::DevicePolicy::from_config_file).transpose() {
+        Ok(policy) => policy.unwrap_or_default(),
+        Err(err) => {
+            eprintln!("harmony-agent: {err}");
+            return ExitCode::from(2);
+        }
     };
     // Read once, bounded; what is verified is what is decoded.
     let limits = DecodeLimits::default();
@@ -192,11 +213,16 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
             return refuse(format!("expired: at {expires_at} (seconds since the epoch)"));
         }
     }
+    let topology = LocalDeviceTopology::new(root);
+    // The daemon's policy decision, before anything of the document runs.
+    if let Some(message) = harmony_agent::policy_refusal(&topology, &policy, &doc) {
+        return refuse(format!("policy_denied: {message}"));
+    }
     block_on(async {
-        let maestro = match Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(root)).await {
+        let maestro = match Maestro::initialize(Inventory::empty(), topology).await {
             Ok(m) => m,
             Err(err) => {
-                eprintln!("harmony-agent: {}", error_chain(&err));
+                eprintln!("harmony-agent: {}", cli_text(&error_chain(&err)));
                 return ExitCode::FAILURE;
             }
         };
@@ -210,6 +236,11 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
             ExitCode::FAILURE
         }
     })
+}
+
+/// `text` as one line for stderr: control characters escaped, at most 8 KiB.
+fn cli_text(text: &str) -> String {
+    harmony_score_wire::bounded_text(text, 8 * 1024)
 }
 
 /// `outer: cause: root cause`, for one line on stderr.
@@ -263,7 +294,7 @@ fn run(args: RunArgs) -> ExitCode {
         match harmony_agent::run(config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("harmony-agent: {}", error_chain(&err));
+                eprintln!("harmony-agent: {}", cli_text(&error_chain(&err)));
                 ExitCode::FAILURE
             }
         }

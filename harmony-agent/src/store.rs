@@ -241,7 +241,7 @@ impl Store {
         kept_as.push(format!(".unreadable-{}", now_ms()));
         let kept_as = PathBuf::from(kept_as);
         if let Err(err) = std::fs::rename(path, &kept_as) {
-            warn!(path = %path.display(), cause = %err, "cannot move an unreadable record aside");
+            warn!(path = %harmony_score_wire::log_text(path.display()), cause = %harmony_score_wire::log_text(&err), "cannot move an unreadable record aside");
         }
         StoreError::CorruptRecord { path: path.to_owned(), message, kept_as }
     }

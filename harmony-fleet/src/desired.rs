@@ -184,7 +184,7 @@ impl FleetClient {
             // A stored value that is not a document must not block replacing it.
             let header = latest.value.as_ref().and_then(|value| {
                 decode_header(&key, value)
-                    .inspect_err(|err| warn!(key = %key, cause = %error_chain(err), "replacing an undecodable document"))
+                    .inspect_err(|err| warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(error_chain(err)), "replacing an undecodable document"))
                     .ok()
             });
             if let (true, None, Some(header), Some(value)) = (skip_unchanged, wanted, &header, &latest.value)

@@ -26,6 +26,10 @@ struct Cli {
     /// Sign documents with this key (`harmony.key` from `keygen`) [default: $HARMONY_SIGN_KEY].
     #[arg(long, global = true, value_name = "FILE")]
     sign_key: Option<PathBuf>,
+    /// Inbox prefix for replies (a generated monitor or commander must use
+    /// its own) [default: $HARMONY_INBOX_PREFIX, else _INBOX].
+    #[arg(long, global = true, value_name = "PREFIX")]
+    inbox_prefix: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -103,11 +107,20 @@ enum Command {
         action: KeysetCommand,
     },
     /// Writes a nats-server configuration with one user per device and an
-    /// operator, and each principal's connection settings (files 0600).
+    /// operator (and optionally a monitor and a commander), and each
+    /// principal's connection settings (files 0600).
     NatsConfig {
         /// Device ids, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         devices: Vec<DeviceId>,
+        /// Also a read-only `monitor` user (`monitor.env`): reads statuses,
+        /// desired state, heartbeats and device info; writes nothing.
+        #[arg(long)]
+        monitor: bool,
+        /// Also a command-only `commander` user (`commander.env`): sends
+        /// device commands (ping, reconcile); reads no bucket.
+        #[arg(long)]
+        commander: bool,
         /// The folder to write into (created).
         #[arg(long)]
         out: PathBuf,
@@ -140,13 +153,16 @@ fn main() -> ExitCode {
         Command::Keygen { out } => cli::keygen(&out),
         Command::Keyset { action: KeysetCommand::Sign(args) } => cli::keyset_sign(&args),
         Command::Inspect { doc } => cli::inspect_file(&doc),
-        Command::NatsConfig { devices, out, url } => cli::nats_config(&devices, &out, &url),
-        command => run_online(command, connection(cli.nats, cli.creds, sign_key)),
+        Command::NatsConfig { devices, out, url, monitor, commander } => {
+            cli::nats_config(&devices, &out, &url, harmony_fleet::nats_config::Roles { monitor, commander })
+        }
+        command => run_online(command, connection(cli.nats, cli.creds, sign_key, cli.inbox_prefix)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("harmony-fleet: {}", describe(&err));
+            // Errors may quote what devices wrote: one escaped line.
+            eprintln!("harmony-fleet: {}", harmony_score_wire::bounded_text(&describe(&err), 8 * 1024));
             ExitCode::from(exit_code(&err))
         }
     }
@@ -177,10 +193,18 @@ fn describe(err: &CliError) -> String {
     }
 }
 
-fn connection(nats: Option<String>, creds: Option<PathBuf>, sign_key: Option<PathBuf>) -> Connection {
+fn connection(
+    nats: Option<String>,
+    creds: Option<PathBuf>,
+    sign_key: Option<PathBuf>,
+    inbox_prefix: Option<String>,
+) -> Connection {
     let urls = nats.or_else(|| std::env::var("HARMONY_NATS").ok()).unwrap_or_else(|| DEFAULT_NATS.to_owned());
     let urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
-    Connection { urls, creds, sign_key }
+    let inbox_prefix = inbox_prefix
+        .or_else(|| std::env::var("HARMONY_INBOX_PREFIX").ok())
+        .filter(|prefix| !prefix.is_empty());
+    Connection { urls, creds, sign_key, inbox_prefix }
 }
 
 fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {

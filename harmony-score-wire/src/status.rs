@@ -247,34 +247,9 @@ pub const MAX_MESSAGE_BYTES: usize = 512;
 /// max payload, so a report always fits.
 pub const MAX_STATUS_BYTES: usize = 256 * 1024;
 
-/// `text` with control characters escaped (`\u{1b}`, `\n`) and cut to at
-/// most `max` bytes on a character boundary, ending in `…` when cut.
-pub fn bounded_text(text: &str, max: usize) -> String {
-    const ELLIPSIS: &str = "…";
-    let mut out = String::with_capacity(text.len().min(max + 8));
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-        if out.len() > max {
-            break;
-        }
-    }
-    if out.len() <= max {
-        return out;
-    }
-    let mut cut = max.saturating_sub(ELLIPSIS.len());
-    while !out.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    out.truncate(cut);
-    if max >= ELLIPSIS.len() {
-        out.push_str(ELLIPSIS);
-    }
-    out
-}
+/// The one escaping rule for echoed text, shared with logs (see
+/// [`harmony_topology::text`]).
+pub use harmony_topology::text::bounded_text;
 
 impl AgentStatus {
     /// Makes the report safe to write: every echoed string bounded and

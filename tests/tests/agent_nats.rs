@@ -65,6 +65,36 @@ impl DeviceScore for NewerScore {
     }
 }
 
+/// A Score whose tag holds a newline, a forged log line and a terminal
+/// escape: unknown to the agent, which echoes unknown tags in its error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ForgingScore;
+
+impl Score<LocalDeviceTopology> for ForgingScore {
+    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
+        Box::new(NewerInterpret)
+    }
+    fn name(&self) -> String {
+        "forging".into()
+    }
+}
+
+/// The line the tag tries to forge in the agent's log.
+const FORGED: &str = "2026-01-01T00:00:00.000000Z  INFO harmony_agent: forged";
+
+#[typetag::serde(name = "evil\n2026-01-01T00:00:00.000000Z  INFO harmony_agent: forged\u{1b}[31m")]
+impl DeviceScore for ForgingScore {
+    fn validate(&self) -> Result<(), harmony_score_wire::ScoreValidationError> {
+        Ok(())
+    }
+    fn resource(&self) -> harmony_score_wire::ResourceId {
+        harmony_score_wire::ResourceId::named("forging", "x").expect("valid resource")
+    }
+    fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+        None
+    }
+}
+
 struct Fixture {
     nats: NatsServer,
     client: FleetClient,
@@ -89,6 +119,11 @@ impl Fixture {
     }
 
     fn start_agent(&self, log: &str) -> AgentProcess {
+        self.start_agent_logging(log, "harmony_agent=debug,info")
+    }
+
+    /// [`Fixture::start_agent`] with `HARMONY_LOG` set to `filter`.
+    fn start_agent_logging(&self, log: &str, filter: &str) -> AgentProcess {
         let root = self.dir.path().join("root");
         let state = self.dir.path().join("state");
         let url = self.nats.url();
@@ -110,7 +145,7 @@ impl Fixture {
             "--label",
             "site=lab",
         ];
-        AgentProcess::start(&args, &self.dir.path().join(log))
+        AgentProcess::start_logging(&args, &self.dir.path().join(log), filter)
     }
 
     /// Waits until the agent answers a ping (it then has its subscriptions).
@@ -388,4 +423,32 @@ async fn a_purged_key_is_pruned_like_a_deleted_one() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log_text()));
     assert!(!f.root("/etc/app").exists());
+}
+
+// Issue 7 §2: newlines and escapes in document text forged agent log lines.
+// Every field the agent logs from outside the process is escaped: a Score
+// tag holding a newline, a whole forged log line and an ANSI escape (the
+// agent echoes unknown tags in its error) shows up escaped, on one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_cannot_forge_a_line_or_an_escape_in_the_agents_log() {
+    let f = Fixture::new().await;
+    let agent = f.start_agent_logging("agent.log", "debug");
+    f.until_online(&agent).await;
+    let g1 = f.deploy("app", vec![file("/etc/app", "good"), Box::new(ForgingScore)]).await;
+    let name = DeploymentName::new("app").unwrap();
+    let err = f
+        .client
+        .wait_for_generation(&f.device, &name, g1.generation, Some(&g1.digest), WAIT)
+        .await
+        .unwrap_err();
+    let FleetError::DeploymentFailed { status, .. } = err else { panic!("{err:?}") };
+    let error = status.error.unwrap();
+    assert_eq!(error.kind, harmony_score_wire::ErrorKind::UnknownScoreTags);
+    assert!(!error.message.contains(['\n', '\u{1b}']), "status escapes too: {:?}", error.message);
+    let log = agent.log_text();
+    for line in log.lines() {
+        assert!(!line.starts_with(FORGED) && !line.starts_with("2026-01-01"), "a forged line: {line:?}");
+    }
+    assert!(!log.contains('\u{1b}'), "a raw ESC reached the log:\n{log}");
+    assert!(log.contains("evil\\n2026-01-01"), "the rejection was logged, escaped:\n{log}");
 }

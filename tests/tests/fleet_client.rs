@@ -374,13 +374,13 @@ async fn an_invalid_score_is_refused_before_anything_is_written() {
     let server = NatsServer::start();
     let client = connect(&server).await;
     let kv = desired_kv(&client).await;
-    let setuid = Box::new(FileScore {
+    let bad_mode = Box::new(FileScore {
         path: "/usr/bin/x".into(),
         content: String::new(),
-        mode: Some(0o4755),
+        mode: Some(0o14755),
         state: PresenceState::Present,
     });
-    for scores in [vec![file("relative", "x")], vec![setuid as Box<dyn DeviceScore>]] {
+    for scores in [vec![file("relative", "x")], vec![bad_mode as Box<dyn DeviceScore>]] {
         let err = within(client.deploy(DeployRequest::new(dev("dev-1"), name("web"), scores).force(true)))
             .await
             .unwrap_err();

@@ -10,6 +10,7 @@ pub mod local;
 mod maestro;
 pub mod run;
 mod score;
+pub mod text;
 mod topology;
 
 pub use interpret::{
@@ -20,6 +21,7 @@ pub use local::{Filesystem, FilesystemError, LocalDeviceTopology, PathEntry};
 pub use maestro::{Maestro, MaestroError};
 pub use run::RunSignal;
 pub use score::Score;
+pub use text::{bounded_text, log_text};
 pub use topology::{PreparationError, PreparationOutcome, Topology};
 
 /// Re-exported so that Score crates implement [`Interpret`] with the same macro.

@@ -40,11 +40,18 @@ pub struct Connection {
     pub creds: Option<PathBuf>,
     /// Signs every document written (`--sign-key`, `$HARMONY_SIGN_KEY`).
     pub sign_key: Option<PathBuf>,
+    /// Replies under this prefix (`--inbox-prefix`, `$HARMONY_INBOX_PREFIX`).
+    pub inbox_prefix: Option<String>,
 }
 
 impl Connection {
     async fn client(&self) -> Result<FleetClient, CliError> {
-        let client = FleetClient::connect(&self.urls, self.creds.as_deref()).await?;
+        let client = FleetClient::connect_with_inbox_prefix(
+            &self.urls,
+            self.creds.as_deref(),
+            self.inbox_prefix.as_deref(),
+        )
+        .await?;
         Ok(match &self.sign_key {
             Some(path) => client.with_signer(read_sign_key(path)?),
             None => client,
@@ -290,9 +297,18 @@ pub async fn init(conn: &Connection) -> Result<(), CliError> {
 }
 
 /// `harmony-fleet nats-config`: writes `nats-server.conf`, `operator.env`
-/// (`HARMONY_NATS=…`) and `<device>.toml` (an agent configuration) into
-/// `out`, each readable by its owner only: they hold passwords.
-pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), CliError> {
+/// (`HARMONY_NATS=…`), `<device>.toml` (an agent configuration) and, for the
+/// roles asked for, `monitor.env` and `commander.env` (`HARMONY_NATS=…` and
+/// the role's `HARMONY_INBOX_PREFIX=…`) into `out`, each readable by its
+/// owner only: they hold passwords.
+pub fn nats_config(
+    devices: &[DeviceId],
+    out: &Path,
+    url: &str,
+    roles: harmony_fleet::nats_config::Roles,
+) -> Result<(), CliError> {
+    use harmony_fleet::nats_config::{MONITOR_INBOX_PREFIX, RESERVED_USERS};
+    use harmony_score_wire::names::COMMANDER_INBOX_PREFIX;
     use std::os::unix::fs::OpenOptionsExt;
     // The URL is written into a TOML file and a shell environment file.
     if url.is_empty() || !url.chars().all(|c| c.is_ascii_alphanumeric() || "-._:/[]".contains(c)) {
@@ -300,11 +316,13 @@ pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), Cl
     }
     let mut seen = std::collections::BTreeSet::new();
     for device in devices {
-        if device.as_str() == "operator" || !seen.insert(device.clone()) {
+        // Reserved whether or not the roles are asked for now: they may be
+        // added later, and a device `monitor` would share the monitor's inbox.
+        if RESERVED_USERS.contains(&device.as_str()) || !seen.insert(device.clone()) {
             return Err(CliError::Usage(format!("device id {device} is reserved or repeated")));
         }
     }
-    let config = harmony_fleet::nats_config::generate(devices)
+    let config = harmony_fleet::nats_config::generate_with(devices, roles)
         .map_err(|e| CliError::Failed(format!("cannot read random bytes for passwords: {e}")))?;
     std::fs::create_dir_all(out)
         .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", out.display())))?;
@@ -330,6 +348,16 @@ pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), Cl
             &format!("{device}.toml"),
             format!("device_id = \"{device}\"\nnats = [\"{}\"]\n", principal.url(url)),
         )?;
+    }
+    for (principal, prefix) in
+        [(&config.monitor, MONITOR_INBOX_PREFIX), (&config.commander, COMMANDER_INBOX_PREFIX)]
+    {
+        if let Some(principal) = principal {
+            write(
+                &format!("{}.env", principal.user),
+                format!("HARMONY_NATS={}\nHARMONY_INBOX_PREFIX={prefix}\n", principal.url(url)),
+            )?;
+        }
     }
     Ok(())
 }

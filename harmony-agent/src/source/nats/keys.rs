@@ -124,7 +124,7 @@ impl Follower {
             Key::SigningKeys
         } else {
             let Some((device, deployment)) = parse_desired_state_key(key) else {
-                debug!(subject = %message.subject, "ignored a hint for a key of another shape");
+                debug!(subject = %harmony_score_wire::log_text(&message.subject), "ignored a hint for a key of another shape");
                 return;
             };
             if device != self.device {
@@ -196,7 +196,7 @@ impl Follower {
         let latest = match self.read(&subject_key).await {
             Ok(latest) => latest,
             Err(err) => {
-                warn!(key = %subject_key, cause = %err, "cannot read key; trying again shortly");
+                warn!(key = %subject_key, cause = %harmony_score_wire::log_text(&err), "cannot read key; trying again shortly");
                 self.lag(key, min_revision, attempt);
                 return Vec::new();
             }
@@ -298,7 +298,7 @@ impl Follower {
                 match from_cbor::<DeploymentIndex>(&value, MAX_INDEX_BYTES, "deployment index") {
                     Ok(index) => index,
                     Err(err) => {
-                        warn!(cause = %err, "index unreadable; following known deployments only");
+                        warn!(cause = %harmony_score_wire::log_text(&err), "index unreadable; following known deployments only");
                         return Vec::new();
                     }
                 }

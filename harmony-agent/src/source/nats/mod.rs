@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use harmony_score_wire::names::{
     command_subject, hint_subjects, inbox_prefix, info_subject, keyset_hint_subject,
 };
-use harmony_score_wire::{to_cbor, CommandReply, DeviceInfo};
+use harmony_score_wire::{log_text, to_cbor, CommandReply, DeviceInfo};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
@@ -53,7 +53,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         options = match options.credentials_file(creds).await {
             Ok(options) => options,
             Err(err) => {
-                error!(cause = %err, "cannot read NATS credentials; not connecting");
+                error!(cause = %log_text(&err), "cannot read NATS credentials; not connecting");
                 return;
             }
         };
@@ -63,7 +63,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     let client = match options.connect(config.nats_urls.clone()).await {
         Ok(client) => client,
         Err(err) => {
-            error!(cause = %err, "cannot connect to NATS");
+            error!(cause = %log_text(&err), "cannot connect to NATS");
             return;
         }
     };
@@ -75,7 +75,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         match keys::Follower::new(&js, device.clone(), inbox.clone(), known, follow_keyset).await {
             Ok(follower) => follower,
             Err(err) => {
-                error!(cause = %err, "cannot open the desired-state stream");
+                error!(cause = %log_text(&err), "cannot open the desired-state stream");
                 return;
             }
         };
@@ -86,7 +86,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     let (hints, mut commands) = match subscriptions {
         Ok(subs) => subs,
         Err(err) => {
-            error!(cause = %err, "cannot subscribe");
+            error!(cause = %log_text(&err), "cannot subscribe");
             return;
         }
     };
@@ -94,7 +94,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         match client.subscribe(keyset_hint_subject()).await {
             Ok(keyset_hints) => futures_util::stream::select(hints, keyset_hints).boxed(),
             Err(err) => {
-                error!(cause = %err, "cannot subscribe");
+                error!(cause = %log_text(&err), "cannot subscribe");
                 return;
             }
         }
@@ -138,10 +138,10 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                 }
                 Event::Disconnected => warn!("disconnected from NATS; running on the last accepted state"),
                 Event::ServerError(ServerError::Other(text)) if text.starts_with("Permissions Violation") => {
-                    error!(%text, "NATS refused an operation: the device's credentials do not allow it");
+                    error!(text = %log_text(&text), "NATS refused an operation: the device's credentials do not allow it");
                 }
-                Event::ClientError(err) => warn!(cause = %err, "NATS client error"),
-                other => debug!(event = %other, "NATS event"),
+                Event::ClientError(err) => warn!(cause = %log_text(&err), "NATS client error"),
+                other => debug!(event = %log_text(&other), "NATS event"),
             },
             Some(message) = hints.next() => follower.on_hint(&message).await,
             _ = resync.tick() => follower.full_sync().await,
@@ -150,7 +150,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     let _ = writer.await;
     let _ = commands_task.await;
     if let Err(err) = client.flush().await {
-        debug!(cause = %err, "flush on shutdown");
+        debug!(cause = %log_text(&err), "flush on shutdown");
     }
 }
 
@@ -164,7 +164,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 async fn publish_info(client: &async_nats::Client, config: &AgentConfig, info: Option<&DeviceInfo>) {
     if let Some(info) = info {
         if let Err(err) = client.publish(info_subject(&config.device_id), to_cbor(info).into()).await {
-            warn!(cause = %err, "cannot publish device info");
+            warn!(cause = %log_text(&err), "cannot publish device info");
         }
     }
 }
@@ -182,8 +182,8 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
     let Some(reply) = message.reply else { return };
     if message.status.is_some() || !trusted_reply(&reply, &config.trusted_inbox_prefix) {
         warn!(
-            subject = %message.subject,
-            reply = %harmony_score_wire::bounded_text(&reply, 128),
+            subject = %log_text(&message.subject),
+            reply = %log_text(&reply),
             "dropped a command whose reply subject is not under the trusted inbox prefix"
         );
         return;
@@ -218,7 +218,7 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
         agent_version: AGENT_VERSION.to_owned(),
     };
     if let Err(err) = client.publish(reply, to_cbor(&body).into()).await {
-        warn!(cause = %err, "cannot answer command");
+        warn!(cause = %log_text(&err), "cannot answer command");
     }
 }
 
