@@ -381,3 +381,13 @@ pub async fn until_status(
         Err(_) => panic!("timed out waiting for {device} {what}; last status: {last:#?}"),
     }
 }
+
+/// A `FileScore` that writes `content` to `path` (mode left as it is).
+pub fn file_score(path: &str, content: &str) -> Box<dyn harmony_score_wire::DeviceScore> {
+    Box::new(harmony_scores::FileScore {
+        path: path.into(),
+        content: content.into(),
+        mode: None,
+        state: harmony_scores::PresenceState::Present,
+    })
+}

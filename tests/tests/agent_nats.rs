@@ -4,10 +4,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harmony_e2e::{AgentProcess, NatsServer, WAIT};
+use harmony_e2e::{file_score, AgentProcess, NatsServer, WAIT};
 use harmony_fleet::{DeployRequest, Deployed, FleetClient, FleetError};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore, Phase};
-use harmony_scores::{FileScore, PresenceState};
 use harmony_topology::{
     async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
     LocalDeviceTopology, Outcome, Score, Version,
@@ -183,15 +182,6 @@ impl Fixture {
     }
 }
 
-fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
-    Box::new(FileScore {
-        path: path.into(),
-        content: content.into(),
-        mode: None,
-        state: PresenceState::Present,
-    })
-}
-
 fn statuses(status: &harmony_score_wire::DeploymentStatus) -> Vec<InterpretStatus> {
     status.scores.iter().map(|s| s.status).collect()
 }
@@ -202,7 +192,9 @@ async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
 
-    let g1 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
+    let g1 = f
+        .deploy("web", vec![file_score("/etc/web.conf", "port = 80\n"), file_score("/etc/motd", "hi\n")])
+        .await;
     let status = f.wait_applied(&agent, "web", &g1).await;
     assert_eq!(statuses(&status), [InterpretStatus::SUCCESS, InterpretStatus::SUCCESS]);
     assert_eq!((status.phase, status.observed_generation), (Phase::Applied, g1.generation));
@@ -210,13 +202,15 @@ async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
     assert_eq!(status.scores[0].tag, "harmony.file/v1");
     assert_eq!(status.scores[0].resource, "path:/etc/web.conf");
 
-    let g2 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
+    let g2 = f
+        .deploy("web", vec![file_score("/etc/web.conf", "port = 80\n"), file_score("/etc/motd", "hi\n")])
+        .await;
     assert_eq!(g2.generation, g1.generation + 1);
     let status = f.wait_applied(&agent, "web", &g2).await;
     assert_eq!(statuses(&status), [InterpretStatus::NOOP, InterpretStatus::NOOP]);
 
     // Update one file and drop the other: the dropped one is pruned.
-    let g3 = f.deploy("web", vec![file("/etc/web.conf", "port = 8080\n")]).await;
+    let g3 = f.deploy("web", vec![file_score("/etc/web.conf", "port = 8080\n")]).await;
     let status = f.wait_applied(&agent, "web", &g3).await;
     assert_eq!(std::fs::read_to_string(f.root("/etc/web.conf")).unwrap(), "port = 8080\n");
     assert!(!f.root("/etc/motd").exists());
@@ -234,7 +228,7 @@ async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_started_later_reads_current_values_and_a_restart_resumes_without_changes() {
     let f = Fixture::new().await;
-    let g1 = f.deploy("app", vec![file("/srv/app/config", "v1\n")]).await;
+    let g1 = f.deploy("app", vec![file_score("/srv/app/config", "v1\n")]).await;
 
     let mut agent = f.start_agent("agent-1.log");
     let status = f.wait_applied(&agent, "app", &g1).await;
@@ -277,7 +271,7 @@ async fn a_generation_written_right_after_a_server_restart_is_applied() {
     let mut f = Fixture::new().await;
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "1")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "1")]).await;
     f.wait_applied(&agent, "app", &g1).await;
 
     f.nats.restart();
@@ -287,7 +281,7 @@ async fn a_generation_written_right_after_a_server_restart_is_applied() {
             let request = DeployRequest::new(
                 f.device.clone(),
                 DeploymentName::new("app").unwrap(),
-                vec![file("/etc/app", "2")],
+                vec![file_score("/etc/app", "2")],
             );
             match f.client.deploy(request.force(true)).await {
                 Ok(deployed) => return deployed,
@@ -305,11 +299,12 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
     let f = Fixture::new().await;
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "good")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "good")]).await;
     f.wait_applied(&agent, "app", &g1).await;
 
-    let g2 =
-        f.deploy("app", vec![file("/etc/app", "changed"), Box::new(NewerScore { path: "/x".into() })]).await;
+    let g2 = f
+        .deploy("app", vec![file_score("/etc/app", "changed"), Box::new(NewerScore { path: "/x".into() })])
+        .await;
     let name = DeploymentName::new("app").unwrap();
     let err = f
         .client
@@ -327,7 +322,7 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "good");
 
     // A newer good generation replaces the rejected one.
-    let g3 = f.deploy("app", vec![file("/etc/app", "fixed")]).await;
+    let g3 = f.deploy("app", vec![file_score("/etc/app", "fixed")]).await;
     let status = f.wait_applied(&agent, "app", &g3).await;
     assert!(status.error.is_none());
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "fixed");
@@ -343,7 +338,7 @@ async fn commands_answer_drift_is_repaired_and_the_heartbeat_and_info_are_report
     assert!(reply.ok);
     assert_eq!(reply.message, "pong");
 
-    let g1 = f.deploy("app", vec![file("/etc/app", "desired")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "desired")]).await;
     f.wait_applied(&agent, "app", &g1).await;
     std::fs::write(f.root("/etc/app"), "drifted").unwrap();
     let reply = tokio::time::timeout(WAIT, f.client.reconcile(&f.device, WAIT)).await.unwrap().unwrap();
@@ -379,7 +374,7 @@ async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepte
     let mut f = Fixture::new().await;
     let mut agent = f.start_agent("agent-1.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "accepted")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "accepted")]).await;
     f.wait_applied(&agent, "app", &g1).await;
     agent.kill();
 
@@ -402,7 +397,7 @@ async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepte
 
     // When the server is back, the agent reports and follows again.
     f.nats.restart();
-    let g2 = f.deploy("app", vec![file("/etc/app", "online again")]).await;
+    let g2 = f.deploy("app", vec![file_score("/etc/app", "online again")]).await;
     f.wait_applied(&agent, "app", &g2).await;
 }
 
@@ -411,7 +406,7 @@ async fn a_purged_key_is_pruned_like_a_deleted_one() {
     let f = Fixture::new().await;
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "x")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "x")]).await;
     f.wait_applied(&agent, "app", &g1).await;
 
     // Another tool purges the key directly (a PURGE marker, not a DEL).
@@ -434,7 +429,7 @@ async fn a_document_cannot_forge_a_line_or_an_escape_in_the_agents_log() {
     let f = Fixture::new().await;
     let agent = f.start_agent_logging("agent.log", "debug");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "good"), Box::new(ForgingScore)]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "good"), Box::new(ForgingScore)]).await;
     let name = DeploymentName::new("app").unwrap();
     let err = f
         .client

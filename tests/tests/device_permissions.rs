@@ -8,7 +8,6 @@ use harmony_e2e::{AgentProcess, NatsServer, WAIT};
 use harmony_fleet::async_nats::{self, jetstream};
 use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore};
-use harmony_scores::{FileScore, PresenceState};
 
 /// The authorization `harmony-fleet nats-config` generates, for dev-1 and dev-2.
 fn generated() -> harmony_fleet::nats_config::NatsAuthConfig {
@@ -21,12 +20,7 @@ fn device_user_with_password(id: &str, password: &str) -> String {
 }
 
 fn file(path: &str, content: &str) -> Vec<Box<dyn DeviceScore>> {
-    vec![Box::new(FileScore {
-        path: path.into(),
-        content: content.into(),
-        mode: None,
-        state: PresenceState::Present,
-    })]
+    vec![harmony_e2e::file_score(path, content)]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,15 +7,9 @@ use harmony_fleet::{DeployRequest, FleetClient, FleetError};
 use harmony_score_wire::{
     parse_secret_key, DeploymentName, DeviceId, DeviceScore, DocumentSigner, ErrorKind, KeySet, Phase,
 };
-use harmony_scores::{FileScore, PresenceState};
 
 fn file(path: &str, content: &str) -> Vec<Box<dyn DeviceScore>> {
-    vec![Box::new(FileScore {
-        path: path.into(),
-        content: content.into(),
-        mode: None,
-        state: PresenceState::Present,
-    })]
+    vec![harmony_e2e::file_score(path, content)]
 }
 
 /// Runs `harmony-fleet` with `args`; returns its exit code and output.
