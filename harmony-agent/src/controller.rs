@@ -521,6 +521,18 @@ impl Controller {
         if entry.record.document.is_none() && entry.rejected.is_none() && entry.failure.is_none() {
             return; // already deleted (its prune runs or ran)
         }
+        // A delete marker carries no signature: where documents must be
+        // signed, whoever can write the bucket could otherwise prune a
+        // fleet. Only a signed document without Scores retires what runs.
+        let runs_something = match &entry.document {
+            Some(accepted) => !accepted.doc.scores.is_empty(),
+            None => entry.record.document.is_some(),
+        };
+        if !self.settings.allow_unsigned && runs_something {
+            let message = "the key was deleted, but this device requires signed documents: nothing is pruned until a signed document without Scores retires the deployment (harmony-fleet delete with a signing key)";
+            let (kind, digest) = (ErrorKind::UnsignedDelete, String::new());
+            return self.reject(name, None, digest, kind, message.into(), None);
+        }
         info!(deployment = %name, "deleted; pruning");
         let had_document = entry.record.document.is_some();
         entry.record.document = None;
@@ -790,10 +802,20 @@ impl Controller {
             entry.record.observed_digest = Some(digest.clone());
             entry.record.last_applied_at_ms = *at;
         }
+        // A signed document without Scores retires the deployment: once it
+        // ran and nothing is owned, the record keeps only its high-water
+        // mark, as after a delete.
+        let retired = applied.is_some()
+            && entry.document.as_ref().is_some_and(|a| a.doc.scores.is_empty())
+            && entry.record.owned.is_empty();
+        if retired {
+            entry.record.document = None;
+            entry.document = None;
+        }
         let deleted_and_undone = entry.record.document.is_none() && entry.record.owned.is_empty();
         // Only what says something new is written: a drift repair that held
         // moves `last_applied_at_ms` in memory (status) without an fsync.
-        let changed = before.changed(&entry.record);
+        let changed = retired || before.changed(&entry.record);
         let rerun = entry.rerun;
         if changed && !self.save(name).await {
             // Not persisted, so not applied: the observed generation stays

@@ -1462,3 +1462,56 @@ mod keysets {
         agent.stop().await;
     }
 }
+
+// Issue 7 (threat model): a delete marker carries no signature, so whoever
+// could write the bucket could prune every device. Where documents must be
+// signed, only a signed document without Scores retires a deployment.
+#[tokio::test]
+async fn where_documents_are_signed_only_a_signed_retirement_prunes() {
+    use harmony_score_wire::{DocumentSigner, TrustedKeys};
+    let device = Device::new();
+    let key = DocumentSigner::from_seed([5; 32]);
+    let signed_only = |s: &mut ControllerSettings| {
+        s.trust = TrustedKeys::new(vec![DocumentSigner::from_seed([5; 32]).verifying_key()], 1);
+        s.allow_unsigned = false;
+    };
+    let mut agent = device.start_with(signed_only).await;
+    agent.offer_bytes("web", key.sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+    agent.applied("web", 1).await;
+
+    // A bare delete: refused, nothing pruned, the generation keeps running.
+    agent.delete("web");
+    let web = agent.until_phase("web", 1, Phase::Rejected).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::UnsignedDelete);
+    assert_eq!(web.observed_generation, 1);
+    assert_eq!(read(&device.root("/srv/web")), "v1");
+
+    // The signed retirement prunes, and reads as the same news again.
+    let retire = key.sign(doc("web", 2, json!([])));
+    agent.offer_bytes("web", retire.clone());
+    agent.until_phase("web", 2, Phase::Pruned).await;
+    assert!(!device.root("/srv/web").exists());
+    agent.offer_bytes("web", retire.clone());
+    agent.delete("web");
+    agent.stop().await;
+
+    // After a restart the retired deployment is gone from status, its old
+    // document is still refused, and a newer one deploys again.
+    let mut agent = device.start_with(signed_only).await;
+    agent.offer_bytes("web", retire);
+    agent.offer_bytes("web", key.sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+    let web = agent.until_phase("web", 2, Phase::Rejected).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::StaleGeneration);
+    assert!(!device.root("/srv/web").exists());
+    agent.offer_bytes("web", key.sign(doc("web", 3, json!([file("/srv/web", "v3")]))));
+    agent.applied("web", 3).await;
+    assert_eq!(read(&device.root("/srv/web")), "v3");
+    agent.stop().await;
+
+    // Where unsigned documents are allowed, a delete prunes as before.
+    let mut agent = device.start().await;
+    agent.delete("web");
+    agent.until_phase("web", 3, Phase::Pruned).await;
+    assert!(!device.root("/srv/web").exists());
+    agent.stop().await;
+}

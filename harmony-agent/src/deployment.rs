@@ -216,7 +216,10 @@ impl Deployment {
         if let Some(hw) = &self.record.high_water {
             let same = digest == hw.digest;
             let current = self.record.document.as_ref().is_some_and(|d| d.digest == digest);
-            if doc.generation == hw.generation && same && current {
+            // The retiring document (no Scores) stays in its key after it
+            // ran: read again, it is the same news, not a replay.
+            let retired = self.record.document.is_none() && doc.scores.is_empty();
+            if doc.generation == hw.generation && same && (current || retired) {
                 return Verdict::Unchanged;
             }
             if doc.generation <= hw.generation {

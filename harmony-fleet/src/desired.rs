@@ -264,13 +264,30 @@ impl FleetClient {
         Err(lost(key))
     }
 
-    /// Deletes a deployment: its key gets a delete marker (the device prunes
+    /// Deletes a deployment. Returns whether the key held a value.
+    ///
+    /// A client that signs ([`FleetClient::with_signer`]) *retires* it: it
+    /// writes a signed document without Scores at the next generation, which
+    /// the device runs (pruning everything the deployment owned) and then
+    /// reports as pruned; the key keeps that document. A device that
+    /// requires signatures prunes only on such a document, never on a bare
+    /// delete marker, which anyone able to write the bucket could set.
+    ///
+    /// Without a signer, the key gets a delete marker (the device prunes
     /// what it owned), then the index moves it from its deployments to its
     /// tombstones (`deleted`, with the last generation), so that a later
-    /// deploy continues the numbering. Returns whether the key held a value.
+    /// deploy continues the numbering.
     pub async fn delete(&self, device: &DeviceId, deployment: &DeploymentName) -> Result<bool, FleetError> {
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(device, deployment);
+        if self.signer.is_some() {
+            if read_latest(store, &key).await?.value.is_none() {
+                return Ok(false);
+            }
+            let retire = DeployRequest::new(device.clone(), deployment.clone(), Vec::new()).force(true);
+            self.deploy(retire).await?;
+            return Ok(true);
+        }
         let mut deleted = None;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             let latest = read_latest(store, &key).await?;

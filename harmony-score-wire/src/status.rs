@@ -167,6 +167,10 @@ pub enum ErrorKind {
     PruneFailed,
     /// Another agent instance writes this device's status: two devices share one id.
     DuplicateDevice,
+    /// The deployment's key was deleted, but this device requires signed
+    /// documents and a bare delete carries no signature: nothing is pruned
+    /// until a signed document without Scores retires the deployment.
+    UnsignedDelete,
     /// The key set the device trusts has expired: no new document is
     /// accepted until the root signs a newer one.
     KeysetExpired,
@@ -204,6 +208,7 @@ impl ErrorKind {
             ScoresFailed => "scores_failed",
             PruneFailed => "prune_failed",
             DuplicateDevice => "duplicate_device",
+            UnsignedDelete => "unsigned_delete",
             KeysetExpired => "keyset_expired",
             Unknown => "unknown",
         }

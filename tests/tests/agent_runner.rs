@@ -483,6 +483,30 @@ async fn only_documents_signed_by_a_trusted_key_run() {
     .unwrap();
     f.applied(&device, "app", g2.generation).await;
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed again");
+
+    // A bare delete (by anyone who can write the bucket) prunes nothing here.
+    within(f.client.delete(&device, &name("app"))).await.unwrap();
+    let app = name("app");
+    let status = until_status(&f.client, &device, "the unsigned delete refused", |s| {
+        s.deployments
+            .get(&app)
+            .and_then(|d| d.error.as_ref())
+            .is_some_and(|e| e.kind == ErrorKind::UnsignedDelete)
+    })
+    .await;
+    assert_eq!(status.deployments[&app].observed_generation, g2.generation);
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed again");
+    // The signing operator's delete is a signed retirement: it prunes.
+    within(signed.deploy(DeployRequest::new(
+        device.clone(),
+        app.clone(),
+        vec![file_score("/etc/app", "v3")],
+    )))
+    .await
+    .unwrap();
+    assert!(within(signed.delete(&device, &app)).await.unwrap());
+    within(signed.wait_for_prune(&device, &app, harmony_e2e::WAIT)).await.unwrap();
+    assert!(!f.root("dev-1", "/etc/app").exists());
 }
 
 // Review finding: a delete whose marker was cleaned up while the device was
