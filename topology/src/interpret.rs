@@ -178,6 +178,8 @@ pub enum InterpretName {
     File,
     /// `DirectoryInterpret`.
     Directory,
+    /// `PodmanContainerInterpret`.
+    PodmanContainer,
     /// An Interpret not listed above.
     Custom(&'static str),
 }
@@ -187,6 +189,7 @@ impl Display for InterpretName {
         match self {
             InterpretName::File => f.write_str("File"),
             InterpretName::Directory => f.write_str("Directory"),
+            InterpretName::PodmanContainer => f.write_str("PodmanContainer"),
             InterpretName::Custom(name) => f.write_str(name),
         }
     }

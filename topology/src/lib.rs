@@ -4,6 +4,7 @@
 //! with few edits: a [`Score`] is declarative data, its [`Interpret`] does the
 //! work against a [`Topology`], and the [`Maestro`] runs them.
 
+mod container;
 mod interpret;
 mod inventory;
 pub mod local;
@@ -13,11 +14,15 @@ mod score;
 pub mod text;
 mod topology;
 
+pub use container::{
+    parse_memory, BindMount, ContainerError, ContainerRuntime, ContainerSpec, ContainerState,
+    ContainerStatus, NetworkMode, PortMapping, PortMappingError, Protocol, RestartPolicy, MIN_MEMORY_BYTES,
+};
 pub use interpret::{
     Id, Interpret, InterpretError, InterpretErrorKind, InterpretName, InterpretStatus, Outcome, Version,
 };
 pub use inventory::Inventory;
-pub use local::{Filesystem, FilesystemError, LocalDeviceTopology, PathEntry};
+pub use local::{Filesystem, FilesystemError, LocalDeviceTopology, PathEntry, Podman};
 pub use maestro::{Maestro, MaestroError};
 pub use run::RunSignal;
 pub use score::Score;

@@ -3,17 +3,20 @@
 mod beneath;
 mod filesystem;
 mod paths;
+mod podman;
 
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
 pub use filesystem::{write_file_atomic, Filesystem, FilesystemError, PathEntry, MAX_INSPECT_BYTES};
+pub use podman::Podman;
 
 use crate::{PreparationError, PreparationOutcome, Topology};
 
-/// The device itself: files, and (in later capabilities) containers,
-/// services and packages.
+/// The device itself: files ([`Filesystem`]), containers
+/// ([`ContainerRuntime`](crate::ContainerRuntime), through [`Podman`]), and
+/// in later capabilities services and packages.
 ///
 /// Every path a Score names is absolute and is resolved beneath `root`
 /// (default `/`), opened as a directory descriptor for each operation; a
@@ -26,13 +29,31 @@ pub struct LocalDeviceTopology {
     name: String,
     root: PathBuf,
     resolver: beneath::Resolver,
+    podman: Podman,
 }
 
 impl LocalDeviceTopology {
     /// A topology confined to `root`. Nothing is opened yet: each operation
     /// opens the root, so a missing root is an operation's error.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { name: "local-device".to_owned(), root: root.into(), resolver: beneath::Resolver::default() }
+        Self {
+            name: "local-device".to_owned(),
+            root: root.into(),
+            resolver: beneath::Resolver::default(),
+            podman: Podman::default(),
+        }
+    }
+
+    /// The same topology running containers with `podman` (default:
+    /// `podman` from `PATH`).
+    #[must_use]
+    pub fn with_podman(self, podman: Podman) -> Self {
+        Self { podman, ..self }
+    }
+
+    /// The podman adapter containers run through.
+    pub fn podman(&self) -> &Podman {
+        &self.podman
     }
 
     /// The same topology resolving as a kernel without `openat2` does.
@@ -41,9 +62,15 @@ impl LocalDeviceTopology {
         Self { resolver: beneath::Resolver::Walk, ..self }
     }
 
-    /// A topology rooted at `$HARMONY_ROOT`, or `/` when it is unset.
+    /// A topology rooted at `$HARMONY_ROOT`, or `/` when it is unset,
+    /// running the podman binary `$HARMONY_PODMAN` (default `podman`).
     pub fn from_env() -> Self {
-        Self::new(std::env::var_os("HARMONY_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from))
+        let topology =
+            Self::new(std::env::var_os("HARMONY_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from));
+        match std::env::var_os("HARMONY_PODMAN") {
+            Some(program) => topology.with_podman(Podman::new(program)),
+            None => topology,
+        }
     }
 
     /// The root directory every path is resolved under.
