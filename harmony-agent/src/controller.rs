@@ -693,7 +693,7 @@ impl Controller {
         }
         let run_id = self.next_run_id;
         self.next_run_id += 1;
-        let signal = RunSignal::new();
+        let signal = RunSignal::for_deployment(name.as_str());
         let document = entry.document.as_ref().map(|a| a.doc.clone());
         entry.running = Some(Running {
             run_id,
