@@ -4,11 +4,16 @@
 //! doing), its wire registration (one `device_score!`) and its tests. A new
 //! Score is one new module here and one `mod` line below.
 
+mod container;
 mod directory;
 mod file;
 
 use serde::{Deserialize, Serialize};
 
+pub use container::{
+    Network, PodmanContainerInterpret, PodmanContainerScore, Restart, Volume, DEPLOYMENT_LABEL,
+    MANAGED_LABEL, SPEC_LABEL,
+};
 pub use directory::{DirectoryInterpret, DirectoryScore};
 pub use file::{FileInterpret, FileScore};
 
