@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Directory every Score path is resolved under.
     pub root: PathBuf,
+    /// The podman binary container Scores run (a path, or a name looked up in `PATH`).
+    pub podman: PathBuf,
     /// How often keys are re-read and everything re-reconciled.
     pub resync: Duration,
     /// How often the status heartbeat is written.
@@ -195,6 +197,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("creds", &self.creds.as_ref().map(|_| "<set>"))
             .field("state_dir", &self.state_dir)
             .field("root", &self.root)
+            .field("podman", &self.podman)
             .field("resync", &self.resync)
             .field("source", &self.source)
             .field("max_parallel", &self.max_parallel)
@@ -219,6 +222,8 @@ pub struct ConfigLayer {
     pub state_dir: Option<PathBuf>,
     /// `root = "/"`.
     pub root: Option<PathBuf>,
+    /// `podman = "/usr/bin/podman"` (default `podman`, from `PATH`).
+    pub podman: Option<PathBuf>,
     /// `resync_secs = 60`.
     pub resync_secs: Option<u64>,
     /// `heartbeat_secs = 30`.
@@ -298,6 +303,7 @@ impl ConfigLayer {
             creds,
             state_dir,
             root,
+            podman,
             resync_secs,
             heartbeat_secs,
             source,
@@ -356,6 +362,7 @@ impl ConfigLayer {
             creds: self.creds,
             state_dir: self.state_dir.ok_or(ConfigError::Missing("state_dir"))?,
             root: self.root.unwrap_or_else(|| PathBuf::from("/")),
+            podman: self.podman.unwrap_or_else(|| PathBuf::from("podman")),
             resync: secs(self.resync_secs, 60, "resync_secs")?,
             heartbeat: secs(self.heartbeat_secs, 30, "heartbeat_secs")?,
             source,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harmony_score_wire::{registered_scores, AgentStatus, DeploymentName, DeviceInfo, SupportedScore};
-use harmony_topology::{Inventory, LocalDeviceTopology, Maestro, MaestroError};
+use harmony_topology::{Inventory, LocalDeviceTopology, Maestro, MaestroError, Podman};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -78,7 +78,11 @@ pub fn device_info(config: &AgentConfig) -> DeviceInfo {
 /// stops; the whole takes a bounded time.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
-    let maestro = Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(&config.root)).await?;
+    let maestro = Maestro::initialize(
+        Inventory::empty(),
+        LocalDeviceTopology::new(&config.root).with_podman(Podman::new(&config.podman)),
+    )
+    .await?;
     let settings = ControllerSettings {
         device: config.device_id.clone(),
         max_parallel: config.max_parallel,

@@ -66,6 +66,9 @@ struct RunArgs {
     /// Directory every Score path is resolved under (default /).
     #[arg(long)]
     root: Option<PathBuf>,
+    /// The podman binary container Scores run (default `podman` from PATH).
+    #[arg(long)]
+    podman: Option<PathBuf>,
     /// Seconds between full re-reads and drift repair (default 60).
     #[arg(long)]
     resync: Option<u64>,
@@ -213,7 +216,11 @@ fn apply(
             return refuse(format!("expired: at {expires_at} (seconds since the epoch)"));
         }
     }
-    let topology = LocalDeviceTopology::new(root);
+    // HARMONY_PODMAN names another podman binary, as for the daemon's `podman` setting.
+    let topology = match std::env::var_os("HARMONY_PODMAN") {
+        Some(podman) => LocalDeviceTopology::new(root).with_podman(harmony_topology::Podman::new(podman)),
+        None => LocalDeviceTopology::new(root),
+    };
     // The daemon's policy decision, before anything of the document runs.
     if let Some(message) = harmony_agent::policy_refusal(&topology, &policy, &doc) {
         return refuse(format!("policy_denied: {message}"));
@@ -272,6 +279,7 @@ fn run(args: RunArgs) -> ExitCode {
         creds: args.creds,
         state_dir: args.state_dir,
         root: args.root,
+        podman: args.podman,
         resync_secs: args.resync,
         heartbeat_secs: args.heartbeat,
         source: args.source,
