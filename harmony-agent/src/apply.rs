@@ -41,8 +41,9 @@ pub async fn run_scores<'a>(
 
 /// Why the device `policy` refuses `doc` on `topology`, as the daemon
 /// judges a document when it is offered and before every run: a Score tag
-/// it does not allow, a privilege it does not grant, or a path outside its
-/// allowed paths (also after resolving symlinked parents). `None`: allowed.
+/// it does not allow, a privilege it does not grant, or a path (a resource,
+/// or one a Score uses, like a volume source) outside its allowed paths
+/// (also after resolving symlinked parents). `None`: allowed.
 pub fn policy_refusal(
     topology: &LocalDeviceTopology,
     policy: &DevicePolicy,
@@ -50,6 +51,7 @@ pub fn policy_refusal(
 ) -> Option<String> {
     policy.refused_score(doc).or_else(|| {
         let resources: Vec<ResourceId> = doc.scores.iter().map(|s| s.resource()).collect();
-        crate::controller::outside_policy(topology, policy, &resources).map(|(_, message)| message)
+        let judged = crate::deployment::judged_paths(doc, &resources);
+        crate::controller::outside_policy(topology, policy, &judged).map(|(_, message)| message)
     })
 }

@@ -363,10 +363,10 @@ impl Controller {
         if let Some(message) = self.settings.policy.refused_score(doc) {
             return Some(StatusError::new(ErrorKind::PolicyDenied, message));
         }
-        let (topology, policy, mine) =
-            (self.maestro.topology().clone(), self.settings.policy.clone(), accepted.resources.clone());
+        let (topology, policy, judged) =
+            (self.maestro.topology().clone(), self.settings.policy.clone(), accepted.judged_paths.clone());
         let outside =
-            tokio::task::spawn_blocking(move || outside_policy(&topology, &policy, &mine)).await.ok()?;
+            tokio::task::spawn_blocking(move || outside_policy(&topology, &policy, &judged)).await.ok()?;
         outside.map(|(kind, message)| StatusError::new(kind, message))
     }
 
@@ -463,9 +463,9 @@ impl Controller {
             return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
         }
         let (topology, mine) = (self.maestro.topology().clone(), accepted.resources.clone());
-        let policy = self.settings.policy.clone();
+        let (policy, judged) = (self.settings.policy.clone(), accepted.judged_paths.clone());
         let clash = tokio::task::spawn_blocking(move || {
-            outside_policy(&topology, &policy, &mine).or_else(|| alias_clash(&topology, &mine, &others))
+            outside_policy(&topology, &policy, &judged).or_else(|| alias_clash(&topology, &mine, &others))
         })
         .await
         .unwrap_or_else(|join| Some((ErrorKind::ResourceConflict, format!("conflict check failed: {join}"))));

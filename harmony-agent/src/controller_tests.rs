@@ -1220,6 +1220,37 @@ async fn a_setuid_mode_runs_only_where_the_device_policy_allows_it() {
     agent.stop().await;
 }
 
+// Issue 8 §1: a container's bind-mount sources are paths on the device
+// too: the device's allowed paths judge them as they judge a file's path
+// (symlinked parents resolved), or a container could mount what no file
+// Score may touch.
+#[tokio::test]
+async fn a_volume_source_outside_the_allowed_paths_is_refused() {
+    let device = Device::new();
+    std::fs::create_dir_all(device.root("/srv/app")).unwrap();
+    std::fs::create_dir_all(device.root("/etc")).unwrap();
+    std::os::unix::fs::symlink("../../etc", device.root("/srv/app/up")).unwrap();
+    let narrow = |s: &mut ControllerSettings| {
+        s.policy = crate::DevicePolicy { allowed_paths: vec!["/srv/app".into()], ..Default::default() }
+    };
+    let mut agent = device.start_with(narrow).await;
+    let container = |source: &str| {
+        json!({"type": "harmony.podman.container/v1", "name": "c", "image": "localhost/x:y",
+               "volumes": [{"host_path": source, "container_path": "/data"}]})
+    };
+    for (deployment, source, named) in
+        [("etc", "/etc", "path:/etc"), ("linked", "/srv/app/up/shadow", "on the device: /etc/shadow")]
+    {
+        agent.offer(deployment, 1, json!([file("/srv/app/a", "x"), container(source)]));
+        let status = agent.until_phase(deployment, 1, Phase::Rejected).await;
+        let error = status.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::PolicyDenied, "{}", error.message);
+        assert!(error.message.contains(named), "{deployment}: {}", error.message);
+    }
+    assert!(!device.root("/srv/app/a").exists(), "a refused document ran");
+    agent.stop().await;
+}
+
 // Review finding: an accepted document was never checked again. A key
 // removed from the trusted set, a narrowed policy, or a passed expiry did
 // not stop it: every restart and drift repair ran it again.

@@ -54,14 +54,25 @@ pub struct Accepted {
     pub doc: Arc<DesiredState>,
     /// `resource()` of each Score, in order.
     pub resources: Vec<ResourceId>,
+    /// Every path the device's policy judges: the resources, and the paths
+    /// the Scores use besides them ([`DeviceScore::used_paths`]).
+    pub judged_paths: Vec<ResourceId>,
 }
 
 impl Accepted {
     /// Wraps a decoded document.
     pub fn new(doc: DesiredState) -> Self {
-        let resources = doc.scores.iter().map(|s| s.resource()).collect();
-        Self { doc: Arc::new(doc), resources }
+        let resources: Vec<ResourceId> = doc.scores.iter().map(|s| s.resource()).collect();
+        let judged_paths = judged_paths(&doc, &resources);
+        Self { doc: Arc::new(doc), resources, judged_paths }
     }
+}
+
+/// `resources` and the paths `doc`'s Scores use besides them, as the
+/// device's `allowed_paths` judge them.
+pub fn judged_paths(doc: &DesiredState, resources: &[ResourceId]) -> Vec<ResourceId> {
+    let used = doc.scores.iter().flat_map(|s| s.used_paths()).map(|p| ResourceId::path(&p));
+    resources.iter().cloned().chain(used).collect()
 }
 
 /// A run in progress.

@@ -41,6 +41,14 @@ pub trait DeviceScore: Score<LocalDeviceTopology> {
     fn privileges(&self) -> Vec<Privilege> {
         Vec::new()
     }
+
+    /// Paths on the device this Score uses besides its resource (a
+    /// container's bind-mount sources), absolute and valid. The device's
+    /// `allowed_paths` judge them as they judge resource paths, but they
+    /// are not owned: two Scores may use one path. None by default.
+    fn used_paths(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Implements [`DeviceScore`] for a Score and registers it for the wire,

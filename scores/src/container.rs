@@ -168,6 +168,14 @@ harmony_score_wire::device_score! {
             needed
         }
 
+        // Bind-mount sources: judged by the device's allowed paths.
+        fn used_paths(&self) -> Vec<String> {
+            match self.state {
+                PresenceState::Present => self.volumes.iter().map(|v| v.host_path.clone()).collect(),
+                PresenceState::Absent => Vec::new(),
+            }
+        }
+
         fn undo(&self) -> Option<Box<dyn DeviceScore>> {
             match self.state {
                 // Only what a removal needs: the agent keeps every undo in

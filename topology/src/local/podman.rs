@@ -397,64 +397,52 @@ impl ContainerRuntime for Podman {
 }
 
 impl LocalDeviceTopology {
-    /// The host path of a volume source the Score names: every component
-    /// resolved beneath the root as the filesystem operations resolve them
-    /// (a symlink that leaves the root is refused), the whole path existing,
-    /// a directory or a regular file.
+    /// The host path of a volume source the Score names: the parent
+    /// directories resolved beneath the root as the filesystem operations
+    /// resolve them (a symlink that leaves the root is refused), the last
+    /// component an existing directory or regular file, never a symlink
+    /// (as everywhere, the last component is not followed: what the
+    /// device's path policy judged is what is mounted).
     ///
     /// Podman is given the resolved path as text and resolves it again
     /// when it mounts: a local user who can replace a component beneath the
     /// root between the two can still redirect the mount.
     async fn volume_source(&self, path: &str) -> Result<String, ContainerError> {
-        let invalid = |message: String, refused: bool| ContainerError::InvalidVolume {
+        let invalid = |message: &str, refused: bool| ContainerError::InvalidVolume {
             path: path.to_owned(),
-            message: bounded_text(&message, MAX_MESSAGE_BYTES),
+            message: bounded_text(message, MAX_MESSAGE_BYTES),
             refused,
         };
-        let parsed = paths::parse(path).map_err(|err| invalid(err.to_string(), true))?;
+        let parsed = paths::parse(path).map_err(|err| invalid(&err.to_string(), true))?;
         if path.contains([':', ',']) {
-            return Err(invalid("holds ':' or ','".into(), true));
+            return Err(invalid("holds ':' or ','", true));
         }
         let (root, resolver) = (self.root.clone(), self.resolver);
-        let resolved = tokio::task::spawn_blocking(move || -> Result<PathBuf, BeneathError> {
+        let resolved = tokio::task::spawn_blocking(move || -> Result<(PathBuf, FileType), BeneathError> {
             let beneath = Beneath::open(&root, resolver)?;
             let parents = beneath.resolved_names(&parsed.parents)?;
             let dir = beneath.dir(&parsed.parents)?;
             let stat = statat(dir.as_fd(), parsed.name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(io::Error::from)?;
             // A relative root would make podman read the source as a named volume.
-            let root = std::path::absolute(&root)?;
-            let mut host: PathBuf = root.clone();
+            let mut host = std::path::absolute(&root)?;
             host.extend(&parents);
-            match FileType::from_raw_mode(stat.st_mode) {
-                FileType::RegularFile => host.push(&parsed.name),
-                _ => {
-                    // A directory, or a symlink to one: resolved whole.
-                    let mut all = parsed.parents.clone();
-                    all.push(parsed.name.clone());
-                    beneath.dir(&all)?;
-                    host = root.clone();
-                    host.extend(beneath.resolved_names(&all)?);
-                }
-            }
-            Ok(host)
+            host.push(&parsed.name);
+            Ok((host, FileType::from_raw_mode(stat.st_mode)))
         })
         .await
-        .map_err(|join| invalid(join.to_string(), false))?;
+        .map_err(|join| invalid(&join.to_string(), false))?;
         let host = match resolved {
-            Ok(host) => host,
-            Err(BeneathError::Escapes) => return Err(invalid("escapes the device root".into(), true)),
-            Err(err) if err.is_not_found() => return Err(invalid("does not exist".into(), false)),
-            Err(BeneathError::Io(err))
-                if err.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
-            {
-                return Err(invalid("is neither a directory nor a regular file".into(), false))
-            }
-            Err(BeneathError::Io(err)) => return Err(invalid(err.to_string(), false)),
+            Ok((host, FileType::Directory | FileType::RegularFile)) => host,
+            Ok((_, FileType::Symlink)) => return Err(invalid("is a symlink (name what it points to)", true)),
+            Ok(_) => return Err(invalid("is neither a directory nor a regular file", false)),
+            Err(BeneathError::Escapes) => return Err(invalid("escapes the device root", true)),
+            Err(err) if err.is_not_found() => return Err(invalid("does not exist", false)),
+            Err(BeneathError::Io(err)) => return Err(invalid(&err.to_string(), false)),
         };
-        let host = host.into_os_string().into_string().map_err(|_| invalid("is not UTF-8".into(), false))?;
+        let host = host.into_os_string().into_string().map_err(|_| invalid("is not UTF-8", false))?;
         if host.contains([':', ',']) {
-            return Err(invalid(format!("resolves to {host:?}, which holds ':' or ','"), true));
+            return Err(invalid(&format!("resolves to {host:?}, which holds ':' or ','"), true));
         }
         Ok(host)
     }

@@ -221,12 +221,15 @@ async fn volume_sources_resolve_beneath_the_root() {
         assert_eq!(topo.volume_source("/srv/data").await.unwrap(), host("srv/data"));
         assert_eq!(topo.volume_source("/srv//data/").await.unwrap(), host("srv/data"));
         assert_eq!(topo.volume_source("/link/data").await.unwrap(), host("srv/data"));
-        assert_eq!(topo.volume_source("/link").await.unwrap(), host("srv"));
         assert_eq!(topo.volume_source("/link/app.conf").await.unwrap(), host("srv/app.conf"));
+        assert_eq!(topo.volume_source("/srv/app.conf").await.unwrap(), host("srv/app.conf"));
         for (path, refused) in [
+            // The last component is never followed, even beneath the root.
+            ("/link", true),
             ("/abs", true),
             ("/abs/passwd", true),
             ("/srv/up", true),
+            ("/srv/up/etc", true),
             ("/srv/../etc", true),
             ("/a:b", true),
             ("relative", true),
