@@ -22,6 +22,11 @@ const IMAGE: &str = "localhost/harmony-busybox:test";
 /// binary is missing. Builds the test image when it is not there yet.
 fn podman_ready() -> bool {
     if Command::new("podman").arg("--version").output().is_err() {
+        // CI sets it: there a missing podman is a failure, never a skip.
+        assert!(
+            std::env::var_os("HARMONY_REQUIRE_PODMAN").is_none(),
+            "HARMONY_REQUIRE_PODMAN is set and no podman binary is on PATH"
+        );
         eprintln!("skipped: no podman binary on PATH (scripts/install-podman installs it; CI runs it)");
         return false;
     }
