@@ -9,8 +9,10 @@ mod interpret;
 mod inventory;
 pub mod local;
 mod maestro;
+mod package;
 pub mod run;
 mod score;
+mod service;
 pub mod text;
 mod topology;
 
@@ -24,8 +26,16 @@ pub use interpret::{
 pub use inventory::Inventory;
 pub use local::{Filesystem, FilesystemError, LocalDeviceTopology, PathEntry, Podman};
 pub use maestro::{Maestro, MaestroError};
+pub use package::{
+    check_package_name, check_package_version, PackageError, PackageManager, PackageState,
+    MAX_PACKAGE_NAME_BYTES, MAX_PACKAGE_VERSION_BYTES,
+};
 pub use run::RunSignal;
 pub use score::Score;
+pub use service::{
+    check_unit_name, Enablement, ServiceError, ServiceManager, ServiceRuntime, UnitState,
+    MAX_UNIT_NAME_BYTES, UNIT_SUFFIXES,
+};
 pub use text::{bounded_text, log_text};
 pub use topology::{PreparationError, PreparationOutcome, Topology};
 

@@ -117,7 +117,7 @@ pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<(
 /// `O_NOFOLLOW`), its exact mode set through its descriptor, fsync,
 /// `renameat` over `name` (which replaces whatever is there, a symlink
 /// included, and never writes through it), fsync of `dir`.
-fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: u32) -> io::Result<()> {
+pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: u32) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // The temp name does not embed the target's: a target name near
@@ -277,7 +277,7 @@ fn ignore_missing(result: rustix::io::Result<()>) -> rustix::io::Result<()> {
 impl LocalDeviceTopology {
     /// Splits `path`, opens the root and runs `op` with both on the
     /// blocking pool, so a slow disk never stalls the agent's network tasks.
-    async fn beneath<R: Send + 'static>(
+    pub(super) async fn beneath<R: Send + 'static>(
         &self,
         op_name: &'static str,
         path: &str,

@@ -1,9 +1,12 @@
 //! `LocalDeviceTopology`: the device the agent runs on, confined to a root directory.
 
+mod apt;
 mod beneath;
 mod filesystem;
 mod paths;
 mod podman;
+mod systemd;
+mod tool;
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +14,7 @@ use async_trait::async_trait;
 
 pub use filesystem::{write_file_atomic, Filesystem, FilesystemError, PathEntry, MAX_INSPECT_BYTES};
 pub use podman::Podman;
+pub use systemd::UNIT_DIR;
 
 use crate::{PreparationError, PreparationOutcome, Topology};
 
