@@ -7,6 +7,8 @@
 mod container;
 mod directory;
 mod file;
+mod package;
+mod systemd_unit;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,8 @@ pub use container::{
 };
 pub use directory::{DirectoryInterpret, DirectoryScore};
 pub use file::{FileInterpret, FileScore};
+pub use package::{PackageInterpret, PackageScore, INSTALLED_BY_AGENT_DIR};
+pub use systemd_unit::{ServiceState, SystemdUnitInterpret, SystemdUnitScore, MAX_UNIT_CONTENT_BYTES};
 
 /// Whether a Score's resource should exist.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -180,6 +180,10 @@ pub enum InterpretName {
     Directory,
     /// `PodmanContainerInterpret`.
     PodmanContainer,
+    /// `SystemdUnitInterpret`.
+    SystemdUnit,
+    /// `PackageInterpret`.
+    Package,
     /// An Interpret not listed above.
     Custom(&'static str),
 }
@@ -190,6 +194,8 @@ impl Display for InterpretName {
             InterpretName::File => f.write_str("File"),
             InterpretName::Directory => f.write_str("Directory"),
             InterpretName::PodmanContainer => f.write_str("PodmanContainer"),
+            InterpretName::SystemdUnit => f.write_str("SystemdUnit"),
+            InterpretName::Package => f.write_str("Package"),
             InterpretName::Custom(name) => f.write_str(name),
         }
     }
