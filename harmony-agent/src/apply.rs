@@ -14,9 +14,10 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
-    /// Whether every Score is SUCCESS or NOOP.
+    /// Whether no Score failed: each is SUCCESS, NOOP or BLOCKED (see
+    /// [`ScoreStatus::is_settled`]).
     pub fn all_ok(&self) -> bool {
-        self.scores.iter().all(ScoreStatus::is_ok)
+        self.scores.iter().all(ScoreStatus::is_settled)
     }
 
     /// Whether every Score is NOOP: nothing was changed.

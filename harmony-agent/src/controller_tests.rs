@@ -34,6 +34,9 @@ struct SleepScore {
     /// Fails instead of succeeding.
     #[serde(default)]
     fail: bool,
+    /// Reports BLOCKED (after writing its marker) instead of SUCCESS.
+    #[serde(default)]
+    blocked: bool,
 }
 
 impl Score<LocalDeviceTopology> for SleepScore {
@@ -71,6 +74,9 @@ impl Interpret<LocalDeviceTopology> for SleepInterpret {
         }
         let marker = topology.root().join(format!("slept-{}", self.0.name));
         std::fs::write(marker, b"done").map_err(|e| InterpretError::new(e.to_string()))?;
+        if self.0.blocked {
+            return Ok(Outcome::new(InterpretStatus::BLOCKED, "slept; cannot wake up here"));
+        }
         Ok(Outcome::success("slept"))
     }
     fn get_name(&self) -> InterpretName {
@@ -497,6 +503,30 @@ async fn an_interpret_past_its_time_limit_fails_with_kind_timeout_and_is_retried
     assert!(web.scores[1].is_ok(), "a failing Score does not stop the next");
     assert_eq!(web.error.unwrap().kind, ErrorKind::ScoresFailed);
     assert_eq!(web.observed_generation, 0);
+    agent.stop().await;
+}
+
+// Issue 8 §3: a Score that is BLOCKED (a unit that cannot start where no
+// systemd runs) was a failure, retried with backoff for ever. It is
+// settled: applied, shown BLOCKED, not retried until the resync.
+#[tokio::test]
+async fn a_blocked_score_is_applied_shown_blocked_and_not_retried() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    let blocked = json!({"type": "test.sleep/v1", "name": "b", "millis": 0, "blocked": true});
+    agent.offer("web", 1, json!([blocked, file("/after", "x")]));
+    let web = agent.applied("web", 1).await;
+    assert_eq!(web.scores[0].status, InterpretStatus::BLOCKED);
+    assert_eq!(web.scores[0].message, "slept; cannot wake up here");
+    assert_eq!(web.scores[1].status, InterpretStatus::SUCCESS);
+    assert_eq!(web.error, None);
+    assert_eq!(web.observed_digest, web.desired_digest);
+    // A failure would be retried after 2 to 2.5 s; a blocked Score is not.
+    std::fs::remove_file(device.root("/slept-b")).unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(!device.root("/slept-b").exists(), "not run again");
+    let now = agent.status.borrow().deployments[&name("web")].clone();
+    assert_eq!((now.phase, now.last_attempt_at_ms), (Phase::Applied, web.last_attempt_at_ms));
     agent.stop().await;
 }
 

@@ -277,7 +277,7 @@ impl Deployment {
         } else if let Some(failure) = &self.failure {
             (Phase::Failed, Some(failure.clone()))
         } else if let Some(run) = last_failed {
-            let bad = run.scores.iter().filter(|s| !s.is_ok()).count();
+            let bad = run.scores.iter().filter(|s| !s.is_settled()).count();
             let (kind, message) = if bad == run.prune_failures {
                 (ErrorKind::PruneFailed, format!("{bad} undos of pruned resources failed; retrying"))
             } else {

@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Runs one desired-state document (CBOR, or JSON when it ends in .json) now.
     ///
-    /// Exit status: 0 when every Score is SUCCESS or NOOP, 1 when any failed,
+    /// Exit status: 0 when no Score failed (each is SUCCESS, NOOP or BLOCKED), 1 when any failed,
     /// 2 when the document is rejected (nothing is applied then).
     Apply {
         /// The document.

@@ -190,7 +190,7 @@ fn describe_failure(status: &DeploymentStatus) -> String {
     let failed: Vec<_> = status
         .scores
         .iter()
-        .filter(|s| !s.is_ok())
+        .filter(|s| !s.is_settled())
         .map(|s| bounded_text(&s.name, MAX_MESSAGE_BYTES))
         .collect();
     if !failed.is_empty() {

@@ -61,7 +61,9 @@ pub enum Phase {
     /// The agent is running (or about to run) the Scores of `desired_generation`.
     #[default]
     Applying,
-    /// Every Score of `observed_generation` is SUCCESS or NOOP.
+    /// Every Score of `observed_generation` is SUCCESS or NOOP, or
+    /// BLOCKED: done as far as this device allows, the rest named in the
+    /// Score's message (see [`ScoreStatus::is_settled`]).
     Applied,
     /// At least one Score failed; the agent retries with backoff.
     Failed,
@@ -381,6 +383,15 @@ impl ScoreStatus {
     /// Whether the Score holds (SUCCESS or NOOP).
     pub fn is_ok(&self) -> bool {
         matches!(self.status, InterpretStatus::SUCCESS | InterpretStatus::NOOP)
+    }
+
+    /// Whether the Score did not fail: it holds, or it is BLOCKED (it did
+    /// what this device allows and says in its message what it cannot do
+    /// here, such as starting a unit where no systemd runs). Retrying
+    /// changes nothing for a blocked Score: a deployment whose Scores all
+    /// settled is applied, not retried; the resync runs it again.
+    pub fn is_settled(&self) -> bool {
+        self.is_ok() || self.status == InterpretStatus::BLOCKED
     }
 }
 
