@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harmony_score_wire::names::split_url_credentials;
-use harmony_score_wire::DeviceId;
+use harmony_score_wire::{DeviceId, Privilege};
 use serde::Deserialize;
 
 use crate::runner::Timeouts;
@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Directory every Score path is resolved under.
     pub root: PathBuf,
+    /// The podman binary container Scores run (a path, or a name looked up in `PATH`).
+    pub podman: PathBuf,
     /// How often keys are re-read and everything re-reconciled.
     pub resync: Duration,
     /// How often the status heartbeat is written.
@@ -70,6 +72,9 @@ pub struct AgentConfig {
     pub trust: harmony_score_wire::TrustedKeys,
     /// Accept bare (unsigned) documents. Off unless set: a warning at every start.
     pub allow_unsigned: bool,
+    /// The offline root keys whose key sets ([`harmony_score_wire::KeySet`])
+    /// this device accepts; empty: key sets are ignored and `trust` stays.
+    pub root_keys: harmony_score_wire::TrustedKeys,
 }
 
 /// The device owner's limits on what documents may do here. A document
@@ -82,11 +87,23 @@ pub struct DevicePolicy {
     /// Normalized absolute paths beneath which every file and directory a
     /// Score names must lie (after resolving symlinked parents); `/`: anywhere.
     pub allowed_paths: Vec<String>,
+    /// Whether Scores may set setuid or setgid modes ([`Privilege::SetuidMode`]).
+    pub allow_setuid: bool,
+    /// Whether Scores may run privileged containers ([`Privilege::PrivilegedContainer`]).
+    pub allow_privileged_containers: bool,
+    /// Whether Scores may run containers in the host's network namespace ([`Privilege::HostNetwork`]).
+    pub allow_host_network: bool,
 }
 
 impl Default for DevicePolicy {
     fn default() -> Self {
-        Self { allowed_tags: None, allowed_paths: vec!["/".to_owned()] }
+        Self {
+            allowed_tags: None,
+            allowed_paths: vec!["/".to_owned()],
+            allow_setuid: false,
+            allow_privileged_containers: false,
+            allow_host_network: false,
+        }
     }
 }
 
@@ -100,16 +117,57 @@ impl DevicePolicy {
         })
     }
 
-    /// Why `doc` uses a Score tag this policy does not allow; `None` when it does not.
-    pub fn refused_tag(&self, doc: &harmony_score_wire::DesiredState) -> Option<String> {
-        let (index, score) =
-            doc.scores.iter().enumerate().find(|(_, s)| !self.allows_tag(s.typetag_name()))?;
-        Some(format!("score #{index} ({}) is not allowed by this device's policy", score.typetag_name()))
+    /// Why `doc` has a Score this policy refuses by what the Score is: a
+    /// tag it does not allow, or a privilege it does not grant. `None` when
+    /// every Score passes. (Paths need the device's filesystem; they are
+    /// judged beside this, by the controller.)
+    pub fn refused_score(&self, doc: &harmony_score_wire::DesiredState) -> Option<String> {
+        doc.scores.iter().enumerate().find_map(|(index, score)| {
+            let tag = score.typetag_name();
+            if !self.allows_tag(tag) {
+                return Some(format!("score #{index} ({tag}) is not allowed by this device's policy"));
+            }
+            let privilege = score.privileges().into_iter().find(|p| !self.allows_privilege(*p))?;
+            let setting = privilege_setting(privilege).map(|s| format!(" ({s} = false)")).unwrap_or_default();
+            Some(format!(
+                "score #{index} ({tag}) needs privilege {privilege}, which this device's policy does not allow{setting}"
+            ))
+        })
     }
 
     /// Whether Scores tagged `tag` may run.
     pub fn allows_tag(&self, tag: &str) -> bool {
         self.allowed_tags.as_ref().is_none_or(|tags| tags.contains(tag))
+    }
+
+    /// Whether Scores may use `privilege`. A privilege this agent does not
+    /// know is never granted.
+    pub fn allows_privilege(&self, privilege: Privilege) -> bool {
+        match privilege {
+            Privilege::SetuidMode => self.allow_setuid,
+            Privilege::PrivilegedContainer => self.allow_privileged_containers,
+            Privilege::HostNetwork => self.allow_host_network,
+            _ => false,
+        }
+    }
+}
+
+impl DevicePolicy {
+    /// The policy of an agent configuration file: its `[policy]` table
+    /// resolved as the daemon resolves it (defaults when it has none); its
+    /// other settings are parsed, not used.
+    pub fn from_config_file(path: &Path) -> Result<Self, ConfigError> {
+        resolve_policy(ConfigLayer::from_file(path)?.policy.unwrap_or_default())
+    }
+}
+
+/// The `[policy]` setting that grants `privilege`.
+fn privilege_setting(privilege: Privilege) -> Option<&'static str> {
+    match privilege {
+        Privilege::SetuidMode => Some("allow_setuid"),
+        Privilege::PrivilegedContainer => Some("allow_privileged_containers"),
+        Privilege::HostNetwork => Some("allow_host_network"),
+        _ => None,
     }
 }
 
@@ -121,6 +179,12 @@ pub struct PolicyLayer {
     pub allowed_tags: Option<Vec<String>>,
     /// `allowed_paths = ["/etc/app", "/var/lib/app"]`.
     pub allowed_paths: Option<Vec<String>>,
+    /// `allow_setuid = false`: setuid and setgid modes.
+    pub allow_setuid: Option<bool>,
+    /// `allow_privileged_containers = false`.
+    pub allow_privileged_containers: Option<bool>,
+    /// `allow_host_network = false`: containers in the host's network namespace.
+    pub allow_host_network: Option<bool>,
 }
 
 // Written by hand so a credentials path never gets more than its name in logs.
@@ -133,11 +197,13 @@ impl std::fmt::Debug for AgentConfig {
             .field("creds", &self.creds.as_ref().map(|_| "<set>"))
             .field("state_dir", &self.state_dir)
             .field("root", &self.root)
+            .field("podman", &self.podman)
             .field("resync", &self.resync)
             .field("source", &self.source)
             .field("max_parallel", &self.max_parallel)
             .field("timeouts", &self.timeouts)
             .field("allow_unsigned", &self.allow_unsigned)
+            .field("root_keys", &self.root_keys)
             .finish_non_exhaustive()
     }
 }
@@ -156,6 +222,8 @@ pub struct ConfigLayer {
     pub state_dir: Option<PathBuf>,
     /// `root = "/"`.
     pub root: Option<PathBuf>,
+    /// `podman = "/usr/bin/podman"` (default `podman`, from `PATH`).
+    pub podman: Option<PathBuf>,
     /// `resync_secs = 60`.
     pub resync_secs: Option<u64>,
     /// `heartbeat_secs = 30`.
@@ -184,6 +252,11 @@ pub struct ConfigLayer {
     pub signature_threshold: Option<usize>,
     /// `allow_unsigned = false`.
     pub allow_unsigned: Option<bool>,
+    /// `root_keys = ["/etc/harmony/root.pub"]`: the offline root keys that
+    /// sign key sets.
+    pub root_keys: Option<Vec<PathBuf>>,
+    /// `root_threshold = 1`: how many root keys must sign a key set.
+    pub root_threshold: Option<usize>,
 }
 
 /// Why the configuration cannot be used.
@@ -230,6 +303,7 @@ impl ConfigLayer {
             creds,
             state_dir,
             root,
+            podman,
             resync_secs,
             heartbeat_secs,
             source,
@@ -240,7 +314,9 @@ impl ConfigLayer {
             policy,
             trusted_keys,
             signature_threshold,
-            allow_unsigned
+            allow_unsigned,
+            root_keys,
+            root_threshold
         );
         self.labels.extend(over.labels);
         self.interpret_timeouts.extend(over.interpret_timeouts);
@@ -286,6 +362,7 @@ impl ConfigLayer {
             creds: self.creds,
             state_dir: self.state_dir.ok_or(ConfigError::Missing("state_dir"))?,
             root: self.root.unwrap_or_else(|| PathBuf::from("/")),
+            podman: self.podman.unwrap_or_else(|| PathBuf::from("podman")),
             resync: secs(self.resync_secs, 60, "resync_secs")?,
             heartbeat: secs(self.heartbeat_secs, 30, "heartbeat_secs")?,
             source,
@@ -307,6 +384,12 @@ impl ConfigLayer {
             shutdown_grace: secs(self.shutdown_grace_secs, 10, "shutdown_grace_secs")?,
             policy: resolve_policy(self.policy.unwrap_or_default())?,
             trust: load_trusted_keys(self.trusted_keys.unwrap_or_default(), self.signature_threshold)?,
+            root_keys: load_keys(
+                self.root_keys.unwrap_or_default(),
+                self.root_threshold,
+                "root key",
+                "root_threshold",
+            )?,
             allow_unsigned: self.allow_unsigned.unwrap_or(false),
             trusted_inbox_prefix: match self.trusted_inbox_prefix {
                 // Ending in '.' so `_INBOX` cannot also match `_INBOX_<id>`.
@@ -318,7 +401,7 @@ impl ConfigLayer {
                     )))
                 }
                 Some(prefix) => prefix,
-                None => "_INBOX.".to_owned(),
+                None => harmony_score_wire::names::DEFAULT_TRUSTED_INBOX_PREFIX.to_owned(),
             },
         })
     }
@@ -330,13 +413,22 @@ pub fn load_trusted_keys(
     files: Vec<PathBuf>,
     threshold: Option<usize>,
 ) -> Result<harmony_score_wire::TrustedKeys, ConfigError> {
+    load_keys(files, threshold, "trusted key", "signature_threshold")
+}
+
+fn load_keys(
+    files: Vec<PathBuf>,
+    threshold: Option<usize>,
+    what: &str,
+    threshold_name: &str,
+) -> Result<harmony_score_wire::TrustedKeys, ConfigError> {
     let keys = files
         .iter()
         .map(|path| {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| ConfigError::ReadFailed { path: path.clone(), source })?;
             harmony_score_wire::parse_public_key(&text)
-                .map_err(|e| ConfigError::Invalid(format!("trusted key {}: {e}", path.display())))
+                .map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", path.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;
     // One key listed twice is one signer: a threshold must not count it twice.
@@ -346,7 +438,7 @@ pub fn load_trusted_keys(
     let threshold = threshold.unwrap_or(1);
     if threshold == 0 || (!keys.is_empty() && threshold > keys.len()) {
         return Err(ConfigError::Invalid(format!(
-            "signature_threshold {threshold} needs 1 to {} trusted keys",
+            "{threshold_name} {threshold} needs 1 to {} keys",
             keys.len()
         )));
     }
@@ -370,7 +462,13 @@ fn resolve_policy(layer: PolicyLayer) -> Result<DevicePolicy, ConfigError> {
             })
             .collect::<Result<_, _>>()?,
     };
-    Ok(DevicePolicy { allowed_tags: layer.allowed_tags.map(|t| t.into_iter().collect()), allowed_paths })
+    Ok(DevicePolicy {
+        allowed_tags: layer.allowed_tags.map(|t| t.into_iter().collect()),
+        allowed_paths,
+        allow_setuid: layer.allow_setuid.unwrap_or(false),
+        allow_privileged_containers: layer.allow_privileged_containers.unwrap_or(false),
+        allow_host_network: layer.allow_host_network.unwrap_or(false),
+    })
 }
 
 #[cfg(test)]
@@ -441,9 +539,60 @@ mod tests {
         assert!(ConfigLayer { policy: Some(policy(&["/etc/../x"])), ..base() }.resolve().is_err());
         let config = ConfigLayer { policy: Some(policy(&["/etc//app/", "/"])), ..base() }.resolve().unwrap();
         assert_eq!(config.policy.allowed_paths, ["/etc/app", "/"]);
-        let narrow = DevicePolicy { allowed_tags: None, allowed_paths: vec!["/etc/app".into()] };
+        let narrow = DevicePolicy { allowed_paths: vec!["/etc/app".into()], ..Default::default() };
         assert!(narrow.allows_path("/etc/app") && narrow.allows_path("/etc/app/x"));
         assert!(!narrow.allows_path("/etc/application") && !narrow.allows_path("/etc"));
+    }
+
+    #[test]
+    fn privileges_are_off_unless_the_policy_grants_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "device_id = \"d\"\nstate_dir = \"/s\"\n").unwrap();
+        let policy = ConfigLayer::from_file(&path).unwrap().resolve().unwrap().policy;
+        assert_eq!(policy, DevicePolicy::default());
+        for privilege in [Privilege::SetuidMode, Privilege::PrivilegedContainer, Privilege::HostNetwork] {
+            assert!(!policy.allows_privilege(privilege), "{privilege}");
+        }
+        std::fs::write(
+            &path,
+            "device_id = \"d\"\nstate_dir = \"/s\"\n[policy]\nallow_setuid = true\nallow_host_network = true\n",
+        )
+        .unwrap();
+        let policy = ConfigLayer::from_file(&path).unwrap().resolve().unwrap().policy;
+        assert!(policy.allow_setuid && policy.allow_host_network && !policy.allow_privileged_containers);
+        assert!(policy.allows_privilege(Privilege::SetuidMode));
+        assert!(!policy.allows_privilege(Privilege::PrivilegedContainer));
+        assert_eq!(DevicePolicy::from_config_file(&path).unwrap(), policy, "apply reads the same table");
+        for bad in ["allow_setuid = \"yes\"", "allow_suid = true"] {
+            std::fs::write(&path, format!("device_id = \"d\"\nstate_dir = \"/s\"\n[policy]\n{bad}\n"))
+                .unwrap();
+            assert!(matches!(ConfigLayer::from_file(&path), Err(ConfigError::ParseFailed { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_score_is_refused_for_its_tag_or_for_a_privilege_the_policy_does_not_grant() {
+        harmony_scores::ensure_linked();
+        let doc = |scores: serde_json::Value| -> harmony_score_wire::DesiredState {
+            serde_json::from_value(serde_json::json!({"device_id": "d", "deployment": "web", "generation": 1,
+                "scores": scores}))
+            .unwrap()
+        };
+        let setuid = doc(serde_json::json!([
+            {"type": "harmony.file/v1", "path": "/a", "mode": 0o644},
+            {"type": "harmony.file/v1", "path": "/b", "mode": 0o4755},
+        ]));
+        let message = DevicePolicy::default().refused_score(&setuid).unwrap();
+        assert_eq!(
+            message,
+            "score #1 (harmony.file/v1) needs privilege setuid_mode, which this device's policy does not allow (allow_setuid = false)"
+        );
+        let allowing = DevicePolicy { allow_setuid: true, ..Default::default() };
+        assert_eq!(allowing.refused_score(&setuid), None);
+        let narrow =
+            DevicePolicy { allowed_tags: Some(["harmony.directory/v1".to_owned()].into()), ..allowing };
+        assert!(narrow.refused_score(&setuid).unwrap().contains("score #0 (harmony.file/v1) is not allowed"));
     }
 
     #[test]

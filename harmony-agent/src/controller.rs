@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use harmony_score_wire::{
     decode, decode_json, document_digest, from_cbor, now_ms, peek_generation, try_to_cbor, AgentStatus,
-    DecodeLimits, DeploymentName, DeviceId, DeviceInfo, DeviceScore, ErrorKind, ResourceId, ScoreStatus,
-    StatusError,
+    DecodeLimits, DeploymentName, DeviceId, DeviceInfo, DeviceScore, ErrorKind, KeySet, ResourceId,
+    ScoreStatus, StatusError,
 };
 use harmony_topology::{InterpretStatus, LocalDeviceTopology, Maestro, RunSignal};
 use tokio::sync::{mpsc, watch};
@@ -93,6 +93,15 @@ pub struct ControllerSettings {
     pub trust: harmony_score_wire::TrustedKeys,
     /// Whether bare documents are accepted.
     pub allow_unsigned: bool,
+    /// The root keys that sign key sets; empty: key sets are ignored.
+    pub root_keys: harmony_score_wire::TrustedKeys,
+}
+
+/// The key set the device accepted last, and the trust it gives.
+struct HeldKeySet {
+    keyset: KeySet,
+    trust: harmony_score_wire::TrustedKeys,
+    bytes: Vec<u8>,
 }
 
 /// Runs a device's deployments against its topology.
@@ -115,6 +124,10 @@ pub struct Controller {
     dirty: bool,
     /// Problems of the device as a whole, reported in status.
     device_errors: Vec<StatusError>,
+    /// The root-signed key set in force; `None`: the configured keys are.
+    keyset: Option<HeldKeySet>,
+    /// Why the last key set offered was refused.
+    keyset_error: Option<StatusError>,
 }
 
 impl Controller {
@@ -138,6 +151,8 @@ impl Controller {
             stopping: false,
             dirty: true,
             device_errors: Vec::new(),
+            keyset: None,
+            keyset_error: None,
         }
     }
 
@@ -145,10 +160,11 @@ impl Controller {
     /// boots offline runs what it last accepted and finishes interrupted
     /// prunes. Unreadable records are reported, not skipped.
     pub fn boot(&mut self) {
+        self.load_keyset();
         let loaded = match self.store.load_all() {
             Ok(loaded) => loaded,
             Err(err) => {
-                error!(cause = %err, "cannot list persisted state");
+                error!(cause = %harmony_score_wire::log_text(&err), "cannot list persisted state");
                 let message = format!("cannot list persisted state: {err}");
                 self.device_errors.push(StatusError::new(ErrorKind::StateUnreadable, message));
                 Vec::new()
@@ -169,14 +185,14 @@ impl Controller {
                             Ok(doc) if doc.deployment != name => {
                                 let message = format!("holds the document of deployment {}", doc.deployment);
                                 let err = self.store.set_aside(&name, message);
-                                error!(deployment = %name, cause = %err, "persisted state is another deployment's; kept aside");
+                                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted state is another deployment's; kept aside");
                                 entry.failure =
                                     Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
                                 adopt = false;
                             }
                             Ok(doc) => entry.document = Some(Accepted::new(doc)),
                             Err(err) => {
-                                error!(deployment = %name, cause = %err, "persisted document cannot run on this agent");
+                                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted document cannot run on this agent");
                                 let message = format!(
                                     "persisted generation {} cannot run on this agent: {err}",
                                     stored.generation
@@ -190,7 +206,7 @@ impl Controller {
                     }
                 }
                 Err(err) => {
-                    error!(deployment = %name, cause = %err, "persisted state unreadable; kept aside, reading the key again");
+                    error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "persisted state unreadable; kept aside, reading the key again");
                     entry.failure = Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
                 }
             }
@@ -238,13 +254,14 @@ impl Controller {
                 item = inbox.recv() => match item {
                     Item::Input(input) => self.handle(input).await,
                     Item::Command(command) => self.command(command).await,
+                    Item::KeySet(bytes) => self.offer_keyset(&bytes).await,
                 },
                 _ = resync_tick.tick() => { self.resync().await; }
                 () = sleep_until(retry_at), if retry_at.is_some() => self.run_due_retries(Instant::now()),
                 Some(joined) = self.tasks.join_next() => {
                     if let Err(err) = joined {
                         if !err.is_cancelled() {
-                            error!(cause = %err, "a run task failed");
+                            error!(cause = %harmony_score_wire::log_text(&err), "a run task failed");
                         }
                     }
                 }
@@ -321,7 +338,7 @@ impl Controller {
     async fn recheck(&self, name: &DeploymentName) -> Option<StatusError> {
         let entry = self.deployments.get(name)?;
         let (stored, accepted) = (entry.record.document.as_ref()?, entry.document.as_ref()?);
-        if let Err((kind, message)) = self.verified_payload(&stored.bytes, stored.format) {
+        if let Err((kind, message)) = self.verified_payload(&stored.bytes, stored.format, false) {
             return Some(StatusError::new(
                 kind,
                 format!("accepted generation {}: {message}", stored.generation),
@@ -343,24 +360,46 @@ impl Controller {
                 return Some(StatusError::new(ErrorKind::Expired, message));
             }
         }
-        if let Some(message) = self.settings.policy.refused_tag(doc) {
+        if let Some(message) = self.settings.policy.refused_score(doc) {
             return Some(StatusError::new(ErrorKind::PolicyDenied, message));
         }
-        let (topology, policy, mine) =
-            (self.maestro.topology().clone(), self.settings.policy.clone(), accepted.resources.clone());
+        let (topology, policy, judged) =
+            (self.maestro.topology().clone(), self.settings.policy.clone(), accepted.judged_paths.clone());
         let outside =
-            tokio::task::spawn_blocking(move || outside_policy(&topology, &policy, &mine)).await.ok()?;
+            tokio::task::spawn_blocking(move || outside_policy(&topology, &policy, &judged)).await.ok()?;
         outside.map(|(kind, message)| StatusError::new(kind, message))
     }
 
     /// The document inside `bytes` once its signatures hold: a signed
-    /// envelope must carry enough valid signatures by trusted keys; a bare
-    /// document is accepted only with `allow_unsigned`.
-    fn verified_payload(&self, bytes: &[u8], format: DocumentFormat) -> Result<Vec<u8>, (ErrorKind, String)> {
+    /// envelope must carry enough valid signatures by trusted keys (the key
+    /// set's, once one is accepted); a bare document is accepted only with
+    /// `allow_unsigned`. With `fresh` (a document offered now, not one
+    /// accepted before) the key set must not have expired.
+    fn verified_payload(
+        &self,
+        bytes: &[u8],
+        format: DocumentFormat,
+        fresh: bool,
+    ) -> Result<Vec<u8>, (ErrorKind, String)> {
+        let trust = match &self.keyset {
+            Some(held) => {
+                if fresh && held.keyset.expired(now_ms() / 1000) && harmony_score_wire::is_signed(bytes) {
+                    return Err((
+                        ErrorKind::KeysetExpired,
+                        format!(
+                            "the key set this device trusts (version {}) expired at {}: no new document is accepted until the root signs a newer one",
+                            held.keyset.version, held.keyset.expires_at
+                        ),
+                    ));
+                }
+                &held.trust
+            }
+            None => &self.settings.trust,
+        };
         // JSON (folder sources) cannot be signed: it passes only unsigned.
         let allow_unsigned = self.settings.allow_unsigned;
         let opened = match format {
-            DocumentFormat::Cbor => self.settings.trust.open(bytes, allow_unsigned),
+            DocumentFormat::Cbor => trust.open(bytes, allow_unsigned),
             DocumentFormat::Json if allow_unsigned => Ok(bytes.to_vec()),
             DocumentFormat::Json => Err(harmony_score_wire::SignatureError::Unsigned),
         };
@@ -374,11 +413,13 @@ impl Controller {
         let digest = document_digest(&bytes);
         // Signatures first: nothing of an unverified document is decoded
         // into Scores. The digest stays that of the bytes as stored.
-        let payload = match self.verified_payload(&bytes, format) {
+        let payload = match self.verified_payload(&bytes, format, true) {
             Ok(payload) => payload,
             Err((kind, message)) => {
                 let generation = peek_generation(&bytes, &self.limits);
-                return self.reject(name, generation, digest, kind, message, None);
+                // A new key set may make it acceptable: kept to offer again then.
+                let keep = (!self.settings.root_keys.is_empty()).then_some((bytes, format));
+                return self.reject(name, generation, digest, kind, message, keep);
             }
         };
         let doc = match self.decode(&payload, format) {
@@ -417,14 +458,14 @@ impl Controller {
             .filter(|(other, _)| *other != name)
             .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
             .collect();
-        if let Some(message) = self.settings.policy.refused_tag(&accepted.doc) {
+        if let Some(message) = self.settings.policy.refused_score(&accepted.doc) {
             let generation = Some(accepted.doc.generation);
             return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
         }
         let (topology, mine) = (self.maestro.topology().clone(), accepted.resources.clone());
-        let policy = self.settings.policy.clone();
+        let (policy, judged) = (self.settings.policy.clone(), accepted.judged_paths.clone());
         let clash = tokio::task::spawn_blocking(move || {
-            outside_policy(&topology, &policy, &mine).or_else(|| alias_clash(&topology, &mine, &others))
+            outside_policy(&topology, &policy, &judged).or_else(|| alias_clash(&topology, &mine, &others))
         })
         .await
         .unwrap_or_else(|join| Some((ErrorKind::ResourceConflict, format!("conflict check failed: {join}"))));
@@ -480,6 +521,18 @@ impl Controller {
         if entry.record.document.is_none() && entry.rejected.is_none() && entry.failure.is_none() {
             return; // already deleted (its prune runs or ran)
         }
+        // A delete marker carries no signature: where documents must be
+        // signed, whoever can write the bucket could otherwise prune a
+        // fleet. Only a signed document without Scores retires what runs.
+        let runs_something = match &entry.document {
+            Some(accepted) => !accepted.doc.scores.is_empty(),
+            None => entry.record.document.is_some(),
+        };
+        if !self.settings.allow_unsigned && runs_something {
+            let message = "the key was deleted, but this device requires signed documents: nothing is pruned until a signed document without Scores retires the deployment (harmony-fleet delete with a signing key)";
+            let (kind, digest) = (ErrorKind::UnsignedDelete, String::new());
+            return self.reject(name, None, digest, kind, message.into(), None);
+        }
         info!(deployment = %name, "deleted; pruning");
         let had_document = entry.record.document.is_some();
         entry.record.document = None;
@@ -525,7 +578,7 @@ impl Controller {
         if entry.rejected.as_ref().is_some_and(|r| r.digest == digest && r.error.kind == kind) {
             return; // already reported
         }
-        warn!(deployment = %name, ?generation, kind = %kind, message = %harmony_score_wire::bounded_text(&message, 512), "document rejected");
+        warn!(deployment = %name, ?generation, kind = %kind, message = %harmony_score_wire::log_text(&message), "document rejected");
         entry.rejected =
             Some(Rejection { generation, digest, error: StatusError::new(kind, message), retry_bytes });
         entry.pruned_at = None;
@@ -555,7 +608,7 @@ impl Controller {
                 true
             }
             Err(err) => {
-                error!(deployment = %name, cause = %err, "cannot persist deployment state");
+                error!(deployment = %name, cause = %harmony_score_wire::log_text(&err), "cannot persist deployment state");
                 entry.failure = Some(StatusError::new(ErrorKind::PersistFailed, err.to_string()));
                 let attempt = entry.retry.map_or(0, |(a, _)| a + 1);
                 if let Action::RequeueAfter(delay) = error_policy(false, false, attempt, jitter()) {
@@ -607,7 +660,7 @@ impl Controller {
         if let Some(refusal) = self.recheck(name).await {
             let Some(entry) = self.deployments.get_mut(name) else { return };
             if entry.failure.as_ref() != Some(&refusal) {
-                warn!(deployment = %name, kind = %refusal.kind, message = %refusal.message, "accepted document no longer passes its checks; not run");
+                warn!(deployment = %name, kind = %refusal.kind, message = %harmony_score_wire::log_text(&refusal.message), "accepted document no longer passes its checks; not run");
                 entry.failure = Some(refusal);
                 self.dirty = true;
             }
@@ -640,7 +693,7 @@ impl Controller {
         }
         let run_id = self.next_run_id;
         self.next_run_id += 1;
-        let signal = RunSignal::new();
+        let signal = RunSignal::for_deployment(name.as_str());
         let document = entry.document.as_ref().map(|a| a.doc.clone());
         entry.running = Some(Running {
             run_id,
@@ -749,10 +802,20 @@ impl Controller {
             entry.record.observed_digest = Some(digest.clone());
             entry.record.last_applied_at_ms = *at;
         }
+        // A signed document without Scores retires the deployment: once it
+        // ran and nothing is owned, the record keeps only its high-water
+        // mark, as after a delete.
+        let retired = applied.is_some()
+            && entry.document.as_ref().is_some_and(|a| a.doc.scores.is_empty())
+            && entry.record.owned.is_empty();
+        if retired {
+            entry.record.document = None;
+            entry.document = None;
+        }
         let deleted_and_undone = entry.record.document.is_none() && entry.record.owned.is_empty();
         // Only what says something new is written: a drift repair that held
         // moves `last_applied_at_ms` in memory (status) without an fsync.
-        let changed = before.changed(&entry.record);
+        let changed = retired || before.changed(&entry.record);
         let rerun = entry.rerun;
         if changed && !self.save(name).await {
             // Not persisted, so not applied: the observed generation stays
@@ -869,7 +932,14 @@ impl Controller {
                 .map(|(n, d)| (n.clone(), d.status()))
                 .collect(),
             instance_id: self.instance_id.clone(),
-            errors: self.device_errors.clone(),
+            errors: self
+                .device_errors
+                .iter()
+                .chain(&self.keyset_error)
+                .cloned()
+                .chain(self.keyset_expiry())
+                .collect(),
+            keyset_version: self.keyset.as_ref().map(|held| held.keyset.version),
             truncated: false,
         }
     }
@@ -877,7 +947,7 @@ impl Controller {
 
 /// The first path the policy does not allow, by its name and by what the
 /// device's filesystem makes of it (a symlinked parent must not lead out).
-fn outside_policy(
+pub(crate) fn outside_policy(
     topology: &LocalDeviceTopology,
     policy: &DevicePolicy,
     mine: &[ResourceId],
@@ -885,12 +955,12 @@ fn outside_policy(
     // The allowed paths as the device's filesystem makes them too: on a
     // merged-/usr device `/lib/firmware` is `/usr/lib/firmware`.
     let resolved = DevicePolicy {
-        allowed_tags: None,
         allowed_paths: policy
             .allowed_paths
             .iter()
             .map(|p| if p == "/" { p.clone() } else { topology.device_path(p).unwrap_or_else(|| p.clone()) })
             .collect(),
+        ..DevicePolicy::default()
     };
     mine.iter().filter(|id| id.kind() == ResourceId::PATH).find_map(|id| {
         let device = topology.device_path(id.name());
@@ -984,3 +1054,6 @@ fn instance_id() -> String {
 #[cfg(test)]
 #[path = "controller_tests.rs"]
 mod tests;
+
+#[path = "controller_keysets.rs"]
+mod keysets;

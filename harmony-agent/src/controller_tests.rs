@@ -34,6 +34,9 @@ struct SleepScore {
     /// Fails instead of succeeding.
     #[serde(default)]
     fail: bool,
+    /// Reports BLOCKED (after writing its marker) instead of SUCCESS.
+    #[serde(default)]
+    blocked: bool,
 }
 
 impl Score<LocalDeviceTopology> for SleepScore {
@@ -71,6 +74,9 @@ impl Interpret<LocalDeviceTopology> for SleepInterpret {
         }
         let marker = topology.root().join(format!("slept-{}", self.0.name));
         std::fs::write(marker, b"done").map_err(|e| InterpretError::new(e.to_string()))?;
+        if self.0.blocked {
+            return Ok(Outcome::new(InterpretStatus::BLOCKED, "slept; cannot wake up here"));
+        }
         Ok(Outcome::success("slept"))
     }
     fn get_name(&self) -> InterpretName {
@@ -240,6 +246,7 @@ fn settings() -> ControllerSettings {
         policy: crate::DevicePolicy::default(),
         trust: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
         allow_unsigned: true,
+        root_keys: harmony_score_wire::TrustedKeys::new(Vec::new(), 1),
     }
 }
 
@@ -415,9 +422,9 @@ async fn corrupt_input_is_rejected_and_the_last_good_generation_keeps_running() 
         agent.until("truncated g2 refused", |s| s.deployments[&name("web")].phase == Phase::Rejected).await;
     assert_eq!(web.deployments[&name("web")].error.as_ref().unwrap().kind, ErrorKind::Truncated);
     assert_eq!(web.deployments[&name("web")].observed_generation, 1);
-    // An invalid Score (a setuid mode) refuses the whole document before any Score runs.
+    // An invalid Score (a mode beyond 0o7777) refuses the whole document before any Score runs.
     let mut bad = json!({"device_id": "dev-1", "deployment": "web", "generation": 3,
-        "scores": [file("/first", "x"), {"type": "harmony.file/v1", "path": "/x", "mode": 0o4755}]});
+        "scores": [file("/first", "x"), {"type": "harmony.file/v1", "path": "/x", "mode": 0o14755}]});
     let cbor = {
         let mut out = Vec::new();
         ciborium::into_writer(&bad.take(), &mut out).unwrap();
@@ -496,6 +503,30 @@ async fn an_interpret_past_its_time_limit_fails_with_kind_timeout_and_is_retried
     assert!(web.scores[1].is_ok(), "a failing Score does not stop the next");
     assert_eq!(web.error.unwrap().kind, ErrorKind::ScoresFailed);
     assert_eq!(web.observed_generation, 0);
+    agent.stop().await;
+}
+
+// Issue 8 §3: a Score that is BLOCKED (a unit that cannot start where no
+// systemd runs) was a failure, retried with backoff for ever. It is
+// settled: applied, shown BLOCKED, not retried until the resync.
+#[tokio::test]
+async fn a_blocked_score_is_applied_shown_blocked_and_not_retried() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    let blocked = json!({"type": "test.sleep/v1", "name": "b", "millis": 0, "blocked": true});
+    agent.offer("web", 1, json!([blocked, file("/after", "x")]));
+    let web = agent.applied("web", 1).await;
+    assert_eq!(web.scores[0].status, InterpretStatus::BLOCKED);
+    assert_eq!(web.scores[0].message, "slept; cannot wake up here");
+    assert_eq!(web.scores[1].status, InterpretStatus::SUCCESS);
+    assert_eq!(web.error, None);
+    assert_eq!(web.observed_digest, web.desired_digest);
+    // A failure would be retried after 2 to 2.5 s; a blocked Score is not.
+    std::fs::remove_file(device.root("/slept-b")).unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(!device.root("/slept-b").exists(), "not run again");
+    let now = agent.status.borrow().deployments[&name("web")].clone();
+    assert_eq!((now.phase, now.last_attempt_at_ms), (Phase::Applied, web.last_attempt_at_ms));
     agent.stop().await;
 }
 
@@ -1130,6 +1161,7 @@ async fn a_score_outside_the_device_policy_refuses_the_whole_document() {
             s.policy = crate::DevicePolicy {
                 allowed_tags: Some(["harmony.file/v1".to_owned()].into()),
                 allowed_paths: vec!["/etc/app".to_owned()],
+                ..Default::default()
             };
         })
         .await;
@@ -1158,12 +1190,94 @@ async fn a_score_outside_the_device_policy_refuses_the_whole_document() {
     std::os::unix::fs::symlink("usr/lib", device.root("/lib")).unwrap();
     let mut agent = device
         .start_with(|s| {
-            s.policy = crate::DevicePolicy { allowed_tags: None, allowed_paths: vec!["/lib/firmware".into()] }
+            s.policy =
+                crate::DevicePolicy { allowed_paths: vec!["/lib/firmware".into()], ..Default::default() }
         })
         .await;
     agent.offer("fw", 1, json!([file("/lib/firmware/blob", "x")]));
     agent.applied("fw", 1).await;
     assert_eq!(read(&device.root("/usr/lib/firmware/blob")), "x");
+    agent.stop().await;
+}
+
+// Issue 7 §5: whether a setuid or setgid mode may be set is the device
+// owner's decision. Without `allow_setuid` a document with such a Score is
+// refused whole (`policy_denied`, naming the Score, its tag and the
+// privilege) before anything of it runs; with it, the mode is set exactly.
+// An accepted one stops running when the policy no longer allows it.
+#[tokio::test]
+async fn a_setuid_mode_runs_only_where_the_device_policy_allows_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let device = Device::new();
+    let setuid = json!({"type": "harmony.file/v1", "path": "/usr/bin/tool", "content": "#!", "mode": 0o4755});
+    let setgid_dir = json!({"type": "harmony.directory/v1", "path": "/srv/shared", "mode": 0o2770});
+    let mut agent = device.start().await;
+    for (deployment, scores, index) in [
+        ("tool", json!([file("/first", "x"), setuid.clone()]), "#1 (harmony.file/v1)"),
+        ("shared", json!([setgid_dir.clone(), file("/second", "x")]), "#0 (harmony.directory/v1)"),
+    ] {
+        agent.offer(deployment, 1, scores);
+        let status = agent.until_phase(deployment, 1, Phase::Rejected).await;
+        let error = status.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::PolicyDenied, "{}", error.message);
+        for part in [index, "setuid_mode", "allow_setuid"] {
+            assert!(error.message.contains(part), "{part:?} missing: {}", error.message);
+        }
+        assert_eq!(status.observed_generation, 0);
+    }
+    for path in ["/first", "/usr/bin/tool", "/srv/shared", "/second"] {
+        assert!(!device.root(path).exists(), "{path} was written");
+    }
+    agent.stop().await;
+
+    let allowing = |s: &mut ControllerSettings| s.policy.allow_setuid = true;
+    let mut agent = device.start_with(allowing).await;
+    agent.offer("tool", 2, json!([file("/first", "x"), setuid]));
+    agent.offer("shared", 2, json!([setgid_dir, file("/second", "x")]));
+    agent.applied("tool", 2).await;
+    agent.applied("shared", 2).await;
+    let mode = |path: &str| std::fs::metadata(device.root(path)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("/usr/bin/tool"), 0o4755);
+    assert_eq!(mode("/srv/shared"), 0o2770);
+    agent.stop().await;
+
+    // The policy narrowed again: the accepted document stays owned, not run.
+    std::fs::remove_file(device.root("/usr/bin/tool")).unwrap();
+    let mut agent = device.start().await;
+    let tool = agent.until_phase("tool", 2, Phase::Failed).await;
+    assert_eq!(tool.error.unwrap().kind, ErrorKind::PolicyDenied);
+    assert!(!device.root("/usr/bin/tool").exists(), "drift repair ran a document the policy refuses");
+    agent.stop().await;
+}
+
+// Issue 8 §1: a container's bind-mount sources are paths on the device
+// too: the device's allowed paths judge them as they judge a file's path
+// (symlinked parents resolved), or a container could mount what no file
+// Score may touch.
+#[tokio::test]
+async fn a_volume_source_outside_the_allowed_paths_is_refused() {
+    let device = Device::new();
+    std::fs::create_dir_all(device.root("/srv/app")).unwrap();
+    std::fs::create_dir_all(device.root("/etc")).unwrap();
+    std::os::unix::fs::symlink("../../etc", device.root("/srv/app/up")).unwrap();
+    let narrow = |s: &mut ControllerSettings| {
+        s.policy = crate::DevicePolicy { allowed_paths: vec!["/srv/app".into()], ..Default::default() }
+    };
+    let mut agent = device.start_with(narrow).await;
+    let container = |source: &str| {
+        json!({"type": "harmony.podman.container/v1", "name": "c", "image": "localhost/x:y",
+               "volumes": [{"host_path": source, "container_path": "/data"}]})
+    };
+    for (deployment, source, named) in
+        [("etc", "/etc", "path:/etc"), ("linked", "/srv/app/up/shadow", "on the device: /etc/shadow")]
+    {
+        agent.offer(deployment, 1, json!([file("/srv/app/a", "x"), container(source)]));
+        let status = agent.until_phase(deployment, 1, Phase::Rejected).await;
+        let error = status.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::PolicyDenied, "{}", error.message);
+        assert!(error.message.contains(named), "{deployment}: {}", error.message);
+    }
+    assert!(!device.root("/srv/app/a").exists(), "a refused document ran");
     agent.stop().await;
 }
 
@@ -1201,7 +1315,7 @@ async fn an_accepted_document_is_checked_again_before_every_run() {
     let mut agent = device
         .start_with(|s| {
             trusting(s);
-            s.policy = crate::DevicePolicy { allowed_tags: None, allowed_paths: vec!["/etc".into()] };
+            s.policy = crate::DevicePolicy { allowed_paths: vec!["/etc".into()], ..Default::default() };
         })
         .await;
     let web = agent.until_phase("web", 1, Phase::Failed).await;
@@ -1272,5 +1386,193 @@ async fn a_drift_repair_that_holds_does_not_rewrite_the_record() {
             "the record was rewritten ({outcome:?})"
         );
     }
+    agent.stop().await;
+}
+
+mod keysets {
+    use harmony_score_wire::{DocumentSigner, KeySet, TrustedKeys};
+
+    use super::*;
+
+    fn key(n: u8) -> DocumentSigner {
+        DocumentSigner::from_seed([n; 32])
+    }
+
+    const ROOT: u8 = 100;
+
+    /// Trusts key 1 by configuration, and key sets signed by the root.
+    fn rooted(s: &mut ControllerSettings) {
+        s.trust = TrustedKeys::new(vec![key(1).verifying_key()], 1);
+        s.root_keys = TrustedKeys::new(vec![key(ROOT).verifying_key()], 1);
+        s.allow_unsigned = false;
+    }
+
+    fn keyset(version: u64, expires_at: u64, keys: &[u8], signer: u8) -> Vec<u8> {
+        let keys: Vec<_> = keys.iter().map(|n| key(*n).verifying_key()).collect();
+        KeySet::new(version, 0, expires_at, 1, &keys).sign(&[&key(signer)])
+    }
+
+    fn in_a_day() -> u64 {
+        harmony_score_wire::now_ms() / 1000 + 86_400
+    }
+
+    fn has_error(s: &AgentStatus, kind: ErrorKind) -> bool {
+        s.errors.iter().any(|e| e.kind == kind)
+    }
+
+    // Issue 7 §3: rotation without touching devices.
+    #[tokio::test]
+    async fn a_root_signed_key_set_rotates_the_trusted_keys_and_survives_a_restart() {
+        let device = Device::new();
+        let mut agent = device.start_with(rooted).await;
+        agent.offer_bytes("web", key(1).sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+        agent.applied("web", 1).await;
+
+        // Signed by key 2, which nothing trusts yet.
+        agent.offer_bytes("web", key(2).sign(doc("web", 2, json!([file("/srv/web", "v2")]))));
+        let web = agent.until_phase("web", 2, Phase::Rejected).await;
+        assert_eq!(web.error.unwrap().kind, ErrorKind::BadSignature);
+        assert_eq!(read(&device.root("/srv/web")), "v1");
+
+        // The root delegates to key 2: the refused document is offered again
+        // by the agent itself (the source does not send it twice) and applies.
+        assert!(agent.inbox.keyset(keyset(1, in_a_day(), &[2], ROOT)));
+        agent.applied("web", 2).await;
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        assert_eq!(agent.status.borrow().keyset_version, Some(1));
+
+        // Key 1 is no longer trusted, configured or not.
+        agent.offer_bytes("web", key(1).sign(doc("web", 3, json!([file("/srv/web", "v3")]))));
+        let web = agent.until_phase("web", 3, Phase::Rejected).await;
+        assert_eq!(web.error.unwrap().kind, ErrorKind::BadSignature);
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        agent.stop().await;
+
+        // After a restart the persisted key set is in force: the document
+        // signed by key 2 passes its re-check and repairs drift.
+        std::fs::remove_file(device.root("/srv/web")).unwrap();
+        let mut agent = device.start_with(rooted).await;
+        agent.applied("web", 2).await;
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        assert_eq!(agent.status.borrow().keyset_version, Some(1));
+
+        // A key set signed by an online key, not the root, is refused.
+        assert!(agent.inbox.keyset(keyset(5, in_a_day(), &[1], 2)));
+        let s = agent
+            .until("a key set refused for its signature", |s| has_error(s, ErrorKind::BadSignature))
+            .await;
+        assert_eq!(s.keyset_version, Some(1));
+        // An older root-signed one too (rollback of keys).
+        assert!(agent.inbox.keyset(keyset(0, in_a_day(), &[1], ROOT)));
+        let s = agent.until("an older key set refused", |s| has_error(s, ErrorKind::StaleGeneration)).await;
+        assert_eq!(s.keyset_version, Some(1));
+        // The key holding the accepted key set again clears the refusal.
+        assert!(agent.inbox.keyset(keyset(1, in_a_day(), &[2], ROOT)));
+        agent.until("the refusal cleared", |s| s.errors.is_empty()).await;
+        agent.stop().await;
+
+        // A root the device no longer has: the persisted key set is not used.
+        let mut agent = device
+            .start_with(|s| {
+                rooted(s);
+                s.root_keys = TrustedKeys::new(vec![key(101).verifying_key()], 1);
+            })
+            .await;
+        let s =
+            agent.until("the persisted key set refused", |s| has_error(s, ErrorKind::StateUnreadable)).await;
+        assert_eq!(s.keyset_version, None);
+        agent.stop().await;
+    }
+
+    // Issue 7 §3: an expired key set is refused; one that expires refuses
+    // new documents while the last accepted generation keeps running.
+    #[tokio::test]
+    async fn an_expired_key_set_is_refused_and_one_that_expires_stops_new_documents_only() {
+        let device = Device::new();
+        let mut agent = device.start_with(rooted).await;
+        let now = harmony_score_wire::now_ms() / 1000;
+        assert!(agent.inbox.keyset(keyset(1, now - 1, &[2], ROOT)));
+        let s = agent.until("an expired key set refused", |s| has_error(s, ErrorKind::KeysetExpired)).await;
+        assert_eq!(s.keyset_version, None);
+
+        let expires_at = now + 2;
+        assert!(agent.inbox.keyset(keyset(2, expires_at, &[2], ROOT)));
+        agent.until("key set 2 in force", |s| s.keyset_version == Some(2)).await;
+        agent.offer_bytes("web", key(2).sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+        agent.applied("web", 1).await;
+        while harmony_score_wire::now_ms() / 1000 <= expires_at {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        agent.offer_bytes("web", key(2).sign(doc("web", 2, json!([file("/srv/web", "v2")]))));
+        let web = agent.until_phase("web", 2, Phase::Rejected).await;
+        assert_eq!(web.error.unwrap().kind, ErrorKind::KeysetExpired);
+        assert_eq!(web.observed_generation, 1);
+        let s = agent.status.borrow().clone();
+        assert!(has_error(&s, ErrorKind::KeysetExpired), "{:?}", s.errors);
+        // What was accepted under it still runs: drift is repaired.
+        std::fs::remove_file(device.root("/srv/web")).unwrap();
+        let (reply, answer) = oneshot::channel();
+        agent.inbox.command(Command::ReconcileNow { reply });
+        tokio::time::timeout(WAIT, answer).await.unwrap().unwrap();
+        agent.until("drift repaired", |_| device.root("/srv/web").exists()).await;
+        assert_eq!(read(&device.root("/srv/web")), "v1");
+        // A newer key set lifts the freeze, and the refused document applies.
+        assert!(agent.inbox.keyset(keyset(3, in_a_day(), &[2], ROOT)));
+        agent.applied("web", 2).await;
+        assert_eq!(read(&device.root("/srv/web")), "v2");
+        agent.stop().await;
+    }
+}
+
+// Issue 7 (threat model): a delete marker carries no signature, so whoever
+// could write the bucket could prune every device. Where documents must be
+// signed, only a signed document without Scores retires a deployment.
+#[tokio::test]
+async fn where_documents_are_signed_only_a_signed_retirement_prunes() {
+    use harmony_score_wire::{DocumentSigner, TrustedKeys};
+    let device = Device::new();
+    let key = DocumentSigner::from_seed([5; 32]);
+    let signed_only = |s: &mut ControllerSettings| {
+        s.trust = TrustedKeys::new(vec![DocumentSigner::from_seed([5; 32]).verifying_key()], 1);
+        s.allow_unsigned = false;
+    };
+    let mut agent = device.start_with(signed_only).await;
+    agent.offer_bytes("web", key.sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+    agent.applied("web", 1).await;
+
+    // A bare delete: refused, nothing pruned, the generation keeps running.
+    agent.delete("web");
+    let web = agent.until_phase("web", 1, Phase::Rejected).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::UnsignedDelete);
+    assert_eq!(web.observed_generation, 1);
+    assert_eq!(read(&device.root("/srv/web")), "v1");
+
+    // The signed retirement prunes, and reads as the same news again.
+    let retire = key.sign(doc("web", 2, json!([])));
+    agent.offer_bytes("web", retire.clone());
+    agent.until_phase("web", 2, Phase::Pruned).await;
+    assert!(!device.root("/srv/web").exists());
+    agent.offer_bytes("web", retire.clone());
+    agent.delete("web");
+    agent.stop().await;
+
+    // After a restart the retired deployment is gone from status, its old
+    // document is still refused, and a newer one deploys again.
+    let mut agent = device.start_with(signed_only).await;
+    agent.offer_bytes("web", retire);
+    agent.offer_bytes("web", key.sign(doc("web", 1, json!([file("/srv/web", "v1")]))));
+    let web = agent.until_phase("web", 2, Phase::Rejected).await;
+    assert_eq!(web.error.unwrap().kind, ErrorKind::StaleGeneration);
+    assert!(!device.root("/srv/web").exists());
+    agent.offer_bytes("web", key.sign(doc("web", 3, json!([file("/srv/web", "v3")]))));
+    agent.applied("web", 3).await;
+    assert_eq!(read(&device.root("/srv/web")), "v3");
+    agent.stop().await;
+
+    // Where unsigned documents are allowed, a delete prunes as before.
+    let mut agent = device.start().await;
+    agent.delete("web");
+    agent.until_phase("web", 3, Phase::Pruned).await;
+    assert!(!device.root("/srv/web").exists());
     agent.stop().await;
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harmony_score_wire::{registered_scores, AgentStatus, DeploymentName, DeviceInfo, SupportedScore};
-use harmony_topology::{Inventory, LocalDeviceTopology, Maestro, MaestroError};
+use harmony_topology::{Inventory, LocalDeviceTopology, Maestro, MaestroError, Podman};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -78,7 +78,11 @@ pub fn device_info(config: &AgentConfig) -> DeviceInfo {
 /// stops; the whole takes a bounded time.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
-    let maestro = Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(&config.root)).await?;
+    let maestro = Maestro::initialize(
+        Inventory::empty(),
+        LocalDeviceTopology::new(&config.root).with_podman(Podman::new(&config.podman)),
+    )
+    .await?;
     let settings = ControllerSettings {
         device: config.device_id.clone(),
         max_parallel: config.max_parallel,
@@ -90,6 +94,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         policy: config.policy.clone(),
         trust: config.trust.clone(),
         allow_unsigned: config.allow_unsigned,
+        root_keys: config.root_keys.clone(),
     };
     if config.allow_unsigned {
         warn!("allow_unsigned is set: this device runs documents nobody signed");
@@ -154,6 +159,6 @@ fn write_status_file(path: &Path, status: &AgentStatus) {
         .map_err(std::io::Error::other)
         .and_then(|bytes| harmony_topology::local::write_file_atomic(path, &bytes, 0o644));
     if let Err(err) = result {
-        error!(cause = %err, "cannot write local status");
+        error!(cause = %harmony_score_wire::log_text(&err), "cannot write local status");
     }
 }

@@ -54,14 +54,25 @@ pub struct Accepted {
     pub doc: Arc<DesiredState>,
     /// `resource()` of each Score, in order.
     pub resources: Vec<ResourceId>,
+    /// Every path the device's policy judges: the resources, and the paths
+    /// the Scores use besides them ([`DeviceScore::used_paths`]).
+    pub judged_paths: Vec<ResourceId>,
 }
 
 impl Accepted {
     /// Wraps a decoded document.
     pub fn new(doc: DesiredState) -> Self {
-        let resources = doc.scores.iter().map(|s| s.resource()).collect();
-        Self { doc: Arc::new(doc), resources }
+        let resources: Vec<ResourceId> = doc.scores.iter().map(|s| s.resource()).collect();
+        let judged_paths = judged_paths(&doc, &resources);
+        Self { doc: Arc::new(doc), resources, judged_paths }
     }
+}
+
+/// `resources` and the paths `doc`'s Scores use besides them, as the
+/// device's `allowed_paths` judge them.
+pub fn judged_paths(doc: &DesiredState, resources: &[ResourceId]) -> Vec<ResourceId> {
+    let used = doc.scores.iter().flat_map(|s| s.used_paths()).map(|p| ResourceId::path(&p));
+    resources.iter().cloned().chain(used).collect()
 }
 
 /// A run in progress.
@@ -216,7 +227,10 @@ impl Deployment {
         if let Some(hw) = &self.record.high_water {
             let same = digest == hw.digest;
             let current = self.record.document.as_ref().is_some_and(|d| d.digest == digest);
-            if doc.generation == hw.generation && same && current {
+            // The retiring document (no Scores) stays in its key after it
+            // ran: read again, it is the same news, not a replay.
+            let retired = self.record.document.is_none() && doc.scores.is_empty();
+            if doc.generation == hw.generation && same && (current || retired) {
                 return Verdict::Unchanged;
             }
             if doc.generation <= hw.generation {
@@ -263,7 +277,7 @@ impl Deployment {
         } else if let Some(failure) = &self.failure {
             (Phase::Failed, Some(failure.clone()))
         } else if let Some(run) = last_failed {
-            let bad = run.scores.iter().filter(|s| !s.is_ok()).count();
+            let bad = run.scores.iter().filter(|s| !s.is_settled()).count();
             let (kind, message) = if bad == run.prune_failures {
                 (ErrorKind::PruneFailed, format!("{bad} undos of pruned resources failed; retrying"))
             } else {

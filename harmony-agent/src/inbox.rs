@@ -47,6 +47,8 @@ pub enum Item {
     Input(Input),
     /// A command.
     Command(Command),
+    /// The fleet's key set, as read from its key.
+    KeySet(Vec<u8>),
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +57,9 @@ struct Queue {
     /// Deployments with a queued input, oldest first (each once).
     order: VecDeque<DeploymentName>,
     commands: VecDeque<Command>,
+    /// The newest key set read, taken before any document so documents
+    /// queued with it are judged under it.
+    keyset: Option<Vec<u8>>,
     closed: bool,
     /// Inputs replaced before the controller took them, for tests and logs.
     coalesced: u64,
@@ -106,6 +111,21 @@ impl InboxSender {
         true
     }
 
+    /// Queues the fleet's key set as read, replacing one still queued.
+    /// Returns `false` when the controller is gone.
+    pub fn keyset(&self, bytes: Vec<u8>) -> bool {
+        let mut queue = self.0.lock();
+        if queue.closed {
+            return false;
+        }
+        if queue.keyset.replace(bytes).is_some() {
+            queue.coalesced += 1;
+        }
+        drop(queue);
+        self.0.ready.notify_one();
+        true
+    }
+
     /// Queues a command. Returns `false` when the controller is gone.
     pub fn command(&self, command: Command) -> bool {
         let mut queue = self.0.lock();
@@ -120,8 +140,8 @@ impl InboxSender {
 }
 
 impl InboxReceiver {
-    /// The next item: commands first, then inputs in the order their
-    /// deployments were first queued. Waits while the inbox is empty.
+    /// The next item: commands first, then a key set, then inputs in the
+    /// order their deployments were first queued. Waits while the inbox is empty.
     pub async fn recv(&mut self) -> Item {
         loop {
             // Register interest before looking, so a send in between is not missed.
@@ -138,6 +158,9 @@ impl InboxReceiver {
         let mut queue = self.0.lock();
         if let Some(command) = queue.commands.pop_front() {
             return Some(Item::Command(command));
+        }
+        if let Some(bytes) = queue.keyset.take() {
+            return Some(Item::KeySet(bytes));
         }
         let name = queue.order.pop_front()?;
         queue.inputs.remove(&name).map(Item::Input)

@@ -17,7 +17,7 @@ mod runner;
 mod source;
 mod store;
 
-pub use apply::{run_scores, ApplyReport};
+pub use apply::{policy_refusal, run_scores, ApplyReport};
 pub use config::{
     load_trusted_keys, AgentConfig, ConfigError, ConfigLayer, DevicePolicy, PolicyLayer, Source,
 };

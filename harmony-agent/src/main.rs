@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Runs one desired-state document (CBOR, or JSON when it ends in .json) now.
     ///
-    /// Exit status: 0 when every Score is SUCCESS or NOOP, 1 when any failed,
+    /// Exit status: 0 when no Score failed (each is SUCCESS, NOOP or BLOCKED), 1 when any failed,
     /// 2 when the document is rejected (nothing is applied then).
     Apply {
         /// The document.
@@ -33,6 +33,11 @@ enum Command {
         /// Require the document to be for this device.
         #[arg(long)]
         device_id: Option<String>,
+        /// Apply the `[policy]` table of this agent configuration file (its
+        /// other settings are not read). Without it: every registered tag,
+        /// any path, no privileges (no setuid, no privileged containers).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
     /// Lists the Score tags this agent runs: tag, version, summary.
     Scores,
@@ -61,6 +66,9 @@ struct RunArgs {
     /// Directory every Score path is resolved under (default /).
     #[arg(long)]
     root: Option<PathBuf>,
+    /// The podman binary container Scores run (default `podman` from PATH).
+    #[arg(long)]
+    podman: Option<PathBuf>,
     /// Seconds between full re-reads and drift repair (default 60).
     #[arg(long)]
     resync: Option<u64>,
@@ -85,6 +93,9 @@ struct RunArgs {
     /// Accept unsigned documents (logs a warning at every start).
     #[arg(long)]
     allow_unsigned: bool,
+    /// A root public key file whose key sets this device accepts; repeatable.
+    #[arg(long = "root-key")]
+    root_keys: Vec<PathBuf>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -98,7 +109,9 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Apply { doc, root, trusted_keys, device_id } => apply(doc, root, &trusted_keys, device_id),
+        Command::Apply { doc, root, trusted_keys, device_id, policy } => {
+            apply(doc, root, &trusted_keys, device_id, policy.as_deref())
+        }
         Command::Run(args) => run(*args),
         Command::Scores => {
             for reg in registered_scores() {
@@ -132,10 +145,24 @@ fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Option<String>) -> ExitCode {
+fn apply(
+    path: PathBuf,
+    root: PathBuf,
+    trusted_keys: &[PathBuf],
+    device_id: Option<String>,
+    policy: Option<&std::path::Path>,
+) -> ExitCode {
     let refuse = |message: String| {
-        eprintln!("harmony-agent: {}: rejected: {message}", path.display());
+        // The message may quote the document (an unknown tag): one escaped line.
+        eprintln!("harmony-agent: {}: rejected: {}", path.display(), cli_text(&message));
         ExitCode::from(2)
+    };
+    let policy = match policy.map(harmony_agent::DevicePolicy::from_config_file).transpose() {
+        Ok(policy) => policy.unwrap_or_default(),
+        Err(err) => {
+            eprintln!("harmony-agent: {err}");
+            return ExitCode::from(2);
+        }
     };
     // Read once, bounded; what is verified is what is decoded.
     let limits = DecodeLimits::default();
@@ -189,11 +216,20 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
             return refuse(format!("expired: at {expires_at} (seconds since the epoch)"));
         }
     }
+    // HARMONY_PODMAN names another podman binary, as for the daemon's `podman` setting.
+    let topology = match std::env::var_os("HARMONY_PODMAN") {
+        Some(podman) => LocalDeviceTopology::new(root).with_podman(harmony_topology::Podman::new(podman)),
+        None => LocalDeviceTopology::new(root),
+    };
+    // The daemon's policy decision, before anything of the document runs.
+    if let Some(message) = harmony_agent::policy_refusal(&topology, &policy, &doc) {
+        return refuse(format!("policy_denied: {message}"));
+    }
     block_on(async {
-        let maestro = match Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(root)).await {
+        let maestro = match Maestro::initialize(Inventory::empty(), topology).await {
             Ok(m) => m,
             Err(err) => {
-                eprintln!("harmony-agent: {}", error_chain(&err));
+                eprintln!("harmony-agent: {}", cli_text(&error_chain(&err)));
                 return ExitCode::FAILURE;
             }
         };
@@ -207,6 +243,11 @@ fn apply(path: PathBuf, root: PathBuf, trusted_keys: &[PathBuf], device_id: Opti
             ExitCode::FAILURE
         }
     })
+}
+
+/// `text` as one line for stderr: control characters escaped, at most 8 KiB.
+fn cli_text(text: &str) -> String {
+    harmony_score_wire::bounded_text(text, 8 * 1024)
 }
 
 /// `outer: cause: root cause`, for one line on stderr.
@@ -238,6 +279,7 @@ fn run(args: RunArgs) -> ExitCode {
         creds: args.creds,
         state_dir: args.state_dir,
         root: args.root,
+        podman: args.podman,
         resync_secs: args.resync,
         heartbeat_secs: args.heartbeat,
         source: args.source,
@@ -246,6 +288,7 @@ fn run(args: RunArgs) -> ExitCode {
         interpret_timeout_secs: args.interpret_timeout,
         trusted_keys: (!args.trusted_keys.is_empty()).then_some(args.trusted_keys),
         allow_unsigned: args.allow_unsigned.then_some(true),
+        root_keys: (!args.root_keys.is_empty()).then_some(args.root_keys),
         ..Default::default()
     };
     let config = match file.overridden_by(flags).resolve() {
@@ -259,7 +302,7 @@ fn run(args: RunArgs) -> ExitCode {
         match harmony_agent::run(config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("harmony-agent: {}", error_chain(&err));
+                eprintln!("harmony-agent: {}", cli_text(&error_chain(&err)));
                 ExitCode::FAILURE
             }
         }

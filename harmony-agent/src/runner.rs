@@ -86,9 +86,10 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    /// Every Score and undo held and the run was not cut short.
+    /// No Score or undo failed (each held, or is BLOCKED: see
+    /// [`ScoreStatus::is_settled`]) and the run was not cut short.
     pub fn all_ok(&self) -> bool {
-        !self.cancelled && self.prune_failures == 0 && self.scores.iter().all(ScoreStatus::is_ok)
+        !self.cancelled && self.prune_failures == 0 && self.scores.iter().all(ScoreStatus::is_settled)
     }
 }
 
@@ -145,7 +146,10 @@ pub async fn execute(
         let mut status =
             run_score(&maestro, item.undo.as_ref(), timeouts.for_score(item.undo.as_ref()), &signal).await;
         status.message = format!("pruned: {}", status.message);
-        if status.is_ok() {
+        // A blocked undo lets the resource go too: the device cannot act
+        // on it (a package off the host's root), and holding it would keep
+        // the deployment from ever being pruned.
+        if status.is_settled() {
             result.pruned.push(item.resource.clone());
         } else {
             result.prune_failures += 1;

@@ -139,6 +139,8 @@ pub type LoadedRecord = (DeploymentName, Result<DeploymentRecord, StoreError>);
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// `<state_dir>/keyset`: the key set the device accepted last.
+    keyset_path: PathBuf,
     /// Held open for the lock; released when the store is dropped.
     _lock: File,
     /// The state directory, locked as well (the lock file may be deleted).
@@ -177,7 +179,7 @@ impl Store {
                 }
             }
         }
-        Ok(Self { dir, _lock: lock, _dir_lock: dir_lock })
+        Ok(Self { dir, keyset_path: state_dir.join("keyset"), _lock: lock, _dir_lock: dir_lock })
     }
 
     fn path(&self, name: &DeploymentName) -> PathBuf {
@@ -239,7 +241,7 @@ impl Store {
         kept_as.push(format!(".unreadable-{}", now_ms()));
         let kept_as = PathBuf::from(kept_as);
         if let Err(err) = std::fs::rename(path, &kept_as) {
-            warn!(path = %path.display(), cause = %err, "cannot move an unreadable record aside");
+            warn!(path = %harmony_score_wire::log_text(path.display()), cause = %harmony_score_wire::log_text(&err), "cannot move an unreadable record aside");
         }
         StoreError::CorruptRecord { path: path.to_owned(), message, kept_as }
     }
@@ -266,6 +268,29 @@ impl Store {
         let envelope = Envelope { format: RECORD_FORMAT, checksum: document_digest(&payload), payload };
         write_file_atomic(&path, &to_cbor(&envelope), 0o600)
             .map_err(|source| StoreError::IoFailed { path, source })
+    }
+
+    /// The accepted key set's bytes as received (root-signed: whoever reads
+    /// them checks the signature again), or `None` when there is none.
+    pub fn load_keyset(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = &self.keyset_path;
+        if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(StoreError::IoFailed {
+                path: path.clone(),
+                source: std::io::Error::other("not a regular file"),
+            });
+        }
+        match read_bounded(path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::IoFailed { path: path.clone(), source }),
+        }
+    }
+
+    /// Replaces the accepted key set atomically.
+    pub fn save_keyset(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        write_file_atomic(&self.keyset_path, bytes, 0o644)
+            .map_err(|source| StoreError::IoFailed { path: self.keyset_path.clone(), source })
     }
 
     /// The folder records live in.

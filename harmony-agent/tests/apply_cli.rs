@@ -281,3 +281,85 @@ fn apply_with_a_trusted_key_runs_the_daemons_checks() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(std::fs::read_to_string(root.path().join("etc/motd")).unwrap(), "signed\n");
 }
+
+// Issue 7 §5: `apply` judges a document by the device policy as the daemon
+// does: by default no setuid; `--policy FILE` reads an agent
+// configuration's `[policy]`, its privileges, tags and paths.
+#[test]
+fn apply_refuses_what_the_device_policy_refuses() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    let setuid = write_doc(
+        work.path(),
+        "setuid.cbor",
+        &doc(json!([
+            {"type": "harmony.file/v1", "path": "/etc/ok", "content": "x"},
+            {"type": "harmony.file/v1", "path": "/usr/bin/tool", "content": "#!", "mode": 0o4755},
+        ])),
+    );
+    let (code, _, stderr) = apply(&setuid, root.path());
+    assert_eq!(code, 2, "{stderr}");
+    for part in ["policy_denied", "score #1 (harmony.file/v1)", "setuid_mode"] {
+        assert!(stderr.contains(part), "{part:?} missing: {stderr}");
+    }
+    assert!(tree(root.path()).is_empty(), "nothing of a refused document runs: {:?}", tree(root.path()));
+
+    let policy = |text: &str| {
+        let path = work.path().join("agent.toml");
+        std::fs::write(&path, format!("device_id = \"dev-1\"\nstate_dir = \"/unused\"\n[policy]\n{text}\n"))
+            .unwrap();
+        path
+    };
+    let allowing = policy("allow_setuid = true");
+    let out = agent(&[
+        "apply",
+        setuid.to_str().unwrap(),
+        "--root",
+        root_arg,
+        "--policy",
+        allowing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let tool = root.path().join("usr/bin/tool");
+    assert_eq!(std::fs::metadata(&tool).unwrap().permissions().mode() & 0o7777, 0o4755);
+
+    std::fs::remove_file(&tool).unwrap();
+    for (text, part) in [
+        ("allow_setuid = true\nallowed_paths = [\"/usr\"]", "outside this device's allowed paths"),
+        ("allow_setuid = true\nallowed_tags = [\"harmony.directory/v1\"]", "is not allowed"),
+    ] {
+        let narrow = policy(text);
+        let out = agent(&[
+            "apply",
+            setuid.to_str().unwrap(),
+            "--root",
+            root_arg,
+            "--policy",
+            narrow.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.contains("policy_denied") && stderr.contains(part), "{text}: {stderr}");
+        assert!(!tool.exists(), "{text}: the refused document ran");
+    }
+    let broken = policy("allow_setuid = maybe");
+    let out =
+        agent(&["apply", setuid.to_str().unwrap(), "--root", root_arg, "--policy", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "an unreadable policy refuses");
+}
+
+// Issue 7 §2: an unknown tag is echoed in the refusal; a newline or an
+// escape in it must not reach the terminal raw.
+#[test]
+fn a_refusal_quoting_the_document_is_one_escaped_line() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let path = work.path().join("evil.json");
+    let value = doc(json!([{"type": "evil\n2026-01-01 INFO forged\u{1b}[31m", "path": "/x"}]));
+    std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+    let (code, _, stderr) = apply(&path, root.path());
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(!stderr.contains('\u{1b}') && stderr.contains("evil\\n2026"), "{stderr:?}");
+}

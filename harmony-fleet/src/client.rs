@@ -13,7 +13,7 @@ use harmony_score_wire::names::{
     command_subject, hint_republish_destination, hint_republish_source, redact_userinfo, status_key,
     AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
 };
-use harmony_score_wire::{from_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo};
+use harmony_score_wire::{bounded_text, from_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
@@ -93,6 +93,17 @@ impl FleetClient {
     /// Connects to any of `urls` (tried in random order), with a NATS
     /// credentials file when given. Fails fast when no server answers.
     pub async fn connect(urls: &[String], creds: Option<&Path>) -> Result<Self, FleetError> {
+        Self::connect_with_inbox_prefix(urls, creds, None).await
+    }
+
+    /// [`connect`](Self::connect), with replies to this client's requests
+    /// under `inbox_prefix` instead of `_INBOX` (a principal confined to its
+    /// own inbox: `_INBOX_monitor`, `_INBOX.commander`; see `nats_config`).
+    pub async fn connect_with_inbox_prefix(
+        urls: &[String],
+        creds: Option<&Path>,
+        inbox_prefix: Option<&str>,
+    ) -> Result<Self, FleetError> {
         let options = match creds {
             Some(path) => ConnectOptions::with_credentials_file(path)
                 .await
@@ -106,6 +117,15 @@ impl FleetClient {
         if urls.is_empty() {
             return Err(connect_failed("no NATS URL given".into()));
         }
+        let options = match inbox_prefix {
+            Some(prefix) if !valid_inbox_prefix(prefix) => {
+                return Err(connect_failed(
+                    format!("inbox prefix {:?} is not a subject prefix", bounded_text(prefix, 64)).into(),
+                ))
+            }
+            Some(prefix) => options.custom_inbox_prefix(prefix),
+            None => options,
+        };
         // Credentials leave the URLs and go through the auth options: a
         // URL with a password reaches async-nats' logs, and 0.51 does not
         // even send it.
@@ -291,12 +311,21 @@ impl FleetClient {
 
     /// The last status of every device that reported, sorted by device id. A
     /// status that cannot be decoded is skipped with a warning.
+    ///
+    /// Keys are listed from the stream's info (its subjects), not with a
+    /// consumer: no consumer per listing against the stream's budget, and a
+    /// read-only principal (the generated `monitor`) may list too.
     pub async fn list_statuses(&self) -> Result<Vec<AgentStatus>, FleetError> {
         let store = &self.buckets().await?.status;
+        let subject_prefix = format!("$KV.{AGENT_STATUS_BUCKET}.");
         let keys: Vec<String> = store
-            .keys()
+            .stream
+            .info_with_subjects(format!("{subject_prefix}>"))
             .await
             .map_err(|e| FleetError::nats("list status keys", e))?
+            .try_filter_map(|(subject, _)| {
+                std::future::ready(Ok(subject.strip_prefix(&subject_prefix).map(str::to_owned)))
+            })
             .try_collect()
             .await
             .map_err(|e| FleetError::nats("list status keys", e))?;
@@ -304,7 +333,7 @@ impl FleetClient {
             match read_status(store, &key).await {
                 Ok(found) => found.map(|(status, _)| status),
                 Err(err) => {
-                    warn!(key = %key, cause = %err, "skipping unreadable status");
+                    warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(&err), "skipping unreadable status");
                     None
                 }
             }
@@ -364,6 +393,14 @@ impl FleetClient {
     }
 }
 
+/// Whether `prefix` can start inbox subjects: tokens of subject
+/// characters, no wildcard, no empty token.
+fn valid_inbox_prefix(prefix: &str) -> bool {
+    prefix.split('.').all(|token| {
+        !token.is_empty() && token.chars().all(|c| c.is_ascii_graphic() && !matches!(c, '*' | '>'))
+    })
+}
+
 /// Reads and decodes one status key; deleted or missing → `None`.
 ///
 /// The device's identity is the key, never the value: a device may write
@@ -371,7 +408,7 @@ impl FleetClient {
 /// another device's id.
 async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus, u64)>, FleetError> {
     let Ok(device) = DeviceId::new(key) else {
-        warn!(key = %harmony_score_wire::bounded_text(key, 80), "status key is not a device id; skipped");
+        warn!(key = %harmony_score_wire::log_text(key), "status key is not a device id; skipped");
         return Ok(None);
     };
     let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read status {key}"), e))?;

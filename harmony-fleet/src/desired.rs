@@ -106,9 +106,9 @@ struct DocHeader {
 
 /// A key's latest entry: its revision (0: never written) and, for a live
 /// value, the value.
-struct Latest {
-    revision: u64,
-    value: Option<bytes::Bytes>,
+pub(crate) struct Latest {
+    pub(crate) revision: u64,
+    pub(crate) value: Option<bytes::Bytes>,
 }
 
 impl FleetClient {
@@ -184,7 +184,7 @@ impl FleetClient {
             // A stored value that is not a document must not block replacing it.
             let header = latest.value.as_ref().and_then(|value| {
                 decode_header(&key, value)
-                    .inspect_err(|err| warn!(key = %key, cause = %error_chain(err), "replacing an undecodable document"))
+                    .inspect_err(|err| warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(error_chain(err)), "replacing an undecodable document"))
                     .ok()
             });
             if let (true, None, Some(header), Some(value)) = (skip_unchanged, wanted, &header, &latest.value)
@@ -264,13 +264,30 @@ impl FleetClient {
         Err(lost(key))
     }
 
-    /// Deletes a deployment: its key gets a delete marker (the device prunes
+    /// Deletes a deployment. Returns whether the key held a value.
+    ///
+    /// A client that signs ([`FleetClient::with_signer`]) *retires* it: it
+    /// writes a signed document without Scores at the next generation, which
+    /// the device runs (pruning everything the deployment owned) and then
+    /// reports as pruned; the key keeps that document. A device that
+    /// requires signatures prunes only on such a document, never on a bare
+    /// delete marker, which anyone able to write the bucket could set.
+    ///
+    /// Without a signer, the key gets a delete marker (the device prunes
     /// what it owned), then the index moves it from its deployments to its
     /// tombstones (`deleted`, with the last generation), so that a later
-    /// deploy continues the numbering. Returns whether the key held a value.
+    /// deploy continues the numbering.
     pub async fn delete(&self, device: &DeviceId, deployment: &DeploymentName) -> Result<bool, FleetError> {
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(device, deployment);
+        if self.signer.is_some() {
+            if read_latest(store, &key).await?.value.is_none() {
+                return Ok(false);
+            }
+            let retire = DeployRequest::new(device.clone(), deployment.clone(), Vec::new()).force(true);
+            self.deploy(retire).await?;
+            return Ok(true);
+        }
         let mut deleted = None;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             let latest = read_latest(store, &key).await?;
@@ -378,7 +395,7 @@ enum Deleted {
 
 /// The latest entry of `key`, delete and purge markers included (their
 /// revision is what the next compare-and-set write must name).
-async fn read_latest(store: &kv::Store, key: &str) -> Result<Latest, FleetError> {
+pub(crate) async fn read_latest(store: &kv::Store, key: &str) -> Result<Latest, FleetError> {
     let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read {key}"), e))?;
     Ok(match entry {
         None => Latest { revision: 0, value: None },
@@ -391,7 +408,12 @@ async fn read_latest(store: &kv::Store, key: &str) -> Result<Latest, FleetError>
 
 /// Writes `value` if the key's last revision is still `revision` (0: the key
 /// has no message at all); `false` when another writer came first.
-async fn cas_write(store: &kv::Store, key: &str, value: Vec<u8>, revision: u64) -> Result<bool, FleetError> {
+pub(crate) async fn cas_write(
+    store: &kv::Store,
+    key: &str,
+    value: Vec<u8>,
+    revision: u64,
+) -> Result<bool, FleetError> {
     match store.update(key, value.into(), revision).await {
         Ok(_) => Ok(true),
         Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),

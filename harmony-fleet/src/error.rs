@@ -83,6 +83,12 @@ pub enum FleetError {
         #[source]
         source: harmony_score_wire::DecodeError,
     },
+    /// Not a key set the fleet's devices could accept; nothing was written.
+    #[error("invalid key set: {message}")]
+    InvalidKeySet {
+        /// What is wrong with it.
+        message: String,
+    },
     /// A compare-and-set write lost to concurrent writers too many times.
     #[error("conflict on {key}: {reason}")]
     Conflict {
@@ -184,7 +190,7 @@ fn describe_failure(status: &DeploymentStatus) -> String {
     let failed: Vec<_> = status
         .scores
         .iter()
-        .filter(|s| !s.is_ok())
+        .filter(|s| !s.is_settled())
         .map(|s| bounded_text(&s.name, MAX_MESSAGE_BYTES))
         .collect();
     if !failed.is_empty() {

@@ -9,6 +9,7 @@
 mod client;
 mod desired;
 mod error;
+mod keyset;
 pub mod nats_config;
 pub mod report;
 mod score;
@@ -18,6 +19,7 @@ mod wait;
 pub use client::{BucketAction, BucketReport, FleetClient, DESIRED_STATE_HISTORY};
 pub use desired::{DeployRequest, Deployed};
 pub use error::{error_chain, FleetError, NatsError};
+pub use keyset::read_keyset;
 pub use score::{DeviceDeploymentInterpret, DeviceDeploymentScore};
 pub use topology::{DeviceFleet, FleetTopology};
 pub use wait::{generation_progress, is_pruned, Progress};

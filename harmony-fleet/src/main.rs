@@ -26,6 +26,10 @@ struct Cli {
     /// Sign documents with this key (`harmony.key` from `keygen`) [default: $HARMONY_SIGN_KEY].
     #[arg(long, global = true, value_name = "FILE")]
     sign_key: Option<PathBuf>,
+    /// Inbox prefix for replies (a generated monitor or commander must use
+    /// its own) [default: $HARMONY_INBOX_PREFIX, else _INBOX].
+    #[arg(long, global = true, value_name = "PREFIX")]
+    inbox_prefix: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,12 +101,26 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Key sets: the online signing keys, signed by the offline root key.
+    Keyset {
+        #[command(subcommand)]
+        action: KeysetCommand,
+    },
     /// Writes a nats-server configuration with one user per device and an
-    /// operator, and each principal's connection settings (files 0600).
+    /// operator (and optionally a monitor and a commander), and each
+    /// principal's connection settings (files 0600).
     NatsConfig {
         /// Device ids, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         devices: Vec<DeviceId>,
+        /// Also a read-only `monitor` user (`monitor.env`): reads statuses,
+        /// desired state, heartbeats and device info; writes nothing.
+        #[arg(long)]
+        monitor: bool,
+        /// Also a command-only `commander` user (`commander.env`): sends
+        /// device commands (ping, reconcile); reads no bucket.
+        #[arg(long)]
+        commander: bool,
         /// The folder to write into (created).
         #[arg(long)]
         out: PathBuf,
@@ -110,6 +128,19 @@ enum Command {
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysetCommand {
+    /// Signs a key set with the root key(s), offline: writes the signed key set to --out.
+    Sign(cli::KeysetSignArgs),
+    /// Publishes a signed key set to every device (its version must be above the fleet's).
+    Publish {
+        /// The signed key set (from `keyset sign`).
+        file: PathBuf,
+    },
+    /// Prints the key set the fleet holds, as JSON.
+    Show,
 }
 
 fn main() -> ExitCode {
@@ -120,14 +151,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Encode { doc, output } => cli::encode_file(&doc, output.as_deref(), sign_key.as_deref()),
         Command::Keygen { out } => cli::keygen(&out),
+        Command::Keyset { action: KeysetCommand::Sign(args) } => cli::keyset_sign(&args),
         Command::Inspect { doc } => cli::inspect_file(&doc),
-        Command::NatsConfig { devices, out, url } => cli::nats_config(&devices, &out, &url),
-        command => run_online(command, connection(cli.nats, cli.creds, sign_key)),
+        Command::NatsConfig { devices, out, url, monitor, commander } => {
+            cli::nats_config(&devices, &out, &url, harmony_fleet::nats_config::Roles { monitor, commander })
+        }
+        command => run_online(command, connection(cli.nats, cli.creds, sign_key, cli.inbox_prefix)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("harmony-fleet: {}", describe(&err));
+            // Errors may quote what devices wrote: one escaped line.
+            eprintln!("harmony-fleet: {}", harmony_score_wire::bounded_text(&describe(&err), 8 * 1024));
             ExitCode::from(exit_code(&err))
         }
     }
@@ -144,6 +179,7 @@ fn exit_code(err: &CliError) -> u8 {
             | FleetError::NoDeviceInfo { .. }
             | FleetError::StaleGeneration { .. }
             | FleetError::GenerationExhausted { .. }
+            | FleetError::InvalidKeySet { .. }
             | FleetError::EncodeFailed(_),
         ) => 2,
         CliError::Fleet(_) | CliError::Failed(_) => 1,
@@ -157,10 +193,18 @@ fn describe(err: &CliError) -> String {
     }
 }
 
-fn connection(nats: Option<String>, creds: Option<PathBuf>, sign_key: Option<PathBuf>) -> Connection {
+fn connection(
+    nats: Option<String>,
+    creds: Option<PathBuf>,
+    sign_key: Option<PathBuf>,
+    inbox_prefix: Option<String>,
+) -> Connection {
     let urls = nats.or_else(|| std::env::var("HARMONY_NATS").ok()).unwrap_or_else(|| DEFAULT_NATS.to_owned());
     let urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
-    Connection { urls, creds, sign_key }
+    let inbox_prefix = inbox_prefix
+        .or_else(|| std::env::var("HARMONY_INBOX_PREFIX").ok())
+        .filter(|prefix| !prefix.is_empty());
+    Connection { urls, creds, sign_key, inbox_prefix }
 }
 
 fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
@@ -181,6 +225,11 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
                 cli::command(&conn, &device, "reconcile", secs(timeout)).await
             }
             Command::Init => cli::init(&conn).await,
+            Command::Keyset { action: KeysetCommand::Publish { file } } => {
+                cli::keyset_publish(&conn, &file).await
+            }
+            Command::Keyset { action: KeysetCommand::Show } => cli::keyset_show(&conn).await,
+            Command::Keyset { action: KeysetCommand::Sign(_) } => unreachable!("handled offline"),
             Command::Encode { .. }
             | Command::Inspect { .. }
             | Command::NatsConfig { .. }

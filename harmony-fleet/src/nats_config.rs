@@ -1,20 +1,43 @@
-//! Generated per-device NATS authorization: a nats-server configuration with one user per device and one operator.
+//! Generated per-device NATS authorization: a nats-server configuration with one user per device, an operator, and optionally a read-only monitor and a command-only role.
 //!
 //! Each device may read only its own keys (hints and direct gets), write
 //! only its own status key, publish only its own info and heartbeat, and
 //! answer its own commands. It cannot write desired state (not even its
 //! own), list keys, create consumers or see another device's hints. See
 //! `../shared/NATS-SECURITY.md` for why each line is there.
+//!
+//! The monitor reads (statuses, desired state, stream info, heartbeats,
+//! device info, hints) and writes nothing. The commander sends
+//! `device-commands.<id>.<verb>` requests and reads their replies, nothing
+//! else. Neither may answer anything (`allow_responses` is the device's
+//! alone).
 
 use std::io::Read;
 
-use harmony_score_wire::names::{hint_subjects, inbox_prefix, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
+use harmony_score_wire::names::{
+    hint_subjects, inbox_prefix, keyset_hint_subject, AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX,
+    DESIRED_STATE_BUCKET, HINT_PREFIX, KEYSET_KEY,
+};
 use harmony_score_wire::DeviceId;
+
+/// The user name of the operator.
+pub const OPERATOR_USER: &str = "operator";
+/// The user name of the read-only monitor.
+pub const MONITOR_USER: &str = "monitor";
+/// The user name of the command-only role.
+pub const COMMANDER_USER: &str = "commander";
+/// User names no device may take: a device named `monitor` would also share
+/// the monitor's inbox prefix (`_INBOX_monitor`).
+pub const RESERVED_USERS: [&str; 3] = [OPERATOR_USER, MONITOR_USER, COMMANDER_USER];
+
+/// The monitor's inbox prefix. Not under the devices' trusted prefix
+/// (`_INBOX.`): a monitor sends no commands, so no device ever answers it.
+pub const MONITOR_INBOX_PREFIX: &str = "_INBOX_monitor";
 
 /// One principal's credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The NATS user name (the device id, or `operator`).
+    /// The NATS user name (the device id, `operator`, `monitor` or `commander`).
     pub user: String,
     /// Its password (48 hex digits from the OS's random source).
     pub password: String,
@@ -47,6 +70,21 @@ pub struct NatsAuthConfig {
     pub operator: Principal,
     /// One per device, in the order given.
     pub devices: Vec<(DeviceId, Principal)>,
+    /// The read-only monitor, when asked for (connects with the inbox
+    /// prefix [`MONITOR_INBOX_PREFIX`]).
+    pub monitor: Option<Principal>,
+    /// The command-only role, when asked for (connects with the inbox
+    /// prefix [`COMMANDER_INBOX_PREFIX`]).
+    pub commander: Option<Principal>,
+}
+
+/// Which optional principals to generate besides the operator and the devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// A read-only `monitor` user.
+    pub monitor: bool,
+    /// A command-only `commander` user.
+    pub commander: bool,
 }
 
 impl std::fmt::Debug for NatsAuthConfig {
@@ -54,25 +92,41 @@ impl std::fmt::Debug for NatsAuthConfig {
         f.debug_struct("NatsAuthConfig")
             .field("operator", &self.operator)
             .field("devices", &self.devices)
+            .field("monitor", &self.monitor)
+            .field("commander", &self.commander)
             .finish_non_exhaustive()
     }
 }
 
 /// Generates the configuration for `devices` and an operator, with fresh passwords.
 pub fn generate(devices: &[DeviceId]) -> std::io::Result<NatsAuthConfig> {
-    let operator = Principal { user: "operator".into(), password: random_password()? };
+    generate_with(devices, Roles::default())
+}
+
+/// Generates the configuration for `devices`, an operator and the optional
+/// `roles`, with fresh passwords. Device ids must not be [`RESERVED_USERS`].
+pub fn generate_with(devices: &[DeviceId], roles: Roles) -> std::io::Result<NatsAuthConfig> {
+    let principal =
+        |user: &str| Ok::<_, std::io::Error>(Principal { user: user.into(), password: random_password()? });
+    let operator = principal(OPERATOR_USER)?;
     let devices = devices
         .iter()
-        .map(|d| Ok((d.clone(), Principal { user: d.to_string(), password: random_password()? })))
+        .map(|d| Ok((d.clone(), principal(d.as_str())?)))
         .collect::<std::io::Result<Vec<_>>>()?;
-    let mut users = vec![format!("{{ user: \"operator\", password: \"{}\" }}", operator.password)];
+    let monitor = roles.monitor.then(|| principal(MONITOR_USER)).transpose()?;
+    let commander = roles.commander.then(|| principal(COMMANDER_USER)).transpose()?;
+    let mut users = vec![format!("{{ user: \"{OPERATOR_USER}\", password: \"{}\" }}", operator.password)];
     users.extend(devices.iter().map(|(id, p)| device_user(id, &p.password)));
+    users.extend(monitor.iter().map(|p| monitor_user(&p.password)));
+    users.extend(commander.iter().map(|p| commander_user(&p.password)));
     let server_conf = format!(
-        "# Generated by harmony-fleet nats-config: one user per device, one operator.\n\
+        "# Generated by harmony-fleet nats-config: one user per device, one operator{}{}.\n\
          accounts {{\n  FLEET {{\n    jetstream: enabled\n    users: [\n      {}\n    ]\n  }}\n}}\n",
+        if monitor.is_some() { ", a read-only monitor" } else { "" },
+        if commander.is_some() { ", a command-only commander" } else { "" },
         users.join(",\n      ")
     );
-    Ok(NatsAuthConfig { server_conf, operator, devices })
+    Ok(NatsAuthConfig { server_conf, operator, devices, monitor, commander })
 }
 
 /// The user block of one device: exactly what its agent needs.
@@ -83,6 +137,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
         r#"{{ user: "{id}", password: "{password}", permissions: {{
         publish: {{ allow: [
           "$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_STATE_BUCKET}.{id}.>",
+          "$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_STATE_BUCKET}.{KEYSET_KEY}",
           "$JS.API.DIRECT.GET.{status}.$KV.{AGENT_STATUS_BUCKET}.{id}",
           "$KV.{AGENT_STATUS_BUCKET}.{id}",
           "harmony.heartbeat.{id}",
@@ -90,6 +145,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
         ] }},
         subscribe: {{ allow: [
           "{hints}",
+          "{keyset_hint}",
           "{inbox}.>",
           "device-commands.{id}.>"
         ] }},
@@ -97,6 +153,45 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
       }} }}"#,
         hints = hint_subjects(id),
         inbox = inbox_prefix(id),
+        keyset_hint = keyset_hint_subject(),
+    )
+}
+
+/// The user block of the read-only monitor: stream info and direct gets of
+/// both buckets (every key, no consumer), and subscriptions to heartbeats,
+/// device info and hints. No KV or stream write, no consumer, no command,
+/// no response.
+pub fn monitor_user(password: &str) -> String {
+    let desired = format!("KV_{DESIRED_STATE_BUCKET}");
+    let status = format!("KV_{AGENT_STATUS_BUCKET}");
+    format!(
+        r#"{{ user: "{MONITOR_USER}", password: "{password}", permissions: {{
+        publish: {{ allow: [
+          "$JS.API.STREAM.INFO.{desired}",
+          "$JS.API.STREAM.INFO.{status}",
+          "$JS.API.DIRECT.GET.{desired}.>",
+          "$JS.API.DIRECT.GET.{status}.>"
+        ] }},
+        subscribe: {{ allow: [
+          "{MONITOR_INBOX_PREFIX}.>",
+          "harmony.heartbeat.*",
+          "harmony.info.*",
+          "{HINT_PREFIX}.>"
+        ] }}
+      }} }}"#
+    )
+}
+
+/// The user block of the command-only role: requests on
+/// `device-commands.<id>.<verb>` and their replies under its own inbox
+/// prefix, which devices answer (it lies beneath their trusted prefix) and
+/// no one else's inbox shares. Nothing of either bucket.
+pub fn commander_user(password: &str) -> String {
+    format!(
+        r#"{{ user: "{COMMANDER_USER}", password: "{password}", permissions: {{
+        publish: {{ allow: [ "device-commands.*.*" ] }},
+        subscribe: {{ allow: [ "{COMMANDER_INBOX_PREFIX}.>" ] }}
+      }} }}"#
     )
 }
 
@@ -120,10 +215,39 @@ mod tests {
         assert!(config.server_conf.contains("\"harmony.hint.dev-1.>\""));
         assert!(config.server_conf.contains("\"_INBOX_dev-2.>\""));
         assert!(!format!("{config:?}").contains(&config.operator.password), "Debug hides passwords");
+        assert!(config.monitor.is_none() && config.commander.is_none());
+        assert!(!config.server_conf.contains("monitor") && !config.server_conf.contains("commander"));
         assert!(config.operator.url("tls://h:4222").starts_with("tls://operator:"), "the scheme is kept");
         assert_eq!(
             config.devices[0].1.url("127.0.0.1:4222"),
             format!("nats://dev-1:{}@127.0.0.1:4222", config.devices[0].1.password)
         );
+    }
+
+    #[test]
+    fn roles_get_their_own_users_and_inboxes() {
+        let devices = [DeviceId::new("dev-1").unwrap()];
+        let config = generate_with(&devices, Roles { monitor: true, commander: true }).unwrap();
+        let (monitor, commander) = (config.monitor.clone().unwrap(), config.commander.clone().unwrap());
+        assert_eq!((monitor.user.as_str(), commander.user.as_str()), ("monitor", "commander"));
+        assert_ne!(monitor.password, commander.password);
+        assert!(config.server_conf.contains(&format!("password: \"{}\"", monitor.password)));
+        assert!(config.server_conf.contains("\"_INBOX_monitor.>\""));
+        assert!(config.server_conf.contains("\"_INBOX.commander.>\""));
+        assert!(!format!("{config:?}").contains(&commander.password));
+        // The commander's replies come from devices, which answer only
+        // beneath their trusted prefix; the monitor's never do.
+        let trusted = harmony_score_wire::names::DEFAULT_TRUSTED_INBOX_PREFIX;
+        assert!(format!("{COMMANDER_INBOX_PREFIX}.x").starts_with(trusted));
+        assert!(!format!("{MONITOR_INBOX_PREFIX}.x").starts_with(trusted));
+        assert!(
+            !monitor_user("p").contains("allow_responses")
+                && !commander_user("p").contains("allow_responses")
+        );
+        assert!(!monitor_user("p").contains("$KV.") && !monitor_user("p").contains("device-commands"));
+        assert!(generate_with(&devices, Roles { monitor: true, commander: false })
+            .unwrap()
+            .commander
+            .is_none());
     }
 }

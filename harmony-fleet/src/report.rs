@@ -216,6 +216,7 @@ mod tests {
             deployments: deployments.into_iter().map(|(n, d)| (DeploymentName::new(n).unwrap(), d)).collect(),
             instance_id: String::new(),
             errors: Vec::new(),
+            keyset_version: None,
             truncated: false,
         }
     }

@@ -174,7 +174,7 @@ impl FleetClient {
             let mut watch = match store.watch(&key).await {
                 Ok(watch) => Some(watch),
                 Err(err) => {
-                    warn!(device = %device, cause = %err, "cannot watch status; polling");
+                    warn!(device = %device, cause = %harmony_score_wire::log_text(&err), "cannot watch status; polling");
                     None
                 }
             };
@@ -189,7 +189,7 @@ impl FleetClient {
                         },
                         Some(Ok(_)) => None,
                         Some(Err(err)) => {
-                            warn!(device = %device, cause = %err, "status watch error");
+                            warn!(device = %device, cause = %harmony_score_wire::log_text(&err), "status watch error");
                             continue;
                         }
                         None => {
@@ -228,7 +228,7 @@ async fn read(store: &kv::Store, key: &str) -> Result<Option<AgentStatus>, Fleet
 
 fn decode(entry: &kv::Entry) -> Option<AgentStatus> {
     from_cbor(&entry.value, MAX_VALUE_BYTES, "agent status")
-        .inspect_err(|err| warn!(key = %entry.key, cause = %err, "ignoring undecodable status"))
+        .inspect_err(|err| warn!(key = %harmony_score_wire::log_text(&entry.key), cause = %harmony_score_wire::log_text(err), "ignoring undecodable status"))
         .ok()
 }
 
@@ -259,6 +259,7 @@ mod tests {
             deployments: BTreeMap::from([(DeploymentName::new(deployment).unwrap(), ds)]),
             instance_id: String::new(),
             errors: Vec::new(),
+            keyset_version: None,
             truncated: false,
         }
     }

@@ -10,7 +10,9 @@ mod document;
 mod file;
 mod ids;
 mod json;
+mod keyset;
 pub mod names;
+mod privilege;
 mod registry;
 mod resource;
 mod scan;
@@ -25,6 +27,8 @@ pub use codec::{
 pub use document::{document_digest, DeploymentIndex, DesiredState, FORMAT_VERSION};
 pub use file::{is_json_path, read_document_file, DocumentFileError};
 pub use ids::{DeploymentName, DeviceId, IdError};
+pub use keyset::{KeySet, KeySetError, KEYSET_TAG, MAX_KEYSET_BYTES, MAX_KEYSET_KEYS};
+pub use privilege::{mode_privilege, Privilege, SETUID_SETGID_BITS};
 pub use registry::{is_registered, registered_scores, DeviceScore, ScoreRegistration};
 pub use resource::{normalize_path, PathError, ResourceId, ResourceIdError, MAX_NAME_BYTES, MAX_PATH_BYTES};
 pub use signed::{
@@ -36,6 +40,9 @@ pub use status::{
     ScoreStatus, StatusError, SupportedScore, MAX_DETAIL_LINES, MAX_MESSAGE_BYTES, MAX_STATUS_BYTES,
 };
 pub use validate::ScoreValidationError;
+
+/// Re-exported: a log field made one safe line (see [`bounded_text`]).
+pub use harmony_topology::text::log_text;
 
 /// Re-exported: the public half of a signing key, as [`TrustedKeys`] takes it.
 pub use ed25519_dalek::VerifyingKey;

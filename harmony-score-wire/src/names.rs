@@ -19,6 +19,16 @@ pub fn index_key(device: &DeviceId) -> String {
     format!("{device}.{INDEX_SUFFIX}")
 }
 
+/// `_keyset`: the fleet's one key-set key in the desired-state bucket
+/// (the root-signed online keys, [`crate::KeySet`]). It cannot be a
+/// device's key: device ids never start with `_`.
+pub const KEYSET_KEY: &str = "_keyset";
+
+/// `harmony.hint._keyset`: the subject a device follows the key set on.
+pub fn keyset_hint_subject() -> String {
+    format!("{HINT_PREFIX}.{KEYSET_KEY}")
+}
+
 /// `<device>`: the device's status key.
 pub fn status_key(device: &DeviceId) -> String {
     device.to_string()
@@ -54,6 +64,20 @@ pub fn hint_subjects(device: &DeviceId) -> String {
 pub fn command_subject(device: &DeviceId, verb: &str) -> String {
     format!("device-commands.{device}.{verb}")
 }
+
+/// The reply-subject prefix an agent answers commands on unless its
+/// configuration says otherwise (`trusted_inbox_prefix`): the operator
+/// tools' inboxes (async-nats' default prefix `_INBOX`) and the
+/// command-only role's [`COMMANDER_INBOX_PREFIX`] both start with it;
+/// device inboxes (`_INBOX_<device>`) do not.
+pub const DEFAULT_TRUSTED_INBOX_PREFIX: &str = "_INBOX.";
+
+/// The inbox prefix of the command-only principal (`commander`): beneath
+/// [`DEFAULT_TRUSTED_INBOX_PREFIX`], so devices answer it, and a name of its
+/// own, so its credentials can be confined to its own replies (an
+/// async-nats inbox is `<prefix>.<22 random characters>`: the operator's
+/// own inboxes never take the token `commander`).
+pub const COMMANDER_INBOX_PREFIX: &str = "_INBOX.commander";
 
 /// `_INBOX_<device>`: the inbox prefix a device's connection uses, so its
 /// credentials can be confined to its own replies.
@@ -156,10 +180,15 @@ mod tests {
         assert_eq!(status_key(&d), "dev-1");
         assert_eq!(desired_state_subjects(&d), "$KV.harmony-desired-state.dev-1.>");
         assert_eq!(hint_subjects(&d), "harmony.hint.dev-1.>");
+        assert_eq!(keyset_hint_subject(), "harmony.hint._keyset");
+        assert_eq!(KEYSET_KEY, "_keyset");
         assert_eq!(hint_republish_source(), "$KV.harmony-desired-state.>");
         assert_eq!(hint_republish_destination(), "harmony.hint.>");
         assert_eq!(command_subject(&d, "ping"), "device-commands.dev-1.ping");
         assert_eq!(inbox_prefix(&d), "_INBOX_dev-1");
+        assert_eq!(DEFAULT_TRUSTED_INBOX_PREFIX, "_INBOX.");
+        assert!(format!("{COMMANDER_INBOX_PREFIX}.x").starts_with(DEFAULT_TRUSTED_INBOX_PREFIX));
+        assert!(!format!("{}.x", inbox_prefix(&d)).starts_with(DEFAULT_TRUSTED_INBOX_PREFIX));
         assert_eq!(heartbeat_subject(&d), "harmony.heartbeat.dev-1");
         assert_eq!(info_subject(&d), "harmony.info.dev-1");
         assert_eq!(parse_desired_state_key("dev-1.web"), Some((d.clone(), Some(n))));

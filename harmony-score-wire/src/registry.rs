@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use harmony_topology::{LocalDeviceTopology, Score};
 
-use crate::{ResourceId, ScoreValidationError};
+use crate::{Privilege, ResourceId, ScoreValidationError};
 
 /// A Score that can travel to a device: the Harmony [`Score`] on the
 /// device's topology, serialized with `typetag` under an explicit, versioned
@@ -31,6 +31,23 @@ pub trait DeviceScore: Score<LocalDeviceTopology> {
     /// failure; `None`: the agent's default for the tag.
     fn interpret_timeout(&self) -> Option<Duration> {
         None
+    }
+
+    /// The privileges this Score needs on the device (a setuid mode, a
+    /// privileged container), each granted only by the device's policy: a
+    /// document with a Score needing one the policy does not grant is
+    /// refused whole (`policy_denied`). Declare every one the Score's
+    /// fields ask for; none by default.
+    fn privileges(&self) -> Vec<Privilege> {
+        Vec::new()
+    }
+
+    /// Paths on the device this Score uses besides its resource (a
+    /// container's bind-mount sources), absolute and valid. The device's
+    /// `allowed_paths` judge them as they judge resource paths, but they
+    /// are not owned: two Scores may use one path. None by default.
+    fn used_paths(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 

@@ -138,15 +138,16 @@ impl DocumentSigner {
         self.key.verifying_key()
     }
 
+    /// This key's signature of `payload`, to put in an envelope.
+    pub fn signature(&self, payload: &[u8]) -> DocumentSignature {
+        let signature = self.key.sign(payload).to_bytes().to_vec();
+        DocumentSignature { key_id: key_id(&self.key.verifying_key()), signature }
+    }
+
     /// Wraps a document's CBOR bytes in an envelope signed by this key.
     pub fn sign(&self, payload: Vec<u8>) -> Vec<u8> {
-        let signature = self.key.sign(&payload).to_bytes().to_vec();
-        let key_id = key_id(&self.key.verifying_key());
-        to_cbor(&SignedDocument {
-            kind: SIGNED_TAG.to_owned(),
-            payload,
-            signatures: vec![DocumentSignature { key_id, signature }],
-        })
+        let signatures = vec![self.signature(&payload)];
+        to_cbor(&SignedDocument { kind: SIGNED_TAG.to_owned(), payload, signatures })
     }
 }
 

@@ -44,6 +44,10 @@ pub struct AgentStatus {
     /// `state_unreadable` when the state folder itself cannot be listed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<StatusError>,
+    /// The version of the root-signed key set the device trusts; `None`
+    /// when it trusts only its configured keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyset_version: Option<u64>,
     /// Set when the report was cut to fit the size limit (see [`AgentStatus::bound`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
@@ -57,7 +61,9 @@ pub enum Phase {
     /// The agent is running (or about to run) the Scores of `desired_generation`.
     #[default]
     Applying,
-    /// Every Score of `observed_generation` is SUCCESS or NOOP.
+    /// Every Score of `observed_generation` is SUCCESS or NOOP, or
+    /// BLOCKED: done as far as this device allows, the rest named in the
+    /// Score's message (see [`ScoreStatus::is_settled`]).
     Applied,
     /// At least one Score failed; the agent retries with backoff.
     Failed,
@@ -163,6 +169,13 @@ pub enum ErrorKind {
     PruneFailed,
     /// Another agent instance writes this device's status: two devices share one id.
     DuplicateDevice,
+    /// The deployment's key was deleted, but this device requires signed
+    /// documents and a bare delete carries no signature: nothing is pruned
+    /// until a signed document without Scores retires the deployment.
+    UnsignedDelete,
+    /// The key set the device trusts has expired: no new document is
+    /// accepted until the root signs a newer one.
+    KeysetExpired,
     /// A kind this build does not know (sent by a newer agent).
     #[serde(other)]
     Unknown,
@@ -197,6 +210,8 @@ impl ErrorKind {
             ScoresFailed => "scores_failed",
             PruneFailed => "prune_failed",
             DuplicateDevice => "duplicate_device",
+            UnsignedDelete => "unsigned_delete",
+            KeysetExpired => "keyset_expired",
             Unknown => "unknown",
         }
     }
@@ -239,34 +254,9 @@ pub const MAX_MESSAGE_BYTES: usize = 512;
 /// max payload, so a report always fits.
 pub const MAX_STATUS_BYTES: usize = 256 * 1024;
 
-/// `text` with control characters escaped (`\u{1b}`, `\n`) and cut to at
-/// most `max` bytes on a character boundary, ending in `…` when cut.
-pub fn bounded_text(text: &str, max: usize) -> String {
-    const ELLIPSIS: &str = "…";
-    let mut out = String::with_capacity(text.len().min(max + 8));
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-        if out.len() > max {
-            break;
-        }
-    }
-    if out.len() <= max {
-        return out;
-    }
-    let mut cut = max.saturating_sub(ELLIPSIS.len());
-    while !out.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    out.truncate(cut);
-    if max >= ELLIPSIS.len() {
-        out.push_str(ELLIPSIS);
-    }
-    out
-}
+/// The one escaping rule for echoed text, shared with logs (see
+/// [`harmony_topology::text`]).
+pub use harmony_topology::text::bounded_text;
 
 impl AgentStatus {
     /// Makes the report safe to write: every echoed string bounded and
@@ -394,6 +384,15 @@ impl ScoreStatus {
     pub fn is_ok(&self) -> bool {
         matches!(self.status, InterpretStatus::SUCCESS | InterpretStatus::NOOP)
     }
+
+    /// Whether the Score did not fail: it holds, or it is BLOCKED (it did
+    /// what this device allows and says in its message what it cannot do
+    /// here, such as starting a unit where no systemd runs). Retrying
+    /// changes nothing for a blocked Score: a deployment whose Scores all
+    /// settled is applied, not retried; the resync runs it again.
+    pub fn is_settled(&self) -> bool {
+        self.is_ok() || self.status == InterpretStatus::BLOCKED
+    }
 }
 
 /// What a device is and which Scores it can run.
@@ -512,6 +511,7 @@ mod tests {
                 .collect(),
             instance_id: String::new(),
             errors: Vec::new(),
+            keyset_version: None,
             truncated: false,
         }
     }

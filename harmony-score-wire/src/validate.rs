@@ -19,9 +19,12 @@ impl ScoreValidationError {
     }
 }
 
-/// Permission bits a Score may ask for without a device policy: `rwx` for
-/// all three and the sticky bit. Setuid and setgid are refused.
-pub const ALLOWED_MODE_BITS: u32 = 0o1777;
+/// The bits a mode may hold: `rwx` for all three, the sticky bit, setuid
+/// and setgid. A mode with setuid or setgid is valid, and its Score must
+/// declare [`Privilege::SetuidMode`](crate::Privilege::SetuidMode) (see
+/// [`mode_privilege`](crate::mode_privilege)): whether it runs is the
+/// device policy's decision (`allow_setuid`), not the document's.
+pub const ALLOWED_MODE_BITS: u32 = 0o7777;
 
 /// `value` is an absolute path that normalizes (no `..`, no control
 /// characters, not the root, within `PATH_MAX`).
@@ -32,10 +35,6 @@ pub fn check_path(field: &str, value: &str) -> Result<(), ScoreValidationError> 
 /// `mode`, when set, holds only [`ALLOWED_MODE_BITS`].
 pub fn check_mode(field: &str, mode: Option<u32>) -> Result<(), ScoreValidationError> {
     match mode {
-        Some(m) if m & 0o6000 != 0 && m <= 0o7777 => Err(ScoreValidationError::new(
-            field,
-            format!("mode {m:04o} sets setuid or setgid, which no device policy allows"),
-        )),
         Some(m) if m & !ALLOWED_MODE_BITS != 0 => {
             Err(ScoreValidationError::new(field, format!("{m} ({m:o} octal) is not a permission mode")))
         }
@@ -58,16 +57,20 @@ pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ScoreValid
 mod tests {
     use super::*;
 
+    // Setuid and setgid used to be refused here, for every device. They are
+    // valid modes now: the Score declares Privilege::SetuidMode and the
+    // device's policy decides (issue 7 §5). Only bits beyond 0o7777 are invalid.
     #[test]
-    fn modes_are_permission_bits_without_setuid_or_setgid() {
-        for ok in [None, Some(0), Some(0o644), Some(0o1777)] {
+    fn modes_are_the_twelve_permission_bits_and_setuid_is_a_privilege_not_an_error() {
+        for ok in [None, Some(0), Some(0o644), Some(0o1777), Some(0o4755), Some(0o2755), Some(0o7777)] {
             assert!(check_mode("mode", ok).is_ok(), "{ok:?}");
         }
-        for bad in [0o4755, 0o2755, 0o6777, 0o10000, u32::MAX] {
+        for bad in [0o10000, 0o14755, u32::MAX] {
             let err = check_mode("mode", Some(bad)).unwrap_err();
             assert_eq!(err.field, "mode");
+            assert!(err.message.contains("not a permission mode"), "{}", err.message);
         }
-        assert!(check_mode("mode", Some(0o4755)).unwrap_err().message.contains("setuid"));
+        assert_eq!(crate::mode_privilege(Some(0o4755)), Some(crate::Privilege::SetuidMode));
     }
 
     #[test]

@@ -50,6 +50,14 @@ harmony_score_wire::device_score! {
             ResourceId::path(&self.path)
         }
 
+        fn privileges(&self) -> Vec<harmony_score_wire::Privilege> {
+            // Only a directory that is made present gets the mode.
+            match self.state {
+                PresenceState::Present => harmony_score_wire::mode_privilege(self.mode).into_iter().collect(),
+                PresenceState::Absent => Vec::new(),
+            }
+        }
+
         fn undo(&self) -> Option<Box<dyn DeviceScore>> {
             match self.state {
                 PresenceState::Present => {

@@ -52,6 +52,14 @@ harmony_score_wire::device_score! {
             ResourceId::path(&self.path)
         }
 
+        fn privileges(&self) -> Vec<harmony_score_wire::Privilege> {
+            // Only a file that is made present gets the mode.
+            match self.state {
+                PresenceState::Present => harmony_score_wire::mode_privilege(self.mode).into_iter().collect(),
+                PresenceState::Absent => Vec::new(),
+            }
+        }
+
         fn undo(&self) -> Option<Box<dyn DeviceScore>> {
             match self.state {
                 // The content stays behind: an absent file needs none, and
@@ -209,7 +217,7 @@ mod tests {
         assert!(m.interpret(&file("/d", "x", None, PresenceState::Present)).await.is_err());
         let err = m.interpret(&file("/x", "x", Some(0o10000), PresenceState::Present)).await.unwrap_err();
         assert_eq!(err.kind(), harmony_topology::InterpretErrorKind::InvalidInput);
-        assert!(m.interpret(&file("/x", "x", Some(0o4755), PresenceState::Present)).await.is_err());
+        assert!(m.interpret(&file("/x", "x", Some(0o14755), PresenceState::Present)).await.is_err());
         let err = m.interpret(&file("/../escape", "x", None, PresenceState::Present)).await.unwrap_err();
         assert!(err.message().contains(".."), "{err}");
         assert!(!dir.path().parent().unwrap().join("escape").exists());
@@ -237,6 +245,30 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.path().join("big")).unwrap(), "small now");
     }
 
+    // Issue 7 §5: setuid and setgid are the device policy's decision. The
+    // Score is valid and declares the privilege; it is the agent that
+    // refuses it unless `allow_setuid`, and the mode is then set exactly.
+    #[tokio::test]
+    async fn a_setuid_mode_is_valid_declares_its_privilege_and_is_set_exactly() {
+        use harmony_score_wire::Privilege;
+        use std::os::unix::fs::PermissionsExt;
+        let setuid = file("/bin-x", "x", Some(0o4755), PresenceState::Present);
+        assert!(setuid.validate().is_ok());
+        assert_eq!(setuid.privileges(), [Privilege::SetuidMode]);
+        assert_eq!(
+            file("/g", "x", Some(0o2711), PresenceState::Present).privileges(),
+            [Privilege::SetuidMode]
+        );
+        assert!(file("/x", "x", Some(0o1777), PresenceState::Present).privileges().is_empty());
+        assert!(file("/x", "x", Some(0o4755), PresenceState::Absent).privileges().is_empty());
+        assert!(setuid.undo().unwrap().privileges().is_empty(), "removing a setuid file needs no privilege");
+        let dir = tempfile::tempdir().unwrap();
+        let m = maestro(dir.path()).await;
+        m.interpret(&setuid).await.unwrap();
+        let mode = std::fs::metadata(dir.path().join("bin-x")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o4755);
+    }
+
     #[test]
     fn validation_names_the_field_and_aliases_share_a_resource() {
         assert!(file("/etc//motd/", "x", Some(0o644), PresenceState::Present).validate().is_ok());
@@ -245,7 +277,7 @@ mod tests {
             (file("/etc/mo\ntd", "x", None, PresenceState::Present), "path"),
             (file("/a\0b", "x", None, PresenceState::Present), "path"),
             (file("/a/../b", "x", None, PresenceState::Present), "path"),
-            (file("/x", "x", Some(0o2755), PresenceState::Present), "mode"),
+            (file("/x", "x", Some(u32::MAX), PresenceState::Present), "mode"),
             (file("/x", "x", Some(0o10000), PresenceState::Present), "mode"),
         ] {
             assert_eq!(score.validate().unwrap_err().field, field, "{score:?}");

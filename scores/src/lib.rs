@@ -4,13 +4,22 @@
 //! doing), its wire registration (one `device_score!`) and its tests. A new
 //! Score is one new module here and one `mod` line below.
 
+mod container;
 mod directory;
 mod file;
+mod package;
+mod systemd_unit;
 
 use serde::{Deserialize, Serialize};
 
+pub use container::{
+    Network, PodmanContainerInterpret, PodmanContainerScore, Restart, Volume, DEPLOYMENT_LABEL,
+    MANAGED_LABEL, SPEC_LABEL,
+};
 pub use directory::{DirectoryInterpret, DirectoryScore};
 pub use file::{FileInterpret, FileScore};
+pub use package::{PackageInterpret, PackageScore, INSTALLED_BY_AGENT_DIR};
+pub use systemd_unit::{ServiceState, SystemdUnitInterpret, SystemdUnitScore, MAX_UNIT_CONTENT_BYTES};
 
 /// Whether a Score's resource should exist.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -268,7 +268,7 @@ fn an_invalid_score_rejects_the_document_naming_index_tag_and_field() {
         (json!({"type": "harmony.file/v1", "path": "relative"}), "path"),
         (json!({"type": "harmony.file/v1", "path": "/a/../../etc/passwd"}), "path"),
         (json!({"type": "harmony.file/v1", "path": "/a\nb"}), "path"),
-        (json!({"type": "harmony.file/v1", "path": "/x", "mode": 2541}), "mode"), // 0o4755
+        (json!({"type": "harmony.file/v1", "path": "/x", "mode": 6637}), "mode"), // 0o14755
         (json!({"type": "harmony.directory/v1", "path": "/x", "mode": 4096}), "mode"), // 0o10000
         (json!({"type": "harmony.directory/v1", "path": "/"}), "path"),
     ];
@@ -287,6 +287,23 @@ fn an_invalid_score_rejects_the_document_naming_index_tag_and_field() {
             Err(harmony_score_wire::EncodeError::WouldBeRejected(DecodeError::InvalidScore { .. }))
         ));
     }
+}
+
+// Issue 7 §5: a setuid or setgid mode used to be refused at decode, on every
+// device and by the operator's encoder. It is valid now; the Score declares
+// the privilege and each device's policy decides (`allow_setuid`).
+#[test]
+fn a_setuid_mode_decodes_and_declares_the_setuid_privilege() {
+    use harmony_score_wire::Privilege;
+    let value = json_doc(json!([
+        {"type": "harmony.file/v1", "path": "/usr/bin/x", "mode": 2541}, // 0o4755
+        {"type": "harmony.directory/v1", "path": "/srv/shared", "mode": 1528}, // 0o2770
+        {"type": "harmony.file/v1", "path": "/ok", "mode": 420},
+    ]));
+    let doc = decode(&cbor_of(&value), &DecodeLimits::default()).expect("setuid is not invalid");
+    let privileges: Vec<Vec<Privilege>> = doc.scores.iter().map(|s| s.privileges()).collect();
+    assert_eq!(privileges, [vec![Privilege::SetuidMode], vec![Privilege::SetuidMode], vec![]]);
+    assert!(harmony_score_wire::encode(&doc).is_ok(), "the operator's encoder leaves it to the device");
 }
 
 // A refusal names the generation it refused, also of a document that does

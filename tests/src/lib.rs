@@ -264,6 +264,7 @@ pub fn reported_status(
         deployments,
         instance_id: "test-instance".into(),
         errors: Vec::new(),
+        keyset_version: None,
         truncated: false,
     }
 }
@@ -379,4 +380,14 @@ pub async fn until_status(
         Ok(status) => status,
         Err(_) => panic!("timed out waiting for {device} {what}; last status: {last:#?}"),
     }
+}
+
+/// A `FileScore` that writes `content` to `path` (mode left as it is).
+pub fn file_score(path: &str, content: &str) -> Box<dyn harmony_score_wire::DeviceScore> {
+    Box::new(harmony_scores::FileScore {
+        path: path.into(),
+        content: content.into(),
+        mode: None,
+        state: harmony_scores::PresenceState::Present,
+    })
 }

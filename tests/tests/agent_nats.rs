@@ -4,10 +4,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harmony_e2e::{AgentProcess, NatsServer, WAIT};
+use harmony_e2e::{file_score, AgentProcess, NatsServer, WAIT};
 use harmony_fleet::{DeployRequest, Deployed, FleetClient, FleetError};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore, Phase};
-use harmony_scores::{FileScore, PresenceState};
 use harmony_topology::{
     async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
     LocalDeviceTopology, Outcome, Score, Version,
@@ -65,6 +64,36 @@ impl DeviceScore for NewerScore {
     }
 }
 
+/// A Score whose tag holds a newline, a forged log line and a terminal
+/// escape: unknown to the agent, which echoes unknown tags in its error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ForgingScore;
+
+impl Score<LocalDeviceTopology> for ForgingScore {
+    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
+        Box::new(NewerInterpret)
+    }
+    fn name(&self) -> String {
+        "forging".into()
+    }
+}
+
+/// The line the tag tries to forge in the agent's log.
+const FORGED: &str = "2026-01-01T00:00:00.000000Z  INFO harmony_agent: forged";
+
+#[typetag::serde(name = "evil\n2026-01-01T00:00:00.000000Z  INFO harmony_agent: forged\u{1b}[31m")]
+impl DeviceScore for ForgingScore {
+    fn validate(&self) -> Result<(), harmony_score_wire::ScoreValidationError> {
+        Ok(())
+    }
+    fn resource(&self) -> harmony_score_wire::ResourceId {
+        harmony_score_wire::ResourceId::named("forging", "x").expect("valid resource")
+    }
+    fn undo(&self) -> Option<Box<dyn DeviceScore>> {
+        None
+    }
+}
+
 struct Fixture {
     nats: NatsServer,
     client: FleetClient,
@@ -89,6 +118,11 @@ impl Fixture {
     }
 
     fn start_agent(&self, log: &str) -> AgentProcess {
+        self.start_agent_logging(log, "harmony_agent=debug,info")
+    }
+
+    /// [`Fixture::start_agent`] with `HARMONY_LOG` set to `filter`.
+    fn start_agent_logging(&self, log: &str, filter: &str) -> AgentProcess {
         let root = self.dir.path().join("root");
         let state = self.dir.path().join("state");
         let url = self.nats.url();
@@ -110,7 +144,7 @@ impl Fixture {
             "--label",
             "site=lab",
         ];
-        AgentProcess::start(&args, &self.dir.path().join(log))
+        AgentProcess::start_logging(&args, &self.dir.path().join(log), filter)
     }
 
     /// Waits until the agent answers a ping (it then has its subscriptions).
@@ -148,15 +182,6 @@ impl Fixture {
     }
 }
 
-fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
-    Box::new(FileScore {
-        path: path.into(),
-        content: content.into(),
-        mode: None,
-        state: PresenceState::Present,
-    })
-}
-
 fn statuses(status: &harmony_score_wire::DeploymentStatus) -> Vec<InterpretStatus> {
     status.scores.iter().map(|s| s.status).collect()
 }
@@ -167,7 +192,9 @@ async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
 
-    let g1 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
+    let g1 = f
+        .deploy("web", vec![file_score("/etc/web.conf", "port = 80\n"), file_score("/etc/motd", "hi\n")])
+        .await;
     let status = f.wait_applied(&agent, "web", &g1).await;
     assert_eq!(statuses(&status), [InterpretStatus::SUCCESS, InterpretStatus::SUCCESS]);
     assert_eq!((status.phase, status.observed_generation), (Phase::Applied, g1.generation));
@@ -175,13 +202,15 @@ async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
     assert_eq!(status.scores[0].tag, "harmony.file/v1");
     assert_eq!(status.scores[0].resource, "path:/etc/web.conf");
 
-    let g2 = f.deploy("web", vec![file("/etc/web.conf", "port = 80\n"), file("/etc/motd", "hi\n")]).await;
+    let g2 = f
+        .deploy("web", vec![file_score("/etc/web.conf", "port = 80\n"), file_score("/etc/motd", "hi\n")])
+        .await;
     assert_eq!(g2.generation, g1.generation + 1);
     let status = f.wait_applied(&agent, "web", &g2).await;
     assert_eq!(statuses(&status), [InterpretStatus::NOOP, InterpretStatus::NOOP]);
 
     // Update one file and drop the other: the dropped one is pruned.
-    let g3 = f.deploy("web", vec![file("/etc/web.conf", "port = 8080\n")]).await;
+    let g3 = f.deploy("web", vec![file_score("/etc/web.conf", "port = 8080\n")]).await;
     let status = f.wait_applied(&agent, "web", &g3).await;
     assert_eq!(std::fs::read_to_string(f.root("/etc/web.conf")).unwrap(), "port = 8080\n");
     assert!(!f.root("/etc/motd").exists());
@@ -199,7 +228,7 @@ async fn deploy_applies_redeploy_is_noop_update_converges_delete_prunes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_started_later_reads_current_values_and_a_restart_resumes_without_changes() {
     let f = Fixture::new().await;
-    let g1 = f.deploy("app", vec![file("/srv/app/config", "v1\n")]).await;
+    let g1 = f.deploy("app", vec![file_score("/srv/app/config", "v1\n")]).await;
 
     let mut agent = f.start_agent("agent-1.log");
     let status = f.wait_applied(&agent, "app", &g1).await;
@@ -242,7 +271,7 @@ async fn a_generation_written_right_after_a_server_restart_is_applied() {
     let mut f = Fixture::new().await;
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "1")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "1")]).await;
     f.wait_applied(&agent, "app", &g1).await;
 
     f.nats.restart();
@@ -252,7 +281,7 @@ async fn a_generation_written_right_after_a_server_restart_is_applied() {
             let request = DeployRequest::new(
                 f.device.clone(),
                 DeploymentName::new("app").unwrap(),
-                vec![file("/etc/app", "2")],
+                vec![file_score("/etc/app", "2")],
             );
             match f.client.deploy(request.force(true)).await {
                 Ok(deployed) => return deployed,
@@ -270,11 +299,12 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
     let f = Fixture::new().await;
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "good")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "good")]).await;
     f.wait_applied(&agent, "app", &g1).await;
 
-    let g2 =
-        f.deploy("app", vec![file("/etc/app", "changed"), Box::new(NewerScore { path: "/x".into() })]).await;
+    let g2 = f
+        .deploy("app", vec![file_score("/etc/app", "changed"), Box::new(NewerScore { path: "/x".into() })])
+        .await;
     let name = DeploymentName::new("app").unwrap();
     let err = f
         .client
@@ -292,7 +322,7 @@ async fn a_rejected_document_is_reported_typed_and_the_previous_generation_keeps
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "good");
 
     // A newer good generation replaces the rejected one.
-    let g3 = f.deploy("app", vec![file("/etc/app", "fixed")]).await;
+    let g3 = f.deploy("app", vec![file_score("/etc/app", "fixed")]).await;
     let status = f.wait_applied(&agent, "app", &g3).await;
     assert!(status.error.is_none());
     assert_eq!(std::fs::read_to_string(f.root("/etc/app")).unwrap(), "fixed");
@@ -308,7 +338,7 @@ async fn commands_answer_drift_is_repaired_and_the_heartbeat_and_info_are_report
     assert!(reply.ok);
     assert_eq!(reply.message, "pong");
 
-    let g1 = f.deploy("app", vec![file("/etc/app", "desired")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "desired")]).await;
     f.wait_applied(&agent, "app", &g1).await;
     std::fs::write(f.root("/etc/app"), "drifted").unwrap();
     let reply = tokio::time::timeout(WAIT, f.client.reconcile(&f.device, WAIT)).await.unwrap().unwrap();
@@ -344,7 +374,7 @@ async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepte
     let mut f = Fixture::new().await;
     let mut agent = f.start_agent("agent-1.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "accepted")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "accepted")]).await;
     f.wait_applied(&agent, "app", &g1).await;
     agent.kill();
 
@@ -367,7 +397,7 @@ async fn an_agent_killed_and_rebooted_without_a_server_runs_what_it_last_accepte
 
     // When the server is back, the agent reports and follows again.
     f.nats.restart();
-    let g2 = f.deploy("app", vec![file("/etc/app", "online again")]).await;
+    let g2 = f.deploy("app", vec![file_score("/etc/app", "online again")]).await;
     f.wait_applied(&agent, "app", &g2).await;
 }
 
@@ -376,7 +406,7 @@ async fn a_purged_key_is_pruned_like_a_deleted_one() {
     let f = Fixture::new().await;
     let agent = f.start_agent("agent.log");
     f.until_online(&agent).await;
-    let g1 = f.deploy("app", vec![file("/etc/app", "x")]).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "x")]).await;
     f.wait_applied(&agent, "app", &g1).await;
 
     // Another tool purges the key directly (a PURGE marker, not a DEL).
@@ -388,4 +418,32 @@ async fn a_purged_key_is_pruned_like_a_deleted_one() {
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log_text()));
     assert!(!f.root("/etc/app").exists());
+}
+
+// Issue 7 §2: newlines and escapes in document text forged agent log lines.
+// Every field the agent logs from outside the process is escaped: a Score
+// tag holding a newline, a whole forged log line and an ANSI escape (the
+// agent echoes unknown tags in its error) shows up escaped, on one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_cannot_forge_a_line_or_an_escape_in_the_agents_log() {
+    let f = Fixture::new().await;
+    let agent = f.start_agent_logging("agent.log", "debug");
+    f.until_online(&agent).await;
+    let g1 = f.deploy("app", vec![file_score("/etc/app", "good"), Box::new(ForgingScore)]).await;
+    let name = DeploymentName::new("app").unwrap();
+    let err = f
+        .client
+        .wait_for_generation(&f.device, &name, g1.generation, Some(&g1.digest), WAIT)
+        .await
+        .unwrap_err();
+    let FleetError::DeploymentFailed { status, .. } = err else { panic!("{err:?}") };
+    let error = status.error.unwrap();
+    assert_eq!(error.kind, harmony_score_wire::ErrorKind::UnknownScoreTags);
+    assert!(!error.message.contains(['\n', '\u{1b}']), "status escapes too: {:?}", error.message);
+    let log = agent.log_text();
+    for line in log.lines() {
+        assert!(!line.starts_with(FORGED) && !line.starts_with("2026-01-01"), "a forged line: {line:?}");
+    }
+    assert!(!log.contains('\u{1b}'), "a raw ESC reached the log:\n{log}");
+    assert!(log.contains("evil\\n2026-01-01"), "the rejection was logged, escaped:\n{log}");
 }

@@ -6,13 +6,12 @@
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
-use harmony_e2e::{agent_config, until_status, within, InProcessAgent, NatsServer};
+use harmony_e2e::{agent_config, file_score, until_status, within, InProcessAgent, NatsServer};
 use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::{
     device_score, AgentStatus, DeploymentName, DeviceId, DeviceScore, ErrorKind, Phase, ResourceId,
     ScoreValidationError,
 };
-use harmony_scores::{FileScore, PresenceState};
 use harmony_topology::{
     async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
     LocalDeviceTopology, Outcome, Score, Version,
@@ -127,15 +126,6 @@ fn name(text: &str) -> DeploymentName {
     DeploymentName::new(text).unwrap()
 }
 
-fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
-    Box::new(FileScore {
-        path: path.into(),
-        content: content.into(),
-        mode: None,
-        state: PresenceState::Present,
-    })
-}
-
 fn sleep(name: &str, millis: u64) -> Box<dyn DeviceScore> {
     Box::new(SleepScore { name: name.into(), millis })
 }
@@ -156,7 +146,7 @@ async fn a_long_score_delays_neither_another_deployment_nor_a_ping_nor_shutdown(
     .await;
 
     let started = Instant::now();
-    let g = f.deploy(&device, "fast", vec![file("/fast", "x")]).await;
+    let g = f.deploy(&device, "fast", vec![file_score("/fast", "x")]).await;
     f.applied(&device, "fast", g).await;
     let reply = within(f.client.ping(&device, Duration::from_secs(5))).await.unwrap();
     assert!(reply.ok);
@@ -181,7 +171,7 @@ async fn a_thousand_generations_back_to_back_end_with_the_last_applied() {
     f.online(&device).await;
     let mut last = 0;
     for i in 1..=1000u32 {
-        last = f.deploy(&device, "app", vec![file("/etc/app", &format!("{i}\n"))]).await;
+        last = f.deploy(&device, "app", vec![file_score("/etc/app", &format!("{i}\n"))]).await;
     }
     assert_eq!(last, 1000);
     let status = f.applied(&device, "app", last).await;
@@ -201,7 +191,7 @@ async fn two_agents_with_one_device_id_are_reported_as_duplicate_device() {
     let second = f.agent("dev-1", "clone-b");
     until_status(&f.client, &device, "a second instance", |s| s.instance_id != seen.instance_id).await;
     // Each write now conflicts with the other's: both report it.
-    f.deploy(&device, "app", vec![file("/a", "x")]).await;
+    f.deploy(&device, "app", vec![file_score("/a", "x")]).await;
     let status = until_status(&f.client, &device, "duplicate_device", |s| {
         s.errors.iter().any(|e| e.kind == ErrorKind::DuplicateDevice)
     })
@@ -220,7 +210,7 @@ async fn a_deployment_deleted_while_the_agent_was_down_is_pruned_at_start() {
     let device = DeviceId::new("dev-1").unwrap();
     let agent = f.agent("dev-1", "dev-1");
     f.online(&device).await;
-    let g = f.deploy(&device, "app", vec![file("/etc/app", "x")]).await;
+    let g = f.deploy(&device, "app", vec![file_score("/etc/app", "x")]).await;
     f.applied(&device, "app", g).await;
     agent.stop().await.unwrap();
 
@@ -256,7 +246,7 @@ async fn huge_invalid_documents_do_not_stop_the_device_reporting() {
     .await;
     assert_eq!(status.deployments[&name("a")].error.as_ref().unwrap().kind, ErrorKind::InvalidDeviceId);
     // Still reporting: a later deployment lands and is reported.
-    let g = f.deploy(&device, "ok", vec![file("/ok", "x")]).await;
+    let g = f.deploy(&device, "ok", vec![file_score("/ok", "x")]).await;
     let status = f.applied(&device, "ok", g).await;
     assert!(harmony_score_wire::to_cbor(&status).len() < 64 * 1024);
     assert!(status
@@ -275,7 +265,7 @@ async fn the_resync_timer_alone_repairs_drift() {
     config.resync = Duration::from_secs(1);
     let _agent = InProcessAgent::start(config);
     f.online(&device).await;
-    let g = f.deploy(&device, "app", vec![file("/etc/app", "desired")]).await;
+    let g = f.deploy(&device, "app", vec![file_score("/etc/app", "desired")]).await;
     f.applied(&device, "app", g).await;
     std::fs::write(f.root("dev-1", "/etc/app"), "drifted").unwrap();
     within(async {
@@ -299,7 +289,7 @@ async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
     let device = DeviceId::new("dev-1").unwrap();
     let _agent = f.agent("dev-1", "dev-1");
     f.online(&device).await;
-    let g1 = f.deploy(&device, "app", vec![file("/etc/app", "one")]).await;
+    let g1 = f.deploy(&device, "app", vec![file_score("/etc/app", "one")]).await;
     f.applied(&device, "app", g1).await;
 
     // From here on the only hint the device gets is the one this test sends.
@@ -327,7 +317,7 @@ async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
         .unwrap();
     within(reads.next()).await.expect("the device read the key on the hint");
 
-    let g2 = f.deploy(&device, "app", vec![file("/etc/app", "two")]).await;
+    let g2 = f.deploy(&device, "app", vec![file_score("/etc/app", "two")]).await;
     f.applied(&device, "app", g2).await;
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "two");
 }
@@ -349,7 +339,7 @@ async fn an_operator_deleting_the_status_key_is_not_a_duplicate_device() {
     let seen = f.online(&device).await;
     let kv = within(f.client.jetstream().get_key_value("harmony-agent-status")).await.unwrap();
     within(kv.delete("dev-1")).await.unwrap();
-    let g = f.deploy(&device, "app", vec![file("/a", "x")]).await;
+    let g = f.deploy(&device, "app", vec![file_score("/a", "x")]).await;
     let status = f.applied(&device, "app", g).await;
     assert_eq!(status.instance_id, seen.instance_id);
     assert!(status.errors.is_empty(), "{:?}", status.errors);
@@ -405,7 +395,7 @@ async fn a_key_with_no_message_at_all_prunes_nothing() {
     let device = DeviceId::new("dev-1").unwrap();
     let _agent = f.agent("dev-1", "dev-1");
     f.online(&device).await;
-    let g = f.deploy(&device, "app", vec![file("/etc/app", "kept")]).await;
+    let g = f.deploy(&device, "app", vec![file_score("/etc/app", "kept")]).await;
     f.applied(&device, "app", g).await;
 
     // Every message of the key goes, markers included (a stream purge by
@@ -414,7 +404,7 @@ async fn a_key_with_no_message_at_all_prunes_nothing() {
     within(stream.purge().filter("$KV.harmony-desired-state.dev-1.app").into_future()).await.unwrap();
     let _ = within(stream.info()).await.unwrap();
     within(f.client.nats().publish("harmony.hint.dev-1.app", Default::default())).await.unwrap();
-    let g = f.deploy(&device, "marker", vec![file("/marker", "x")]).await;
+    let g = f.deploy(&device, "marker", vec![file_score("/marker", "x")]).await;
     let status = f.applied(&device, "marker", g).await;
     assert_eq!(status.deployments[&name("app")].phase, Phase::Applied);
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "kept");
@@ -437,7 +427,7 @@ async fn only_documents_signed_by_a_trusted_key_run() {
     f.online(&device).await;
     let signed = f.client.clone().with_signer(DocumentSigner::from_seed([1; 32]));
     let g1 = within(signed.deploy(
-        DeployRequest::new(device.clone(), name("app"), vec![file("/etc/app", "signed")]).force(true),
+        DeployRequest::new(device.clone(), name("app"), vec![file_score("/etc/app", "signed")]).force(true),
     ))
     .await
     .unwrap();
@@ -449,7 +439,7 @@ async fn only_documents_signed_by_a_trusted_key_run() {
             DeviceId::new(device_id).unwrap(),
             name("app"),
             generation,
-            vec![file("/etc/app", "evil")],
+            vec![file_score("/etc/app", "evil")],
         );
         doc.expires_at = expires_at;
         encode(&doc).unwrap()
@@ -483,13 +473,40 @@ async fn only_documents_signed_by_a_trusted_key_run() {
         assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed");
     }
     // A newer signed generation still applies.
-    let g2 = within(signed.deploy(
-        DeployRequest::new(device.clone(), name("app"), vec![file("/etc/app", "signed again")]).force(true),
-    ))
+    let g2 = within(
+        signed.deploy(
+            DeployRequest::new(device.clone(), name("app"), vec![file_score("/etc/app", "signed again")])
+                .force(true),
+        ),
+    )
     .await
     .unwrap();
     f.applied(&device, "app", g2.generation).await;
     assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed again");
+
+    // A bare delete (by anyone who can write the bucket) prunes nothing here.
+    within(f.client.delete(&device, &name("app"))).await.unwrap();
+    let app = name("app");
+    let status = until_status(&f.client, &device, "the unsigned delete refused", |s| {
+        s.deployments
+            .get(&app)
+            .and_then(|d| d.error.as_ref())
+            .is_some_and(|e| e.kind == ErrorKind::UnsignedDelete)
+    })
+    .await;
+    assert_eq!(status.deployments[&app].observed_generation, g2.generation);
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/etc/app")).unwrap(), "signed again");
+    // The signing operator's delete is a signed retirement: it prunes.
+    within(signed.deploy(DeployRequest::new(
+        device.clone(),
+        app.clone(),
+        vec![file_score("/etc/app", "v3")],
+    )))
+    .await
+    .unwrap();
+    assert!(within(signed.delete(&device, &app)).await.unwrap());
+    within(signed.wait_for_prune(&device, &app, harmony_e2e::WAIT)).await.unwrap();
+    assert!(!f.root("dev-1", "/etc/app").exists());
 }
 
 // Review finding: a delete whose marker was cleaned up while the device was
@@ -501,7 +518,7 @@ async fn a_delete_whose_marker_is_gone_is_seen_through_the_index_tombstone() {
     let device = DeviceId::new("dev-1").unwrap();
     let agent = f.agent("dev-1", "dev-1");
     f.online(&device).await;
-    let g = f.deploy(&device, "app", vec![file("/etc/app", "x")]).await;
+    let g = f.deploy(&device, "app", vec![file_score("/etc/app", "x")]).await;
     f.applied(&device, "app", g).await;
     agent.stop().await.unwrap();
 

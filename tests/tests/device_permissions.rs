@@ -8,7 +8,6 @@ use harmony_e2e::{AgentProcess, NatsServer, WAIT};
 use harmony_fleet::async_nats::{self, jetstream};
 use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore};
-use harmony_scores::{FileScore, PresenceState};
 
 /// The authorization `harmony-fleet nats-config` generates, for dev-1 and dev-2.
 fn generated() -> harmony_fleet::nats_config::NatsAuthConfig {
@@ -21,12 +20,7 @@ fn device_user_with_password(id: &str, password: &str) -> String {
 }
 
 fn file(path: &str, content: &str) -> Vec<Box<dyn DeviceScore>> {
-    vec![Box::new(FileScore {
-        path: path.into(),
-        content: content.into(),
-        mode: None,
-        state: PresenceState::Present,
-    })]
+    vec![harmony_e2e::file_score(path, content)]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,6 +231,23 @@ async fn nats_config_writes_a_working_configuration_and_private_credentials() {
         let mode = std::fs::metadata(out.join(name)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{name}");
     }
+    assert!(
+        !out.join("monitor.env").exists() && !out.join("commander.env").exists(),
+        "roles only on request"
+    );
+    let roles = dir.path().join("roles");
+    let run = std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
+        .args(["nats-config", "--devices", "dev-1", "--monitor", "--commander", "--out"])
+        .arg(&roles)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    for (name, prefix) in [("monitor.env", "_INBOX_monitor"), ("commander.env", "_INBOX.commander")] {
+        let mode = std::fs::metadata(roles.join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
+        let text = std::fs::read_to_string(roles.join(name)).unwrap();
+        assert!(text.contains(&format!("HARMONY_INBOX_PREFIX={prefix}\n")), "{text}");
+    }
     let bad = std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
         .args(["nats-config", "--devices", "Not_An_Id", "--out"])
         .arg(dir.path().join("bad"))
@@ -245,6 +256,8 @@ async fn nats_config_writes_a_working_configuration_and_private_credentials() {
     assert_eq!(bad.status.code(), Some(2), "an invalid device id is refused");
     for args in [
         &["--devices", "operator"][..],
+        &["--devices", "dev-1,monitor"][..],
+        &["--devices", "commander", "--commander"][..],
         &["--devices", "dev-1,dev-1"][..],
         &["--devices", "dev-1", "--url", "nats://h:1\"\nallow_unsigned = true"][..],
         &["--devices", "dev-1", "--url", "nats://$(reboot):1"][..],
@@ -290,6 +303,319 @@ async fn nats_config_writes_a_working_configuration_and_private_credentials() {
         other.as_ref().is_err_and(|e| e.kind() != jetstream::stream::DirectGetErrorKind::NotFound),
         "{other:?}"
     );
+}
+
+/// A raw connection as a generated principal, with the inbox prefix it
+/// must use, and a channel of the server's `Permissions Violation` texts.
+async fn connect_as(
+    principal: &harmony_fleet::nats_config::Principal,
+    port: &str,
+    inbox_prefix: &str,
+) -> (async_nats::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix(inbox_prefix)
+        .user_and_password(principal.user.clone(), principal.password.clone())
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = event {
+                    if text.starts_with("Permissions Violation") {
+                        let _ = tx.send(text);
+                    }
+                }
+            }
+        })
+        .connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Every permission violation reported so far, waiting briefly for stragglers.
+async fn violations(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Ok(Some(text)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        seen.push(text);
+    }
+    seen
+}
+
+/// Whether `sub` receives anything within `wait`.
+async fn receives(sub: &mut async_nats::Subscriber, wait: Duration) -> bool {
+    matches!(tokio::time::timeout(wait, futures_util::StreamExt::next(sub)).await, Ok(Some(_)))
+}
+
+// Issue 7 §4: the read-only monitor reads every status and desired-state
+// key, heartbeats, device info and hints, and every write is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_reads_statuses_and_desired_state_and_every_write_is_refused() {
+    use harmony_fleet::nats_config::{Roles, MONITOR_INBOX_PREFIX};
+    harmony_scores::ensure_linked();
+    let (dev1, dev2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
+    let auth = harmony_fleet::nats_config::generate_with(
+        &[dev1.clone(), dev2.clone()],
+        Roles { monitor: true, commander: false },
+    )
+    .unwrap();
+    let nats = NatsServer::start_with_config(&auth.server_conf);
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let host = format!("127.0.0.1:{port}");
+    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
+        .await
+        .unwrap()
+        .unwrap();
+    operator.ensure_buckets().await.unwrap();
+    let app = DeploymentName::new("app").unwrap();
+    let g1 = operator
+        .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
+        .await
+        .unwrap();
+    for device in [&dev1, &dev2] {
+        harmony_e2e::report_status(
+            &operator,
+            &harmony_e2e::reported_status(device, Some(&[]), Default::default()),
+        )
+        .await;
+    }
+
+    // Reads: the operator's own client, connected as the monitor.
+    let monitor_url = auth.monitor.as_ref().unwrap().url(&host);
+    let monitor = FleetClient::connect_with_inbox_prefix(&[monitor_url], None, Some(MONITOR_INBOX_PREFIX))
+        .await
+        .unwrap();
+    let statuses = tokio::time::timeout(WAIT, monitor.list_statuses()).await.unwrap().unwrap();
+    assert_eq!(statuses.iter().map(|s| s.device_id.as_str()).collect::<Vec<_>>(), ["dev-1", "dev-2"]);
+    let desired = monitor.desired_state(&dev1, &app).await.unwrap().expect("dev-1's desired state");
+    assert_eq!(desired.generation, g1.generation);
+    let (raw, mut refused) = connect_as(auth.monitor.as_ref().unwrap(), &port, MONITOR_INBOX_PREFIX).await;
+    let mut beats = raw.subscribe("harmony.heartbeat.*").await.unwrap();
+    let mut infos = raw.subscribe("harmony.info.*").await.unwrap();
+    let mut hints = raw.subscribe("harmony.hint.>").await.unwrap();
+    raw.flush().await.unwrap();
+    let (device, _) = connect_as(&auth.devices[0].1, &port, "_INBOX_dev-1").await;
+    device.publish("harmony.heartbeat.dev-1", "1".into()).await.unwrap();
+    device.publish("harmony.info.dev-1", "info".into()).await.unwrap();
+    device.flush().await.unwrap();
+    let g2 = operator
+        .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v2")).force(true))
+        .await
+        .unwrap();
+    for (what, sub) in [("heartbeat", &mut beats), ("info", &mut infos), ("hint", &mut hints)] {
+        assert!(receives(sub, Duration::from_secs(5)).await, "the monitor saw no {what}");
+    }
+    assert!(violations(&mut refused).await.is_empty(), "reading is allowed");
+
+    // Writes: each refused by the server, the victims unchanged.
+    let status_before = operator.device_status(&dev2).await.unwrap().unwrap().1;
+    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(raw.clone());
+    for subject in [
+        "$KV.harmony-desired-state.dev-1.app",
+        "$KV.harmony-desired-state.dev-1._index",
+        "$KV.harmony-agent-status.dev-2",
+    ] {
+        let put = js.publish(subject, "forged".into()).await.unwrap().await;
+        assert!(put.is_err(), "the monitor wrote {subject}");
+    }
+    assert!(js.delete_stream("KV_harmony-agent-status").await.is_err(), "the monitor deleted a stream");
+    let stream = js.get_stream("KV_harmony-desired-state").await.expect("stream info is a read");
+    assert!(stream.purge().await.is_err(), "the monitor purged a stream");
+    let stripped = jetstream::stream::Config { republish: None, ..stream.cached_info().config.clone() };
+    assert!(js.update_stream(stripped).await.is_err(), "the monitor updated a stream");
+    let consumer = js
+        .create_consumer_on_stream(
+            jetstream::consumer::pull::Config {
+                filter_subject: "$KV.harmony-desired-state.>".into(),
+                ..Default::default()
+            },
+            "KV_harmony-desired-state",
+        )
+        .await;
+    assert!(consumer.is_err(), "the monitor created a consumer");
+    let mut commands = device.subscribe("device-commands.dev-1.>").await.unwrap();
+    device.flush().await.unwrap();
+    let command = raw
+        .send_request(
+            "device-commands.dev-1.reconcile",
+            async_nats::Request::new().timeout(Some(Duration::from_secs(1))),
+        )
+        .await;
+    assert!(command.is_err(), "the monitor sent a command");
+    assert!(!receives(&mut commands, Duration::from_millis(500)).await, "a command from the monitor arrived");
+    // Nor can it read replies meant for the operator.
+    let mut operator_replies = raw.subscribe("_INBOX.>").await.unwrap();
+    raw.flush().await.unwrap();
+    operator.device_status(&dev1).await.unwrap();
+    assert!(
+        !receives(&mut operator_replies, Duration::from_millis(500)).await,
+        "the monitor read the operator's inbox"
+    );
+
+    let seen = violations(&mut refused).await.join("\n");
+    for denied in [
+        "$KV.harmony-desired-state.dev-1.app",
+        "$KV.harmony-agent-status.dev-2",
+        "$JS.API.STREAM.DELETE.KV_harmony-agent-status",
+        "$JS.API.STREAM.PURGE.KV_harmony-desired-state",
+        "$JS.API.STREAM.UPDATE.KV_harmony-desired-state",
+        "$JS.API.CONSUMER.CREATE.KV_harmony-desired-state",
+        "device-commands.dev-1.reconcile",
+        "_INBOX.>",
+    ] {
+        assert!(seen.contains(denied), "no permission violation for {denied}:\n{seen}");
+    }
+    assert_eq!(operator.desired_state(&dev1, &app).await.unwrap().map(|d| d.generation), Some(g2.generation));
+    assert_eq!(operator.device_status(&dev2).await.unwrap().unwrap().1, status_before);
+    let info =
+        operator.jetstream().get_stream("KV_harmony-desired-state").await.unwrap().cached_info().clone();
+    assert_eq!(info.config.republish, stream.cached_info().config.republish, "the stream is unchanged");
+    assert_eq!(info.state.consumer_count, 0);
+    assert!(info.state.messages > 0, "nothing purged");
+    operator.jetstream().get_stream("KV_harmony-agent-status").await.expect("the status stream still exists");
+}
+
+// Issue 7 §4: the command-only role pings and reconciles devices through
+// the generated files (its inbox lies beneath the devices' trusted prefix),
+// and reads and writes no bucket; the monitor's files run `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commander_sends_commands_and_reaches_no_bucket() {
+    harmony_scores::ensure_linked();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("auth");
+    let run = std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
+        .args(["nats-config", "--devices", "dev-1,dev-2", "--monitor", "--commander"])
+        .args(["--url", "nats://127.0.0.1:1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let nats = NatsServer::start_with_config(&std::fs::read_to_string(out.join("nats-server.conf")).unwrap());
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let read = |name: &str| {
+        std::fs::read_to_string(out.join(name)).unwrap().replace("127.0.0.1:1", &format!("127.0.0.1:{port}"))
+    };
+    let env = |name: &str| -> Vec<(String, String)> {
+        read(name)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let fleet = |env_file: &str, args: &[&str]| {
+        std::process::Command::new(harmony_e2e::workspace_bin("harmony-fleet"))
+            .args(args)
+            .env_remove("HARMONY_NATS")
+            .env_remove("HARMONY_INBOX_PREFIX")
+            .envs(env(env_file))
+            .output()
+            .unwrap()
+    };
+    let operator_url = env("operator.env").remove(0).1;
+    let operator =
+        tokio::time::timeout(WAIT, FleetClient::connect(&[operator_url], None)).await.unwrap().unwrap();
+    operator.ensure_buckets().await.unwrap();
+    let (dev1, dev2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
+    let app = DeploymentName::new("app").unwrap();
+    operator
+        .deploy(DeployRequest::new(dev2.clone(), app.clone(), file("/secret", "dev-2 only")).force(true))
+        .await
+        .unwrap();
+    let g1 = operator
+        .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
+        .await
+        .unwrap();
+    let config = dir.path().join("dev-1.toml");
+    std::fs::write(&config, read("dev-1.toml")).unwrap();
+    let (state, root) = (dir.path().join("state"), dir.path().join("root"));
+    std::fs::create_dir(&root).unwrap();
+    let agent = AgentProcess::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--allow-unsigned",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--heartbeat",
+            "1",
+            "--resync",
+            "3600",
+        ],
+        &dir.path().join("agent.log"),
+    );
+    let applied = operator.wait_for_generation(&dev1, &app, g1.generation, Some(&g1.digest), WAIT).await;
+    assert!(applied.is_ok(), "{applied:?}\n{}", agent.log_text());
+
+    // The generated files work with the stock CLI.
+    for verb in ["ping", "reconcile"] {
+        let answered = fleet("commander.env", &[verb, "dev-1"]);
+        assert!(answered.status.success(), "commander {verb}: {}", String::from_utf8_lossy(&answered.stderr));
+    }
+    let status = fleet("monitor.env", &["status"]);
+    assert!(status.status.success(), "monitor status: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("dev-1"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let ping = fleet("monitor.env", &["ping", "dev-1", "--timeout", "1"]);
+    assert_eq!(ping.status.code(), Some(1), "the monitor sent a command");
+
+    // By hand: the commander's credentials reach no bucket.
+    let commander: harmony_fleet::nats_config::Principal = {
+        let url = env("commander.env").remove(0).1;
+        let (_, auth) = harmony_score_wire::names::split_url_credentials(&url);
+        let (user, password) = auth.unwrap();
+        harmony_fleet::nats_config::Principal { user, password }
+    };
+    let prefix = harmony_score_wire::names::COMMANDER_INBOX_PREFIX;
+    assert!(env("commander.env").contains(&("HARMONY_INBOX_PREFIX".to_owned(), prefix.to_owned())));
+    let (raw, mut refused) = connect_as(&commander, &port, prefix).await;
+    let as_commander = FleetClient::from_nats(raw.clone());
+    assert!(as_commander.ping(&dev1, Duration::from_secs(5)).await.unwrap().ok);
+    let mut listening = Vec::new();
+    for subject in ["harmony.hint.>", "$KV.>", "harmony.heartbeat.*", "device-commands.>", "_INBOX.>"] {
+        listening.push((subject, raw.subscribe(subject).await.unwrap()));
+    }
+    raw.flush().await.unwrap();
+    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(raw.clone());
+    let desired = js.get_stream_no_info("KV_harmony-desired-state").await.unwrap();
+    let read = desired.direct_get_last_for_subject("$KV.harmony-desired-state.dev-1.app").await;
+    assert!(read.is_err(), "the commander read desired state");
+    let status = js.get_stream_no_info("KV_harmony-agent-status").await.unwrap();
+    let read = status.direct_get_last_for_subject("$KV.harmony-agent-status.dev-1").await;
+    assert!(read.is_err(), "the commander read a status");
+    assert!(js.get_stream("KV_harmony-agent-status").await.is_err(), "the commander read stream info");
+    for subject in ["$KV.harmony-desired-state.dev-1.app", "$KV.harmony-agent-status.dev-1"] {
+        let put = js.publish(subject, "forged".into()).await.unwrap().await;
+        assert!(put.is_err(), "the commander wrote {subject}");
+    }
+    // A reply subject pointing into a bucket is not answered (confused deputy).
+    raw.publish_with_reply("device-commands.dev-1.ping", "$KV.harmony-desired-state.dev-2.app", "".into())
+        .await
+        .unwrap();
+    operator.ping(&dev1, Duration::from_secs(5)).await.unwrap();
+    let g2 =
+        operator.deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v2"))).await.unwrap();
+    operator.wait_for_generation(&dev1, &app, g2.generation, Some(&g2.digest), WAIT).await.unwrap();
+    for (subject, sub) in &mut listening {
+        assert!(!receives(sub, Duration::from_millis(200)).await, "the commander saw a message on {subject}");
+    }
+    let seen = violations(&mut refused).await.join("\n");
+    for denied in [
+        "$JS.API.DIRECT.GET.KV_harmony-desired-state",
+        "$JS.API.STREAM.INFO.KV_harmony-agent-status",
+        "$KV.harmony-desired-state.dev-1.app",
+        "harmony.hint.>",
+        "$KV.>",
+        "_INBOX.>",
+    ] {
+        assert!(seen.contains(denied), "no permission violation for {denied}:\n{seen}");
+    }
+    assert_eq!(operator.desired_state(&dev2, &app).await.unwrap().map(|d| d.generation), Some(1));
+    assert!(agent.log_text().contains("dropped a command"), "{}", agent.log_text());
+    assert!(!agent.log_text().contains("Permissions Violation"), "{}", agent.log_text());
 }
 
 /// The `nats = [...]` of a generated agent configuration, pointed at `port`.

@@ -142,15 +142,25 @@ async fn encode_and_deploy_refuse_an_invalid_score_with_exit_2_and_write_nothing
             "field path",
         ),
         (
-            // 2541 = 0o4755: setuid.
+            // 6637 = 0o14755: not a permission mode.
             write_invalid_doc(
                 dir.path(),
-                "setuid.json",
-                r#"{"type":"harmony.file/v1","path":"/usr/bin/x","mode":2541}"#,
+                "bad-mode.json",
+                r#"{"type":"harmony.file/v1","path":"/usr/bin/x","mode":6637}"#,
             ),
             "field mode",
         ),
     ];
+    // A setuid mode (2541 = 0o4755) is not the operator's to refuse: each
+    // device's policy decides (issue 7 §5).
+    let setuid = write_invalid_doc(
+        dir.path(),
+        "setuid.json",
+        r#"{"type":"harmony.file/v1","path":"/usr/bin/x","mode":2541}"#,
+    );
+    let cbor = dir.path().join("setuid.cbor");
+    let run = fleet(&server, &["encode", &setuid, "-o", cbor.to_str().unwrap()]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
     for (doc, field) in &cases {
         let cbor = dir.path().join("out.cbor");
         let run = fleet(&server, &["encode", doc, "-o", cbor.to_str().unwrap()]).await;

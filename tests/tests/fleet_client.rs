@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use harmony_e2e::{report_status, reported_status, within, NatsServer, WAIT};
+use harmony_e2e::{file_score, report_status, reported_status, within, NatsServer, WAIT};
 use harmony_fleet::async_nats::{self, jetstream, HeaderMap};
 use harmony_fleet::{BucketAction, DeployRequest, FleetClient, FleetError};
 use harmony_score_wire::names::{command_subject, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
@@ -27,15 +27,6 @@ fn dev(id: &str) -> DeviceId {
 
 fn name(n: &str) -> DeploymentName {
     DeploymentName::new(n).unwrap()
-}
-
-fn file(path: &str, content: &str) -> Box<dyn DeviceScore> {
-    Box::new(FileScore {
-        path: path.into(),
-        content: content.into(),
-        mode: None,
-        state: PresenceState::Present,
-    })
 }
 
 fn directory(path: &str) -> Box<dyn DeviceScore> {
@@ -161,7 +152,8 @@ async fn every_write_is_republished_as_a_headers_only_hint_without_reply_subject
     let mut others = client.nats().subscribe("harmony.hint.dev-2.>").await.unwrap();
     within(client.nats().flush()).await.unwrap();
 
-    let request = DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", "a")]).force(true);
+    let request =
+        DeployRequest::new(device.clone(), name("web"), vec![file_score("/etc/web", "a")]).force(true);
     within(client.deploy(request)).await.unwrap();
     // The index first (so a device that hears of the key can find it in the index), then the key.
     let index_hint = next_message(&mut hints).await;
@@ -227,8 +219,9 @@ async fn deploy_writes_the_index_then_the_key_and_generations_only_grow() {
     let client = connect(&server).await;
     let device = dev("dev-1");
     report(&client, &status(&device, Some(ALL_TAGS), vec![])).await;
-    let deploy =
-        |content: &str| DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", content)]);
+    let deploy = |content: &str| {
+        DeployRequest::new(device.clone(), name("web"), vec![file_score("/etc/web", content)])
+    };
 
     assert_eq!(within(client.deploy(deploy("a"))).await.unwrap().generation, 1);
     let doc = within(client.desired_state(&device, &name("web"))).await.unwrap().unwrap();
@@ -276,7 +269,7 @@ async fn numbering_continues_after_a_delete_and_a_purge_by_another_tool() {
     let kv = desired_kv(&client).await;
     let device = dev("dev-1");
     let deploy = |content: &str| {
-        DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", content)]).force(true)
+        DeployRequest::new(device.clone(), name("web"), vec![file_score("/etc/web", content)]).force(true)
     };
     for (content, generation) in [("1", 1), ("2", 2), ("3", 3)] {
         assert_eq!(within(client.deploy(deploy(content))).await.unwrap().generation, generation);
@@ -306,10 +299,11 @@ async fn numbering_continues_after_the_highest_generation_in_the_keys_history() 
     let kv = desired_kv(&client).await;
     // Another tool wrote generation 7, then (wrongly) 2, and the index knows neither.
     for generation in [7, 2] {
-        let doc = DesiredState::new(dev("dev-1"), name("web"), generation, vec![file("/etc/web", "x")]);
+        let doc = DesiredState::new(dev("dev-1"), name("web"), generation, vec![file_score("/etc/web", "x")]);
         within(kv.put("dev-1.web", encode(&doc).unwrap().into())).await.unwrap();
     }
-    let request = DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "y")]).force(true);
+    let request =
+        DeployRequest::new(dev("dev-1"), name("web"), vec![file_score("/etc/web", "y")]).force(true);
     assert_eq!(within(client.deploy(request)).await.unwrap().generation, 8);
 }
 
@@ -321,7 +315,8 @@ async fn a_failed_index_write_leaves_no_key_behind() {
     let client = connect(&server).await;
     let kv = desired_kv(&client).await;
     within(kv.put("dev-1._index", b"not an index".to_vec().into())).await.unwrap();
-    let request = DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "x")]).force(true);
+    let request =
+        DeployRequest::new(dev("dev-1"), name("web"), vec![file_score("/etc/web", "x")]).force(true);
     let err = within(client.deploy(request)).await.unwrap_err();
     assert!(matches!(&err, FleetError::BadValue { key, .. } if key == "dev-1._index"), "{err:?}");
     assert!(within(kv.entry("dev-1.web")).await.unwrap().is_none(), "the key must not be written");
@@ -334,7 +329,7 @@ async fn a_key_at_the_last_generation_is_a_typed_error_not_a_panic() {
     let client = connect(&server).await;
     let device = dev("dev-1");
     let deploy = |content: &str| {
-        DeployRequest::new(device.clone(), name("web"), vec![file("/etc/web", content)]).force(true)
+        DeployRequest::new(device.clone(), name("web"), vec![file_score("/etc/web", content)]).force(true)
     };
     let last = within(client.deploy(deploy("a").generation(Some(u64::MAX)))).await.unwrap();
     assert_eq!(last.generation, u64::MAX);
@@ -360,7 +355,8 @@ async fn the_digest_is_of_the_bytes_stored() {
     let server = NatsServer::start();
     let client = connect(&server).await;
     let kv = desired_kv(&client).await;
-    let request = || DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "x")]).force(true);
+    let request =
+        || DeployRequest::new(dev("dev-1"), name("web"), vec![file_score("/etc/web", "x")]).force(true);
     let written = within(client.deploy(request())).await.unwrap();
     let stored = within(kv.get("dev-1.web")).await.unwrap().unwrap();
     assert_eq!(written.digest, document_digest(&stored));
@@ -374,13 +370,13 @@ async fn an_invalid_score_is_refused_before_anything_is_written() {
     let server = NatsServer::start();
     let client = connect(&server).await;
     let kv = desired_kv(&client).await;
-    let setuid = Box::new(FileScore {
+    let bad_mode = Box::new(FileScore {
         path: "/usr/bin/x".into(),
         content: String::new(),
-        mode: Some(0o4755),
+        mode: Some(0o14755),
         state: PresenceState::Present,
     });
-    for scores in [vec![file("relative", "x")], vec![setuid as Box<dyn DeviceScore>]] {
+    for scores in [vec![file_score("relative", "x")], vec![bad_mode as Box<dyn DeviceScore>]] {
         let err = within(client.deploy(DeployRequest::new(dev("dev-1"), name("web"), scores).force(true)))
             .await
             .unwrap_err();
@@ -407,7 +403,8 @@ async fn an_undecodable_stored_document_is_replaced_not_a_dead_end() {
     within(client.ensure_buckets()).await.unwrap();
     let kv = within(client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
     within(kv.put("dev-1.web", b"not a document".to_vec().into())).await.unwrap();
-    let request = DeployRequest::new(dev("dev-1"), name("web"), vec![file("/etc/web", "x")]).force(true);
+    let request =
+        DeployRequest::new(dev("dev-1"), name("web"), vec![file_score("/etc/web", "x")]).force(true);
     assert_eq!(within(client.deploy(request)).await.unwrap().generation, 1);
     assert_eq!(
         within(client.desired_state(&dev("dev-1"), &name("web"))).await.unwrap().unwrap().generation,
@@ -425,8 +422,11 @@ async fn concurrent_operators_never_lose_each_others_index_entries_or_generation
     let tasks: Vec<_> = (0..10)
         .map(|i| {
             let client = clients[i % 2].clone();
-            let request =
-                DeployRequest::new(device.clone(), name(&format!("app-{i}")), vec![file("/etc/x", "x")]);
+            let request = DeployRequest::new(
+                device.clone(),
+                name(&format!("app-{i}")),
+                vec![file_score("/etc/x", "x")],
+            );
             tokio::spawn(async move { client.deploy(request.force(true)).await })
         })
         .collect();
@@ -441,8 +441,11 @@ async fn concurrent_operators_never_lose_each_others_index_entries_or_generation
     let tasks: Vec<_> = (0..10)
         .map(|i| {
             let client = clients[i % 2].clone();
-            let request =
-                DeployRequest::new(device.clone(), name("shared"), vec![file("/etc/s", &i.to_string())]);
+            let request = DeployRequest::new(
+                device.clone(),
+                name("shared"),
+                vec![file_score("/etc/s", &i.to_string())],
+            );
             tokio::spawn(async move { client.deploy(request.force(true)).await })
         })
         .collect();
@@ -469,7 +472,7 @@ async fn unsupported_score_tags_are_refused_unless_forced() {
     let client = connect(&server).await;
     let device = dev("dev-1");
     let request =
-        || DeployRequest::new(device.clone(), name("web"), vec![directory("/srv"), file("/srv/a", "")]);
+        || DeployRequest::new(device.clone(), name("web"), vec![directory("/srv"), file_score("/srv/a", "")]);
 
     // Never reported: refused, nothing written.
     let err = within(client.deploy(request())).await.unwrap_err();
@@ -642,10 +645,13 @@ async fn a_wait_the_device_moved_past_ends_superseded_never_applied() {
     let device = dev("dev-1");
     let web = name("web");
     report(&client, &status(&device, Some(ALL_TAGS), vec![])).await;
-    let deployed =
-        within(client.deploy(DeployRequest::new(device.clone(), web.clone(), vec![file("/etc/web", "new")])))
-            .await
-            .unwrap();
+    let deployed = within(client.deploy(DeployRequest::new(
+        device.clone(),
+        web.clone(),
+        vec![file_score("/etc/web", "new")],
+    )))
+    .await
+    .unwrap();
     assert_eq!(deployed.generation, 1);
     let wait =
         |generation| client.wait_for_generation(&device, &web, generation, Some(&deployed.digest), WAIT);

@@ -178,6 +178,12 @@ pub enum InterpretName {
     File,
     /// `DirectoryInterpret`.
     Directory,
+    /// `PodmanContainerInterpret`.
+    PodmanContainer,
+    /// `SystemdUnitInterpret`.
+    SystemdUnit,
+    /// `PackageInterpret`.
+    Package,
     /// An Interpret not listed above.
     Custom(&'static str),
 }
@@ -187,6 +193,9 @@ impl Display for InterpretName {
         match self {
             InterpretName::File => f.write_str("File"),
             InterpretName::Directory => f.write_str("Directory"),
+            InterpretName::PodmanContainer => f.write_str("PodmanContainer"),
+            InterpretName::SystemdUnit => f.write_str("SystemdUnit"),
+            InterpretName::Package => f.write_str("Package"),
             InterpretName::Custom(name) => f.write_str(name),
         }
     }

@@ -4,7 +4,7 @@ use std::sync::{Arc, RwLock};
 
 use tracing::{debug, warn};
 
-use crate::{InterpretError, Inventory, Outcome, PreparationError, Score, Topology};
+use crate::{log_text, InterpretError, Inventory, Outcome, PreparationError, Score, Topology};
 
 /// Why the Maestro could not run.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +63,10 @@ impl<T: Topology> Maestro<T> {
     /// Runs one Score's Interpret.
     pub async fn interpret(&self, score: &dyn Score<T>) -> Result<Outcome, InterpretError> {
         let interpret = score.create_interpret();
-        debug!(score = %score.name(), interpret = %interpret.get_name(), "running");
+        debug!(score = %log_text(score.name()), interpret = %interpret.get_name(), "running");
         let result = interpret.execute(&self.inventory, &self.topology).await;
         if let Err(err) = &result {
-            warn!(score = %score.name(), cause = %err, "interpret failed");
+            warn!(score = %log_text(score.name()), cause = %log_text(err), "interpret failed");
         }
         result
     }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use harmony_score_wire::DeploymentName;
+use harmony_score_wire::{log_text, DeploymentName};
 use tracing::{debug, warn};
 
 use crate::daemon::SourceContext;
@@ -43,7 +43,7 @@ pub async fn run(dir: PathBuf, context: SourceContext) {
             Ok(scanned) => scanned,
             Err(err) => {
                 // An unreadable folder is not an empty one: delete nothing.
-                warn!(dir = %dir.display(), cause = %err, "cannot scan document folder");
+                warn!(dir = %log_text(dir.display()), cause = %log_text(&err), "cannot scan document folder");
                 continue;
             }
         };
@@ -55,14 +55,14 @@ pub async fn run(dir: PathBuf, context: SourceContext) {
             let (path, format, _, _) = entry;
             match read_bounded(path) {
                 Ok(bytes) => {
-                    debug!(file = %path.display(), "document changed");
+                    debug!(file = %log_text(path.display()), "document changed");
                     let input = Input::Document { deployment: name.clone(), bytes, format: *format };
                     if !inbox.send(input) {
                         return;
                     }
                 }
                 Err(err) => {
-                    warn!(file = %path.display(), cause = %err, "cannot read document; trying again");
+                    warn!(file = %log_text(path.display()), cause = %log_text(&err), "cannot read document; trying again");
                     unread.push(name.clone());
                 }
             }
@@ -112,18 +112,18 @@ fn scan(dir: &Path) -> std::io::Result<(Seen, std::collections::BTreeSet<Deploym
             continue;
         };
         let Ok(name) = DeploymentName::new(stem) else {
-            warn!(file = %path.display(), "file name is not a deployment name; ignored");
+            warn!(file = %log_text(path.display()), "file name is not a deployment name; ignored");
             continue;
         };
         let meta = match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => meta,
             Ok(_) => {
-                warn!(file = %path.display(), "not a regular file; ignored (its deployment is kept)");
+                warn!(file = %log_text(path.display()), "not a regular file; ignored (its deployment is kept)");
                 unsure.insert(name);
                 continue;
             }
             Err(err) => {
-                warn!(file = %path.display(), cause = %err, "cannot examine file; ignored (its deployment is kept)");
+                warn!(file = %log_text(path.display()), cause = %log_text(&err), "cannot examine file; ignored (its deployment is kept)");
                 unsure.insert(name);
                 continue;
             }
@@ -155,6 +155,7 @@ mod tests {
             deployments: BTreeMap::new(),
             instance_id: String::new(),
             errors: Vec::new(),
+            keyset_version: None,
             truncated: false,
         });
         let known = vec![DeploymentName::new("usb").unwrap()];

@@ -40,11 +40,18 @@ pub struct Connection {
     pub creds: Option<PathBuf>,
     /// Signs every document written (`--sign-key`, `$HARMONY_SIGN_KEY`).
     pub sign_key: Option<PathBuf>,
+    /// Replies under this prefix (`--inbox-prefix`, `$HARMONY_INBOX_PREFIX`).
+    pub inbox_prefix: Option<String>,
 }
 
 impl Connection {
     async fn client(&self) -> Result<FleetClient, CliError> {
-        let client = FleetClient::connect(&self.urls, self.creds.as_deref()).await?;
+        let client = FleetClient::connect_with_inbox_prefix(
+            &self.urls,
+            self.creds.as_deref(),
+            self.inbox_prefix.as_deref(),
+        )
+        .await?;
         Ok(match &self.sign_key {
             Some(path) => client.with_signer(read_sign_key(path)?),
             None => client,
@@ -290,9 +297,18 @@ pub async fn init(conn: &Connection) -> Result<(), CliError> {
 }
 
 /// `harmony-fleet nats-config`: writes `nats-server.conf`, `operator.env`
-/// (`HARMONY_NATS=…`) and `<device>.toml` (an agent configuration) into
-/// `out`, each readable by its owner only: they hold passwords.
-pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), CliError> {
+/// (`HARMONY_NATS=…`), `<device>.toml` (an agent configuration) and, for the
+/// roles asked for, `monitor.env` and `commander.env` (`HARMONY_NATS=…` and
+/// the role's `HARMONY_INBOX_PREFIX=…`) into `out`, each readable by its
+/// owner only: they hold passwords.
+pub fn nats_config(
+    devices: &[DeviceId],
+    out: &Path,
+    url: &str,
+    roles: harmony_fleet::nats_config::Roles,
+) -> Result<(), CliError> {
+    use harmony_fleet::nats_config::{MONITOR_INBOX_PREFIX, RESERVED_USERS};
+    use harmony_score_wire::names::COMMANDER_INBOX_PREFIX;
     use std::os::unix::fs::OpenOptionsExt;
     // The URL is written into a TOML file and a shell environment file.
     if url.is_empty() || !url.chars().all(|c| c.is_ascii_alphanumeric() || "-._:/[]".contains(c)) {
@@ -300,11 +316,13 @@ pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), Cl
     }
     let mut seen = std::collections::BTreeSet::new();
     for device in devices {
-        if device.as_str() == "operator" || !seen.insert(device.clone()) {
+        // Reserved whether or not the roles are asked for now: they may be
+        // added later, and a device `monitor` would share the monitor's inbox.
+        if RESERVED_USERS.contains(&device.as_str()) || !seen.insert(device.clone()) {
             return Err(CliError::Usage(format!("device id {device} is reserved or repeated")));
         }
     }
-    let config = harmony_fleet::nats_config::generate(devices)
+    let config = harmony_fleet::nats_config::generate_with(devices, roles)
         .map_err(|e| CliError::Failed(format!("cannot read random bytes for passwords: {e}")))?;
     std::fs::create_dir_all(out)
         .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", out.display())))?;
@@ -330,6 +348,100 @@ pub fn nats_config(devices: &[DeviceId], out: &Path, url: &str) -> Result<(), Cl
             &format!("{device}.toml"),
             format!("device_id = \"{device}\"\nnats = [\"{}\"]\n", principal.url(url)),
         )?;
+    }
+    for (principal, prefix) in
+        [(&config.monitor, MONITOR_INBOX_PREFIX), (&config.commander, COMMANDER_INBOX_PREFIX)]
+    {
+        if let Some(principal) = principal {
+            write(
+                &format!("{}.env", principal.user),
+                format!("HARMONY_NATS={}\nHARMONY_INBOX_PREFIX={prefix}\n", principal.url(url)),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `keyset sign`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct KeysetSignArgs {
+    /// A root secret key (`harmony.key` from `keygen`); repeat for a root threshold.
+    #[arg(long = "root-key", required = true, value_name = "FILE")]
+    root_keys: Vec<PathBuf>,
+    /// An online public key (`harmony.pub`) that may sign documents; repeat for several.
+    #[arg(long = "key", required = true, value_name = "FILE")]
+    keys: Vec<PathBuf>,
+    /// How many of the keys must sign a document.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// The key set's version: above every key set published before.
+    #[arg(long)]
+    version: u64,
+    /// Days until the key set expires (devices then refuse new documents until a newer one).
+    #[arg(long, default_value_t = 365, value_name = "DAYS")]
+    expires_in_days: u64,
+    /// Where to write the signed key set.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `keyset sign`: the root signs a key set, offline.
+pub fn keyset_sign(args: &KeysetSignArgs) -> Result<(), CliError> {
+    let roots = args.root_keys.iter().map(|p| read_sign_key(p)).collect::<Result<Vec<_>, _>>()?;
+    let keys = args
+        .keys
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("cannot read public key {}: {e}", path.display())))?;
+            harmony_score_wire::parse_public_key(&text)
+                .map_err(|e| CliError::Usage(format!("public key {}: {e}", path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let now = now_ms() / 1000;
+    let expires_at =
+        args.expires_in_days.checked_mul(86_400).and_then(|s| s.checked_add(now)).ok_or_else(|| {
+            CliError::Usage(format!("--expires-in-days {} is too far", args.expires_in_days))
+        })?;
+    let keyset = harmony_score_wire::KeySet::new(args.version, now, expires_at, args.threshold, &keys);
+    keyset.check().map_err(|e| CliError::Usage(e.to_string()))?;
+    let signed = keyset.sign(&roots.iter().collect::<Vec<_>>());
+    std::fs::write(&args.out, signed)
+        .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", args.out.display())))?;
+    println!(
+        "key set version {} ({} keys, threshold {}) written to {}",
+        keyset.version,
+        keys.len(),
+        keyset.threshold,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `keyset publish FILE`.
+pub async fn keyset_publish(conn: &Connection, file: &Path) -> Result<(), CliError> {
+    let bytes =
+        std::fs::read(file).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let version = conn.client().await?.publish_keyset(&bytes).await?;
+    println!("published key set version {version}");
+    Ok(())
+}
+
+/// `keyset show`.
+pub async fn keyset_show(conn: &Connection) -> Result<(), CliError> {
+    match conn.client().await?.keyset().await? {
+        Some(keyset) => {
+            println!(
+                "version {}\nissued_at {}\nexpires_at {}\nthreshold {}",
+                keyset.version, keyset.issued_at, keyset.expires_at, keyset.threshold
+            );
+            for key in &keyset.keys {
+                // Checked when read: every key parses.
+                let id = harmony_score_wire::parse_public_key(key).map(|k| harmony_score_wire::key_id(&k));
+                println!("key {}\t{key}", id.unwrap_or_default());
+            }
+        }
+        None => println!("no key set published"),
     }
     Ok(())
 }

@@ -1,13 +1,24 @@
 //! The `Filesystem` capability and its real adapter on `LocalDeviceTopology`.
+//!
+//! Every operation resolves the parent directory beneath a descriptor of
+//! the root (see [`super::beneath`]) and acts on the last component through
+//! that directory's descriptor (`openat`, `renameat`, `unlinkat`,
+//! `mkdirat`, `fchmod`), never following a symlink there.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::fs::{DirBuilder, File, Permissions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use rustix::fs::{mkdirat, openat, renameat, statat, unlinkat, AtFlags, Dir, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
+use super::beneath::{Beneath, BeneathError};
+use super::paths::{self, ScorePath};
 use super::LocalDeviceTopology;
 
 /// Most bytes [`Filesystem::inspect`] reads of a file (one more tells a
@@ -26,7 +37,8 @@ pub enum PathEntry {
     File { content: Vec<u8>, mode: u32 },
     /// A directory with its permission bits.
     Directory { mode: u32 },
-    /// Something else (a socket, a device node, …).
+    /// Something else (a symlink, which is never followed, a socket, a
+    /// device node, …).
     Other,
 }
 
@@ -37,7 +49,8 @@ pub enum FilesystemError {
     /// Score paths must be absolute.
     #[error("path {path:?} is not absolute")]
     PathNotAbsolute { path: String },
-    /// The path leaves the topology's root through `..` or a symlink.
+    /// The path leaves the topology's root through `..` or a symlink (an
+    /// absolute one does unless the root is the host's `/`).
     #[error("path {path:?} escapes the device root")]
     PathEscapesRoot { path: String },
     /// Empty, the root itself, or holding a NUL byte.
@@ -54,7 +67,10 @@ pub enum FilesystemError {
 }
 
 /// Files and directories on a topology. Paths are absolute as the Score
-/// names them; the topology decides where they really live.
+/// names them; the topology decides where they really live. Symlinks in
+/// the parent directories may be followed (the topology says how far); the
+/// last component is never followed: a symlink there is replaced, removed
+/// or reported as [`PathEntry::Other`].
 #[async_trait]
 pub trait Filesystem: Send + Sync {
     /// What is at `path`, reading a file's content (at most
@@ -68,75 +84,111 @@ pub trait Filesystem: Send + Sync {
     async fn set_mode(&self, path: &str, mode: u32) -> Result<(), FilesystemError>;
     /// Removes the file at `path`; a missing file is not an error.
     async fn remove_file(&self, path: &str) -> Result<(), FilesystemError>;
-    /// Creates the directory `path` (and its parents) with `mode`.
+    /// Creates the directory `path` (and its missing parents) with `mode`.
     async fn create_dir(&self, path: &str, mode: u32) -> Result<(), FilesystemError>;
-    /// Removes the directory `path`; with `recursive` its content too.
-    /// A missing directory is not an error.
+    /// Removes the directory `path`; with `recursive` its content too
+    /// (symlinks in it are removed, never followed, and a symlink at `path`
+    /// is removed itself). A missing directory is not an error.
     async fn remove_dir(&self, path: &str, recursive: bool) -> Result<(), FilesystemError>;
 }
 
 /// Writes `content` to `path` so that a crash leaves either the old or the
 /// new file: temp file in the same directory, fsync, rename, fsync of the
 /// directory. Missing parent directories are created with mode 0755.
+///
+/// The path is followed as given: this is for the agent's own directories
+/// (its state, its status file). A Score's paths go through
+/// [`Filesystem::write_file`], which stays beneath the topology's root.
 pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir =
-        path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    if path.file_name().is_none() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"));
-    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let dir = match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+        Some(dir) => dir,
+        None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent")),
+    };
     DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    write_at(dir.as_fd(), name, content, mode)
+}
+
+/// The atomic write within the directory `dir`: a new temp file (`O_EXCL`,
+/// `O_NOFOLLOW`), its exact mode set through its descriptor, fsync,
+/// `renameat` over `name` (which replaces whatever is there, a symlink
+/// included, and never writes through it), fsync of `dir`.
+pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: u32) -> io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // The temp name does not embed the target's: a target name near
     // NAME_MAX would otherwise make the temp name too long to create.
-    let tmp = dir.join(format!(".harmony-tmp.{}.{n}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode & MODE_MASK).open(&tmp)?;
+    let tmp = format!(".harmony-tmp.{}.{n}", std::process::id());
+    let result = (|| -> io::Result<()> {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut file = File::from(openat(dir, tmp.as_str(), flags, Mode::from_raw_mode(mode & MODE_MASK))?);
         file.write_all(content)?;
         // The creation mode went through the umask; set the exact bits.
         file.set_permissions(Permissions::from_mode(mode & MODE_MASK))?;
         file.sync_all()?;
-        fs::rename(&tmp, path)
+        Ok(renameat(dir, tmp.as_str(), dir, name)?)
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = unlinkat(dir, tmp.as_str(), AtFlags::empty());
     }
     result?;
-    File::open(dir)?.sync_all()
+    Ok(rustix::fs::fsync(dir)?)
 }
 
-fn inspect_blocking(path: &Path) -> io::Result<PathEntry> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(PathEntry::Missing),
-        Err(err) => return Err(err),
+/// Opens `name` in `dir` without following a symlink (`ELOOP`), without
+/// blocking on a FIFO and without making a terminal the agent's: a FIFO or
+/// a device node swapped in must neither hang the agent nor be used.
+fn open_nofollow(dir: BorrowedFd<'_>, name: &str) -> rustix::io::Result<File> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    openat(dir, name, flags, Mode::empty()).map(File::from)
+}
+
+fn inspect_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<PathEntry> {
+    let stat = match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) => stat,
+        Err(Errno::NOENT) => return Ok(PathEntry::Missing),
+        Err(err) => return Err(err.into()),
     };
-    let mode = meta.permissions().mode() & MODE_MASK;
-    if meta.is_file() {
-        // Bounded: a Score's content is at most a document (1 MiB), so the
-        // first MAX_INSPECT_BYTES + 1 bytes tell whether it matches; a
-        // huge file already in place must not be read whole into memory.
-        use std::io::Read;
-        let mut content = Vec::new();
-        File::open(path)?.take(MAX_INSPECT_BYTES + 1).read_to_end(&mut content)?;
-        Ok(PathEntry::File { content, mode })
-    } else if meta.is_dir() {
-        Ok(PathEntry::Directory { mode })
-    } else {
-        Ok(PathEntry::Other)
+    match FileType::from_raw_mode(stat.st_mode) {
+        FileType::Directory => return Ok(PathEntry::Directory { mode: stat.st_mode & MODE_MASK }),
+        FileType::RegularFile => {}
+        // A symlink is reported, never followed.
+        _ => return Ok(PathEntry::Other),
     }
+    let file = match open_nofollow(dir, name) {
+        Ok(file) => file,
+        Err(Errno::NOENT) => return Ok(PathEntry::Missing),
+        // Replaced by a symlink since the stat.
+        Err(Errno::LOOP) => return Ok(PathEntry::Other),
+        Err(err) => return Err(err.into()),
+    };
+    // What was opened, not what was seen before: it may have been replaced.
+    let meta = file.metadata()?;
+    let mode = meta.mode() & MODE_MASK;
+    if meta.is_dir() {
+        return Ok(PathEntry::Directory { mode });
+    }
+    if !meta.is_file() {
+        return Ok(PathEntry::Other);
+    }
+    // Bounded: a Score's content is at most a document (1 MiB), so the
+    // first MAX_INSPECT_BYTES + 1 bytes tell whether it matches; a huge
+    // file already in place must not be read whole into memory.
+    let mut content = Vec::new();
+    file.take(MAX_INSPECT_BYTES + 1).read_to_end(&mut content)?;
+    Ok(PathEntry::File { content, mode })
 }
 
 /// Changes the mode through a descriptor, never through a path: the last
 /// component is opened without following a symlink, and a regular file
 /// with a second hard link (which may be a file outside the root) is
 /// refused, since its mode is that other file's too.
-fn set_mode_blocking(path: &Path, mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    // Non-blocking and no controlling terminal: a FIFO or a device node
-    // swapped in must neither hang the agent nor be used.
-    let flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
-    let file = OpenOptions::new().read(true).custom_flags(flags).open(path)?;
+fn set_mode_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<()> {
+    let file = open_nofollow(dir, name)?;
     let meta = file.metadata()?;
     if !meta.is_file() && !meta.is_dir() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "neither a regular file nor a directory"));
@@ -150,84 +202,195 @@ fn set_mode_blocking(path: &Path, mode: u32) -> io::Result<()> {
     file.set_permissions(Permissions::from_mode(mode & MODE_MASK))
 }
 
-fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
+fn create_dir_at(beneath: &Beneath, path: &ScorePath, mode: u32) -> Result<(), BeneathError> {
+    let mode = mode & MODE_MASK;
+    let parent = beneath.dir_creating(&path.parents, mode)?;
+    match mkdirat(&parent, path.name.as_str(), Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(err) => return Err(err.into()),
+    }
+    // As for files, the umask may have cleared bits the Score asked for;
+    // they are set on the directory opened, never through a symlink.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir = File::from(openat(&parent, path.name.as_str(), flags, Mode::empty())?);
+    Ok(dir.set_permissions(Permissions::from_mode(mode))?)
+}
+
+fn remove_dir_at(dir: BorrowedFd<'_>, name: &str, recursive: bool) -> rustix::io::Result<()> {
+    if !recursive {
+        return ignore_missing(unlinkat(dir, name, AtFlags::REMOVEDIR));
+    }
+    match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(()),
+        Err(err) => Err(err),
+        // The link itself goes, as with `std::fs::remove_dir_all`; what it
+        // points at is never touched.
+        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Symlink => {
+            ignore_missing(unlinkat(dir, name, AtFlags::empty()))
+        }
+        Ok(_) => remove_tree(dir, name),
+    }
+}
+
+/// Removes the directory `name` in `dir` and everything in it, each entry
+/// through the descriptor of the directory holding it: a directory is
+/// opened `O_NOFOLLOW` before it is entered, so a symlink (there from the
+/// start or swapped in) is removed itself and never followed.
+fn remove_tree<P: rustix::path::Arg + Copy>(dir: BorrowedFd<'_>, name: P) -> rustix::io::Result<()> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let tree = match openat(dir, name, flags, Mode::empty()) {
+        Ok(tree) => tree,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for entry in Dir::read_from(&tree)? {
+        let entry = entry?;
+        let child = entry.file_name();
+        if child == c"." || child == c".." {
+            continue;
+        }
+        let unlinked = match entry.file_type() {
+            FileType::Directory | FileType::Unknown => Err(Errno::ISDIR),
+            _ => unlinkat(&tree, child, AtFlags::empty()),
+        };
+        match unlinked {
+            Ok(()) | Err(Errno::NOENT) => {}
+            // A directory, or one now: its content first.
+            Err(Errno::ISDIR) => match remove_tree(tree.as_fd(), child) {
+                // Not a directory after all (a symlink, a file): itself.
+                Err(Errno::NOTDIR | Errno::LOOP) => ignore_missing(unlinkat(&tree, child, AtFlags::empty()))?,
+                other => other?,
+            },
+            Err(err) => return Err(err),
+        }
+    }
+    ignore_missing(unlinkat(dir, name, AtFlags::REMOVEDIR))
+}
+
+fn ignore_missing(result: rustix::io::Result<()>) -> rustix::io::Result<()> {
     match result {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(Errno::NOENT) => Ok(()),
         other => other,
     }
 }
 
 impl LocalDeviceTopology {
-    /// Resolves `path` and runs `op` on the blocking pool, so a slow disk
-    /// never stalls the agent's network tasks.
-    async fn blocking<R: Send + 'static>(
+    /// Splits `path`, opens the root and runs `op` with both on the
+    /// blocking pool, so a slow disk never stalls the agent's network tasks.
+    pub(super) async fn beneath<R: Send + 'static>(
         &self,
         op_name: &'static str,
         path: &str,
-        op: impl FnOnce(PathBuf) -> io::Result<R> + Send + 'static,
+        op: impl FnOnce(&Beneath, ScorePath) -> Result<R, BeneathError> + Send + 'static,
     ) -> Result<R, FilesystemError> {
-        let resolved = self.resolve(path)?;
+        let parsed = paths::parse(path)?;
+        let (root, resolver) = (self.root.clone(), self.resolver);
+        let result = tokio::task::spawn_blocking(move || op(&Beneath::open(&root, resolver)?, parsed)).await;
         let io_err = |source| FilesystemError::Io { op: op_name, path: path.to_owned(), source };
-        tokio::task::spawn_blocking(move || op(resolved))
-            .await
-            .map_err(|join| io_err(io::Error::other(join.to_string())))?
-            .map_err(io_err)
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(BeneathError::Escapes)) => Err(FilesystemError::PathEscapesRoot { path: path.to_owned() }),
+            Ok(Err(BeneathError::Io(source))) => Err(io_err(source)),
+            Err(join) => Err(io_err(io::Error::other(join.to_string()))),
+        }
+    }
+}
+
+/// The parent of `path` beneath the root, or `None` when it does not exist
+/// (so neither does anything in it).
+fn existing_parent(
+    beneath: &Beneath,
+    path: &ScorePath,
+) -> Result<Option<std::os::fd::OwnedFd>, BeneathError> {
+    match beneath.dir(&path.parents) {
+        Ok(dir) => Ok(Some(dir)),
+        Err(err) if err.is_not_found() => Ok(None),
+        Err(err) => Err(err),
     }
 }
 
 #[async_trait]
 impl Filesystem for LocalDeviceTopology {
     async fn inspect(&self, path: &str) -> Result<PathEntry, FilesystemError> {
-        self.blocking("inspect", path, |p| inspect_blocking(&p)).await
+        self.beneath("inspect", path, |beneath, path| match existing_parent(beneath, &path)? {
+            Some(dir) => Ok(inspect_at(dir.as_fd(), &path.name)?),
+            None => Ok(PathEntry::Missing),
+        })
+        .await
     }
 
     async fn write_file(&self, path: &str, content: &[u8], mode: u32) -> Result<(), FilesystemError> {
         let content = content.to_vec();
-        self.blocking("write", path, move |p| write_file_atomic(&p, &content, mode)).await
-    }
-
-    async fn set_mode(&self, path: &str, mode: u32) -> Result<(), FilesystemError> {
-        self.blocking("chmod", path, move |p| set_mode_blocking(&p, mode)).await
-    }
-
-    async fn remove_file(&self, path: &str) -> Result<(), FilesystemError> {
-        self.blocking("remove", path, |p| ignore_missing(fs::remove_file(p))).await
-    }
-
-    async fn create_dir(&self, path: &str, mode: u32) -> Result<(), FilesystemError> {
-        self.blocking("mkdir", path, move |p| {
-            DirBuilder::new().recursive(true).mode(mode & MODE_MASK).create(&p)?;
-            // As for files, the umask may have cleared bits the Score asked for.
-            set_mode_blocking(&p, mode)
+        self.beneath("write", path, move |beneath, path| {
+            let dir = beneath.dir_creating(&path.parents, 0o755)?;
+            Ok(write_at(dir.as_fd(), OsStr::new(&path.name), &content, mode)?)
         })
         .await
     }
 
+    async fn set_mode(&self, path: &str, mode: u32) -> Result<(), FilesystemError> {
+        self.beneath("chmod", path, move |beneath, path| {
+            let dir = beneath.dir(&path.parents)?;
+            Ok(set_mode_at(dir.as_fd(), &path.name, mode)?)
+        })
+        .await
+    }
+
+    async fn remove_file(&self, path: &str) -> Result<(), FilesystemError> {
+        self.beneath("remove", path, |beneath, path| match existing_parent(beneath, &path)? {
+            Some(dir) => Ok(ignore_missing(unlinkat(&dir, path.name.as_str(), AtFlags::empty()))?),
+            None => Ok(()),
+        })
+        .await
+    }
+
+    async fn create_dir(&self, path: &str, mode: u32) -> Result<(), FilesystemError> {
+        self.beneath("mkdir", path, move |beneath, path| create_dir_at(beneath, &path, mode)).await
+    }
+
     async fn remove_dir(&self, path: &str, recursive: bool) -> Result<(), FilesystemError> {
-        self.blocking("rmdir", path, move |p| {
-            ignore_missing(if recursive { fs::remove_dir_all(p) } else { fs::remove_dir(p) })
+        self.beneath("rmdir", path, move |beneath, path| match existing_parent(beneath, &path)? {
+            Some(dir) => Ok(remove_dir_at(dir.as_fd(), &path.name, recursive)?),
+            None => Ok(()),
         })
         .await
     }
 }
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
+
+    /// The topology over `root` both ways: `openat2` where the kernel has
+    /// it, and walking one component at a time as without it.
+    fn both(root: &Path) -> [LocalDeviceTopology; 2] {
+        [LocalDeviceTopology::new(root), LocalDeviceTopology::new(root).walking_beneath()]
+    }
 
     #[tokio::test]
     async fn write_is_atomic_sets_exact_mode_and_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
-        let topo = LocalDeviceTopology::new(dir.path());
-        topo.write_file("/a/b/c.txt", b"one", 0o640).await.unwrap();
-        topo.write_file("/a/b/c.txt", b"two", 0o600).await.unwrap();
-        assert_eq!(
-            topo.inspect("/a/b/c.txt").await.unwrap(),
-            PathEntry::File { content: b"two".to_vec(), mode: 0o600 }
-        );
-        let names: Vec<_> =
-            fs::read_dir(dir.path().join("a/b")).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("c.txt")]);
+        for topo in both(dir.path()) {
+            let root = topo.root().to_path_buf();
+            let _ = fs::remove_dir_all(root.join("a"));
+            topo.write_file("/a/b/c.txt", b"one", 0o640).await.unwrap();
+            topo.write_file("/a/b/c.txt", b"two", 0o600).await.unwrap();
+            assert_eq!(
+                topo.inspect("/a/b/c.txt").await.unwrap(),
+                PathEntry::File { content: b"two".to_vec(), mode: 0o600 }
+            );
+            let names: Vec<_> =
+                fs::read_dir(root.join("a/b")).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, vec![std::ffi::OsString::from("c.txt")]);
+            assert_eq!(fs::metadata(root.join("a")).unwrap().permissions().mode() & 0o7777, 0o755 & !umask());
+        }
+    }
+
+    fn umask() -> u32 {
+        let dir = tempfile::tempdir().unwrap();
+        DirBuilder::new().mode(0o777).create(dir.path().join("probe")).unwrap();
+        !fs::metadata(dir.path().join("probe")).unwrap().permissions().mode() & 0o777
     }
 
     // Issue 7 §2: a hard link inside the root to a file outside it, and a
@@ -241,25 +404,62 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::hard_link(&target, dir.path().join("hard")).unwrap();
         std::os::unix::fs::symlink(&target, dir.path().join("soft")).unwrap();
-        let topo = LocalDeviceTopology::new(dir.path());
-        assert!(topo.set_mode("/hard", 0o777).await.is_err());
-        assert!(topo.set_mode("/soft", 0o777).await.is_err());
-        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o7777, 0o600);
-        topo.write_file("/own", b"y", 0o600).await.unwrap();
-        topo.set_mode("/own", 0o640).await.unwrap();
-        assert_eq!(fs::metadata(dir.path().join("own")).unwrap().permissions().mode() & 0o7777, 0o640);
+        for topo in both(dir.path()) {
+            assert!(topo.set_mode("/hard", 0o777).await.is_err());
+            assert!(topo.set_mode("/soft", 0o777).await.is_err());
+            assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o7777, 0o600);
+            topo.write_file("/own", b"y", 0o600).await.unwrap();
+            topo.set_mode("/own", 0o640).await.unwrap();
+            assert_eq!(fs::metadata(dir.path().join("own")).unwrap().permissions().mode() & 0o7777, 0o640);
+        }
     }
 
     #[tokio::test]
     async fn inspect_reports_missing_directories_and_removal_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let topo = LocalDeviceTopology::new(dir.path());
-        assert_eq!(topo.inspect("/nothing").await.unwrap(), PathEntry::Missing);
-        topo.create_dir("/d/e", 0o750).await.unwrap();
-        assert_eq!(topo.inspect("/d/e").await.unwrap(), PathEntry::Directory { mode: 0o750 });
-        topo.remove_dir("/d", true).await.unwrap();
-        topo.remove_dir("/d", true).await.unwrap();
-        topo.remove_file("/d/x").await.unwrap();
-        assert_eq!(topo.inspect("/d").await.unwrap(), PathEntry::Missing);
+        for topo in both(dir.path()) {
+            assert_eq!(topo.inspect("/nothing").await.unwrap(), PathEntry::Missing);
+            assert_eq!(topo.inspect("/no/such/parent").await.unwrap(), PathEntry::Missing);
+            topo.create_dir("/d/e", 0o750).await.unwrap();
+            assert_eq!(topo.inspect("/d/e").await.unwrap(), PathEntry::Directory { mode: 0o750 });
+            topo.write_file("/d/e/f/g", b"x", 0o644).await.unwrap();
+            topo.remove_dir("/d", true).await.unwrap();
+            topo.remove_dir("/d", true).await.unwrap();
+            topo.remove_file("/d/x").await.unwrap();
+            assert_eq!(topo.inspect("/d").await.unwrap(), PathEntry::Missing);
+            topo.create_dir("/empty", 0o700).await.unwrap();
+            topo.remove_dir("/empty", false).await.unwrap();
+            topo.remove_dir("/empty", false).await.unwrap();
+            assert_eq!(topo.inspect("/empty").await.unwrap(), PathEntry::Missing);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_where_a_directory_is_expected_is_an_error_not_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("file"), "x").unwrap();
+        for topo in both(dir.path()) {
+            assert!(matches!(topo.write_file("/file/x", b"y", 0o644).await, Err(FilesystemError::Io { .. })));
+            assert!(matches!(topo.create_dir("/file", 0o700).await, Err(FilesystemError::Io { .. })));
+            assert!(matches!(topo.remove_dir("/file", true).await, Err(FilesystemError::Io { .. })));
+            assert!(matches!(topo.inspect("/file/x").await, Err(FilesystemError::Io { .. })));
+            assert_eq!(fs::read(dir.path().join("file")).unwrap(), b"x");
+            assert_eq!(
+                fs::metadata(dir.path().join("file")).unwrap().permissions().mode() & 0o777,
+                0o644 & !umask()
+            );
+        }
+    }
+
+    #[test]
+    fn the_agents_own_files_are_written_atomically_by_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/deep/record.cbor");
+        write_file_atomic(&path, b"one", 0o600).unwrap();
+        write_file_atomic(&path, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o600);
+        assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert!(write_file_atomic(Path::new("/"), b"x", 0o600).is_err());
     }
 }

@@ -1,79 +1,108 @@
 //! `LocalDeviceTopology`: the device the agent runs on, confined to a root directory.
 
+mod apt;
+mod beneath;
 mod filesystem;
 mod paths;
+mod podman;
+mod systemd;
+mod tool;
 
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
 pub use filesystem::{write_file_atomic, Filesystem, FilesystemError, PathEntry, MAX_INSPECT_BYTES};
+pub use podman::Podman;
+pub use systemd::UNIT_DIR;
 
 use crate::{PreparationError, PreparationOutcome, Topology};
 
-/// The device itself: files, and (in later capabilities) containers,
-/// services and packages.
+/// The device itself: files ([`Filesystem`]), containers
+/// ([`ContainerRuntime`](crate::ContainerRuntime), through [`Podman`]), and
+/// in later capabilities services and packages.
 ///
-/// Every path a Score names is absolute and is resolved under `root`
-/// (default `/`); a path that leaves the root, by `..` or through a symlink
-/// pointing outside, is refused.
+/// Every path a Score names is absolute and is resolved beneath `root`
+/// (default `/`), opened as a directory descriptor for each operation; a
+/// path that leaves the root, by `..` or through a symlink pointing
+/// outside, is refused, and so is an absolute symlink unless the root is
+/// the host's `/`. Symlinks in parent directories that stay beneath the
+/// root are followed; the last component is never followed.
 #[derive(Debug, Clone)]
 pub struct LocalDeviceTopology {
     name: String,
     root: PathBuf,
+    resolver: beneath::Resolver,
+    podman: Podman,
 }
 
 impl LocalDeviceTopology {
-    /// A topology confined to `root`.
+    /// A topology confined to `root`. Nothing is opened yet: each operation
+    /// opens the root, so a missing root is an operation's error.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { name: "local-device".to_owned(), root: root.into() }
+        Self {
+            name: "local-device".to_owned(),
+            root: root.into(),
+            resolver: beneath::Resolver::default(),
+            podman: Podman::default(),
+        }
     }
 
-    /// A topology rooted at `$HARMONY_ROOT`, or `/` when it is unset.
+    /// The same topology running containers with `podman` (default:
+    /// `podman` from `PATH`).
+    #[must_use]
+    pub fn with_podman(self, podman: Podman) -> Self {
+        Self { podman, ..self }
+    }
+
+    /// The podman adapter containers run through.
+    pub fn podman(&self) -> &Podman {
+        &self.podman
+    }
+
+    /// The same topology resolving as a kernel without `openat2` does.
+    #[cfg(test)]
+    pub(crate) fn walking_beneath(self) -> Self {
+        Self { resolver: beneath::Resolver::Walk, ..self }
+    }
+
+    /// A topology rooted at `$HARMONY_ROOT`, or `/` when it is unset,
+    /// running the podman binary `$HARMONY_PODMAN` (default `podman`).
     pub fn from_env() -> Self {
-        Self::new(std::env::var_os("HARMONY_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from))
+        let topology =
+            Self::new(std::env::var_os("HARMONY_ROOT").map_or_else(|| PathBuf::from("/"), PathBuf::from));
+        match std::env::var_os("HARMONY_PODMAN") {
+            Some(program) => topology.with_podman(Podman::new(program)),
+            None => topology,
+        }
     }
 
     /// The root directory every path is resolved under.
     pub fn root(&self) -> &Path {
         &self.root
     }
-
-    /// Resolves an absolute Score path under the root, refusing any path that
-    /// would leave it.
-    pub fn resolve(&self, path: &str) -> Result<PathBuf, FilesystemError> {
-        paths::resolve_under(&self.root, path)
-    }
 }
 
 impl LocalDeviceTopology {
     /// The path as the device's filesystem sees it now: the parent
-    /// directory's symlinks resolved (beneath the root), the last component
-    /// kept (a write replaces a link, it does not follow it). `/lib/x` on a
-    /// merged-/usr root is `/usr/lib/x`. Parents that do not exist yet are
-    /// kept as written. `None` when the parent resolves outside the root or
-    /// the path is not absolute.
+    /// directory's symlinks resolved beneath the root, as the filesystem
+    /// operations resolve them, the last component kept (a write replaces a
+    /// link, it does not follow it). `/lib/x` on a merged-/usr root is
+    /// `/usr/lib/x`. Parents that do not exist yet are kept as written.
+    /// `None` when the parent leaves the root (an absolute symlink does,
+    /// unless the root is the host's `/`), cannot be read, or the path is
+    /// not an absolute Score path.
     ///
     /// Blocking (it reads the filesystem). A symlink created after this
     /// call is not seen: this names aliases for conflict checks, it is not
     /// an access check.
     pub fn device_path(&self, path: &str) -> Option<String> {
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-        let (last, parents) = parts.split_last()?;
-        if !path.starts_with('/') || parts.contains(&"..") {
-            return None;
-        }
-        let canonical_root = std::fs::canonicalize(&self.root).ok()?;
-        for existing in (0..=parents.len()).rev() {
-            let prefix: PathBuf = parents[..existing].iter().fold(self.root.clone(), |p, c| p.join(c));
-            if let Ok(resolved) = std::fs::canonicalize(&prefix) {
-                let rest = parents[existing..].iter().chain(std::iter::once(last));
-                let full = rest.fold(resolved, |p, c| p.join(c));
-                let relative = full.strip_prefix(&canonical_root).ok()?;
-                return Some(format!("/{}", relative.to_str()?));
-            }
-        }
-        None
+        let parsed = paths::parse(path).ok()?;
+        let beneath = beneath::Beneath::open(&self.root, self.resolver).ok()?;
+        let mut names = beneath.resolved_names(&parsed.parents).ok()?;
+        names.push(parsed.name.into());
+        let names: Option<Vec<&str>> = names.iter().map(|name| name.to_str()).collect();
+        Some(format!("/{}", names?.join("/")))
     }
 }
 
@@ -97,3 +126,6 @@ impl Topology for LocalDeviceTopology {
         }
     }
 }
+
+#[cfg(test)]
+mod confinement_tests;

@@ -1,68 +1,38 @@
 //! Confining Score paths to the topology's root.
 
-use std::io;
-use std::path::{Component, Path, PathBuf};
-
 use super::FilesystemError;
 
-/// Joins the absolute `path` onto `root` and checks that neither a `..`
-/// component nor a symlink on the way leads outside `root`.
-///
-/// Checked at the time of the call: a symlink created between this check and
-/// the use of the path is not seen. The agent is the only writer of the paths
-/// it owns, so this guards against documents, not against local root users.
-pub(super) fn resolve_under(root: &Path, path: &str) -> Result<PathBuf, FilesystemError> {
+/// A Score's absolute path, split into names relative to the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ScorePath {
+    /// The directories above the last component, outermost first; none of
+    /// them empty, `.` or `..`.
+    pub(super) parents: Vec<String>,
+    /// The last component: the file or directory an operation acts on.
+    pub(super) name: String,
+}
+
+/// Splits the absolute `path` into names beneath the root. Refuses a
+/// relative path, a `..` anywhere, the root itself and a NUL byte; empty
+/// and `.` components are dropped. Symlinks are the filesystem's business:
+/// see [`super::beneath`].
+pub(super) fn parse(path: &str) -> Result<ScorePath, FilesystemError> {
     if path.is_empty() || path.contains('\0') {
         return Err(FilesystemError::InvalidPath { path: path.to_owned() });
     }
-    let requested = Path::new(path);
-    if !requested.is_absolute() {
+    if !path.starts_with('/') {
         return Err(FilesystemError::PathNotAbsolute { path: path.to_owned() });
     }
-    let mut resolved = root.to_path_buf();
-    for component in requested.components() {
-        match component {
-            Component::RootDir | Component::CurDir => {}
-            Component::Normal(part) => resolved.push(part),
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(FilesystemError::PathEscapesRoot { path: path.to_owned() })
-            }
+    let mut parents: Vec<String> = Vec::new();
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return Err(FilesystemError::PathEscapesRoot { path: path.to_owned() });
         }
+        parents.push(part.to_owned());
     }
-    if resolved == root {
-        // The root itself is never a Score's to write or remove.
-        return Err(FilesystemError::InvalidPath { path: path.to_owned() });
-    }
-    check_symlinks(root, &resolved, path)?;
-    Ok(resolved)
-}
-
-/// Walks from `root` to `resolved`; every existing symlink on the way must
-/// resolve to somewhere inside the canonical root.
-fn check_symlinks(root: &Path, resolved: &Path, path: &str) -> Result<(), FilesystemError> {
-    let io_err = |source: io::Error| FilesystemError::Io { op: "resolve", path: path.to_owned(), source };
-    let canonical_root = std::fs::canonicalize(root).map_err(io_err)?;
-    let relative = resolved
-        .strip_prefix(root)
-        .map_err(|_| FilesystemError::PathEscapesRoot { path: path.to_owned() })?;
-    let mut current = root.to_path_buf();
-    for part in relative.components() {
-        current.push(part);
-        let meta = match std::fs::symlink_metadata(&current) {
-            Ok(meta) => meta,
-            // Nothing exists from here on, so no symlink can lead out.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(err) => return Err(io_err(err)),
-        };
-        if meta.file_type().is_symlink() {
-            match std::fs::canonicalize(&current) {
-                Ok(target) if target.starts_with(&canonical_root) => {}
-                // A dangling link could later be made to point anywhere: refuse it too.
-                _ => return Err(FilesystemError::PathEscapesRoot { path: path.to_owned() }),
-            }
-        }
-    }
-    Ok(())
+    // The root itself is never a Score's to write or remove.
+    let name = parents.pop().ok_or_else(|| FilesystemError::InvalidPath { path: path.to_owned() })?;
+    Ok(ScorePath { parents, name })
 }
 
 #[cfg(test)]
@@ -70,45 +40,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn joins_absolute_paths_under_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let got = resolve_under(dir.path(), "/etc/motd").unwrap();
-        assert_eq!(got, dir.path().join("etc/motd"));
+    fn splits_absolute_paths_into_names_beneath_the_root() {
+        let got = parse("/etc/motd").unwrap();
+        assert_eq!(got, ScorePath { parents: vec!["etc".to_owned()], name: "motd".to_owned() });
+        assert_eq!(parse("//etc/./app//x/").unwrap().parents, ["etc", "app"]);
+        assert_eq!(parse("/x").unwrap(), ScorePath { parents: vec![], name: "x".to_owned() });
     }
 
     #[test]
     fn refuses_relative_parent_and_empty_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            resolve_under(dir.path(), "etc/motd"),
-            Err(FilesystemError::PathNotAbsolute { .. })
-        ));
-        assert!(matches!(
-            resolve_under(dir.path(), "/etc/../../x"),
-            Err(FilesystemError::PathEscapesRoot { .. })
-        ));
-        assert!(matches!(resolve_under(dir.path(), "/a/.."), Err(FilesystemError::PathEscapesRoot { .. })));
-        assert!(matches!(resolve_under(dir.path(), ""), Err(FilesystemError::InvalidPath { .. })));
-        assert!(matches!(resolve_under(dir.path(), "/"), Err(FilesystemError::InvalidPath { .. })));
-        assert!(matches!(resolve_under(dir.path(), "/a\0b"), Err(FilesystemError::InvalidPath { .. })));
-    }
-
-    #[test]
-    fn refuses_symlinks_that_leave_the_root_and_allows_those_inside() {
-        let outside = tempfile::tempdir().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).unwrap();
-        std::fs::create_dir(dir.path().join("real")).unwrap();
-        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("in")).unwrap();
-        std::os::unix::fs::symlink("/nonexistent-harmony-target", dir.path().join("dangling")).unwrap();
-
-        assert!(matches!(resolve_under(dir.path(), "/out/x"), Err(FilesystemError::PathEscapesRoot { .. })));
-        assert!(matches!(resolve_under(dir.path(), "/out"), Err(FilesystemError::PathEscapesRoot { .. })));
-        assert!(matches!(
-            resolve_under(dir.path(), "/dangling"),
-            Err(FilesystemError::PathEscapesRoot { .. })
-        ));
-        assert_eq!(resolve_under(dir.path(), "/in/x").unwrap(), dir.path().join("in/x"));
+        assert!(matches!(parse("etc/motd"), Err(FilesystemError::PathNotAbsolute { .. })));
+        assert!(matches!(parse("/etc/../../x"), Err(FilesystemError::PathEscapesRoot { .. })));
+        assert!(matches!(parse("/a/.."), Err(FilesystemError::PathEscapesRoot { .. })));
+        assert!(matches!(parse(""), Err(FilesystemError::InvalidPath { .. })));
+        assert!(matches!(parse("/"), Err(FilesystemError::InvalidPath { .. })));
+        assert!(matches!(parse("/./"), Err(FilesystemError::InvalidPath { .. })));
+        assert!(matches!(parse("/a\0b"), Err(FilesystemError::InvalidPath { .. })));
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use harmony_score_wire::names::{
-    desired_state_key, index_key, parse_desired_state_key, DESIRED_STATE_BUCKET, HINT_PREFIX,
+    desired_state_key, index_key, parse_desired_state_key, DESIRED_STATE_BUCKET, HINT_PREFIX, KEYSET_KEY,
 };
 use harmony_score_wire::{
     from_cbor, peek_generation, DecodeLimits, DeploymentIndex, DeploymentName, DeviceId,
@@ -52,13 +52,21 @@ impl Latest {
     }
 }
 
-/// A key of the device: a deployment's, or (`None`) the index.
-type KeyName = Option<DeploymentName>;
+/// A key the device reads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// Its index (`<id>._index`).
+    Index,
+    /// One deployment's (`<id>.<deployment>`).
+    Deployment(DeploymentName),
+    /// The fleet's key set (`_keyset`), read when the device has root keys.
+    SigningKeys,
+}
 
 /// Hints taken together: for each key of the device named, the highest
 /// sequence hinted (0: a hint without one).
 #[derive(Debug, Default)]
-pub(super) struct Hints(std::collections::BTreeMap<KeyName, u64>);
+pub(super) struct Hints(HashMap<Key, u64>);
 
 impl Hints {
     /// How many keys the hints name.
@@ -86,9 +94,13 @@ pub(super) struct Follower {
     known: BTreeSet<DeploymentName>,
     /// Per deployment: the revision last passed on, and its generation.
     passed: HashMap<DeploymentName, (u64, Option<u64>)>,
-    lagging: HashMap<KeyName, Lagging>,
+    lagging: HashMap<Key, Lagging>,
     /// Deployments the index lists as deleted (its tombstones).
     tombstoned: std::collections::HashSet<DeploymentName>,
+    /// Whether the key set is read (the device has root keys to check it).
+    follow_keyset: bool,
+    /// The revision of the key set last passed on.
+    keyset_passed: u64,
 }
 
 impl Follower {
@@ -97,6 +109,7 @@ impl Follower {
         device: DeviceId,
         inbox: InboxSender,
         known: Vec<DeploymentName>,
+        follow_keyset: bool,
     ) -> Result<Self, jetstream::context::GetStreamError> {
         // No STREAM.INFO request: it would list every key of the bucket,
         // and a device's credentials do not allow it.
@@ -109,6 +122,8 @@ impl Follower {
             passed: HashMap::new(),
             lagging: HashMap::new(),
             tombstoned: std::collections::HashSet::new(),
+            follow_keyset,
+            keyset_passed: 0,
         })
     }
 
@@ -120,30 +135,45 @@ impl Follower {
         let Some(key) = message.subject.strip_prefix(HINT_PREFIX).and_then(|s| s.strip_prefix('.')) else {
             return;
         };
-        let Some((device, deployment)) = parse_desired_state_key(key) else {
-            debug!(subject = %message.subject, "ignored a hint for a key of another shape");
-            return;
+        let key = if key == KEYSET_KEY && self.follow_keyset {
+            Key::SigningKeys
+        } else {
+            let Some((device, deployment)) = parse_desired_state_key(key) else {
+                debug!(subject = %harmony_score_wire::log_text(&message.subject), "ignored a hint for a key of another shape");
+                return;
+            };
+            if device != self.device {
+                return;
+            }
+            match deployment {
+                Some(name) => Key::Deployment(name),
+                None => Key::Index,
+            }
         };
-        if device != self.device {
-            return;
-        }
         let sequence = message
             .headers
             .as_ref()
             .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
             .and_then(|v| v.as_str().parse::<u64>().ok())
             .unwrap_or(0);
-        let hinted = hints.0.entry(deployment).or_insert(sequence);
+        let hinted = hints.0.entry(key).or_insert(sequence);
         *hinted = (*hinted).max(sequence);
     }
 
     /// Hints arrived: read each key they name once, at least at the highest
     /// sequence hinted, unless a value at least that new was already passed
     /// on (a burst of writes to one key is then one direct get, not one per
-    /// write, however far behind the hints are).
+    /// write, however far behind the hints are). The key set goes first
+    /// (documents signed by a new key need it), then the index.
     pub(super) async fn on_hints(&mut self, hints: Hints) {
-        for (key, min_revision) in hints.0 {
-            if let Some(name) = &key {
+        let mut hinted: Vec<(Key, u64)> = hints.0.into_iter().collect();
+        hinted.sort_by_key(|(key, _)| match key {
+            Key::SigningKeys => 0,
+            Key::Index => 1,
+            Key::Deployment(_) => 2,
+        });
+        for (key, min_revision) in hinted {
+            if let Key::Deployment(name) = &key {
                 if min_revision > 0 && self.passed.get(name).is_some_and(|(r, _)| *r >= min_revision) {
                     continue;
                 }
@@ -153,13 +183,17 @@ impl Follower {
         }
     }
 
-    /// Reads the index and every known deployment's key (at start, after a
+    /// Reads the key set (first: documents signed by a new key need it),
+    /// the index and every known deployment's key (at start, after a
     /// reconnect, on resync).
     pub(super) async fn full_sync(&mut self) {
-        self.sync(None, 0, 0).await;
+        if self.follow_keyset {
+            self.sync(Key::SigningKeys, 0, 0).await;
+        }
+        self.sync(Key::Index, 0, 0).await;
         let names: Vec<_> = self.known.iter().cloned().collect();
         for name in names {
-            self.sync(Some(name), 0, 0).await;
+            self.sync(Key::Deployment(name), 0, 0).await;
         }
     }
 
@@ -182,22 +216,23 @@ impl Follower {
 
     /// Reads `key` (at least at `min_revision`) and passes it on; for the
     /// index, then reads the deployments it points at.
-    async fn sync(&mut self, key: KeyName, min_revision: u64, attempt: u32) {
+    async fn sync(&mut self, key: Key, min_revision: u64, attempt: u32) {
         for name in self.sync_one(key, min_revision, attempt).await {
-            self.sync_one(Some(name), 0, 0).await;
+            self.sync_one(Key::Deployment(name), 0, 0).await;
         }
     }
 
     /// Reads one key; returns the deployments an index read says to read next.
-    async fn sync_one(&mut self, key: KeyName, min_revision: u64, attempt: u32) -> Vec<DeploymentName> {
+    async fn sync_one(&mut self, key: Key, min_revision: u64, attempt: u32) -> Vec<DeploymentName> {
         let subject_key = match &key {
-            Some(name) => desired_state_key(&self.device, name),
-            None => index_key(&self.device),
+            Key::Deployment(name) => desired_state_key(&self.device, name),
+            Key::Index => index_key(&self.device),
+            Key::SigningKeys => KEYSET_KEY.to_owned(),
         };
         let latest = match self.read(&subject_key).await {
             Ok(latest) => latest,
             Err(err) => {
-                warn!(key = %subject_key, cause = %err, "cannot read key; trying again shortly");
+                warn!(key = %subject_key, cause = %harmony_score_wire::log_text(&err), "cannot read key; trying again shortly");
                 self.lag(key, min_revision, attempt);
                 return Vec::new();
             }
@@ -214,15 +249,30 @@ impl Follower {
             warn!(key = %subject_key, read = latest.revision(), hinted = min_revision, "key never reached its hinted sequence; taking what it holds");
         }
         match key {
-            Some(name) => {
+            Key::Deployment(name) => {
                 self.pass_on(name, latest);
                 Vec::new()
             }
-            None => self.on_index(latest),
+            Key::Index => self.on_index(latest),
+            Key::SigningKeys => {
+                self.on_keyset(latest);
+                Vec::new()
+            }
         }
     }
 
-    fn lag(&mut self, key: KeyName, min_revision: u64, attempt: u32) {
+    /// Passes a new key set on; a deleted one changes nothing (the device
+    /// keeps the key set it holds: only a newer root-signed one replaces it).
+    fn on_keyset(&mut self, latest: Latest) {
+        if let Latest::Value { revision, value } = latest {
+            if revision != self.keyset_passed {
+                self.keyset_passed = revision;
+                self.inbox.keyset(value.to_vec());
+            }
+        }
+    }
+
+    fn lag(&mut self, key: Key, min_revision: u64, attempt: u32) {
         let delay = Duration::from_millis(5u64 << attempt.min(10)).min(MAX_LAG_BACKOFF);
         let entry = self.lagging.entry(key).or_insert(Lagging {
             min_revision,
@@ -284,7 +334,7 @@ impl Follower {
                 match from_cbor::<DeploymentIndex>(&value, MAX_INDEX_BYTES, "deployment index") {
                     Ok(index) => index,
                     Err(err) => {
-                        warn!(cause = %err, "index unreadable; following known deployments only");
+                        warn!(cause = %harmony_score_wire::log_text(&err), "index unreadable; following known deployments only");
                         return Vec::new();
                     }
                 }

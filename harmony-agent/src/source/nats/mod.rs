@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use async_nats::{jetstream, ConnectOptions, Event, Message, ServerError};
 use futures_util::{FutureExt, StreamExt};
-use harmony_score_wire::names::{command_subject, hint_subjects, inbox_prefix, info_subject};
-use harmony_score_wire::{to_cbor, CommandReply, DeviceInfo};
+use harmony_score_wire::names::{
+    command_subject, hint_subjects, inbox_prefix, info_subject, keyset_hint_subject,
+};
+use harmony_score_wire::{log_text, to_cbor, CommandReply, DeviceInfo};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
@@ -54,7 +56,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         options = match options.credentials_file(creds).await {
             Ok(options) => options,
             Err(err) => {
-                error!(cause = %err, "cannot read NATS credentials; not connecting");
+                error!(cause = %log_text(&err), "cannot read NATS credentials; not connecting");
                 return;
             }
         };
@@ -64,28 +66,43 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     let client = match options.connect(config.nats_urls.clone()).await {
         Ok(client) => client,
         Err(err) => {
-            error!(cause = %err, "cannot connect to NATS");
+            error!(cause = %log_text(&err), "cannot connect to NATS");
             return;
         }
     };
     let js = jetstream::ContextBuilder::new().timeout(JS_TIMEOUT).build(client.clone());
-    let mut follower = match keys::Follower::new(&js, device.clone(), inbox.clone(), known).await {
-        Ok(follower) => follower,
-        Err(err) => {
-            error!(cause = %err, "cannot open the desired-state stream");
-            return;
-        }
-    };
+    // Key sets matter only to a device with root keys to check them (and
+    // only such a device's credentials need to read the key set).
+    let follow_keyset = !config.root_keys.is_empty();
+    let mut follower =
+        match keys::Follower::new(&js, device.clone(), inbox.clone(), known, follow_keyset).await {
+            Ok(follower) => follower,
+            Err(err) => {
+                error!(cause = %log_text(&err), "cannot open the desired-state stream");
+                return;
+            }
+        };
     let subscriptions = tokio::try_join!(
         client.subscribe(hint_subjects(&device)),
         client.subscribe(command_subject(&device, ">")),
     );
-    let (mut hints, mut commands) = match subscriptions {
+    let (hints, mut commands) = match subscriptions {
         Ok(subs) => subs,
         Err(err) => {
-            error!(cause = %err, "cannot subscribe");
+            error!(cause = %log_text(&err), "cannot subscribe");
             return;
         }
+    };
+    let mut hints = if follow_keyset {
+        match client.subscribe(keyset_hint_subject()).await {
+            Ok(keyset_hints) => futures_util::stream::select(hints, keyset_hints).boxed(),
+            Err(err) => {
+                error!(cause = %log_text(&err), "cannot subscribe");
+                return;
+            }
+        }
+    } else {
+        hints.boxed()
     };
     let info_rx = status_rx.clone();
     let writer =
@@ -124,10 +141,10 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                 }
                 Event::Disconnected => warn!("disconnected from NATS; running on the last accepted state"),
                 Event::ServerError(ServerError::Other(text)) if text.starts_with("Permissions Violation") => {
-                    error!(%text, "NATS refused an operation: the device's credentials do not allow it");
+                    error!(text = %log_text(&text), "NATS refused an operation: the device's credentials do not allow it");
                 }
-                Event::ClientError(err) => warn!(cause = %err, "NATS client error"),
-                other => debug!(event = %other, "NATS event"),
+                Event::ClientError(err) => warn!(cause = %log_text(&err), "NATS client error"),
+                other => debug!(event = %log_text(&other), "NATS event"),
             },
             Some(message) = hints.next() => {
                 // Every hint already received is taken with this one, so a
@@ -152,7 +169,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     let _ = writer.await;
     let _ = commands_task.await;
     if let Err(err) = client.flush().await {
-        debug!(cause = %err, "flush on shutdown");
+        debug!(cause = %log_text(&err), "flush on shutdown");
     }
 }
 
@@ -166,7 +183,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 async fn publish_info(client: &async_nats::Client, config: &AgentConfig, info: Option<&DeviceInfo>) {
     if let Some(info) = info {
         if let Err(err) = client.publish(info_subject(&config.device_id), to_cbor(info).into()).await {
-            warn!(cause = %err, "cannot publish device info");
+            warn!(cause = %log_text(&err), "cannot publish device info");
         }
     }
 }
@@ -184,8 +201,8 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
     let Some(reply) = message.reply else { return };
     if message.status.is_some() || !trusted_reply(&reply, &config.trusted_inbox_prefix) {
         warn!(
-            subject = %message.subject,
-            reply = %harmony_score_wire::bounded_text(&reply, 128),
+            subject = %log_text(&message.subject),
+            reply = %log_text(&reply),
             "dropped a command whose reply subject is not under the trusted inbox prefix"
         );
         return;
@@ -220,7 +237,7 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
         agent_version: AGENT_VERSION.to_owned(),
     };
     if let Err(err) = client.publish(reply, to_cbor(&body).into()).await {
-        warn!(cause = %err, "cannot answer command");
+        warn!(cause = %log_text(&err), "cannot answer command");
     }
 }
 

@@ -47,7 +47,7 @@ pub(super) async fn write_loop(
     let stream = match js.get_stream_no_info(format!("KV_{AGENT_STATUS_BUCKET}")).await {
         Ok(stream) => stream,
         Err(err) => {
-            warn!(cause = %err, "cannot open the status stream; status is not reported");
+            warn!(cause = %harmony_score_wire::log_text(&err), "cannot open the status stream; status is not reported");
             return;
         }
     };
@@ -69,7 +69,7 @@ pub(super) async fn write_loop(
                 dirty = true;
                 let beat = client.publish(heartbeat_subject(&config.device_id), to_cbor(&now_ms()).into()).await;
                 if let Err(err) = beat {
-                    debug!(cause = %err, "heartbeat not published");
+                    debug!(cause = %harmony_score_wire::log_text(&err), "heartbeat not published");
                 }
             }
             () = tokio::time::sleep(RETRY_AFTER), if dirty => {}
@@ -87,9 +87,9 @@ pub(super) async fn write_loop(
                 Err(err) => {
                     let text = err.to_string();
                     if last_error.as_deref() != Some(&text) {
-                        warn!(cause = %text, "status not written; retrying");
+                        warn!(cause = %harmony_score_wire::log_text(&text), "status not written; retrying");
                     } else {
-                        debug!(cause = %text, "status still not written");
+                        debug!(cause = %harmony_score_wire::log_text(&text), "status still not written");
                     }
                     last_error = Some(text);
                 }

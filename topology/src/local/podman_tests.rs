@@ -1,0 +1,251 @@
+//! Tests of the podman adapter: against real podman and the test image where podman is installed, against stand-in scripts for timeouts and output bounds.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::container::*;
+use crate::LocalDeviceTopology;
+
+const IMAGE: &str = "localhost/harmony-busybox:test";
+
+/// Real podman with the test image, or `None` (and why, on stderr) when the
+/// podman binary is missing. CI installs it (`scripts/install-podman`), so
+/// there these tests always run.
+fn real_podman() -> Option<Podman> {
+    if Command::new("podman").arg("--version").output().is_err() {
+        // CI sets it: there a missing podman is a failure, never a skip.
+        assert!(
+            std::env::var_os("HARMONY_REQUIRE_PODMAN").is_none(),
+            "HARMONY_REQUIRE_PODMAN is set and no podman binary is on PATH"
+        );
+        eprintln!("skipped: no podman binary on PATH (scripts/install-podman installs it)");
+        return None;
+    }
+    let exists = Command::new("podman").args(["image", "exists", IMAGE]).status().expect("podman runs");
+    if !exists.success() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-test-image");
+        assert!(Command::new(script).status().expect("build-test-image").success(), "cannot build {IMAGE}");
+    }
+    Some(Podman::default())
+}
+
+/// A container name unique to this test run, removed on drop.
+struct Name(String);
+
+impl Name {
+    fn new(what: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        Self(format!("harmony-topology-{what}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl Drop for Name {
+    fn drop(&mut self) {
+        let _ = Command::new("podman").args(["rm", "--force", "--ignore", "--time", "0", &self.0]).output();
+    }
+}
+
+fn spec(name: &str, command: &[&str]) -> ContainerSpec {
+    ContainerSpec {
+        name: name.to_owned(),
+        image: IMAGE.to_owned(),
+        command: command.iter().map(|s| (*s).to_owned()).collect(),
+        env: BTreeMap::new(),
+        ports: Vec::new(),
+        volumes: Vec::new(),
+        restart: RestartPolicy::No,
+        labels: BTreeMap::from([("test.label".to_owned(), "yes".to_owned())]),
+        memory_bytes: None,
+        cpus: None,
+        stop_timeout: Duration::from_secs(1),
+        privileged: false,
+        network: NetworkMode::Default,
+    }
+}
+
+fn inspect_field(name: &str, template: &str) -> String {
+    let out = Command::new("podman").args(["inspect", "--format", template, name]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_container_is_created_started_stopped_restarted_and_removed() {
+    let Some(podman) = real_podman() else { return };
+    let name = Name::new("life");
+    assert_eq!(podman.inspect_container(&name.0).await.unwrap(), None);
+    assert!(podman.image_present(IMAGE).await.unwrap());
+    assert!(!podman.image_present("localhost/harmony-no-such-image:x").await.unwrap());
+
+    let mut wanted = spec(&name.0, &["/bin/sleep", "600"]);
+    wanted.env = BTreeMap::from([
+        ("GREETING".to_owned(), "hello world = x ".to_owned()),
+        ("SECRET".to_owned(), "s3cr3t".to_owned()),
+    ]);
+    wanted.memory_bytes = Some(64 << 20);
+    let id = podman.create_and_start(&wanted).await.unwrap();
+    let state = podman.inspect_container(&name.0).await.unwrap().expect("created");
+    assert_eq!(
+        (state.id.as_str(), &state.status, state.image.as_str()),
+        (id.as_str(), &ContainerStatus::Running, IMAGE)
+    );
+    assert_eq!(state.labels.get("test.label").map(String::as_str), Some("yes"));
+    let env = inspect_field(&name.0, "{{json .Config.Env}}");
+    assert!(env.contains("\"GREETING=hello world = x \"") && env.contains("SECRET=s3cr3t"), "{env}");
+    assert_eq!(inspect_field(&name.0, "{{.HostConfig.Memory}}"), (64u64 << 20).to_string());
+    // The environment file is gone once the container exists.
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name().to_string_lossy().starts_with(&format!(".harmony-env.{}.", std::process::id()))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // sleep as PID 1 ignores SIGTERM: the grace period ends in SIGKILL.
+    let started = Instant::now();
+    podman.stop(&name.0, Duration::from_secs(1)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let stopped = podman.inspect_container(&name.0).await.unwrap().unwrap();
+    assert!(stopped.status.is_startable(), "{stopped:?}");
+    podman.start(&name.0).await.unwrap();
+    let again = podman.inspect_container(&name.0).await.unwrap().unwrap();
+    assert_eq!((again.id, again.status), (id, ContainerStatus::Running));
+
+    podman.remove(&name.0).await.unwrap();
+    assert_eq!(podman.inspect_container(&name.0).await.unwrap(), None);
+    podman.remove(&name.0).await.unwrap();
+    podman.stop(&name.0, Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn podman_refusals_carry_podmans_own_message() {
+    let Some(podman) = real_podman() else { return };
+    let name = Name::new("refused");
+    let mut missing = spec(&name.0, &[]);
+    missing.image = "localhost/harmony-no-such-image:x".to_owned();
+    let err = podman.create_and_start(&missing).await.unwrap_err();
+    assert!(matches!(&err, ContainerError::CommandFailed { code: Some(125), .. }), "{err:?}");
+    assert!(err.to_string().contains("image not known"), "{err}");
+    assert_eq!(crate::InterpretError::from(err).kind(), crate::InterpretErrorKind::Failed);
+    let err = podman.start(&name.0).await.unwrap_err();
+    assert!(err.to_string().contains("no such container"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_binary_is_unavailable() {
+    let podman = Podman::new("/nonexistent/podman");
+    let err = podman.inspect_container("x").await.unwrap_err();
+    assert!(matches!(err, ContainerError::RuntimeUnavailable { .. }), "{err:?}");
+    assert_eq!(crate::InterpretError::from(err).kind(), crate::InterpretErrorKind::Unavailable);
+}
+
+/// A stand-in `podman`: a shell script with the given body.
+fn fake_podman(dir: &Path, body: &str) -> Podman {
+    let path = dir.join("podman");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Podman::new(path)
+}
+
+#[tokio::test]
+async fn a_hung_podman_is_killed_at_its_time_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let podman = fake_podman(dir.path(), &format!("echo $$ > {}\nexec sleep 60", pid_file.display()))
+        .call_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = podman.start("x").await.unwrap_err();
+    assert!(matches!(err, ContainerError::TimedOut { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(crate::InterpretError::from(err).kind(), crate::InterpretErrorKind::Timeout);
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let proc = Path::new("/proc").join(pid.trim());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Killed, then reaped by tokio: its /proc entry goes.
+    while proc.exists() && !std::fs::read_to_string(proc.join("stat")).unwrap_or_default().contains(") Z") {
+        assert!(Instant::now() < deadline, "the timed-out podman still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn output_is_read_bounded_and_errors_keep_only_podmans_error_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 MiB of JSON-looking output: more than an inspect may return.
+    let podman = fake_podman(dir.path(), "head -c 16777216 /dev/zero | tr '\\0' '['\nexit 0");
+    let err = podman.inspect_container("x").await.unwrap_err();
+    assert!(matches!(err, ContainerError::BadOutput { .. }), "{err:?}");
+    assert!(err.to_string().len() < 2048);
+    let podman = fake_podman(
+        dir.path(),
+        "echo 'time=\"x\" level=warning msg=\"noise\"' >&2\necho 'Error: the real \u{1b}[31mreason' >&2\nexit 125",
+    );
+    let err = podman.start("x").await.unwrap_err();
+    assert_eq!(err.to_string(), "start x failed: the real \\u{1b}[31mreason");
+    let podman = fake_podman(dir.path(), "exit 3");
+    assert!(podman.start("x").await.unwrap_err().to_string().contains("no message"));
+}
+
+#[test]
+fn create_arguments_are_a_vector_with_the_command_after_the_image() {
+    let mut s = spec("web", &["/bin/httpd", "-f", "-p", "8080", "$(reboot)"]);
+    s.ports = vec!["127.0.0.1:18080:8080".parse().unwrap(), "53/udp".parse().unwrap()];
+    s.volumes = vec![BindMount { source: "/srv/data".into(), target: "/data".into(), read_only: true }];
+    s.cpus = Some(0.5);
+    s.network = NetworkMode::Host;
+    s.privileged = true;
+    s.restart = RestartPolicy::OnFailure;
+    let args: Vec<String> =
+        create_args(&s, Some(Path::new("/tmp/env"))).into_iter().map(|a| a.into_string().unwrap()).collect();
+    assert_eq!(
+        args.join(" "),
+        "create --name web --pull never --stop-timeout 1 --restart on-failure --label test.label=yes \
+         --env-file /tmp/env --publish 127.0.0.1:18080:8080/tcp --publish 53/udp --volume /srv/data:/data:ro \
+         --cpus 0.5 --network host --privileged -- localhost/harmony-busybox:test /bin/httpd -f -p 8080 $(reboot)"
+    );
+}
+
+#[tokio::test]
+async fn volume_sources_resolve_beneath_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("srv/data")).unwrap();
+    std::fs::write(root.join("srv/app.conf"), "x").unwrap();
+    std::os::unix::fs::symlink("srv", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../../..", root.join("srv/up")).unwrap();
+    std::fs::create_dir(root.join("a:b")).unwrap();
+    let host = |p: &str| root.join(p).to_str().unwrap().to_owned();
+    for topo in [LocalDeviceTopology::new(root), LocalDeviceTopology::new(root).walking_beneath()] {
+        assert_eq!(topo.volume_source("/srv/data").await.unwrap(), host("srv/data"));
+        assert_eq!(topo.volume_source("/srv//data/").await.unwrap(), host("srv/data"));
+        assert_eq!(topo.volume_source("/link/data").await.unwrap(), host("srv/data"));
+        assert_eq!(topo.volume_source("/link/app.conf").await.unwrap(), host("srv/app.conf"));
+        assert_eq!(topo.volume_source("/srv/app.conf").await.unwrap(), host("srv/app.conf"));
+        for (path, refused) in [
+            // The last component is never followed, even beneath the root.
+            ("/link", true),
+            ("/abs", true),
+            ("/abs/passwd", true),
+            ("/srv/up", true),
+            ("/srv/up/etc", true),
+            ("/srv/../etc", true),
+            ("/a:b", true),
+            ("relative", true),
+            ("/missing", false),
+            ("/srv/missing/x", false),
+            ("/srv/app.conf/x", false),
+        ] {
+            match topo.volume_source(path).await {
+                Err(ContainerError::InvalidVolume { refused: r, .. }) => assert_eq!(r, refused, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+    }
+}
