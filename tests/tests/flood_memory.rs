@@ -100,7 +100,13 @@ async fn a_flood_of_one_mib_writes_keeps_the_agent_memory_bounded() {
     let pid = agent.pid().unwrap();
 
     // Generation 1 through the operator's client (index and key), applied.
-    let request = DeployRequest::new(device.clone(), deployment.clone(), Vec::new()).force(true);
+    let small: Box<dyn DeviceScore> = Box::new(FileScore {
+        path: "/var/lib/flood/blob".into(),
+        content: "generation 1\n".into(),
+        mode: None,
+        state: PresenceState::Present,
+    });
+    let request = DeployRequest::new(device.clone(), deployment.clone(), vec![small]).force(true);
     let first = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             if client.ping(&device, Duration::from_secs(1)).await.is_ok() {
