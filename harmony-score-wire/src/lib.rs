@@ -6,6 +6,7 @@
 
 pub mod cbor_bytes;
 mod codec;
+mod command;
 mod document;
 mod file;
 mod ids;
@@ -23,6 +24,10 @@ pub mod validate;
 pub use codec::{
     check_scores, decode, decode_json, encode, from_cbor, peek_generation, to_cbor, to_json_pretty,
     try_to_cbor, DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
+};
+pub use command::{
+    LogsErrorKind, LogsReply, LogsRequest, DEFAULT_LOG_TAIL, LOGS_VERB, MAX_LOGS_REPLY_BYTES,
+    MAX_LOGS_REQUEST_BYTES, MAX_LOG_BYTES, MAX_LOG_TAIL,
 };
 pub use document::{document_digest, DeploymentIndex, DesiredState, FORMAT_VERSION};
 pub use file::{is_json_path, read_document_file, DocumentFileError};

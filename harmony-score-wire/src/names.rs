@@ -9,6 +9,26 @@ pub const AGENT_STATUS_BUCKET: &str = "harmony-agent-status";
 /// The reserved deployment-key suffix of a device's index of deployments.
 pub const INDEX_SUFFIX: &str = "_index";
 
+/// Object Store bucket of artifacts (container image archives), addressed
+/// by name and sha256 from Scores: the operator writes, devices only read.
+pub const ARTIFACTS_BUCKET: &str = "harmony-artifacts";
+
+/// `OBJ_harmony-artifacts`: the stream behind [`ARTIFACTS_BUCKET`].
+pub fn artifacts_stream() -> String {
+    format!("OBJ_{ARTIFACTS_BUCKET}")
+}
+
+/// `$O.harmony-artifacts.M.>`: the subjects of the artifacts' metadata
+/// (one message per object, `$O.<bucket>.M.<base64url(name)>`).
+pub fn artifact_meta_subjects() -> String {
+    format!("$O.{ARTIFACTS_BUCKET}.M.>")
+}
+
+/// `$O.harmony-artifacts.C.<nuid>`: the subject of one stored object's chunks.
+pub fn artifact_chunk_subject(nuid: &str) -> String {
+    format!("$O.{ARTIFACTS_BUCKET}.C.{nuid}")
+}
+
 /// `<device>.<deployment>`: the desired-state key of one deployment.
 pub fn desired_state_key(device: &DeviceId, deployment: &DeploymentName) -> String {
     format!("{device}.{deployment}")
@@ -191,6 +211,10 @@ mod tests {
         assert!(!format!("{}.x", inbox_prefix(&d)).starts_with(DEFAULT_TRUSTED_INBOX_PREFIX));
         assert_eq!(heartbeat_subject(&d), "harmony.heartbeat.dev-1");
         assert_eq!(info_subject(&d), "harmony.info.dev-1");
+        assert_eq!(ARTIFACTS_BUCKET, "harmony-artifacts");
+        assert_eq!(artifacts_stream(), "OBJ_harmony-artifacts");
+        assert_eq!(artifact_meta_subjects(), "$O.harmony-artifacts.M.>");
+        assert_eq!(artifact_chunk_subject("N1"), "$O.harmony-artifacts.C.N1");
         assert_eq!(parse_desired_state_key("dev-1.web"), Some((d.clone(), Some(n))));
         assert_eq!(parse_desired_state_key("dev-1._index"), Some((d, None)));
         assert_eq!(parse_desired_state_key("dev-1.a.b"), None);

@@ -53,6 +53,40 @@ pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ScoreValid
     Ok(())
 }
 
+/// Longest artifact name.
+pub const MAX_ARTIFACT_NAME_BYTES: usize = 128;
+
+/// `name` can name an artifact (an object of the artifacts bucket, and a
+/// file name on devices): 1 to [`MAX_ARTIFACT_NAME_BYTES`] of
+/// `[A-Za-z0-9._-]`, starting with a letter or digit, not ending in `.`.
+pub fn check_artifact_name(field: &str, name: &str) -> Result<(), ScoreValidationError> {
+    let ok = name.len() <= MAX_ARTIFACT_NAME_BYTES
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.ends_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok {
+        let shown = crate::bounded_text(name, 64);
+        return Err(ScoreValidationError::new(
+            field,
+            format!(
+                "{shown:?} is not 1 to {MAX_ARTIFACT_NAME_BYTES} of [A-Za-z0-9._-], starting with a letter or digit, not ending in '.'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `digest` is a sha256 as 64 lowercase hex digits (as `sha256sum` prints it).
+pub fn check_sha256_hex(field: &str, digest: &str) -> Result<(), ScoreValidationError> {
+    if digest.len() != 64 || !digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(ScoreValidationError::new(
+            field,
+            format!("{:?} is not a sha256: 64 lowercase hex digits", crate::bounded_text(digest, 80)),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +115,19 @@ mod tests {
         assert!(check_text("name", "", 10).is_err());
         assert!(check_text("name", "a\tb", 10).is_err());
         assert!(check_text("name", "abcdefghijk", 10).is_err());
+    }
+
+    #[test]
+    fn artifact_names_and_digests_are_file_name_safe() {
+        for ok in ["busybox.tar", "a", "web-1.2_x.tar.gz", &"a".repeat(128)] {
+            check_artifact_name("artifact", ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", ".tar", "-x", "a/b", "a.", "..", "a b", "a\nb", "é", &"a".repeat(129), "a:b"] {
+            assert_eq!(check_artifact_name("artifact", bad).unwrap_err().field, "artifact", "{bad:?}");
+        }
+        check_sha256_hex("sha256", &"0a".repeat(32)).unwrap();
+        for bad in ["", &"A".repeat(64), &"a".repeat(63), &"a".repeat(65), &"g".repeat(64)] {
+            assert!(check_sha256_hex("sha256", bad).is_err(), "{bad:?}");
+        }
     }
 }
