@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -253,6 +254,53 @@ pub trait ContainerRuntime: Send + Sync {
     /// Removes the stopped container `name` (one still running is killed);
     /// a missing one is not an error.
     async fn remove(&self, name: &str) -> Result<(), ContainerError>;
+    /// Loads the image archive at `archive` (a local file: `docker-archive`
+    /// or `oci-archive`, as `podman save` writes them); returns the image
+    /// references it loaded, as the runtime names them.
+    async fn load_image(&self, archive: &Path) -> Result<Vec<String>, ContainerError>;
+    /// The last `tail` lines the container `name` wrote (stdout and
+    /// stderr, in the order the runtime kept them), at most `max_bytes` of
+    /// them: older lines are dropped first, and the result says so.
+    async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError>;
+}
+
+/// What [`ContainerRuntime::logs`] returns: lines without their line ends,
+/// oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerLogs {
+    /// The lines (invalid UTF-8 replaced).
+    pub lines: Vec<String>,
+    /// Older lines were dropped to stay within the byte limit.
+    pub truncated: bool,
+}
+
+impl ContainerLogs {
+    /// The lines of `text`, the runtime's output for the last lines asked
+    /// for, keeping at most `max_bytes` of the newest whole lines.
+    /// `already_cut`: the output was cut at its start before it came here.
+    pub fn from_output(text: &[u8], max_bytes: usize, already_cut: bool) -> Self {
+        let mut truncated = already_cut;
+        let mut start = 0;
+        if text.len() > max_bytes {
+            truncated = true;
+            start = text.len() - max_bytes;
+        }
+        let mut kept = &text[start..];
+        // A cut start leaves a partial line: drop it.
+        if truncated {
+            match kept.iter().position(|&b| b == b'\n') {
+                Some(end) => kept = &kept[end + 1..],
+                None => kept = &[],
+            }
+        }
+        let lines = match kept.strip_suffix(b"\n").unwrap_or(kept) {
+            _ if kept.is_empty() => Vec::new(),
+            body => {
+                body.split(|&b| b == b'\n').map(|line| String::from_utf8_lossy(line).into_owned()).collect()
+            }
+        };
+        Self { lines, truncated }
+    }
 }
 
 /// A published port: `[ip:][host_port:]container_port[/protocol]`.
@@ -467,6 +515,29 @@ mod tests {
         for bad in ["", "m", "5m", "1.5g", "256mb", "256 m", "-1g", "1t", "99999999999999999g", "0"] {
             assert!(parse_memory(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn logs_keep_the_newest_whole_lines_within_the_byte_limit() {
+        let logs = ContainerLogs::from_output(b"one\ntwo\nthree\n", 100, false);
+        assert_eq!(
+            (logs.lines, logs.truncated),
+            (vec!["one".to_owned(), "two".into(), "three".into()], false)
+        );
+        let logs = ContainerLogs::from_output(b"one\ntwo\nthree\n", 9, false);
+        assert_eq!((logs.lines, logs.truncated), (vec!["three".to_owned()], true));
+        let logs = ContainerLogs::from_output(b"no end", 100, false);
+        assert_eq!(logs.lines, ["no end"]);
+        let logs = ContainerLogs::from_output(b"", 100, false);
+        assert!(logs.lines.is_empty() && !logs.truncated);
+        let logs = ContainerLogs::from_output(b"a very long line\n", 4, false);
+        assert!(logs.lines.is_empty() && logs.truncated);
+        let logs = ContainerLogs::from_output(b"partial\nwhole\n", 100, true);
+        assert_eq!((logs.lines, logs.truncated), (vec!["whole".to_owned()], true));
+        let logs = ContainerLogs::from_output(b"\xff\n", 100, false);
+        assert_eq!(logs.lines, ["\u{fffd}"]);
+        let logs = ContainerLogs::from_output(b"a\n\nb\n", 100, false);
+        assert_eq!(logs.lines, ["a", "", "b"]);
     }
 
     #[test]

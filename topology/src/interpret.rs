@@ -100,6 +100,8 @@ pub enum InterpretErrorKind {
     Unavailable,
     /// The run was cancelled (superseded or shut down) before the Interpret finished.
     Cancelled,
+    /// Content fetched for a Score (an artifact) is not what its digest names.
+    DigestMismatch,
     /// A kind this build does not know (sent by a newer agent).
     #[serde(other)]
     Other,
@@ -115,6 +117,7 @@ impl InterpretErrorKind {
             InterpretErrorKind::Io => "io",
             InterpretErrorKind::Unavailable => "unavailable",
             InterpretErrorKind::Cancelled => "cancelled",
+            InterpretErrorKind::DigestMismatch => "digest_mismatch",
             InterpretErrorKind::Other => "other",
         }
     }

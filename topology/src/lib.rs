@@ -4,6 +4,7 @@
 //! with few edits: a [`Score`] is declarative data, its [`Interpret`] does the
 //! work against a [`Topology`], and the [`Maestro`] runs them.
 
+mod artifact;
 mod container;
 mod interpret;
 mod inventory;
@@ -16,8 +17,9 @@ mod service;
 pub mod text;
 mod topology;
 
+pub use artifact::{ArtifactError, ArtifactStore, FetchedArtifact};
 pub use container::{
-    parse_memory, BindMount, ContainerError, ContainerRuntime, ContainerSpec, ContainerState,
+    parse_memory, BindMount, ContainerError, ContainerLogs, ContainerRuntime, ContainerSpec, ContainerState,
     ContainerStatus, NetworkMode, PortMapping, PortMappingError, Protocol, RestartPolicy, MIN_MEMORY_BYTES,
 };
 pub use interpret::{

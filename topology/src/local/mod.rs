@@ -9,6 +9,7 @@ mod systemd;
 mod tool;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -16,6 +17,7 @@ pub use filesystem::{write_file_atomic, Filesystem, FilesystemError, PathEntry, 
 pub use podman::Podman;
 pub use systemd::UNIT_DIR;
 
+use crate::artifact::{ArtifactError, ArtifactStore, FetchedArtifact};
 use crate::{PreparationError, PreparationOutcome, Topology};
 
 /// The device itself: files ([`Filesystem`]), containers
@@ -28,12 +30,25 @@ use crate::{PreparationError, PreparationOutcome, Topology};
 /// outside, is refused, and so is an absolute symlink unless the root is
 /// the host's `/`. Symlinks in parent directories that stay beneath the
 /// root are followed; the last component is never followed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LocalDeviceTopology {
     name: String,
     root: PathBuf,
     resolver: beneath::Resolver,
     podman: Podman,
+    artifacts: Option<Arc<dyn ArtifactStore>>,
+}
+
+impl std::fmt::Debug for LocalDeviceTopology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDeviceTopology")
+            .field("name", &self.name)
+            .field("root", &self.root)
+            .field("resolver", &self.resolver)
+            .field("podman", &self.podman)
+            .field("artifacts", &self.artifacts.as_ref().map(|_| "<store>"))
+            .finish()
+    }
 }
 
 impl LocalDeviceTopology {
@@ -45,6 +60,7 @@ impl LocalDeviceTopology {
             root: root.into(),
             resolver: beneath::Resolver::default(),
             podman: Podman::default(),
+            artifacts: None,
         }
     }
 
@@ -53,6 +69,14 @@ impl LocalDeviceTopology {
     #[must_use]
     pub fn with_podman(self, podman: Podman) -> Self {
         Self { podman, ..self }
+    }
+
+    /// The same topology fetching artifacts (container image archives a
+    /// Score names by name and sha256) from `store`. Without one, a Score
+    /// that needs an artifact fails as `unavailable`.
+    #[must_use]
+    pub fn with_artifacts(self, store: Arc<dyn ArtifactStore>) -> Self {
+        Self { artifacts: Some(store), ..self }
     }
 
     /// The podman adapter containers run through.
@@ -123,6 +147,23 @@ impl Topology for LocalDeviceTopology {
             Ok(meta) if meta.is_dir() => Ok(PreparationOutcome::Noop),
             Ok(_) => Err(PreparationError::new(format!("root {} is not a directory", self.root.display()))),
             Err(err) => Err(PreparationError::new(format!("root {}: {err}", self.root.display()))),
+        }
+    }
+}
+
+/// Artifacts on the device: through the store the agent handed over
+/// ([`LocalDeviceTopology::with_artifacts`]), else none.
+#[async_trait]
+impl ArtifactStore for LocalDeviceTopology {
+    async fn fetch(&self, name: &str, sha256: &str) -> Result<FetchedArtifact, ArtifactError> {
+        match &self.artifacts {
+            Some(store) => store.fetch(name, sha256).await,
+            None => Err(ArtifactError::Unavailable {
+                name: name.to_owned(),
+                message:
+                    "this topology was given no artifact store (the agent daemon has one; `apply` does not)"
+                        .to_owned(),
+            }),
         }
     }
 }

@@ -23,7 +23,9 @@ use tokio::process::Command;
 
 use super::beneath::{Beneath, BeneathError};
 use super::{paths, LocalDeviceTopology};
-use crate::container::{ContainerError, ContainerRuntime, ContainerSpec, ContainerState, ContainerStatus};
+use crate::container::{
+    ContainerError, ContainerLogs, ContainerRuntime, ContainerSpec, ContainerState, ContainerStatus,
+};
 use crate::{bounded_text, NetworkMode};
 
 /// Most bytes of podman's stdout one call keeps (`inspect` of one
@@ -394,6 +396,94 @@ impl ContainerRuntime for Podman {
         let args = args(["rm", "--force", "--ignore", "--time", "0", "--", name]);
         self.call_ok(&op, args, self.call_timeout).await.map(drop)
     }
+
+    /// `podman load --input FILE`, under the pull time limit; the names
+    /// come from its `Loaded image: …` lines.
+    async fn load_image(&self, archive: &Path) -> Result<Vec<String>, ContainerError> {
+        let op = format!("load {}", archive.display());
+        let mut load = args(["load", "--input"]);
+        load.push(archive.into());
+        let output = self.call_ok(&op, load, self.pull_timeout).await?;
+        Ok(loaded_images(&String::from_utf8_lossy(&output.stdout)))
+    }
+
+    /// `podman logs --tail N -- NAME`, its stdout and stderr on one pipe so
+    /// the lines keep podman's order.
+    async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError> {
+        let op = format!("logs {name}");
+        let io_failed = |err: io::Error| ContainerError::CommandFailed {
+            op: op.clone(),
+            code: None,
+            message: bounded_text(&err.to_string(), MAX_MESSAGE_BYTES),
+        };
+        let (reader, writer) = io::pipe().map_err(io_failed)?;
+        let mut command = Command::new(&self.program);
+        command
+            .args(["logs", "--tail", &tail.to_string(), "--", name])
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone().map_err(io_failed)?)
+            .stderr(writer)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| ContainerError::RuntimeUnavailable {
+            program: self.program.display().to_string(),
+            source,
+        })?;
+        // Our copies of the write end close here: the reader sees the end
+        // of the output when podman exits.
+        drop(command);
+        let read = tokio::task::spawn_blocking(move || read_tail(reader, max_bytes));
+        let run = async {
+            let status = child.wait().await?;
+            let (text, cut) = read.await.map_err(io::Error::other)??;
+            Ok::<_, io::Error>((status.code(), text, cut))
+        };
+        let (code, text, cut) = match tokio::time::timeout(self.call_timeout, run).await {
+            Ok(result) => result.map_err(io_failed)?,
+            // Dropping `child` kills podman, which ends the reader too.
+            Err(_) => return Err(ContainerError::TimedOut { op, timeout: self.call_timeout }),
+        };
+        if code != Some(0) {
+            let output = Output { code, stdout: Vec::new(), stderr: text };
+            return Err(failed(&op, &output));
+        }
+        Ok(ContainerLogs::from_output(&text, max_bytes, cut))
+    }
+}
+
+/// The image references of `podman load`'s output (`Loaded image: a`,
+/// `Loaded image(s): a,b`).
+fn loaded_images(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("Loaded image: ").or_else(|| line.strip_prefix("Loaded image(s): "))
+        })
+        .flat_map(|names| names.split(','))
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// Reads `from` to its end, keeping the last `keep` bytes or a little
+/// more; says whether anything was dropped.
+fn read_tail(mut from: impl io::Read, keep: usize) -> io::Result<(Vec<u8>, bool)> {
+    let mut kept = Vec::new();
+    let mut cut = false;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = match from.read(&mut chunk) {
+            Ok(0) => return Ok((kept, cut)),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        kept.extend_from_slice(&chunk[..n]);
+        // Drop the oldest bytes now and then, not at every read.
+        if kept.len() > 2 * keep + chunk.len() {
+            kept.drain(..kept.len() - keep);
+            cut = true;
+        }
+    }
 }
 
 impl LocalDeviceTopology {
@@ -489,6 +579,14 @@ impl ContainerRuntime for LocalDeviceTopology {
 
     async fn remove(&self, name: &str) -> Result<(), ContainerError> {
         self.podman.remove(name).await
+    }
+
+    async fn load_image(&self, archive: &Path) -> Result<Vec<String>, ContainerError> {
+        self.podman.load_image(archive).await
+    }
+
+    async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError> {
+        self.podman.logs(name, tail, max_bytes).await
     }
 }
 

@@ -249,3 +249,70 @@ async fn volume_sources_resolve_beneath_the_root() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_archive_is_loaded_under_the_names_it_holds() {
+    let Some(podman) = real_podman() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A tag of this test alone: removing it leaves the shared test image.
+    let tag = format!("localhost/harmony-busybox:load-{}", std::process::id());
+    let archive = dir.path().join("image.tar");
+    let run =
+        |args: &[&str]| assert!(Command::new("podman").args(args).status().unwrap().success(), "{args:?}");
+    run(&["tag", IMAGE, &tag]);
+    run(&["save", "--quiet", "--output", archive.to_str().unwrap(), &tag]);
+    run(&["rmi", &tag]);
+    assert!(!podman.image_present(&tag).await.unwrap());
+    assert_eq!(podman.load_image(&archive).await.unwrap(), std::slice::from_ref(&tag));
+    assert!(podman.image_present(&tag).await.unwrap());
+    run(&["rmi", &tag]);
+    std::fs::write(&archive, "not an archive").unwrap();
+    let err = podman.load_image(&archive).await.unwrap_err();
+    assert!(matches!(err, ContainerError::CommandFailed { .. }), "{err:?}");
+    assert_eq!(loaded_images("Loaded image(s): a:1,b:2\nnoise\n"), ["a:1", "b:2"]);
+}
+
+#[tokio::test]
+async fn logs_are_the_last_lines_of_stdout_and_stderr_in_order_and_bounded() {
+    let Some(podman) = real_podman() else { return };
+    let name = Name::new("logs");
+    let script = "for i in 1 2 3 4 5; do echo out $i; echo err $i >&2; done; sleep 600";
+    podman.create_and_start(&spec(&name.0, &["/bin/sh", "-c", script])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let logs = loop {
+        let logs = podman.logs(&name.0, 10, 64 * 1024).await.unwrap();
+        if logs.lines.len() == 10 {
+            break logs;
+        }
+        assert!(Instant::now() < deadline, "{logs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Both streams, in the order podman's log file keeps them (conmon
+    // reads the two pipes separately: not strictly as written).
+    let mut sorted = logs.lines.clone();
+    sorted.sort();
+    let expected: Vec<String> =
+        ["err", "out"].iter().flat_map(|s| (1..=5).map(move |i| format!("{s} {i}"))).collect();
+    assert_eq!(sorted, expected);
+    assert!(!logs.truncated);
+    let tail = podman.logs(&name.0, 3, 64 * 1024).await.unwrap();
+    assert_eq!(tail.lines, logs.lines[7..]);
+    let bounded = podman.logs(&name.0, 10, 12).await.unwrap();
+    assert!(bounded.truncated && (1..=2).contains(&bounded.lines.len()), "{bounded:?}");
+    assert_eq!(bounded.lines, logs.lines[10 - bounded.lines.len()..]);
+    let err = podman.logs("harmony-no-such-container", 10, 1024).await.unwrap_err();
+    assert!(
+        err.to_string().contains("no such container") || err.to_string().contains("no container"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tail_keeps_the_newest_bytes() {
+    let text: Vec<u8> = (0..100_000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+    let (kept, cut) = read_tail(&text[..], 1000).unwrap();
+    assert!(cut && kept.len() >= 1000 && kept.len() < 3000 + 8192);
+    assert!(text.ends_with(&kept));
+    let (kept, cut) = read_tail(&b"short"[..], 1000).unwrap();
+    assert_eq!((kept.as_slice(), cut), (&b"short"[..], false));
+}
