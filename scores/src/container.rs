@@ -4,12 +4,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use harmony_score_wire::validate::{check_path, check_text};
+use harmony_score_wire::validate::{check_artifact_name, check_path, check_sha256_hex, check_text};
 use harmony_score_wire::{DeviceScore, Privilege, ResourceId, ScoreValidationError};
 use harmony_topology::{
-    async_trait, parse_memory, run, BindMount, ContainerRuntime, ContainerSpec, ContainerState, Id,
-    Interpret, InterpretError, InterpretErrorKind, InterpretName, InterpretStatus, Inventory, NetworkMode,
-    Outcome, PortMapping, RestartPolicy, Score, Topology, Version,
+    async_trait, parse_memory, run, ArtifactStore, BindMount, ContainerRuntime, ContainerSpec,
+    ContainerState, Id, Interpret, InterpretError, InterpretErrorKind, InterpretName, InterpretStatus,
+    Inventory, NetworkMode, Outcome, PortMapping, RestartPolicy, Score, Topology, Version,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -46,10 +46,15 @@ const MAX_STOP_TIMEOUT_S: u64 = 3600;
 pub struct PodmanContainerScore {
     /// The container's name (`[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 128 bytes).
     pub name: String,
-    /// The image reference; pulled when it is not present locally. Needed
-    /// when present; empty when absent.
+    /// The image reference; pulled when it is not present locally (or
+    /// loaded from `image_archive`). Needed when present; empty when absent.
     #[serde(default)]
     pub image: String,
+    /// Where the image comes from when it is not present locally: an image
+    /// archive in the fleet's artifact store instead of a registry. The
+    /// archive must hold `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_archive: Option<ImageArchive>,
     /// The command and its arguments; empty: the image's own.
     #[serde(default)]
     pub command: Vec<String>,
@@ -94,6 +99,16 @@ fn default_stop_timeout() -> u64 {
     30
 }
 
+/// An image archive (`podman save` output) in the fleet's artifact store
+/// (`harmony-fleet artifact put` prints both fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageArchive {
+    /// The artifact's name (`busybox.tar`).
+    pub artifact: String,
+    /// Its sha256: 64 lowercase hex digits. The device loads nothing else.
+    pub sha256: String,
+}
+
 /// A bind mount: `host_path` (beneath the device's root, existing) at
 /// `container_path` inside the container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,7 +148,7 @@ pub enum Network {
     Host,
 }
 
-impl<T: Topology + ContainerRuntime> Score<T> for PodmanContainerScore {
+impl<T: Topology + ContainerRuntime + ArtifactStore> Score<T> for PodmanContainerScore {
     fn create_interpret(&self) -> Box<dyn Interpret<T>> {
         Box::new(PodmanContainerInterpret { score: self.clone() })
     }
@@ -199,6 +214,7 @@ impl PodmanContainerScore {
         Self {
             name: name.to_owned(),
             image: String::new(),
+            image_archive: None,
             command: Vec::new(),
             env: BTreeMap::new(),
             ports: Vec::new(),
@@ -218,6 +234,10 @@ impl PodmanContainerScore {
         check_container_name("name", &self.name)?;
         if self.state == PresenceState::Present || !self.image.is_empty() {
             check_image("image", &self.image)?;
+        }
+        if let Some(archive) = &self.image_archive {
+            check_artifact_name("image_archive.artifact", &archive.artifact)?;
+            check_sha256_hex("image_archive.sha256", &archive.sha256)?;
         }
         check_count("command", self.command.len())?;
         for (i, arg) in self.command.iter().enumerate() {
@@ -327,6 +347,10 @@ impl PodmanContainerScore {
         struct Canonical<'a> {
             form: u8,
             image: &'a str,
+            // Absent from the form when unset: digests of Scores without an
+            // archive are what they were before the field existed.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            image_archive: Option<&'a str>,
             command: &'a [String],
             env: &'a BTreeMap<String, String>,
             ports: Vec<String>,
@@ -343,6 +367,7 @@ impl PodmanContainerScore {
         let canonical = Canonical {
             form: 1,
             image: &self.image,
+            image_archive: self.image_archive.as_ref().map(|a| a.sha256.as_str()),
             command: &self.command,
             env: &self.env,
             ports: self
@@ -501,9 +526,10 @@ fn is_managed(container: &ContainerState) -> bool {
 }
 
 impl PodmanContainerInterpret {
-    /// Makes sure the image is local: pulls it when missing, racing the
-    /// run's cancellation. Returns what it did, for the message.
-    async fn ensure_image<T: ContainerRuntime>(
+    /// Makes sure the image is local: loads it from its archive, or pulls
+    /// it, when missing, racing the run's cancellation. Returns what it
+    /// did, for the message.
+    async fn ensure_image<T: ContainerRuntime + ArtifactStore>(
         &self,
         topology: &T,
     ) -> Result<Option<String>, InterpretError> {
@@ -512,6 +538,9 @@ impl PodmanContainerInterpret {
             return Ok(None);
         }
         check_cancelled()?;
+        if let Some(archive) = &self.score.image_archive {
+            return self.load_archive(topology, archive).await.map(Some);
+        }
         let started = Instant::now();
         tokio::select! {
             pulled = topology.pull_image(image) => pulled?,
@@ -520,20 +549,61 @@ impl PodmanContainerInterpret {
         Ok(Some(format!("pulled {image} in {:.1} s", started.elapsed().as_secs_f64())))
     }
 
+    /// Fetches the archive (its digest checked by the store) and loads it;
+    /// the image must then be present. Nothing is loaded from an archive
+    /// whose digest is wrong.
+    async fn load_archive<T: ContainerRuntime + ArtifactStore>(
+        &self,
+        topology: &T,
+        archive: &ImageArchive,
+    ) -> Result<String, InterpretError> {
+        let image = &self.score.image;
+        let fetched = tokio::select! {
+            fetched = topology.fetch(&archive.artifact, &archive.sha256) => fetched?,
+            () = run::cancelled() => return Err(cancelled()),
+        };
+        check_cancelled()?;
+        let started = Instant::now();
+        let loaded = tokio::select! {
+            loaded = topology.load_image(&fetched.path) => loaded?,
+            () = run::cancelled() => return Err(cancelled()),
+        };
+        if !topology.image_present(image).await? {
+            return Err(InterpretError::new(format!(
+                "artifact {} was loaded but holds {}, not {image}",
+                archive.artifact,
+                if loaded.is_empty() { "no named image".to_owned() } else { loaded.join(", ") }
+            )));
+        }
+        Ok(format!(
+            "{image} loaded from artifact {} ({fetched}; podman load {} ms)",
+            archive.artifact,
+            started.elapsed().as_millis()
+        ))
+    }
+
     async fn create<T: ContainerRuntime>(
         &self,
         topology: &T,
         spec: &ContainerSpec,
         what: &str,
-        pulled: Option<String>,
+        image_note: Option<String>,
     ) -> Result<Outcome, InterpretError> {
         let id = topology.create_and_start(spec).await?;
         let name = &self.score.name;
-        let message = format!("{name} {what} (id {}, spec {})", short(&id), short(&self.score.spec_digest()));
-        Ok(Outcome::success_with_details(message, pulled.into_iter().collect()))
+        let mut message =
+            format!("{name} {what} (id {}, spec {})", short(&id), short(&self.score.spec_digest()));
+        if let Some(note) = &image_note {
+            message.push_str("; ");
+            message.push_str(note);
+        }
+        Ok(Outcome::success_with_details(message, image_note.into_iter().collect()))
     }
 
-    async fn present<T: ContainerRuntime>(&self, topology: &T) -> Result<Outcome, InterpretError> {
+    async fn present<T: ContainerRuntime + ArtifactStore>(
+        &self,
+        topology: &T,
+    ) -> Result<Outcome, InterpretError> {
         let score = &self.score;
         let name = &score.name;
         let spec = score.container_spec(run::deployment().as_deref());
@@ -593,7 +663,7 @@ impl PodmanContainerInterpret {
 }
 
 #[async_trait]
-impl<T: Topology + ContainerRuntime> Interpret<T> for PodmanContainerInterpret {
+impl<T: Topology + ContainerRuntime + ArtifactStore> Interpret<T> for PodmanContainerInterpret {
     async fn execute(&self, _inventory: &Inventory, topology: &T) -> Result<Outcome, InterpretError> {
         // Validated at decode; checked again for Scores built in code.
         self.score.validate().map_err(|e| InterpretError::invalid_input(e.to_string()))?;

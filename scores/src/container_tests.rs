@@ -122,11 +122,48 @@ fn validation_names_the_field() {
         (PodmanContainerScore { cpus: Some(0.0), ..web("web") }, "cpus"),
         (PodmanContainerScore { cpus: Some(f64::NAN), ..web("web") }, "cpus"),
         (PodmanContainerScore { stop_timeout_s: 3601, ..web("web") }, "stop_timeout_s"),
+        (archive("../busybox.tar", &"a".repeat(64)), "image_archive.artifact"),
+        (archive("busybox tar", &"a".repeat(64)), "image_archive.artifact"),
+        (archive("", &"a".repeat(64)), "image_archive.artifact"),
+        (archive("busybox.tar", &"A".repeat(64)), "image_archive.sha256"),
+        (archive("busybox.tar", "sha256:abc"), "image_archive.sha256"),
     ];
     for (score, field) in cases {
         let err = score.validate().expect_err(&format!("{score:?} was accepted"));
         assert_eq!(err.field, field, "{score:?}: {err}");
     }
+}
+
+/// `web` with its image from the archive `artifact` of digest `sha256`.
+fn archive(artifact: &str, sha256: &str) -> PodmanContainerScore {
+    PodmanContainerScore {
+        image_archive: Some(ImageArchive { artifact: artifact.into(), sha256: sha256.into() }),
+        ..web("web")
+    }
+}
+
+#[test]
+fn an_image_archive_is_named_by_artifact_and_digest_and_changes_the_spec() {
+    let json = format!(
+        r#"{{"type":"harmony.podman.container/v1","name":"web","image":"localhost/harmony-busybox:test",
+            "image_archive":{{"artifact":"busybox.tar","sha256":"{}"}}}}"#,
+        "0f".repeat(32)
+    );
+    let score: Box<dyn DeviceScore> = serde_json::from_str(&json).unwrap();
+    score.validate().unwrap();
+    let form = serde_json::to_value(&score).unwrap();
+    assert_eq!(form["image_archive"]["artifact"], "busybox.tar");
+    assert!(serde_json::to_value(web("web")).unwrap().get("image_archive").is_none(), "omitted when unset");
+    let one = archive("busybox.tar", &"a".repeat(64));
+    let other = archive("busybox.tar", &"b".repeat(64));
+    assert_ne!(one.spec_digest(), other.spec_digest(), "a new archive recreates the container");
+    assert_eq!(
+        one.spec_digest(),
+        archive("renamed.tar", &"a".repeat(64)).spec_digest(),
+        "the digest decides"
+    );
+    assert!(one.undo().unwrap().validate().is_ok());
+    assert!(!serde_json::to_string(&one.undo().unwrap()).unwrap().contains("image_archive"));
 }
 
 #[test]
@@ -170,6 +207,10 @@ fn the_spec_digest_covers_what_the_container_is_made_of_and_nothing_else() {
         PodmanContainerScore { memory: Some("64m".into()), ..base.clone() },
         PodmanContainerScore { stop_timeout_s: 1, ..base.clone() },
         PodmanContainerScore { restart: Restart::Always, ..base.clone() },
+        PodmanContainerScore {
+            image_archive: archive("a.tar", &"a".repeat(64)).image_archive,
+            ..base.clone()
+        },
     ];
     for score in changed {
         assert_ne!(score.spec_digest(), base.spec_digest(), "{score:?}");
@@ -347,4 +388,83 @@ async fn failures_are_typed_and_leave_the_running_container_alone() {
     };
     assert_eq!(m.interpret(&escaping).await.unwrap_err().kind(), InterpretErrorKind::InvalidInput);
     assert_eq!(podman(&["inspect", "--format", "{{.Id}}", &name.0]), id);
+}
+
+/// An artifact store holding one archive (or answering with an error), counting fetches.
+#[derive(Debug)]
+struct OneArchive {
+    path: std::path::PathBuf,
+    sha256: String,
+    fetches: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl harmony_topology::ArtifactStore for OneArchive {
+    async fn fetch(
+        &self,
+        name: &str,
+        sha256: &str,
+    ) -> Result<harmony_topology::FetchedArtifact, harmony_topology::ArtifactError> {
+        self.fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if sha256 != self.sha256 {
+            return Err(harmony_topology::ArtifactError::DigestMismatch {
+                name: name.into(),
+                expected: sha256.into(),
+                actual: self.sha256.clone(),
+            });
+        }
+        let bytes = std::fs::metadata(&self.path).unwrap().len();
+        Ok(harmony_topology::FetchedArtifact {
+            path: self.path.clone(),
+            bytes,
+            transferred_in: Some(Duration::from_millis(7)),
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_image_missing_locally_is_loaded_from_its_archive_and_a_wrong_digest_loads_nothing() {
+    if !podman_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A tag of this test alone: untagging it leaves the shared test image.
+    let tag = format!("localhost/harmony-busybox:scores-{}", std::process::id());
+    let tar = dir.path().join("image.tar");
+    podman(&["tag", IMAGE, &tag]);
+    podman(&["save", "--quiet", "--output", tar.to_str().unwrap(), &tag]);
+    podman(&["rmi", &tag]);
+    let store =
+        std::sync::Arc::new(OneArchive { path: tar, sha256: "c".repeat(64), fetches: Default::default() });
+    let topology = LocalDeviceTopology::new(dir.path()).with_artifacts(store.clone());
+    let m = Maestro::initialize(Inventory::empty(), topology).await.unwrap();
+    let name = Unique::new("archive");
+    let wrong = PodmanContainerScore {
+        image: tag.clone(),
+        command: vec!["/bin/sleep".into(), "600".into()],
+        stop_timeout_s: 1,
+        ..archive("image.tar", &"d".repeat(64))
+    };
+    let wrong = PodmanContainerScore { name: name.0.clone(), ..wrong };
+    let err = m.interpret(&wrong).await.unwrap_err();
+    assert_eq!(err.kind(), InterpretErrorKind::DigestMismatch, "{err}");
+    assert!(!Command::new("podman").args(["image", "exists", &tag]).status().unwrap().success(), "loaded");
+    assert_eq!(
+        podman(&["ps", "-a", "--filter", &format!("name=^{}$", name.0), "--format", "{{.Names}}"]),
+        ""
+    );
+
+    let right =
+        PodmanContainerScore { image_archive: archive("image.tar", &"c".repeat(64)).image_archive, ..wrong };
+    let out = m.interpret(&right).await.unwrap();
+    assert_eq!(out.status, InterpretStatus::SUCCESS, "{out:?}");
+    assert!(out.message.contains("created and started"), "{}", out.message);
+    assert!(out.message.contains(&format!("{tag} loaded from artifact image.tar (")), "{}", out.message);
+    assert!(out.message.contains("bytes fetched in 7 ms"), "{}", out.message);
+    assert_eq!(store.fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Present now: the next run fetches nothing.
+    assert_eq!(m.interpret(&right).await.unwrap().status, InterpretStatus::NOOP);
+    assert_eq!(store.fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+    m.interpret(right.undo().unwrap().as_ref()).await.unwrap();
+    podman(&["rmi", &tag]);
 }

@@ -13,7 +13,7 @@ mod systemd_unit;
 use serde::{Deserialize, Serialize};
 
 pub use container::{
-    Network, PodmanContainerInterpret, PodmanContainerScore, Restart, Volume, DEPLOYMENT_LABEL,
+    ImageArchive, Network, PodmanContainerInterpret, PodmanContainerScore, Restart, Volume, DEPLOYMENT_LABEL,
     MANAGED_LABEL, SPEC_LABEL,
 };
 pub use directory::{DirectoryInterpret, DirectoryScore};
