@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub root: PathBuf,
     /// The podman binary container Scores run (a path, or a name looked up in `PATH`).
     pub podman: PathBuf,
+    /// Largest artifact (image archive) the device fetches; cached under
+    /// `<state_dir>/artifacts`.
+    pub max_artifact_bytes: u64,
     /// How often keys are re-read and everything re-reconciled.
     pub resync: Duration,
     /// How often the status heartbeat is written.
@@ -198,6 +201,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("state_dir", &self.state_dir)
             .field("root", &self.root)
             .field("podman", &self.podman)
+            .field("max_artifact_bytes", &self.max_artifact_bytes)
             .field("resync", &self.resync)
             .field("source", &self.source)
             .field("max_parallel", &self.max_parallel)
@@ -224,6 +228,8 @@ pub struct ConfigLayer {
     pub root: Option<PathBuf>,
     /// `podman = "/usr/bin/podman"` (default `podman`, from `PATH`).
     pub podman: Option<PathBuf>,
+    /// `max_artifact_bytes = 2147483648`: the largest artifact fetched.
+    pub max_artifact_bytes: Option<u64>,
     /// `resync_secs = 60`.
     pub resync_secs: Option<u64>,
     /// `heartbeat_secs = 30`.
@@ -304,6 +310,7 @@ impl ConfigLayer {
             state_dir,
             root,
             podman,
+            max_artifact_bytes,
             resync_secs,
             heartbeat_secs,
             source,
@@ -363,6 +370,11 @@ impl ConfigLayer {
             state_dir: self.state_dir.ok_or(ConfigError::Missing("state_dir"))?,
             root: self.root.unwrap_or_else(|| PathBuf::from("/")),
             podman: self.podman.unwrap_or_else(|| PathBuf::from("podman")),
+            max_artifact_bytes: match self.max_artifact_bytes {
+                Some(0) => return Err(ConfigError::Invalid("max_artifact_bytes must be at least 1".into())),
+                Some(max) => max,
+                None => crate::artifacts::DEFAULT_MAX_ARTIFACT_BYTES,
+            },
             resync: secs(self.resync_secs, 60, "resync_secs")?,
             heartbeat: secs(self.heartbeat_secs, 30, "heartbeat_secs")?,
             source,
@@ -500,6 +512,7 @@ mod tests {
         assert_eq!(config.max_parallel, 4);
         assert_eq!(config.timeouts.default, Duration::from_secs(300));
         assert_eq!(config.trusted_inbox_prefix, "_INBOX.");
+        assert_eq!(config.max_artifact_bytes, 2 << 30);
     }
 
     #[test]
@@ -525,6 +538,9 @@ mod tests {
             ..Default::default()
         };
         assert!(ConfigLayer { max_parallel: Some(0), ..base() }.resolve().is_err());
+        assert!(ConfigLayer { max_artifact_bytes: Some(0), ..base() }.resolve().is_err());
+        let small = ConfigLayer { max_artifact_bytes: Some(1 << 20), ..base() }.resolve().unwrap();
+        assert_eq!(small.max_artifact_bytes, 1 << 20);
         assert!(ConfigLayer { resync_secs: Some(u64::MAX), ..base() }.resolve().is_err());
         assert!(ConfigLayer { shutdown_grace_secs: Some(u64::MAX), ..base() }.resolve().is_err());
         assert!(ConfigLayer { trusted_inbox_prefix: Some(">".into()), ..base() }.resolve().is_err());

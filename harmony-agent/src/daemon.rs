@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use harmony_score_wire::{registered_scores, AgentStatus, DeploymentName, DeviceInfo, SupportedScore};
@@ -9,6 +10,7 @@ use harmony_topology::{Inventory, LocalDeviceTopology, Maestro, MaestroError, Po
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::artifacts::{ArtifactLink, NatsArtifacts};
 use crate::config::{AgentConfig, Source};
 use crate::controller::{Controller, ControllerSettings};
 use crate::inbox::{inbox, InboxSender};
@@ -44,6 +46,8 @@ pub struct SourceContext {
     pub status: watch::Receiver<AgentStatus>,
     /// Turns true at shutdown.
     pub stop: watch::Receiver<bool>,
+    /// Where a source with a NATS connection hands it to the artifact store.
+    pub artifacts: Option<ArtifactLink>,
 }
 
 /// What the agent publishes about itself.
@@ -78,9 +82,15 @@ pub fn device_info(config: &AgentConfig) -> DeviceInfo {
 /// stops; the whole takes a bounded time.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
+    // Opened after the state directory's lock: it removes the temp files
+    // of transfers a crash interrupted.
+    let (artifacts, artifact_link) =
+        NatsArtifacts::new(config.state_dir.join("artifacts"), config.max_artifact_bytes);
     let maestro = Maestro::initialize(
         Inventory::empty(),
-        LocalDeviceTopology::new(&config.root).with_podman(Podman::new(&config.podman)),
+        LocalDeviceTopology::new(&config.root)
+            .with_podman(Podman::new(&config.podman))
+            .with_artifacts(Arc::new(artifacts)),
     )
     .await?;
     let settings = ControllerSettings {
@@ -111,6 +121,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         known: controller.known_deployments(),
         status: status_rx.clone(),
         stop: stop_rx.clone(),
+        // Without NATS the link is dropped: only cached artifacts are there.
+        artifacts: (config.source == Source::Nats).then_some(artifact_link),
     };
     let source_task = match &config.source {
         Source::Nats => tokio::spawn(source::nats::run(config.clone(), context)),

@@ -8,6 +8,7 @@
 //! runner (one per deployment, a bounded number at once).
 
 mod apply;
+pub mod artifacts;
 mod config;
 mod controller;
 mod daemon;

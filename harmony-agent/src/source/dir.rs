@@ -159,7 +159,10 @@ mod tests {
             truncated: false,
         });
         let known = vec![DeploymentName::new("usb").unwrap()];
-        let task = tokio::spawn(run(dir.to_owned(), SourceContext { inbox: tx, known, status, stop }));
+        let task = tokio::spawn(run(
+            dir.to_owned(),
+            SourceContext { inbox: tx, known, status, stop, artifacts: None },
+        ));
         (rx, stop_tx, task)
     }
 

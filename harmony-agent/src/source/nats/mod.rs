@@ -8,6 +8,7 @@
 //! resync timer, so a hint lost while offline never leaves the device behind.
 
 mod keys;
+mod logs;
 mod status;
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use futures_util::{FutureExt, StreamExt};
 use harmony_score_wire::names::{
     command_subject, hint_subjects, inbox_prefix, info_subject, keyset_hint_subject,
 };
-use harmony_score_wire::{log_text, to_cbor, CommandReply, DeviceInfo};
+use harmony_score_wire::{log_text, to_cbor, CommandReply, DeviceInfo, LOGS_VERB};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
@@ -34,7 +35,7 @@ const MAX_HINT_BATCH: usize = 1024;
 
 /// Follows the device's keys on NATS and feeds the inbox until `stop` turns true.
 pub async fn run(config: AgentConfig, context: SourceContext) {
-    let SourceContext { inbox, known, status: status_rx, mut stop } = context;
+    let SourceContext { inbox, known, status: status_rx, mut stop, artifacts } = context;
     let device = config.device_id.clone();
     let (event_tx, mut events) = mpsc::unbounded_channel();
     let mut options = ConnectOptions::new()
@@ -71,6 +72,10 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         }
     };
     let js = jetstream::ContextBuilder::new().timeout(JS_TIMEOUT).build(client.clone());
+    // Artifacts travel over this same connection (and its credentials).
+    if let Some(link) = &artifacts {
+        link.connect(js.clone());
+    }
     // Key sets matter only to a device with root keys to check them (and
     // only such a device's credentials need to read the key set).
     let follow_keyset = !config.root_keys.is_empty();
@@ -208,6 +213,14 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
         return;
     }
     let verb = message.subject.rsplit('.').next().unwrap_or_default().to_owned();
+    if verb == LOGS_VERB {
+        let podman = harmony_topology::Podman::new(&config.podman);
+        let body = logs::answer(&config.device_id, &podman, &message.payload).await;
+        if let Err(err) = client.publish(reply, to_cbor(&body).into()).await {
+            warn!(cause = %log_text(&err), "cannot answer command");
+        }
+        return;
+    }
     let (ok, text) = match verb.as_str() {
         "ping" => (true, "pong".to_owned()),
         "reconcile" => {
@@ -224,7 +237,7 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
         other => (
             false,
             format!(
-                "unknown verb {:?} (known: ping, reconcile)",
+                "unknown verb {:?} (known: ping, reconcile, logs)",
                 harmony_score_wire::bounded_text(other, 64)
             ),
         ),
