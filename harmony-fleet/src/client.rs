@@ -11,9 +11,12 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use harmony_score_wire::names::{
     command_subject, hint_republish_destination, hint_republish_source, redact_userinfo, status_key,
-    AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
+    AGENT_STATUS_BUCKET, ARTIFACTS_BUCKET, DESIRED_STATE_BUCKET,
 };
-use harmony_score_wire::{bounded_text, from_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo};
+use harmony_score_wire::{
+    bounded_text, from_cbor, to_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo, LogsErrorKind,
+    LogsReply, LogsRequest, LOGS_VERB, MAX_LOGS_REPLY_BYTES,
+};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
@@ -187,8 +190,14 @@ impl FleetClient {
     /// `allow_rollup: false`: `kv::Config` has no such switch, and with
     /// rollups allowed one device publishing `Nats-Rollup: all` on its own
     /// status key would purge every device's status.
+    ///
+    /// The artifacts bucket (an Object Store, `harmony-artifacts`) is
+    /// created here too, with direct gets (devices read it with nothing
+    /// else); other calls open it only when they use it.
     pub async fn ensure_buckets(&self) -> Result<Vec<BucketReport>, FleetError> {
-        let (report, buckets) = self.setup_buckets().await?;
+        let (mut report, buckets) = self.setup_buckets().await?;
+        let artifacts = self.ensure_artifacts_bucket().await?;
+        report.push(BucketReport { bucket: ARTIFACTS_BUCKET, action: artifacts });
         // Another task may have opened them meanwhile; both handles are equal.
         let _ = self.buckets.set(buckets);
         Ok(report)
@@ -215,7 +224,7 @@ impl FleetClient {
         self.js.get_key_value(name).await.map_err(|e| FleetError::nats(format!("open bucket {name}"), e))
     }
 
-    async fn stream_exists(&self, name: &str) -> Result<Option<stream::Stream>, FleetError> {
+    pub(crate) async fn stream_exists(&self, name: &str) -> Result<Option<stream::Stream>, FleetError> {
         match self.js.get_stream(name).await {
             Ok(stream) => Ok(Some(stream)),
             Err(err) => match err.kind() {
@@ -359,14 +368,75 @@ impl FleetClient {
         self.command(device, "reconcile", timeout).await
     }
 
+    /// The last `tail` lines of the container `container` on the device
+    /// (only containers its agent manages), at most
+    /// [`MAX_LOG_BYTES`](harmony_score_wire::MAX_LOG_BYTES) of them
+    /// (`truncated` says older lines were dropped). The lines are the
+    /// container's own output: escape them before printing.
+    /// [`FleetError::LogsRefused`] says why the device did not answer with lines.
+    pub async fn logs(
+        &self,
+        device: &DeviceId,
+        container: &str,
+        tail: u32,
+        timeout: Duration,
+    ) -> Result<LogsReply, FleetError> {
+        let request = LogsRequest::new(container, tail);
+        request.check().map_err(|message| FleetError::LogsRefused {
+            device: device.clone(),
+            container: bounded_text(container, 128),
+            kind: Some(LogsErrorKind::InvalidRequest),
+            message,
+        })?;
+        let (subject, payload) =
+            self.request(device, LOGS_VERB, Bytes::from(to_cbor(&request)), timeout).await?;
+        let reply: LogsReply = from_cbor(&payload, MAX_LOGS_REPLY_BYTES, "logs reply")
+            .map_err(|e| FleetError::BadReply { subject: subject.clone(), message: e.to_string() })?;
+        if reply.device_id != *device {
+            return Err(FleetError::BadReply {
+                subject,
+                message: format!("answered by device {} instead", reply.device_id),
+            });
+        }
+        if !reply.ok {
+            return Err(FleetError::LogsRefused {
+                device: device.clone(),
+                container: bounded_text(container, 128),
+                kind: reply.error,
+                message: bounded_text(&reply.message, 1024),
+            });
+        }
+        Ok(reply)
+    }
+
     async fn command(
         &self,
         device: &DeviceId,
         verb: &str,
         timeout: Duration,
     ) -> Result<CommandReply, FleetError> {
+        let (subject, payload) = self.request(device, verb, Bytes::new(), timeout).await?;
+        let reply: CommandReply = from_cbor(&payload, MAX_VALUE_BYTES, "command reply")
+            .map_err(|e| FleetError::BadReply { subject: subject.clone(), message: e.to_string() })?;
+        if reply.device_id != *device {
+            return Err(FleetError::BadReply {
+                subject,
+                message: format!("answered by device {} instead", reply.device_id),
+            });
+        }
+        Ok(reply)
+    }
+
+    /// Sends `verb` with `body` to the device; its subject and the reply's payload.
+    async fn request(
+        &self,
+        device: &DeviceId,
+        verb: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(String, Bytes), FleetError> {
         let subject = command_subject(device, verb);
-        let request = async_nats::Request::new().payload(Bytes::new()).timeout(Some(timeout));
+        let request = async_nats::Request::new().payload(body).timeout(Some(timeout));
         let reply = match self.nats.send_request(subject.clone(), request).await {
             Ok(reply) => reply,
             Err(err) => {
@@ -381,15 +451,7 @@ impl FleetClient {
                 })
             }
         };
-        let reply: CommandReply = from_cbor(&reply.payload, MAX_VALUE_BYTES, "command reply")
-            .map_err(|e| FleetError::BadReply { subject: subject.clone(), message: e.to_string() })?;
-        if reply.device_id != *device {
-            return Err(FleetError::BadReply {
-                subject,
-                message: format!("answered by device {} instead", reply.device_id),
-            });
-        }
-        Ok(reply)
+        Ok((subject, reply.payload))
     }
 }
 

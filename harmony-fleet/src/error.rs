@@ -152,6 +152,44 @@ pub enum FleetError {
         /// The device's status of the deployment.
         current: Box<DeploymentStatus>,
     },
+    /// Not an artifact that can be uploaded (a name Scores cannot hold, a
+    /// file that changed during the upload); nothing usable was written.
+    #[error("invalid artifact: {message}")]
+    InvalidArtifact {
+        /// What is wrong.
+        message: String,
+    },
+    /// The artifact name holds other content; nothing was written (Scores
+    /// already deployed may name that content's digest).
+    #[error("artifact {name} already holds other content (sha256 {sha256}); use another name, or --replace")]
+    ArtifactExists {
+        /// The name.
+        name: String,
+        /// What it holds.
+        sha256: String,
+    },
+    /// A local file could not be read.
+    #[error("cannot read {}", path.display())]
+    ReadFailed {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device did not return the container's logs.
+    #[error("{device}: no logs of {container}: {}{message}", kind.map(|k| format!("{k}: ")).unwrap_or_default())]
+    LogsRefused {
+        /// The device.
+        device: DeviceId,
+        /// The container asked for.
+        container: String,
+        /// Why, when the device said (`not_managed`, `not_found`); `None`
+        /// from an agent without the verb.
+        kind: Option<harmony_score_wire::LogsErrorKind>,
+        /// The device's message (bounded, escaped).
+        message: String,
+    },
     /// The document could not be encoded, or a device would reject it (an
     /// invalid Score, two Scores owning one resource); nothing was written.
     #[error("cannot encode the document")]

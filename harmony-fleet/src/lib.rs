@@ -6,6 +6,7 @@
 //! Harmony Score: [`DeviceDeploymentScore`] runs against a [`FleetTopology`]
 //! (any topology with the [`DeviceFleet`] capability) through the `Maestro`.
 
+mod artifacts;
 mod client;
 mod desired;
 mod error;
@@ -16,6 +17,7 @@ mod score;
 mod topology;
 mod wait;
 
+pub use artifacts::{ArtifactInfo, PutArtifact};
 pub use client::{BucketAction, BucketReport, FleetClient, DESIRED_STATE_HISTORY};
 pub use desired::{DeployRequest, Deployed};
 pub use error::{error_chain, FleetError, NatsError};

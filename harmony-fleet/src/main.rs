@@ -93,8 +93,26 @@ enum Command {
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         timeout: u64,
     },
-    /// Creates the fleet's KV buckets where missing.
+    /// Creates the fleet's buckets (desired state, status, artifacts) where missing.
     Init,
+    /// Artifacts: files Scores name by name and sha256 (container image archives).
+    Artifact {
+        #[command(subcommand)]
+        action: ArtifactCommand,
+    },
+    /// Prints the last lines of a container the device's agent manages.
+    Logs {
+        /// The device.
+        device: DeviceId,
+        /// The container, as its Score names it.
+        container: String,
+        /// How many lines (at most 10000; a reply holds at most 256 KiB).
+        #[arg(long, default_value_t = harmony_score_wire::DEFAULT_LOG_TAIL, value_name = "N")]
+        tail: u32,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        timeout: u64,
+    },
     /// Writes a new signing key pair: `harmony.key` (secret, 0600) and `harmony.pub`.
     Keygen {
         /// The folder to write into (created; existing key files are not overwritten).
@@ -128,6 +146,25 @@ enum Command {
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ArtifactCommand {
+    /// Uploads a file once (nothing is sent when the bucket holds it
+    /// already); prints its name, sha256 and size.
+    Put {
+        /// The file (`podman save -o busybox.tar IMAGE`).
+        file: PathBuf,
+        /// The artifact's name [default: the file's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace other content already under this name (Scores naming the
+        /// old digest then fail on devices that have not cached it).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Lists the artifacts: name, sha256, size.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -180,6 +217,10 @@ fn exit_code(err: &CliError) -> u8 {
             | FleetError::StaleGeneration { .. }
             | FleetError::GenerationExhausted { .. }
             | FleetError::InvalidKeySet { .. }
+            | FleetError::InvalidArtifact { .. }
+            | FleetError::ArtifactExists { .. }
+            | FleetError::ReadFailed { .. }
+            | FleetError::LogsRefused { kind: Some(harmony_score_wire::LogsErrorKind::InvalidRequest), .. }
             | FleetError::EncodeFailed(_),
         ) => 2,
         CliError::Fleet(_) | CliError::Failed(_) => 1,
@@ -225,6 +266,13 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
                 cli::command(&conn, &device, "reconcile", secs(timeout)).await
             }
             Command::Init => cli::init(&conn).await,
+            Command::Artifact { action: ArtifactCommand::Put { file, name, replace } } => {
+                cli::artifact_put(&conn, &file, name.as_deref(), replace).await
+            }
+            Command::Artifact { action: ArtifactCommand::List } => cli::artifact_list(&conn).await,
+            Command::Logs { device, container, tail, timeout } => {
+                cli::logs(&conn, &device, &container, tail, secs(timeout)).await
+            }
             Command::Keyset { action: KeysetCommand::Publish { file } } => {
                 cli::keyset_publish(&conn, &file).await
             }

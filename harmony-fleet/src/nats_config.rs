@@ -6,6 +6,10 @@
 //! own), list keys, create consumers or see another device's hints. See
 //! `../shared/NATS-SECURITY.md` for why each line is there.
 //!
+//! Artifacts are the fleet's, not a device's: every device may read every
+//! object of the artifacts bucket (its metadata by name, its chunks by
+//! sequence), with direct gets only, and write none.
+//!
 //! The monitor reads (statuses, desired state, stream info, heartbeats,
 //! device info, hints) and writes nothing. The commander sends
 //! `device-commands.<id>.<verb>` requests and reads their replies, nothing
@@ -15,8 +19,8 @@
 use std::io::Read;
 
 use harmony_score_wire::names::{
-    hint_subjects, inbox_prefix, keyset_hint_subject, AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX,
-    DESIRED_STATE_BUCKET, HINT_PREFIX, KEYSET_KEY,
+    artifact_meta_subjects, artifacts_stream, hint_subjects, inbox_prefix, keyset_hint_subject,
+    AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX, DESIRED_STATE_BUCKET, HINT_PREFIX, KEYSET_KEY,
 };
 use harmony_score_wire::DeviceId;
 
@@ -133,12 +137,20 @@ pub fn generate_with(devices: &[DeviceId], roles: Roles) -> std::io::Result<Nats
 pub fn device_user(id: &DeviceId, password: &str) -> String {
     let desired = format!("KV_{DESIRED_STATE_BUCKET}");
     let status = format!("KV_{AGENT_STATUS_BUCKET}");
+    let artifacts = artifacts_stream();
+    // Artifacts: the metadata of an object by its subject (a direct get of
+    // the last message), and its chunks by "next message on the chunk
+    // subject from sequence N", a request whose subject cannot name the
+    // chunks: it reaches every message of this one stream, read-only. No
+    // consumer: one could be told to push any message anywhere.
     format!(
         r#"{{ user: "{id}", password: "{password}", permissions: {{
         publish: {{ allow: [
           "$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_STATE_BUCKET}.{id}.>",
           "$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_STATE_BUCKET}.{KEYSET_KEY}",
           "$JS.API.DIRECT.GET.{status}.$KV.{AGENT_STATUS_BUCKET}.{id}",
+          "$JS.API.DIRECT.GET.{artifacts}",
+          "$JS.API.DIRECT.GET.{artifacts}.{artifact_meta}",
           "$KV.{AGENT_STATUS_BUCKET}.{id}",
           "harmony.heartbeat.{id}",
           "harmony.info.{id}"
@@ -154,6 +166,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
         hints = hint_subjects(id),
         inbox = inbox_prefix(id),
         keyset_hint = keyset_hint_subject(),
+        artifact_meta = artifact_meta_subjects(),
     )
 }
 
@@ -214,6 +227,15 @@ mod tests {
         assert_eq!(config.devices[0].1.password.len(), 48);
         assert!(config.server_conf.contains("\"harmony.hint.dev-1.>\""));
         assert!(config.server_conf.contains("\"_INBOX_dev-2.>\""));
+        // Artifacts: read with direct gets, on the artifacts stream only.
+        assert!(config.server_conf.contains("\"$JS.API.DIRECT.GET.OBJ_harmony-artifacts\""));
+        assert!(config
+            .server_conf
+            .contains("\"$JS.API.DIRECT.GET.OBJ_harmony-artifacts.$O.harmony-artifacts.M.>\""));
+        assert!(
+            !config.server_conf.contains("$O.harmony-artifacts.C")
+                && !config.server_conf.contains("CONSUMER")
+        );
         assert!(!format!("{config:?}").contains(&config.operator.password), "Debug hides passwords");
         assert!(config.monitor.is_none() && config.commander.is_none());
         assert!(!config.server_conf.contains("monitor") && !config.server_conf.contains("commander"));

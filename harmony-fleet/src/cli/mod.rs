@@ -8,7 +8,7 @@ use harmony_fleet::report::{devices_table, status_table};
 use harmony_fleet::{
     error_chain, BucketAction, DeployRequest, DeviceDeploymentScore, FleetClient, FleetError, FleetTopology,
 };
-use harmony_score_wire::names::DESIRED_STATE_BUCKET;
+use harmony_score_wire::names::{ARTIFACTS_BUCKET, DESIRED_STATE_BUCKET};
 use harmony_score_wire::{
     encode, now_ms, read_document_file, to_json_pretty, DecodeLimits, DeploymentName, DesiredState, DeviceId,
 };
@@ -280,6 +280,65 @@ pub async fn command(
     }
 }
 
+/// `artifact put`: uploads `file` as `name` (default: the file's name),
+/// unless the bucket holds it already; prints name, sha256 and size.
+pub async fn artifact_put(
+    conn: &Connection,
+    file: &Path,
+    name: Option<&str>,
+    replace: bool,
+) -> Result<(), CliError> {
+    let name = match name {
+        Some(name) => name.to_owned(),
+        None => file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| CliError::Usage(format!("{}: name the artifact with --name", file.display())))?
+            .to_owned(),
+    };
+    let put = conn.client().await?.put_artifact(file, &name, replace).await?;
+    let what = match (put.uploaded, &put.replaced) {
+        (false, _) => "already present".to_owned(),
+        (true, None) => "uploaded".to_owned(),
+        (true, Some(old)) => format!("uploaded, replacing sha256 {old}"),
+    };
+    let a = &put.artifact;
+    println!("{}\t{}\t{} bytes\t{what}", a.name, a.sha256, a.size);
+    Ok(())
+}
+
+/// `artifact list`: one line per artifact: name, sha256, size.
+pub async fn artifact_list(conn: &Connection) -> Result<(), CliError> {
+    for a in conn.client().await?.list_artifacts().await? {
+        println!("{}\t{}\t{} bytes", a.name, a.sha256, a.size);
+    }
+    Ok(())
+}
+
+/// `logs`: a managed container's last lines, each escaped (the container
+/// wrote them: a control character could rewrite the terminal).
+pub async fn logs(
+    conn: &Connection,
+    device: &DeviceId,
+    container: &str,
+    tail: u32,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    let reply = conn.client().await?.logs(device, container, tail, timeout).await?;
+    let mut out = std::io::stdout().lock();
+    for line in &reply.lines {
+        let shown = harmony_score_wire::bounded_text(line, harmony_score_wire::MAX_LOG_BYTES);
+        writeln!(out, "{shown}").map_err(|e| CliError::Failed(e.to_string()))?;
+    }
+    if reply.truncated {
+        eprintln!(
+            "harmony-fleet: older lines dropped: a reply holds at most {} bytes",
+            harmony_score_wire::MAX_LOG_BYTES
+        );
+    }
+    Ok(())
+}
+
 /// `init`: the buckets, created where missing.
 pub async fn init(conn: &Connection) -> Result<(), CliError> {
     for report in conn.client().await?.ensure_buckets().await? {
@@ -289,6 +348,7 @@ pub async fn init(conn: &Connection) -> Result<(), CliError> {
             (BucketAction::Repaired, DESIRED_STATE_BUCKET) => {
                 "repaired (writes republished as hints to harmony.hint.>, direct get allowed)"
             }
+            (BucketAction::Repaired, ARTIFACTS_BUCKET) => "repaired (direct get allowed)",
             (BucketAction::Repaired, _) => "repaired (rollups disabled, direct get allowed)",
         };
         println!("{}: {what}", report.bucket);
