@@ -10,7 +10,7 @@ use std::path::Path;
 
 use async_nats::jetstream::{object_store, stream};
 use futures_util::TryStreamExt;
-use harmony_score_wire::names::{artifacts_stream, ARTIFACTS_BUCKET};
+use harmony_score_wire::names::{artifact_meta_subjects, artifacts_stream, ARTIFACTS_BUCKET};
 use harmony_score_wire::validate::check_artifact_name;
 use sha2::{Digest, Sha256};
 use tracing::info;
@@ -143,17 +143,37 @@ impl FleetClient {
     }
 
     /// Every artifact in the bucket, sorted by name.
+    ///
+    /// Listed from the stream's info (its metadata subjects) and read with
+    /// direct gets, as statuses are: no consumer against the stream's budget.
     pub async fn list_artifacts(&self) -> Result<Vec<ArtifactInfo>, FleetError> {
-        let store = self.artifacts().await?;
-        let listed: Vec<object_store::ObjectInfo> = store
-            .list()
+        self.ensure_artifacts_bucket().await?;
+        let stream = self
+            .js
+            .get_stream(artifacts_stream())
+            .await
+            .map_err(|e| FleetError::nats(format!("open bucket {ARTIFACTS_BUCKET}"), e))?;
+        let subjects: Vec<String> = stream
+            .info_with_subjects(artifact_meta_subjects())
             .await
             .map_err(|e| FleetError::nats("list artifacts", e))?
+            .map_ok(|(subject, _)| subject)
             .try_collect()
             .await
             .map_err(|e| FleetError::nats("list artifacts", e))?;
-        let mut artifacts: Vec<ArtifactInfo> =
-            listed.iter().filter(|info| !info.deleted).map(artifact_info).collect();
+        let mut artifacts = Vec::new();
+        for subject in subjects {
+            let message = stream
+                .direct_get_last_for_subject(subject.as_str())
+                .await
+                .map_err(|e| FleetError::nats("read artifact metadata", e))?;
+            let info: object_store::ObjectInfo = serde_json::from_slice(&message.payload).map_err(|e| {
+                FleetError::BadReply { subject: subject.clone(), message: format!("artifact metadata: {e}") }
+            })?;
+            if !info.deleted {
+                artifacts.push(artifact_info(&info));
+            }
+        }
         artifacts.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(artifacts)
     }

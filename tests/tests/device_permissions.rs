@@ -630,3 +630,114 @@ fn toml_like(text: &str, port: &str) -> harmony_agent::ConfigLayer {
         ..Default::default()
     }
 }
+
+/// sha256 as 64 lowercase hex digits.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// Issue 8 §2: a device fetches an artifact with the generated credentials,
+// through the agent's own code (direct gets, no consumer, no stream info),
+// and cannot write, delete, purge or follow the artifacts bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reads_artifacts_with_its_credentials_and_cannot_write_or_delete_them() {
+    use harmony_agent::artifacts::NatsArtifacts;
+    use harmony_topology::{ArtifactError, ArtifactStore};
+    harmony_scores::ensure_linked();
+    let auth = generated();
+    let nats = NatsServer::start_with_config(&auth.server_conf);
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let operator = tokio::time::timeout(
+        WAIT,
+        FleetClient::connect(&[auth.operator.url(&format!("127.0.0.1:{port}"))], None),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    operator.ensure_buckets().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Three chunks of 128 KiB, the last one short.
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("blob.bin"), &content).unwrap();
+    let sha = sha256_hex(&content);
+    let put = operator.put_artifact(&dir.path().join("blob.bin"), "blob.bin", false).await.unwrap();
+    assert_eq!(
+        (put.artifact.sha256.as_str(), put.artifact.size, put.uploaded),
+        (sha.as_str(), 300_000, true)
+    );
+
+    let (device, mut refused) = connect_as(&auth.devices[0].1, &port, "_INBOX_dev-1").await;
+    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(device.clone());
+    let (store, link) = NatsArtifacts::new(dir.path().join("cache"), 1 << 20);
+    link.connect(js.clone());
+    let fetched = tokio::time::timeout(WAIT, store.fetch("blob.bin", &sha)).await.unwrap().unwrap();
+    assert!(fetched.transferred_in.is_some());
+    assert_eq!(std::fs::read(&fetched.path).unwrap(), content);
+    assert!(violations(&mut refused).await.is_empty(), "the fetch stepped outside the device's permissions");
+    // Too large for this device: refused before a chunk moves.
+    let (small, small_link) = NatsArtifacts::new(dir.path().join("small"), 1000);
+    small_link.connect(js.clone());
+    let err = small.fetch("blob.bin", &sha).await.unwrap_err();
+    assert!(matches!(err, ArtifactError::TooLarge { size: 300_000, max: 1000, .. }), "{err:?}");
+    let err = small.fetch("missing.bin", &sha).await.unwrap_err();
+    assert!(matches!(err, ArtifactError::NotFound { .. }), "{err:?}");
+
+    // Every write is refused; the object is as the operator left it.
+    for subject in ["$O.harmony-artifacts.C.forged", "$O.harmony-artifacts.M.YmxvYi5iaW4="] {
+        let put = js.publish(subject, "forged".into()).await.unwrap().await;
+        assert!(put.is_err(), "dev-1 wrote {subject}");
+    }
+    assert!(js.get_object_store("harmony-artifacts").await.is_err(), "dev-1 read the stream info");
+    assert!(js.delete_stream("OBJ_harmony-artifacts").await.is_err(), "dev-1 deleted the bucket");
+    let purge = device
+        .send_request(
+            "$JS.API.STREAM.PURGE.OBJ_harmony-artifacts",
+            async_nats::Request::new().payload("{}".into()).timeout(Some(Duration::from_secs(1))),
+        )
+        .await;
+    assert!(purge.is_err(), "dev-1 purged the bucket");
+    let consumer = js
+        .create_consumer_on_stream(
+            jetstream::consumer::pull::Config {
+                filter_subject: "$O.harmony-artifacts.C.>".into(),
+                ..Default::default()
+            },
+            "OBJ_harmony-artifacts",
+        )
+        .await;
+    assert!(consumer.is_err(), "dev-1 created a consumer on the artifacts stream");
+    // The unconfinable direct get reads this stream only: asked for a
+    // desired-state subject, it finds nothing there.
+    let stream = js.get_stream_no_info("OBJ_harmony-artifacts").await.unwrap();
+    let elsewhere = stream.direct_get_last_for_subject("$KV.harmony-desired-state.dev-2.app").await;
+    assert!(elsewhere.is_err(), "the artifacts stream answered for another stream's subject");
+    let body_form = device
+        .send_request(
+            "$JS.API.DIRECT.GET.OBJ_harmony-artifacts",
+            async_nats::Request::new()
+                .payload(r#"{"last_by_subj":"$KV.harmony-desired-state.dev-2.app"}"#.into())
+                .timeout(Some(Duration::from_secs(1))),
+        )
+        .await
+        .unwrap();
+    assert!(body_form.payload.is_empty() && body_form.status.is_some(), "{body_form:?}");
+
+    let seen = violations(&mut refused).await.join("\n");
+    for denied in [
+        "$O.harmony-artifacts.C.forged",
+        "$O.harmony-artifacts.M.YmxvYi5iaW4=",
+        "$JS.API.STREAM.INFO.OBJ_harmony-artifacts",
+        "$JS.API.STREAM.DELETE.OBJ_harmony-artifacts",
+        "$JS.API.STREAM.PURGE.OBJ_harmony-artifacts",
+        "$JS.API.CONSUMER.CREATE.OBJ_harmony-artifacts",
+        "$JS.API.DIRECT.GET.OBJ_harmony-artifacts.$KV.harmony-desired-state.dev-2.app",
+    ] {
+        assert!(seen.contains(denied), "no permission violation for {denied}:\n{seen}");
+    }
+    let listed = operator.list_artifacts().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].name.as_str(), listed[0].sha256.as_str()), ("blob.bin", sha.as_str()));
+    let info = operator.jetstream().get_stream("OBJ_harmony-artifacts").await.unwrap().cached_info().clone();
+    assert_eq!(info.state.consumer_count, 0);
+}
