@@ -388,8 +388,9 @@ fn slow_loading_podman(dir: &Path) -> PathBuf {
 }
 
 // Issue 8 "Tests that must exist": a slow image load does not delay
-// another deployment or a ping. The load is held until the test has seen
-// both; they must land while it is still held.
+// another deployment or a ping. The load is held (never released): both
+// must land while it is held, and a newer generation of its own
+// deployment cancels it (podman killed) and lands without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_load_delays_neither_another_deployment_nor_a_ping() {
     if !podman_ready() {
@@ -403,9 +404,7 @@ async fn a_slow_load_delays_neither_another_deployment_nor_a_ping() {
     let archive = Archive::new(f.dir.path(), "slow");
     f.put(&archive, "slow.tar").await;
     let slow = Container::unique("slow");
-    let g_slow = f
-        .deploy(&device, "slow", vec![web(&slow, &archive.tag, "slow.tar", &archive.sha256, free_port())])
-        .await;
+    f.deploy(&device, "slow", vec![web(&slow, &archive.tag, "slow.tar", &archive.sha256, free_port())]).await;
     let started = wrapper_dir.path().join("started");
     until("the load to start", || started.exists()).await;
 
@@ -426,10 +425,24 @@ async fn a_slow_load_delays_neither_another_deployment_nor_a_ping() {
     eprintln!("while a load was held: another deployment applied in {fast_took:?}, a ping answered in {ping_took:?}");
     assert!(fast_took < Duration::from_secs(10) && ping_took < Duration::from_secs(2));
 
-    std::fs::write(wrapper_dir.path().join("release"), "").unwrap();
-    let status = f.reached(&device, "slow", g_slow, Phase::Applied).await;
+    // A newer generation cancels the held load (podman is killed) and
+    // lands without it.
+    let superseded = Instant::now();
+    let g_new = f
+        .deploy(
+            &device,
+            "slow",
+            vec![score(serde_json::json!({
+                "type": "harmony.podman.container/v1", "name": slow.0, "image": IMAGE,
+                "command": ["/bin/sleep", "600"], "stop_timeout_s": 1,
+            }))],
+        )
+        .await;
+    let status = f.reached(&device, "slow", g_new, Phase::Applied).await;
+    eprintln!("a newer generation replaced the held load in {:?}", superseded.elapsed());
     assert_eq!(first_score(&status, "slow").status, InterpretStatus::SUCCESS);
     assert!(slow.state().starts_with("running "));
+    assert!(!wrapper_dir.path().join("release").exists() && !image_present(&archive.tag));
     agent.stop().await.unwrap();
 }
 
