@@ -2,9 +2,11 @@
 //!
 //! Needs podman and the test image, as `containers.rs` does (a missing
 //! podman binary skips, unless `HARMONY_REQUIRE_PODMAN` is set). Each test
-//! saves the test image under a tag of its own and removes that tag, so
-//! the load over NATS is what brings the tag back while other tests keep
-//! using `localhost/harmony-busybox:test`. Agents resync once an hour.
+//! commits an image of its own from the test image, saves it and removes
+//! it, so the load over NATS is what brings it back, while other tests keep
+//! using `localhost/harmony-busybox:test`. (Not a second tag of the test
+//! image: podman 4.3 loses tags of one image tagged concurrently.) Agents
+//! resync once an hour.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,8 +74,9 @@ impl Drop for Container {
     }
 }
 
-/// The test image saved under a tag of its own (`podman save`), the tag
-/// then removed: only a load can bring it back. The tag goes on drop.
+/// An image of its own (committed from the test image: its own id, so no
+/// other test touches its names), saved (`podman save`) and removed: only
+/// a load can bring it back. It goes on drop.
 struct Archive {
     tag: String,
     path: PathBuf,
@@ -84,13 +87,16 @@ impl Archive {
     fn new(dir: &Path, what: &str) -> Self {
         let tag = format!("localhost/harmony-busybox:{}", unique(what).trim_start_matches("harmony-e2e-"));
         let path = dir.join(format!("{what}.tar"));
-        assert!(Command::new("podman").args(["tag", IMAGE, &tag]).status().unwrap().success());
-        let saved = Command::new("podman")
-            .args(["save", "--quiet", "--output", path.to_str().unwrap(), &tag])
-            .status()
-            .unwrap();
-        assert!(saved.success());
-        podman(&["rmi", &tag]);
+        let builder = unique(&format!("{what}-build"));
+        let run = |args: &[&str]| {
+            let out = Command::new("podman").args(args).output().unwrap();
+            assert!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&["create", "--name", &builder, IMAGE, "/bin/true"]);
+        run(&["commit", "--quiet", &builder, &tag]);
+        run(&["rm", &builder]);
+        run(&["save", "--quiet", "--output", path.to_str().unwrap(), &tag]);
+        run(&["rmi", &tag]);
         assert!(!image_present(&tag));
         let sha256 = sha256_hex(&std::fs::read(&path).unwrap());
         Self { tag, path, sha256 }
@@ -459,7 +465,8 @@ async fn logs_are_bounded_and_refused_for_a_container_the_agent_does_not_manage(
     let _agent = f.agent(&device, None).await;
     let printer = Container::unique("printer");
     // 3000 lines of 110 bytes: more than one reply may carry.
-    let script = "i=0; while [ $i -lt 3000 ]; do printf 'line %04d %0100d\\n' $i 0; i=$((i+1)); done; echo done >&2; sleep 600";
+    // `done` on stdout too: podman keeps the two streams' order only within each.
+    let script = "i=0; while [ $i -lt 3000 ]; do printf 'line %04d %0100d\\n' $i 0; i=$((i+1)); done; echo done; sleep 600";
     let g = f
         .deploy(
             &device,
