@@ -100,9 +100,15 @@ async fn init_status_devices_and_ping_print_what_the_fleet_holds() {
     let server = NatsServer::start();
     let run = fleet(&server, &["init"]).await;
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert_eq!(run.stdout, "harmony-desired-state: created\nharmony-agent-status: created\n");
+    assert_eq!(
+        run.stdout,
+        "harmony-desired-state: created\nharmony-agent-status: created\nharmony-artifacts: created\n"
+    );
     let run = fleet(&server, &["init"]).await;
-    assert_eq!(run.stdout, "harmony-desired-state: exists\nharmony-agent-status: exists\n");
+    assert_eq!(
+        run.stdout,
+        "harmony-desired-state: exists\nharmony-agent-status: exists\nharmony-artifacts: exists\n"
+    );
 
     let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
     report_directories_only(&client).await;
