@@ -96,6 +96,10 @@ pub struct DevicePolicy {
     pub allow_privileged_containers: bool,
     /// Whether Scores may run containers in the host's network namespace ([`Privilege::HostNetwork`]).
     pub allow_host_network: bool,
+    /// Whether Scores may install, run or remove system services ([`Privilege::SystemService`]).
+    pub allow_system_services: bool,
+    /// Whether Scores may install or remove packages ([`Privilege::PackageChange`]).
+    pub allow_packages: bool,
 }
 
 impl Default for DevicePolicy {
@@ -106,6 +110,8 @@ impl Default for DevicePolicy {
             allow_setuid: false,
             allow_privileged_containers: false,
             allow_host_network: false,
+            allow_system_services: false,
+            allow_packages: false,
         }
     }
 }
@@ -150,6 +156,8 @@ impl DevicePolicy {
             Privilege::SetuidMode => self.allow_setuid,
             Privilege::PrivilegedContainer => self.allow_privileged_containers,
             Privilege::HostNetwork => self.allow_host_network,
+            Privilege::SystemService => self.allow_system_services,
+            Privilege::PackageChange => self.allow_packages,
             _ => false,
         }
     }
@@ -170,6 +178,8 @@ fn privilege_setting(privilege: Privilege) -> Option<&'static str> {
         Privilege::SetuidMode => Some("allow_setuid"),
         Privilege::PrivilegedContainer => Some("allow_privileged_containers"),
         Privilege::HostNetwork => Some("allow_host_network"),
+        Privilege::SystemService => Some("allow_system_services"),
+        Privilege::PackageChange => Some("allow_packages"),
         _ => None,
     }
 }
@@ -188,6 +198,10 @@ pub struct PolicyLayer {
     pub allow_privileged_containers: Option<bool>,
     /// `allow_host_network = false`: containers in the host's network namespace.
     pub allow_host_network: Option<bool>,
+    /// `allow_system_services = false`: systemd units (their commands run as root).
+    pub allow_system_services: Option<bool>,
+    /// `allow_packages = false`: package installs and removals.
+    pub allow_packages: Option<bool>,
 }
 
 // Written by hand so a credentials path never gets more than its name in logs.
@@ -480,6 +494,8 @@ fn resolve_policy(layer: PolicyLayer) -> Result<DevicePolicy, ConfigError> {
         allow_setuid: layer.allow_setuid.unwrap_or(false),
         allow_privileged_containers: layer.allow_privileged_containers.unwrap_or(false),
         allow_host_network: layer.allow_host_network.unwrap_or(false),
+        allow_system_services: layer.allow_system_services.unwrap_or(false),
+        allow_packages: layer.allow_packages.unwrap_or(false),
     })
 }
 

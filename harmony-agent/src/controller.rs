@@ -128,6 +128,10 @@ pub struct Controller {
     keyset: Option<HeldKeySet>,
     /// Why the last key set offered was refused.
     keyset_error: Option<StatusError>,
+    /// The persisted key set could not be used: no key is trusted (not
+    /// even the configured ones, which it may have revoked) until a valid
+    /// key set arrives.
+    keyset_unusable: bool,
 }
 
 impl Controller {
@@ -153,6 +157,7 @@ impl Controller {
             device_errors: Vec::new(),
             keyset: None,
             keyset_error: None,
+            keyset_unusable: false,
         }
     }
 
@@ -381,6 +386,7 @@ impl Controller {
         format: DocumentFormat,
         fresh: bool,
     ) -> Result<Vec<u8>, (ErrorKind, String)> {
+        let no_keys = harmony_score_wire::TrustedKeys::new(Vec::new(), 1);
         let trust = match &self.keyset {
             Some(held) => {
                 if fresh && held.keyset.expired(now_ms() / 1000) && harmony_score_wire::is_signed(bytes) {
@@ -394,6 +400,7 @@ impl Controller {
                 }
                 &held.trust
             }
+            None if self.keyset_unusable => &no_keys,
             None => &self.settings.trust,
         };
         // JSON (folder sources) cannot be signed: it passes only unsigned.

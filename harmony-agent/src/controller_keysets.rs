@@ -9,8 +9,9 @@ use crate::store::StoreError;
 impl Controller {
     /// Loads the key set persisted at the last acceptance, checking the
     /// root's signature again (the configured root may have changed since).
-    /// A key set that no longer checks out is reported and not used: the
-    /// configured keys are trusted until a valid one arrives.
+    /// A key set that no longer checks out (or cannot be read) is reported
+    /// and not used, and nothing is trusted until a valid one arrives: the
+    /// configured keys may be ones it revoked.
     pub(super) fn load_keyset(&mut self) {
         if self.settings.root_keys.is_empty() {
             return;
@@ -19,7 +20,8 @@ impl Controller {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return,
             Err(err) => {
-                error!(cause = %err, "cannot read the persisted key set; trusting the configured keys");
+                error!(cause = %err, "cannot read the persisted key set; trusting no key until a valid key set arrives");
+                self.keyset_unusable = true;
                 self.keyset_error = Some(StatusError::new(ErrorKind::StateUnreadable, err.to_string()));
                 return;
             }
@@ -30,7 +32,8 @@ impl Controller {
                 self.keyset = Some(HeldKeySet { keyset, trust, bytes });
             }
             Err(err) => {
-                error!(cause = %err, "the persisted key set does not check out; trusting the configured keys");
+                error!(cause = %err, "the persisted key set does not check out; trusting no key until a valid key set arrives");
+                self.keyset_unusable = true;
                 let message = format!("persisted key set: {err}");
                 self.keyset_error = Some(StatusError::new(ErrorKind::StateUnreadable, message));
             }
@@ -90,6 +93,7 @@ impl Controller {
             "key set accepted"
         );
         self.keyset = Some(HeldKeySet { keyset, trust, bytes: bytes.to_vec() });
+        self.keyset_unusable = false;
         self.keyset_error = None;
         self.dirty = true;
         self.resync().await;

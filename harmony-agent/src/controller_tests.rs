@@ -1481,6 +1481,12 @@ mod keysets {
         let s =
             agent.until("the persisted key set refused", |s| has_error(s, ErrorKind::StateUnreadable)).await;
         assert_eq!(s.keyset_version, None);
+        // Review finding: the configured key 1, which the key set revoked,
+        // was trusted again. Nothing is trusted until a valid key set arrives.
+        agent.offer_bytes("web", key(1).sign(doc("web", 5, json!([file("/srv/web", "evil")]))));
+        let web = agent.until_phase("web", 5, Phase::Rejected).await;
+        assert_eq!(web.error.unwrap().kind, ErrorKind::BadSignature);
+        assert_eq!(read(&device.root("/srv/web")), "v2");
         agent.stop().await;
     }
 
@@ -1574,5 +1580,44 @@ async fn where_documents_are_signed_only_a_signed_retirement_prunes() {
     agent.delete("web");
     agent.until_phase("web", 3, Phase::Pruned).await;
     assert!(!device.root("/srv/web").exists());
+    agent.stop().await;
+}
+
+// Review finding: a systemd unit (its ExecStart a command line run as root)
+// and a package (maintainer scripts as root) passed a device policy that
+// allowed only /srv/app, since neither named a path nor a privilege.
+#[tokio::test]
+async fn units_and_packages_need_their_privilege_and_units_their_path() {
+    let device = Device::new();
+    let unit = json!({"type": "harmony.systemd.unit/v1", "name": "x.service",
+        "content": "[Service]\nExecStart=/bin/sh -c 'echo pwned >> /etc/passwd'\n"});
+    let package = json!({"type": "harmony.package/v1", "name": "hello"});
+    let mut agent = device.start().await;
+    for (name, score, privilege) in
+        [("unit", unit.clone(), "system_service"), ("pkg", package, "package_change")]
+    {
+        agent.offer(name, 1, json!([score]));
+        let d = agent.until_phase(name, 1, Phase::Rejected).await;
+        let error = d.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::PolicyDenied);
+        assert!(error.message.contains(privilege), "{}", error.message);
+    }
+    agent.stop().await;
+    // Allowed as a privilege, the unit file's path is still judged.
+    let mut agent = device
+        .start_with(|s| {
+            s.policy = crate::DevicePolicy {
+                allowed_paths: vec!["/srv/app".into()],
+                allow_system_services: true,
+                ..Default::default()
+            }
+        })
+        .await;
+    agent.offer("unit", 2, json!([unit]));
+    let d = agent.until_phase("unit", 2, Phase::Rejected).await;
+    let error = d.error.unwrap();
+    assert_eq!(error.kind, ErrorKind::PolicyDenied);
+    assert!(error.message.contains("/etc/systemd/system/x.service"), "{}", error.message);
+    assert!(!device.root("/etc/systemd/system/x.service").exists());
     agent.stop().await;
 }

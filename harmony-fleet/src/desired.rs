@@ -281,8 +281,15 @@ impl FleetClient {
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(device, deployment);
         if self.signer.is_some() {
-            if read_latest(store, &key).await?.value.is_none() {
-                return Ok(false);
+            // Also after a bare delete marker (which a device requiring
+            // signatures refuses, keeping the deployment running): retired
+            // whenever the key or the index shows it ever existed.
+            let latest = read_latest(store, &key).await?;
+            if latest.value.is_none() && latest.revision == 0 {
+                let index = self.deployment_index(device).await?;
+                if !index.deployments.contains_key(deployment) && !index.deleted.contains_key(deployment) {
+                    return Ok(false);
+                }
             }
             let retire = DeployRequest::new(device.clone(), deployment.clone(), Vec::new()).force(true);
             self.deploy(retire).await?;

@@ -20,6 +20,11 @@ pub enum Privilege {
     PrivilegedContainer,
     /// A container in the host's network namespace.
     HostNetwork,
+    /// A system service: a unit the init system runs as it says (its
+    /// `ExecStart` is a command line, run as root unless it says otherwise).
+    SystemService,
+    /// Installing or removing packages: their maintainer scripts run as root.
+    PackageChange,
 }
 
 impl Privilege {
@@ -29,6 +34,8 @@ impl Privilege {
             Privilege::SetuidMode => "setuid_mode",
             Privilege::PrivilegedContainer => "privileged_container",
             Privilege::HostNetwork => "host_network",
+            Privilege::SystemService => "system_service",
+            Privilege::PackageChange => "package_change",
         }
     }
 }

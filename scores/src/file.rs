@@ -106,7 +106,12 @@ impl<T: Topology + Filesystem> Interpret<T> for FileInterpret {
                 )))
             }
             (PresenceState::Present, PathEntry::File { content: old, mode: old_mode }) => {
-                let want_mode = mode.unwrap_or(old_mode);
+                // Without a mode of its own, new content never inherits
+                // setuid/setgid (as a write by another user clears them):
+                // only a mode the Score states, which the device policy
+                // judges (`setuid_mode`), may carry them.
+                let kept_mode = if old != content.as_bytes() { old_mode & !0o6000 } else { old_mode };
+                let want_mode = mode.unwrap_or(kept_mode);
                 if old != content.as_bytes() {
                     topology.write_file(path, content.as_bytes(), want_mode).await?;
                     Ok(Outcome::success(format!("{path} content updated ({} bytes)", content.len())))
@@ -161,6 +166,26 @@ mod tests {
 
     async fn maestro(root: &std::path::Path) -> Maestro<LocalDeviceTopology> {
         Maestro::initialize(Inventory::empty(), LocalDeviceTopology::new(root)).await.unwrap()
+    }
+
+    // Review finding: a Score without a mode rewrote a 04755 file and kept
+    // the bit, installing setuid content on a device whose policy forbids
+    // setuid (the privilege is judged on the declared mode only).
+    #[tokio::test]
+    async fn new_content_without_a_stated_mode_drops_setuid_and_setgid() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = maestro(dir.path()).await;
+        let on_disk = dir.path().join("usr/bin/tool");
+        std::fs::create_dir_all(on_disk.parent().unwrap()).unwrap();
+        std::fs::write(&on_disk, "old").unwrap();
+        std::fs::set_permissions(&on_disk, std::fs::Permissions::from_mode(0o6755)).unwrap();
+        let score = file("/usr/bin/tool", "attacker content", None, PresenceState::Present);
+        assert!(score.privileges().is_empty());
+        assert_eq!(m.interpret(&score).await.unwrap().status, InterpretStatus::SUCCESS);
+        assert_eq!(std::fs::read_to_string(&on_disk).unwrap(), "attacker content");
+        assert_eq!(std::fs::metadata(&on_disk).unwrap().permissions().mode() & 0o7777, 0o755);
+        // Same content again: nothing changes, the mode stays as it is.
+        assert_eq!(m.interpret(&score).await.unwrap().status, InterpretStatus::NOOP);
     }
 
     #[tokio::test]

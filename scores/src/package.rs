@@ -71,6 +71,11 @@ harmony_score_wire::device_score! {
             ResourceId::named("package", &self.name).expect("validated package name")
         }
 
+        fn privileges(&self) -> Vec<harmony_score_wire::Privilege> {
+            // Maintainer scripts run as root, wherever they write.
+            vec![harmony_score_wire::Privilege::PackageChange]
+        }
+
         fn undo(&self) -> Option<Box<dyn DeviceScore>> {
             match self.state {
                 PresenceState::Present => Some(Box::new(PackageScore {

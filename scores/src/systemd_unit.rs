@@ -85,6 +85,17 @@ harmony_score_wire::device_score! {
             ResourceId::named("unit", &self.name).expect("validated unit name")
         }
 
+        fn privileges(&self) -> Vec<harmony_score_wire::Privilege> {
+            // A unit's commands run as root: only a device that allows
+            // system services takes one (stopping or removing one too).
+            vec![harmony_score_wire::Privilege::SystemService]
+        }
+
+        fn used_paths(&self) -> Vec<String> {
+            // The unit file is written there; `allowed_paths` judge it.
+            vec![format!("{}/{}", harmony_topology::local::UNIT_DIR, self.name)]
+        }
+
         fn undo(&self) -> Option<Box<dyn DeviceScore>> {
             match self.state {
                 // The content stays behind: the agent keeps every undo.

@@ -29,7 +29,10 @@ async fn a_unit_on_an_offline_root_is_enabled_reported_blocked_and_pruned_on_del
     let client = within(FleetClient::connect(&[nats.url()], None)).await.unwrap();
     within(client.ensure_buckets()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let agent = InProcessAgent::start(agent_config("dev-1", &nats.url(), dir.path(), 3600));
+    let mut config = agent_config("dev-1", &nats.url(), dir.path(), 3600);
+    // A unit's commands run as root: the device owner allows it explicitly.
+    config.policy.allow_system_services = true;
+    let agent = InProcessAgent::start(config);
     let device = DeviceId::new("dev-1").unwrap();
     let deployment = DeploymentName::new("app").unwrap();
     until_status(&client, &device, "online", |s| s.info.is_some()).await;

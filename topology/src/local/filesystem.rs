@@ -204,7 +204,10 @@ fn set_mode_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> io::Result<()> {
 
 fn create_dir_at(beneath: &Beneath, path: &ScorePath, mode: u32) -> Result<(), BeneathError> {
     let mode = mode & MODE_MASK;
-    let parent = beneath.dir_creating(&path.parents, mode)?;
+    // Missing parents get 0755, as for files: the Score's mode (0777, a
+    // sticky or setgid bit) is for the directory it names, not for
+    // ancestors it never owns.
+    let parent = beneath.dir_creating(&path.parents, 0o755)?;
     match mkdirat(&parent, path.name.as_str(), Mode::from_raw_mode(mode)) {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(err) => return Err(err.into()),
@@ -422,6 +425,11 @@ mod tests {
             assert_eq!(topo.inspect("/no/such/parent").await.unwrap(), PathEntry::Missing);
             topo.create_dir("/d/e", 0o750).await.unwrap();
             assert_eq!(topo.inspect("/d/e").await.unwrap(), PathEntry::Directory { mode: 0o750 });
+            // A missing parent gets 0755, not the Score's mode.
+            topo.create_dir("/p/q", 0o1777).await.unwrap();
+            assert_eq!(topo.inspect("/p").await.unwrap(), PathEntry::Directory { mode: 0o755 });
+            assert_eq!(topo.inspect("/p/q").await.unwrap(), PathEntry::Directory { mode: 0o1777 });
+            topo.remove_dir("/p", true).await.unwrap();
             topo.write_file("/d/e/f/g", b"x", 0o644).await.unwrap();
             topo.remove_dir("/d", true).await.unwrap();
             topo.remove_dir("/d", true).await.unwrap();

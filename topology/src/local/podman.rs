@@ -292,9 +292,10 @@ fn create_args(spec: &ContainerSpec, env_file: Option<&Path>) -> Vec<OsString> {
         let mut value = OsString::from(&volume.source);
         value.push(":");
         value.push(&volume.target);
-        if volume.read_only {
-            value.push(":ro");
-        }
+        // Devices and setuid programs on a bind mount are never honoured
+        // in the container (a container cannot plant a device node or a
+        // setuid helper for itself there).
+        value.push(if volume.read_only { ":ro,nosuid,nodev" } else { ":nosuid,nodev" });
         push("--volume", value);
     }
     if let Some(bytes) = spec.memory_bytes {
@@ -308,6 +309,11 @@ fn create_args(spec: &ContainerSpec, env_file: Option<&Path>) -> Vec<OsString> {
     }
     if spec.privileged {
         a.push("--privileged".into());
+    } else {
+        // No process in the container gains privileges through setuid or
+        // file capabilities (the policy's `privileged_container` is the
+        // switch for a container that needs them).
+        push("--security-opt", "no-new-privileges".into());
     }
     // Everything after the image is the container's command.
     a.push("--".into());

@@ -206,9 +206,18 @@ fn create_arguments_are_a_vector_with_the_command_after_the_image() {
     assert_eq!(
         args.join(" "),
         "create --name web --pull never --stop-timeout 1 --restart on-failure --label test.label=yes \
-         --env-file /tmp/env --publish 127.0.0.1:18080:8080/tcp --publish 53/udp --volume /srv/data:/data:ro \
+         --env-file /tmp/env --publish 127.0.0.1:18080:8080/tcp --publish 53/udp --volume /srv/data:/data:ro,nosuid,nodev \
          --cpus 0.5 --network host --privileged -- localhost/harmony-busybox:test /bin/httpd -f -p 8080 $(reboot)"
     );
+    // Unprivileged: no privilege gained through setuid; a writable volume
+    // is nosuid and nodev too.
+    s.privileged = false;
+    s.network = NetworkMode::Default;
+    s.volumes[0].read_only = false;
+    let args: Vec<String> = create_args(&s, None).into_iter().map(|a| a.into_string().unwrap()).collect();
+    let line = args.join(" ");
+    assert!(line.contains("--volume /srv/data:/data:nosuid,nodev "), "{line}");
+    assert!(line.contains("--security-opt no-new-privileges "), "{line}");
 }
 
 #[tokio::test]

@@ -188,6 +188,10 @@ impl Follower {
     /// reconnect, on resync).
     pub(super) async fn full_sync(&mut self) {
         if self.follow_keyset {
+            // Passed on again at every full sync: a key set refused for a
+            // reason that passes (a failed save, a clock running ahead) is
+            // judged again; one already held is recognised and costs nothing.
+            self.keyset_passed = 0;
             self.sync(Key::SigningKeys, 0, 0).await;
         }
         self.sync(Key::Index, 0, 0).await;
