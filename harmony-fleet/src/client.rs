@@ -81,6 +81,9 @@ pub struct FleetClient {
     buckets: Arc<OnceCell<Buckets>>,
     /// Signs every document this client writes, when set.
     pub(crate) signer: Option<Arc<harmony_score_wire::DocumentSigner>>,
+    /// Keys whose signed values count when a signing client numbers
+    /// generations, besides the signer's own ([`FleetClient::with_trusted_keys`]).
+    pub(crate) trusted: Option<Arc<harmony_score_wire::TrustedKeys>>,
 }
 
 impl std::fmt::Debug for FleetClient {
@@ -157,7 +160,7 @@ impl FleetClient {
     /// A fleet client over an existing connection.
     pub fn from_nats(nats: async_nats::Client) -> Self {
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(nats.clone());
-        Self { nats, js, buckets: Arc::new(OnceCell::new()), signer: None }
+        Self { nats, js, buckets: Arc::new(OnceCell::new()), signer: None, trusted: None }
     }
 
     /// This client with every document it writes signed by `signer`
@@ -165,6 +168,20 @@ impl FleetClient {
     #[must_use]
     pub fn with_signer(mut self, signer: harmony_score_wire::DocumentSigner) -> Self {
         self.signer = Some(Arc::new(signer));
+        self
+    }
+
+    /// This client, when it signs, numbering generations also from values
+    /// signed by `keys` (other operator keys sharing the fleet, an older key
+    /// during a rotation), not only from those signed by its own key.
+    ///
+    /// A signing client counts only values whose signature verifies (against
+    /// its own key, or `keys` with their threshold): a writer of the bucket
+    /// without a signing key cannot make it sign a huge generation. Without
+    /// a signer these keys are not used.
+    #[must_use]
+    pub fn with_trusted_keys(mut self, keys: harmony_score_wire::TrustedKeys) -> Self {
+        self.trusted = Some(Arc::new(keys));
         self
     }
 

@@ -102,6 +102,13 @@ struct DocHeader {
     generation: u64,
     #[serde(default)]
     issued_at: u64,
+    /// The device and deployment the document names (checked against the
+    /// key when the value is signed: a signed document copied from another
+    /// key does not number this one).
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    deployment: Option<String>,
 }
 
 /// A key's latest entry: its revision (0: never written) and, for a live
@@ -150,6 +157,16 @@ impl FleetClient {
     /// tool purged the key; a device remembers the generations it applied.
     /// Under contention a generation may be skipped (reserved in the index by
     /// a writer that then lost the key); generations stay distinct and only grow.
+    ///
+    /// A client that signs ([`FleetClient::with_signer`]) counts only values
+    /// whose signature verifies against its own key or the keys of
+    /// [`FleetClient::with_trusted_keys`], and written for this very key:
+    /// whoever can write the bucket without a signing key cannot make it
+    /// sign a huge generation (which would freeze the deployment on devices
+    /// at `u64::MAX`). The index is not signed: its generation counts only
+    /// up to the highest verified one; above it, it is ignored with a
+    /// warning naming the index key (after a purge of a signed key, continue
+    /// the numbering with an explicit `generation`).
     pub async fn deploy(&self, request: DeployRequest) -> Result<Deployed, FleetError> {
         let DeployRequest {
             device,
@@ -182,9 +199,10 @@ impl FleetClient {
             let latest_index = read_latest(store, &index_key).await?;
             let mut index = decode_index(&index_key, latest_index.value.as_deref())?;
             // A stored value that is not a document must not block replacing it.
+            // A signing client numbers only from values a trusted key signed.
             let header = latest.value.as_ref().and_then(|value| {
-                decode_header(&key, value)
-                    .inspect_err(|err| warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(error_chain(err)), "replacing an undecodable document"))
+                self.numbering_header(&key, &device, &deployment, value)
+                    .inspect_err(|cause| warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(cause), "replacing a value that does not count for numbering"))
                     .ok()
             });
             if let (true, None, Some(header), Some(value)) = (skip_unchanged, wanted, &header, &latest.value)
@@ -216,13 +234,19 @@ impl FleetClient {
             // the key's history can hold nothing newer. Only a key written
             // (or deleted) by another tool, past the index, costs the
             // history read (one direct get per kept revision).
+            // A signing client trusts the (unsigned) index only where it
+            // agrees with the verified key.
             let index_generation = index.last_generation(&deployment);
-            let index_covers_key =
-                index_generation > 0 && header.as_ref().is_none_or(|h| h.generation <= index_generation);
+            let index_covers_key = index_generation > 0
+                && match (&header, self.signer.is_some()) {
+                    (Some(h), true) => h.generation == index_generation,
+                    (None, true) => false,
+                    (h, false) => h.as_ref().is_none_or(|h| h.generation <= index_generation),
+                };
             let in_history = match latest.revision {
                 0 => 0,
                 _ if index_covers_key => 0,
-                _ => last_generation_in_history(store, &key).await?,
+                _ => self.last_generation_in_history(store, &key, &device, &deployment).await?,
             };
             let in_key = header.as_ref().map_or(0, |h| h.generation).max(in_history);
             let ours = reserved.filter(|g| index.deployments.get(&deployment) == Some(g));
@@ -230,6 +254,22 @@ impl FleetClient {
                 // Our own reservation does not count against itself.
                 Some(_) => index.deleted.get(&deployment).copied().unwrap_or(0),
                 None => index.last_generation(&deployment),
+            };
+            // The index is unsigned: a signing client does not number above
+            // every verified generation from it (a bucket writer could have
+            // set it to u64::MAX).
+            let in_index = if self.signer.is_some() && in_index > in_key {
+                warn!(
+                    key = %index_key,
+                    deployment = %deployment,
+                    index_generation = in_index,
+                    verified_generation = in_key,
+                    "the index names a generation above every value signed by a trusted key; \
+                     not counted for numbering (if the key was purged, deploy with an explicit generation)"
+                );
+                0
+            } else {
+                in_index
             };
             let prior = in_key.max(in_index);
             let generation = match (wanted, ours) {
@@ -428,33 +468,76 @@ pub(crate) async fn cas_write(
     }
 }
 
-/// The highest generation the key held in the bucket's history (the last
-/// few versions, delete markers included), so a deployment written again
-/// continues its numbering (a device may still remember the old generations).
-/// A purge leaves no history: the index's tombstone covers that case.
-///
-/// Read with direct gets, one per version, rather than `kv::Store::history`:
-/// that creates a consumer per call, and consumers are a server-wide budget
-/// a fleet-wide deploy would spend by the thousand.
-async fn last_generation_in_history(store: &kv::Store, key: &str) -> Result<u64, FleetError> {
-    let subject = format!("{}{key}", store.prefix);
-    let mut highest = 0;
-    let mut from = None;
-    for _ in 0..MAX_KV_HISTORY {
-        let message = match store.stream.direct_get_next_for_subject(subject.as_str(), from).await {
-            Ok(message) => message,
-            Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => break,
-            Err(err) => return Err(FleetError::nats(format!("read history of {key}"), err)),
-        };
-        from = Some(message.sequence.saturating_add(1));
-        let is_put = message.headers.get("KV-Operation").is_none_or(|op| op.as_str() == "PUT");
-        if is_put {
-            if let Ok(header) = decode_header(key, &message.payload) {
-                highest = highest.max(header.generation);
+impl FleetClient {
+    /// The highest generation the key held in the bucket's history (the last
+    /// few versions, delete markers included), so a deployment written again
+    /// continues its numbering (a device may still remember the old generations).
+    /// A purge leaves no history: the index's tombstone covers that case
+    /// (for a signing client, only up to the highest verified generation).
+    ///
+    /// Read with direct gets, one per version, rather than `kv::Store::history`:
+    /// that creates a consumer per call, and consumers are a server-wide budget
+    /// a fleet-wide deploy would spend by the thousand.
+    ///
+    /// A signing client counts only values that `numbering_header` accepts.
+    async fn last_generation_in_history(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        device: &DeviceId,
+        deployment: &DeploymentName,
+    ) -> Result<u64, FleetError> {
+        let subject = format!("{}{key}", store.prefix);
+        let mut highest = 0;
+        let mut from = None;
+        for _ in 0..MAX_KV_HISTORY {
+            let message = match store.stream.direct_get_next_for_subject(subject.as_str(), from).await {
+                Ok(message) => message,
+                Err(err) if err.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(err) => return Err(FleetError::nats(format!("read history of {key}"), err)),
+            };
+            from = Some(message.sequence.saturating_add(1));
+            let is_put = message.headers.get("KV-Operation").is_none_or(|op| op.as_str() == "PUT");
+            if is_put {
+                if let Ok(header) = self.numbering_header(key, device, deployment, &message.payload) {
+                    highest = highest.max(header.generation);
+                }
             }
         }
+        Ok(highest)
     }
-    Ok(highest)
+
+    /// The header of a stored value as it counts for numbering generations.
+    /// Without a signer: any decodable document. With one: only a value
+    /// whose signature verifies against the signer's own key or the keys of
+    /// [`FleetClient::with_trusted_keys`], naming this device and deployment.
+    fn numbering_header(
+        &self,
+        key: &str,
+        device: &DeviceId,
+        deployment: &DeploymentName,
+        value: &[u8],
+    ) -> Result<DocHeader, String> {
+        let Some(signer) = &self.signer else {
+            return decode_header(key, value).map_err(|e| error_chain(&e));
+        };
+        let own = harmony_score_wire::TrustedKeys::new(vec![signer.verifying_key()], 1);
+        let payload = own
+            .verify(value)
+            .or_else(|err| match &self.trusted {
+                Some(trusted) => trusted.verify(value),
+                None => Err(err),
+            })
+            .map_err(|e| format!("not signed by a trusted key: {e}"))?;
+        let header: DocHeader =
+            from_cbor(&payload, MAX_VALUE_BYTES, "desired state").map_err(|e| e.to_string())?;
+        if header.device_id.as_deref() != Some(device.as_str())
+            || header.deployment.as_deref() != Some(deployment.as_str())
+        {
+            return Err("a signed document for another device or deployment".to_owned());
+        }
+        Ok(header)
+    }
 }
 
 impl FleetClient {
@@ -468,8 +551,9 @@ impl FleetClient {
 }
 
 fn decode_header(key: &str, value: &[u8]) -> Result<DocHeader, FleetError> {
-    // A signed value's header is inside its payload (not verified here: the
-    // operator only numbers generations with it).
+    // A signed value's header is inside its payload, not verified here: a
+    // client without a signer numbers with it (a signing one goes through
+    // `numbering_header`, which verifies).
     if harmony_score_wire::is_signed(value) {
         if let Ok(payload) = harmony_score_wire::payload_of(value) {
             return from_cbor(&payload, MAX_VALUE_BYTES, "desired state")

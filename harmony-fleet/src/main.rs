@@ -26,6 +26,12 @@ struct Cli {
     /// Sign documents with this key (`harmony.key` from `keygen`) [default: $HARMONY_SIGN_KEY].
     #[arg(long, global = true, value_name = "FILE")]
     sign_key: Option<PathBuf>,
+    /// A public key (`harmony.pub`) whose signed documents count when a
+    /// signing `deploy` or `delete` numbers generations, besides the signing
+    /// key's own (other operators' keys sharing the fleet, a key being
+    /// rotated out); repeatable. Unsigned values never count.
+    #[arg(long = "trusted-key", global = true, value_name = "FILE")]
+    trusted_keys: Vec<PathBuf>,
     /// Inbox prefix for replies (a generated monitor or commander must use
     /// its own) [default: $HARMONY_INBOX_PREFIX, else _INBOX].
     #[arg(long, global = true, value_name = "PREFIX")]
@@ -171,13 +177,20 @@ enum ArtifactCommand {
 enum KeysetCommand {
     /// Signs a key set with the root key(s), offline: writes the signed key set to --out.
     Sign(cli::KeysetSignArgs),
-    /// Publishes a signed key set to every device (its version must be above the fleet's).
+    /// Publishes a root-signed key set to every device (its version must be
+    /// above the root-signed one the fleet holds).
     Publish {
         /// The signed key set (from `keyset sign`).
         file: PathBuf,
+        #[command(flatten)]
+        root: cli::RootArgs,
     },
-    /// Prints the key set the fleet holds, as JSON.
-    Show,
+    /// Prints the root-signed key set the fleet holds (anything else under
+    /// the key is ignored, with a warning).
+    Show {
+        #[command(flatten)]
+        root: cli::RootArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -193,7 +206,9 @@ fn main() -> ExitCode {
         Command::NatsConfig { devices, out, url, monitor, commander } => {
             cli::nats_config(&devices, &out, &url, harmony_fleet::nats_config::Roles { monitor, commander })
         }
-        command => run_online(command, connection(cli.nats, cli.creds, sign_key, cli.inbox_prefix)),
+        command => {
+            run_online(command, connection(cli.nats, cli.creds, sign_key, cli.inbox_prefix, cli.trusted_keys))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,13 +254,14 @@ fn connection(
     creds: Option<PathBuf>,
     sign_key: Option<PathBuf>,
     inbox_prefix: Option<String>,
+    trusted_keys: Vec<PathBuf>,
 ) -> Connection {
     let urls = nats.or_else(|| std::env::var("HARMONY_NATS").ok()).unwrap_or_else(|| DEFAULT_NATS.to_owned());
     let urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
     let inbox_prefix = inbox_prefix
         .or_else(|| std::env::var("HARMONY_INBOX_PREFIX").ok())
         .filter(|prefix| !prefix.is_empty());
-    Connection { urls, creds, sign_key, inbox_prefix }
+    Connection { urls, creds, sign_key, inbox_prefix, trusted_keys }
 }
 
 fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
@@ -273,10 +289,10 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
             Command::Logs { device, container, tail, timeout } => {
                 cli::logs(&conn, &device, &container, tail, secs(timeout)).await
             }
-            Command::Keyset { action: KeysetCommand::Publish { file } } => {
-                cli::keyset_publish(&conn, &file).await
+            Command::Keyset { action: KeysetCommand::Publish { file, root } } => {
+                cli::keyset_publish(&conn, &file, &root).await
             }
-            Command::Keyset { action: KeysetCommand::Show } => cli::keyset_show(&conn).await,
+            Command::Keyset { action: KeysetCommand::Show { root } } => cli::keyset_show(&conn, &root).await,
             Command::Keyset { action: KeysetCommand::Sign(_) } => unreachable!("handled offline"),
             Command::Encode { .. }
             | Command::Inspect { .. }

@@ -504,6 +504,105 @@ async fn only_documents_signed_by_a_trusted_key_run() {
     assert!(!f.root("dev-1", "/etc/app").exists());
 }
 
+// Security review: a writer of the bucket without the signing key wrote an
+// unsigned document at generation u64::MAX - 1; the signing operator numbered
+// its next document from it, signed u64::MAX, and the device accepted it,
+// freezing the deployment for good (`GenerationExhausted`). A signing client
+// numbers only from values a trusted key signed: it signs the next small
+// generation, the device applies it, and the signed retirement still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_operator_numbers_past_an_unsigned_huge_generation_from_signed_values_only() {
+    use harmony_score_wire::{encode, DesiredState, DocumentSigner, TrustedKeys};
+    let f = Fleet::new().await;
+    let (device, web) = (DeviceId::new("dev-1").unwrap(), name("web"));
+    let key = DocumentSigner::from_seed([7; 32]);
+    let mut config = agent_config("dev-1", &f.nats.url(), &f.dir.path().join("dev-1"), 3600);
+    config.trust = TrustedKeys::new(vec![key.verifying_key()], 1);
+    config.allow_unsigned = false;
+    let agent = InProcessAgent::start(config);
+    f.online(&device).await;
+    let operator = f.client.clone().with_signer(DocumentSigner::from_seed([7; 32]));
+    let deploy = |content: &'static str| {
+        operator.deploy(
+            DeployRequest::new(device.clone(), web.clone(), vec![file_score("/srv/web", content)])
+                .force(true),
+        )
+    };
+    let g1 = within(deploy("v1")).await.unwrap();
+    f.applied(&device, "web", g1.generation).await;
+
+    // The bucket writer's unsigned document, refused by the device.
+    let kv = within(f.client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
+    let forged = DesiredState::new(device.clone(), web.clone(), u64::MAX - 1, Vec::new());
+    within(kv.put("dev-1.web", encode(&forged).unwrap().into())).await.unwrap();
+    until_status(&f.client, &device, "the unsigned value refused", |s| {
+        s.deployments.get(&web).is_some_and(|x| x.phase == Phase::Rejected)
+    })
+    .await;
+
+    let g2 = within(deploy("v2")).await.unwrap();
+    assert_eq!(g2.generation, g1.generation + 1, "numbered from the signed values only");
+    f.applied(&device, "web", g2.generation).await;
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/srv/web")).unwrap(), "v2");
+    // Not frozen: the signed retirement goes through and prunes.
+    assert!(within(operator.delete(&device, &web)).await.unwrap());
+    within(operator.wait_for_prune(&device, &web, harmony_e2e::WAIT)).await.unwrap();
+    assert!(!f.root("dev-1", "/srv/web").exists());
+    let _ = agent.stop().await;
+}
+
+// Security review: the same through the device's index (`<id>._index`),
+// which is not signed. A signing client ignores an index generation above
+// every verified one (with a warning): it signs generation 1 and the device
+// applies it. A second operator key sharing the fleet
+// (`with_trusted_keys`) continues the first one's numbering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_operator_ignores_a_forged_index_generation_above_every_signed_value() {
+    use harmony_score_wire::names::index_key;
+    use harmony_score_wire::{to_cbor, DeploymentIndex, DocumentSigner, TrustedKeys};
+    let f = Fleet::new().await;
+    let (device, web) = (DeviceId::new("dev-1").unwrap(), name("web"));
+    let (first, second) = (DocumentSigner::from_seed([7; 32]), DocumentSigner::from_seed([8; 32]));
+    let mut config = agent_config("dev-1", &f.nats.url(), &f.dir.path().join("dev-1"), 3600);
+    config.trust = TrustedKeys::new(vec![first.verifying_key(), second.verifying_key()], 1);
+    config.allow_unsigned = false;
+    let agent = InProcessAgent::start(config);
+    f.online(&device).await;
+
+    let kv = within(f.client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
+    let mut index = DeploymentIndex::default();
+    index.deleted.insert(web.clone(), u64::MAX - 1);
+    within(kv.put(index_key(&device), to_cbor(&index).into())).await.unwrap();
+    let operator = f.client.clone().with_signer(DocumentSigner::from_seed([7; 32]));
+    let g1 = within(operator.deploy(
+        DeployRequest::new(device.clone(), web.clone(), vec![file_score("/srv/web", "v1")]).force(true),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(g1.generation, 1, "the forged index does not number signed documents");
+    f.applied(&device, "web", 1).await;
+    assert_eq!(within(f.client.deployment_index(&device)).await.unwrap().last_generation(&web), 1);
+
+    // The same forgery in the live entry, now that the key holds generation 1.
+    let mut index = DeploymentIndex::default();
+    index.deployments.insert(web.clone(), u64::MAX - 1);
+    within(kv.put(index_key(&device), to_cbor(&index).into())).await.unwrap();
+    let other = f
+        .client
+        .clone()
+        .with_signer(DocumentSigner::from_seed([8; 32]))
+        .with_trusted_keys(TrustedKeys::new(vec![first.verifying_key()], 1));
+    let g2 = within(other.deploy(
+        DeployRequest::new(device.clone(), web.clone(), vec![file_score("/srv/web", "v2")]).force(true),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(g2.generation, 2, "continues the trusted key's numbering, not the forged index's");
+    f.applied(&device, "web", 2).await;
+    assert_eq!(std::fs::read_to_string(f.root("dev-1", "/srv/web")).unwrap(), "v2");
+    let _ = agent.stop().await;
+}
+
 // Review finding: a delete whose marker was cleaned up while the device was
 // away (purge-deletes, compaction) was never seen. The index's tombstone
 // says it was deleted: that is a delete.

@@ -6,6 +6,7 @@ use harmony_e2e::{until_status, within, workspace_bin, AgentProcess, NatsServer}
 use harmony_fleet::{DeployRequest, FleetClient, FleetError};
 use harmony_score_wire::{
     parse_secret_key, DeploymentName, DeviceId, DeviceScore, DocumentSigner, ErrorKind, KeySet, Phase,
+    TrustedKeys,
 };
 
 fn file(path: &str, content: &str) -> Vec<Box<dyn DeviceScore>> {
@@ -55,8 +56,13 @@ async fn a_published_key_set_rotates_a_devices_keys_live_and_bad_key_sets_are_re
     }
     let client = within(FleetClient::connect(std::slice::from_ref(&operator_url), None)).await.unwrap();
     client.ensure_buckets().await.unwrap();
-    let old = client.clone().with_signer(signer(&old_dir));
-    let new = client.clone().with_signer(signer(&new_dir));
+    // Both operator keys number from each other's documents (a signing
+    // client counts only values its trusted keys signed).
+    let both = TrustedKeys::new(vec![signer(&old_dir).verifying_key(), signer(&new_dir).verifying_key()], 1);
+    let old = client.clone().with_signer(signer(&old_dir)).with_trusted_keys(both.clone());
+    let new = client.clone().with_signer(signer(&new_dir)).with_trusted_keys(both);
+    let root_trust = TrustedKeys::new(vec![signer(&root_dir).verifying_key()], 1);
+    let root_pub = root_dir.join("harmony.pub");
 
     std::fs::create_dir(dir.path().join("root")).unwrap();
     let root = dir.path().join("root");
@@ -107,11 +113,13 @@ async fn a_published_key_set_rotates_a_devices_keys_live_and_bad_key_sets_are_re
     )
     .await;
     assert_eq!(code, Some(0), "{out}");
-    let (code, out) = fleet(&operator_url, &["keyset", "publish", path(&keyset_file)]).await;
+    let (code, out) =
+        fleet(&operator_url, &["keyset", "publish", path(&keyset_file), "--root-pub", path(&root_pub)]).await;
     assert_eq!(code, Some(0), "{out}");
     until_status(&client, &dev1, "key set 1 in force", |s| s.keyset_version == Some(1)).await;
     // Publishing it again is refused by the operator's side: not newer.
-    let (code, out) = fleet(&operator_url, &["keyset", "publish", path(&keyset_file)]).await;
+    let (code, out) =
+        fleet(&operator_url, &["keyset", "publish", path(&keyset_file), "--root-pub", path(&root_pub)]).await;
     assert_eq!(code, Some(2), "{out}");
 
     let g2 = new.deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v2"))).await.unwrap();
@@ -131,12 +139,17 @@ async fn a_published_key_set_rotates_a_devices_keys_live_and_bad_key_sets_are_re
     }
     assert_eq!(std::fs::read_to_string(root.join("etc/app")).unwrap(), "v2");
 
-    // A key set signed by an online key instead of the root: the fleet's
-    // side does not hold the root's public key, so it is written, and the
-    // device refuses it.
+    // A key set signed by an online key instead of the root: the
+    // operator's side refuses to publish it; written past it (by anyone
+    // able to write the bucket), the device refuses it.
     let by_online =
         KeySet::new(2, 0, u64::MAX / 2, 1, &[signer(&old_dir).verifying_key()]).sign(&[&signer(&new_dir)]);
-    client.publish_keyset(&by_online).await.unwrap();
+    assert!(matches!(
+        client.publish_keyset(&by_online, &root_trust).await,
+        Err(FleetError::InvalidKeySet { .. })
+    ));
+    let kv = client.jetstream().get_key_value("harmony-desired-state").await.unwrap();
+    kv.put("_keyset", by_online.clone().into()).await.unwrap();
     let s = until_status(&client, &dev1, "the key set signed by an online key refused", |s| {
         s.errors.iter().any(|e| e.kind == ErrorKind::BadSignature)
     })
@@ -147,8 +160,10 @@ async fn a_published_key_set_rotates_a_devices_keys_live_and_bad_key_sets_are_re
     // (a replay of an old one): refused as expired.
     let root_key = signer(&root_dir);
     let expired = KeySet::new(3, 0, 1, 1, &[signer(&old_dir).verifying_key()]).sign(&[&root_key]);
-    assert!(matches!(client.publish_keyset(&expired).await, Err(FleetError::InvalidKeySet { .. })));
-    let kv = client.jetstream().get_key_value("harmony-desired-state").await.unwrap();
+    assert!(matches!(
+        client.publish_keyset(&expired, &root_trust).await,
+        Err(FleetError::InvalidKeySet { .. })
+    ));
     kv.put("_keyset", expired.into()).await.unwrap();
     let s = until_status(&client, &dev1, "the expired key set refused", |s| {
         s.errors.iter().any(|e| e.kind == ErrorKind::KeysetExpired)
@@ -173,4 +188,43 @@ async fn a_published_key_set_rotates_a_devices_keys_live_and_bad_key_sets_are_re
     assert!(forged.is_err(), "a device wrote the fleet's key set");
     let log = agent.log_text();
     assert!(!log.contains("Permissions Violation"), "the agent stepped outside its permissions:\n{log}");
+}
+
+// Security review: `keyset show` and `keyset publish` trusted whatever key
+// set the bucket held. A bucket writer's key set, signed by a key of its
+// own at version u64::MAX, was shown as the one in force and made every
+// genuine root-signed one "not above" it. The operator's side now counts
+// only key sets the root signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_the_root_did_not_sign_neither_shows_nor_blocks_publishing() {
+    let server = NatsServer::start();
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    within(client.ensure_buckets()).await.unwrap();
+    let kv = within(client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
+    let (attacker, root, online) = (
+        DocumentSigner::from_seed([66; 32]),
+        DocumentSigner::from_seed([100; 32]),
+        DocumentSigner::from_seed([1; 32]),
+    );
+    let root_trust = TrustedKeys::new(vec![root.verifying_key()], 1);
+    let forged = KeySet::new(u64::MAX, 0, u64::MAX, 1, &[attacker.verifying_key()]).sign(&[&attacker]);
+    within(kv.put("_keyset", forged.into())).await.unwrap();
+    assert!(within(client.keyset(&root_trust)).await.unwrap().is_none(), "the forged key set is not shown");
+
+    let dir = tempfile::tempdir().unwrap();
+    let root_pub = dir.path().join("root.pub");
+    std::fs::write(&root_pub, harmony_score_wire::to_hex32(&root.verifying_key().to_bytes())).unwrap();
+    let (code, out) = fleet(&server.url(), &["keyset", "show", "--root-pub", path(&root_pub)]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no key set signed by the root") && !out.contains("18446744073709551615"), "{out}");
+    let (code, out) = fleet(&server.url(), &["keyset", "show"]).await;
+    assert_eq!(code, Some(2), "the root public key is required: {out}");
+
+    let in_a_day = harmony_score_wire::now_ms() / 1000 + 86_400;
+    let genuine = KeySet::new(2, 0, in_a_day, 1, &[online.verifying_key()]).sign(&[&root]);
+    assert_eq!(within(client.publish_keyset(&genuine, &root_trust)).await.unwrap(), 2);
+    assert_eq!(within(client.keyset(&root_trust)).await.unwrap().map(|k| k.version), Some(2));
+    let (code, out) = fleet(&server.url(), &["keyset", "show", "--root-pub", path(&root_pub)]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("version 2"), "{out}");
 }

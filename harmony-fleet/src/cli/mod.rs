@@ -42,6 +42,9 @@ pub struct Connection {
     pub sign_key: Option<PathBuf>,
     /// Replies under this prefix (`--inbox-prefix`, `$HARMONY_INBOX_PREFIX`).
     pub inbox_prefix: Option<String>,
+    /// Public keys whose signed documents count when a signing client
+    /// numbers generations, besides the signing key's own (`--trusted-key`).
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 impl Connection {
@@ -52,10 +55,56 @@ impl Connection {
             self.inbox_prefix.as_deref(),
         )
         .await?;
-        Ok(match &self.sign_key {
+        let client = match &self.sign_key {
             Some(path) => client.with_signer(read_sign_key(path)?),
             None => client,
+        };
+        Ok(if self.trusted_keys.is_empty() {
+            client
+        } else {
+            // One of them is enough for a document to count for numbering.
+            client.with_trusted_keys(read_public_keys(&self.trusted_keys, 1)?)
         })
+    }
+}
+
+/// Reads a public key file (`harmony.pub`: 64 hex digits).
+pub fn read_public_key(path: &Path) -> Result<harmony_score_wire::VerifyingKey, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read public key {}: {e}", path.display())))?;
+    harmony_score_wire::parse_public_key(&text)
+        .map_err(|e| CliError::Usage(format!("public key {}: {e}", path.display())))
+}
+
+/// Reads public key files (one key counted once), `threshold` of which must sign.
+pub fn read_public_keys(
+    paths: &[PathBuf],
+    threshold: usize,
+) -> Result<harmony_score_wire::TrustedKeys, CliError> {
+    let mut keys = paths.iter().map(|p| read_public_key(p)).collect::<Result<Vec<_>, _>>()?;
+    keys.sort_by_key(|k| k.to_bytes());
+    keys.dedup();
+    if threshold == 0 || threshold > keys.len() {
+        return Err(CliError::Usage(format!("a threshold of {threshold} needs 1 to {} keys", keys.len())));
+    }
+    Ok(harmony_score_wire::TrustedKeys::new(keys, threshold))
+}
+
+/// The fleet's root public keys, as `keyset publish` and `keyset show` take them.
+#[derive(Debug, clap::Args)]
+pub struct RootArgs {
+    /// A root public key (`harmony.pub` of the root, as devices list it in
+    /// `root_keys`); repeat for several. Only key sets it signed count.
+    #[arg(long = "root-pub", required = true, value_name = "FILE")]
+    root_pubs: Vec<PathBuf>,
+    /// How many root keys must have signed (the devices' `root_threshold`).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    root_threshold: usize,
+}
+
+impl RootArgs {
+    fn trust(&self) -> Result<harmony_score_wire::TrustedKeys, CliError> {
+        read_public_keys(&self.root_pubs, self.root_threshold)
     }
 }
 
@@ -448,16 +497,7 @@ pub struct KeysetSignArgs {
 /// `keyset sign`: the root signs a key set, offline.
 pub fn keyset_sign(args: &KeysetSignArgs) -> Result<(), CliError> {
     let roots = args.root_keys.iter().map(|p| read_sign_key(p)).collect::<Result<Vec<_>, _>>()?;
-    let keys = args
-        .keys
-        .iter()
-        .map(|path| {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| CliError::Usage(format!("cannot read public key {}: {e}", path.display())))?;
-            harmony_score_wire::parse_public_key(&text)
-                .map_err(|e| CliError::Usage(format!("public key {}: {e}", path.display())))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let keys = args.keys.iter().map(|path| read_public_key(path)).collect::<Result<Vec<_>, _>>()?;
     let now = now_ms() / 1000;
     let expires_at =
         args.expires_in_days.checked_mul(86_400).and_then(|s| s.checked_add(now)).ok_or_else(|| {
@@ -478,18 +518,20 @@ pub fn keyset_sign(args: &KeysetSignArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `keyset publish FILE`.
-pub async fn keyset_publish(conn: &Connection, file: &Path) -> Result<(), CliError> {
+/// `keyset publish FILE --root-pub ROOT.pub`.
+pub async fn keyset_publish(conn: &Connection, file: &Path, root: &RootArgs) -> Result<(), CliError> {
+    let root = root.trust()?;
     let bytes =
         std::fs::read(file).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", file.display())))?;
-    let version = conn.client().await?.publish_keyset(&bytes).await?;
+    let version = conn.client().await?.publish_keyset(&bytes, &root).await?;
     println!("published key set version {version}");
     Ok(())
 }
 
-/// `keyset show`.
-pub async fn keyset_show(conn: &Connection) -> Result<(), CliError> {
-    match conn.client().await?.keyset().await? {
+/// `keyset show --root-pub ROOT.pub`: the key set in force, if the root signed it.
+pub async fn keyset_show(conn: &Connection, root: &RootArgs) -> Result<(), CliError> {
+    let root = root.trust()?;
+    match conn.client().await?.keyset(&root).await? {
         Some(keyset) => {
             println!(
                 "version {}\nissued_at {}\nexpires_at {}\nthreshold {}",
@@ -501,7 +543,7 @@ pub async fn keyset_show(conn: &Connection) -> Result<(), CliError> {
                 println!("key {}\t{key}", id.unwrap_or_default());
             }
         }
-        None => println!("no key set published"),
+        None => println!("no key set signed by the root published"),
     }
     Ok(())
 }
