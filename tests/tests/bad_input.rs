@@ -13,6 +13,8 @@ mod generate;
 
 use std::path::PathBuf;
 
+use futures_util::FutureExt;
+
 use harmony_e2e::{until_status, within, workspace_root, AgentProcess, NatsServer};
 use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::names::{desired_state_key, DESIRED_STATE_BUCKET};
@@ -148,12 +150,16 @@ async fn every_bad_input_is_refused_with_a_typed_error_and_the_good_generation_k
         within(kv.put(key.clone(), bytes.clone().into()))
             .await
             .unwrap_or_else(|e| panic!("{name}: cannot write: {e}"));
-        let status = until_status(&client, &device, &format!("{name} refused"), |s| {
+        let what = format!("{name} refused");
+        let refused = until_status(&client, &device, &what, |s| {
             s.deployments
                 .get(&deployment)
                 .is_some_and(|d| d.desired_digest.as_deref() == Some(digest.as_str()))
-        })
-        .await;
+        });
+        // On a timeout, the agent's log says what it made of the write.
+        let Ok(status) = std::panic::AssertUnwindSafe(refused).catch_unwind().await else {
+            panic!("{name}: no refusal in status; agent log:\n{}", agent.log_text())
+        };
         let d = &status.deployments[&deployment];
         assert_eq!(d.phase, Phase::Rejected, "{name}: not refused: {d:#?}\n{}", agent.log_text());
         let error = d.error.as_ref().unwrap_or_else(|| panic!("{name}: refused without an error: {d:#?}"));
