@@ -246,7 +246,7 @@ fn decode_checked_size(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredSta
                     limits.max_depth + 1,
                 );
                 if let Err(err) = decoded {
-                    let message = one_line(&err.to_string());
+                    let message = one_line(&score_error_text(&err));
                     return DecodeError::InvalidScore { index, tag: tag.to_string(), field: None, message };
                 }
             }
@@ -293,6 +293,25 @@ fn cbor_error(err: ciborium::de::Error<std::io::Error>, limits: &DecodeLimits) -
         Error::Semantic(None, msg) => DecodeError::malformed(msg),
         Error::RecursionLimitExceeded => DecodeError::TooDeep { limit: limits.max_depth },
     }
+}
+
+/// The message of a Score's decode error. typetag passes the inner
+/// error on through its `Display`, which for ciborium is `Debug`: each
+/// layer wraps and escapes the last (`Semantic(None, "Semantic(None,
+/// \"invalid type…`). Only the innermost message is kept.
+fn score_error_text(err: &ciborium::de::Error<std::io::Error>) -> String {
+    let mut text = match err {
+        ciborium::de::Error::Semantic(_, msg) => msg.clone(),
+        other => return other.to_string(),
+    };
+    while let Some(inner) = text
+        .strip_prefix("Semantic(")
+        .and_then(|rest| rest.split_once(", \""))
+        .and_then(|(_, rest)| rest.strip_suffix("\")"))
+    {
+        text = inner.replace("\\\"", "\"").replace("\\\\", "\\");
+    }
+    text
 }
 
 /// ciborium and serde nest messages over several lines; status lines need one.

@@ -169,6 +169,11 @@ async fn every_bad_input_is_refused_with_a_typed_error_and_the_good_generation_k
             "{name}: the error message echoes control characters: {:?}",
             error.message
         );
+        assert!(
+            !error.message.contains("Semantic(None, \"Semantic("),
+            "{name}: the error message nests the decoder's debug output: {:?}",
+            error.message
+        );
         assert_eq!(
             (d.observed_generation, d.observed_digest.as_ref()),
             (good_status.observed_generation, good_status.observed_digest.as_ref()),
