@@ -246,7 +246,7 @@ fn decode_checked_size(bytes: &[u8], limits: &DecodeLimits) -> Result<DesiredSta
                     limits.max_depth + 1,
                 );
                 if let Err(err) = decoded {
-                    let message = one_line(&score_error_text(&err));
+                    let message = one_line(&cbor_error_text(&err));
                     return DecodeError::InvalidScore { index, tag: tag.to_string(), field: None, message };
                 }
             }
@@ -295,11 +295,11 @@ fn cbor_error(err: ciborium::de::Error<std::io::Error>, limits: &DecodeLimits) -
     }
 }
 
-/// The message of a Score's decode error. typetag passes the inner
+/// The message of a decode error, without ciborium's wrapping. typetag passes the inner
 /// error on through its `Display`, which for ciborium is `Debug`: each
 /// layer wraps and escapes the last (`Semantic(None, "Semantic(None,
 /// \"invalid type…`). Only the innermost message is kept.
-fn score_error_text(err: &ciborium::de::Error<std::io::Error>) -> String {
+fn cbor_error_text(err: &ciborium::de::Error<std::io::Error>) -> String {
     let mut text = match err {
         ciborium::de::Error::Semantic(_, msg) => msg.clone(),
         other => return other.to_string(),
@@ -361,12 +361,27 @@ pub fn from_cbor<T: serde::de::DeserializeOwned>(
         });
     }
     ciborium::de::from_reader_with_recursion_limit(bytes, 64)
-        .map_err(|e| ValueDecodeError { what, message: one_line(&e.to_string()) })
+        .map_err(|e| ValueDecodeError { what, message: one_line(&cbor_error_text(&e)) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Found by the bad-input corpus: envelope and record errors read
+    // `Semantic(None, "invalid type: …")`, ciborium's Debug form.
+    #[test]
+    fn value_errors_carry_the_message_not_ciboriums_wrapping() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Wants {
+            n: u64,
+        }
+        let bytes = to_cbor(&std::collections::BTreeMap::from([("n", "text")]));
+        let err = from_cbor::<Wants>(&bytes, 1024, "thing").unwrap_err();
+        assert!(!err.to_string().contains("Semantic("), "{err}");
+        assert!(err.to_string().contains("invalid type: string"), "{err}");
+    }
 
     fn document_with_tags(tags: &[&str]) -> Vec<u8> {
         let scores: Vec<_> = tags.iter().map(|t| serde_json::json!({ "type": t })).collect();
