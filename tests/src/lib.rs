@@ -341,8 +341,15 @@ pub fn agent_config(
 }
 
 /// Waits until the status `device` reports satisfies `check`, following
-/// every status write (a core subscription on the status key's subject,
-/// then a read, so nothing written in between is missed); panics after [`WAIT`].
+/// every status write through a KV watch with history (an ordered
+/// consumer that starts at the key's last stored value), so nothing
+/// written in between is missed; panics after [`WAIT`].
+///
+/// A core subscription plus a read raced here: a status published before
+/// the subscription reached the server was not delivered, and the read,
+/// served while the stream was still storing it, returned the value before
+/// (a core message is no read barrier). The test then waited for a status
+/// the agent had written.
 pub async fn until_status(
     client: &harmony_fleet::FleetClient,
     device: &harmony_score_wire::DeviceId,
@@ -351,19 +358,14 @@ pub async fn until_status(
 ) -> harmony_score_wire::AgentStatus {
     use futures_util::StreamExt;
     use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
-    let subject = format!("$KV.{AGENT_STATUS_BUCKET}.{}", status_key(device));
-    let mut writes = within(client.nats().subscribe(subject)).await.expect("subscribe to status");
+    let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.expect("status bucket");
+    let mut writes = within(kv.watch_with_history(status_key(device))).await.expect("watch the status key");
     let mut last = None;
     let waited = tokio::time::timeout(WAIT, async {
-        if let Ok(Some((status, _))) = client.device_status(device).await {
-            if check(&status) {
-                return status;
-            }
-            last = Some(status);
-        }
-        while let Some(message) = writes.next().await {
+        while let Some(entry) = writes.next().await {
+            let Ok(entry) = entry else { continue };
             if let Ok(status) = harmony_score_wire::from_cbor::<harmony_score_wire::AgentStatus>(
-                &message.payload,
+                &entry.value,
                 1 << 20,
                 "status",
             ) {
@@ -373,7 +375,7 @@ pub async fn until_status(
                 last = Some(status);
             }
         }
-        panic!("status subscription ended")
+        panic!("status watch ended")
     })
     .await;
     match waited {
