@@ -92,10 +92,10 @@ impl NatsArtifacts {
     /// The connection, once the source has one; `Unavailable` without NATS.
     async fn connection(&self, name: &str) -> Result<jetstream::Context, ArtifactError> {
         let mut js = self.js.clone();
-        let connected = js.wait_for(Option::is_some).await.map(|js| js.clone());
+        let connected = js.wait_for(Option::is_some).await.ok().and_then(|js| js.clone());
         match connected {
-            Ok(js) => Ok(js.expect("waited for Some")),
-            Err(_) => Err(ArtifactError::Unavailable {
+            Some(js) => Ok(js),
+            None => Err(ArtifactError::Unavailable {
                 name: name.to_owned(),
                 message: format!(
                     "this agent has no NATS connection; place the archive at {}/<sha256> to use it offline",

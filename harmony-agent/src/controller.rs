@@ -682,7 +682,12 @@ impl Controller {
         let mut prune = Vec::new();
         let mut unreadable_undos = Vec::new();
         for owned in entry.record.owned.iter().rev().filter(|o| !wanted.contains(&o.resource)) {
-            match from_cbor::<Box<dyn DeviceScore>>(&owned.undo, MAX_UNDO_BYTES, "undo score") {
+            // Read back from disk: validated like any Score from outside
+            // before it runs (a Score's `resource()` and Interpret rely on it).
+            let undo = from_cbor::<Box<dyn DeviceScore>>(&owned.undo, MAX_UNDO_BYTES, "undo score")
+                .map_err(|err| err.to_string())
+                .and_then(|undo| undo.validate().map(|()| undo).map_err(|err| err.to_string()));
+            match undo {
                 Ok(undo) => prune.push(PruneItem { resource: owned.resource.clone(), undo: Arc::from(undo) }),
                 Err(err) => unreadable_undos.push(ScoreStatus {
                     tag: String::new(),

@@ -1621,3 +1621,33 @@ async fn units_and_packages_need_their_privilege_and_units_their_path() {
     assert!(!device.root("/etc/systemd/system/x.service").exists());
     agent.stop().await;
 }
+
+// Review finding: undos read back from the state directory were run without
+// `validate()`, so an invalid one (a path with `..`, a container name
+// `resource()` expects valid) reached code that assumes a validated Score.
+#[tokio::test]
+async fn an_invalid_undo_read_back_from_disk_is_reported_not_run() {
+    let device = Device::new();
+    let store = Store::open(&device.state()).unwrap();
+    std::fs::write(device.root("/outside-the-plan"), "kept").unwrap();
+    let undo = json!({"type": "harmony.file/v1", "path": "/a/../outside-the-plan", "content": "", "state": "absent"});
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&undo, &mut bytes).unwrap();
+    let record = DeploymentRecord {
+        owned: vec![crate::store::OwnedResource { resource: ResourceId::path("/x"), undo: bytes }],
+        high_water: Some(HighWater { generation: 1, digest: "sha256:00".into() }),
+        ..Default::default()
+    };
+    store.save(&name("gone"), &record).unwrap();
+    drop(store);
+    let mut agent = device.start().await;
+    let status = agent
+        .until("the prune reported", |s| {
+            s.deployments.get(&name("gone")).is_some_and(|d| d.scores.iter().any(|sc| !sc.is_ok()))
+        })
+        .await;
+    let score = &status.deployments[&name("gone")].scores[0];
+    assert!(score.message.contains("cannot run the undo"), "{}", score.message);
+    assert_eq!(read(&device.root("/outside-the-plan")), "kept");
+    agent.stop().await;
+}

@@ -371,7 +371,7 @@ impl FromStr for PortMapping {
             }
             None => match ports.matches(':').count() {
                 2 => {
-                    let (ip, rest) = ports.split_once(':').expect("two colons");
+                    let (ip, rest) = ports.split_once(':').ok_or_else(|| err("expected ':'"))?;
                     let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| err("bad IPv4 address"))?;
                     (Some(IpAddr::V4(ip)), rest)
                 }
