@@ -393,3 +393,117 @@ pub fn file_score(path: &str, content: &str) -> Box<dyn harmony_score_wire::Devi
         state: harmony_scores::PresenceState::Present,
     })
 }
+
+/// A deployment name (panics on an invalid one: tests spell their own).
+pub fn deployment(text: &str) -> harmony_score_wire::DeploymentName {
+    harmony_score_wire::DeploymentName::new(text).expect("valid deployment name")
+}
+
+/// One real nats-server with the fleet's buckets, an operator client, and
+/// a temp folder holding one sub-folder (state + root) per agent.
+pub struct Fleet {
+    pub nats: NatsServer,
+    pub client: harmony_fleet::FleetClient,
+    pub dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts a server and creates the buckets.
+    pub async fn new() -> Self {
+        harmony_scores::ensure_linked();
+        let nats = NatsServer::start();
+        let client = within(harmony_fleet::FleetClient::connect(&[nats.url()], None))
+            .await
+            .expect("operator connects");
+        within(client.ensure_buckets()).await.expect("buckets");
+        Self { nats, client, dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    /// The folder of one agent (`state/` and `root/` beneath it).
+    pub fn folder(&self, folder: &str) -> PathBuf {
+        self.dir.path().join(folder)
+    }
+
+    /// The configuration layer of an agent for `device` in `folder`: this
+    /// server, resync and heartbeat an hour away (convergence must come from
+    /// the live path), unsigned documents allowed. Edit it, then `resolve()`.
+    pub fn layer(&self, device: &str, folder: &str) -> harmony_agent::ConfigLayer {
+        let dir = self.folder(folder);
+        std::fs::create_dir_all(dir.join("root")).expect("root dir");
+        harmony_agent::ConfigLayer {
+            device_id: Some(device.to_owned()),
+            nats: Some(vec![self.nats.url()]),
+            state_dir: Some(dir.join("state")),
+            root: Some(dir.join("root")),
+            resync_secs: Some(3600),
+            heartbeat_secs: Some(3600),
+            allow_unsigned: Some(true),
+            ..Default::default()
+        }
+    }
+
+    /// Starts an in-process agent for `device` in `folder`, not waiting for it.
+    pub fn agent_in(&self, device: &str, folder: &str) -> InProcessAgent {
+        InProcessAgent::start(self.layer(device, folder).resolve().expect("valid agent config"))
+    }
+
+    /// Starts an in-process agent for `device` (folder named after it) and
+    /// waits until its status shows it online.
+    pub async fn agent(&self, device: &harmony_score_wire::DeviceId) -> InProcessAgent {
+        let agent = self.agent_in(device.as_str(), device.as_str());
+        self.online(device).await;
+        agent
+    }
+
+    /// `path` beneath the root of the agent in `folder`.
+    pub fn root(&self, folder: &str, path: &str) -> PathBuf {
+        self.folder(folder).join("root").join(path.trim_start_matches('/'))
+    }
+
+    /// Deploys `scores` (tag support not checked) and returns the generation.
+    pub async fn deploy(
+        &self,
+        device: &harmony_score_wire::DeviceId,
+        name: &str,
+        scores: Vec<Box<dyn harmony_score_wire::DeviceScore>>,
+    ) -> u64 {
+        let request = harmony_fleet::DeployRequest::new(device.clone(), deployment(name), scores).force(true);
+        within(self.client.deploy(request)).await.expect("deploy").generation
+    }
+
+    /// Waits until the device's status carries its info.
+    pub async fn online(&self, device: &harmony_score_wire::DeviceId) -> harmony_score_wire::AgentStatus {
+        until_status(&self.client, device, "online", |s| s.info.is_some()).await
+    }
+
+    /// Waits until `name` reports `generation` desired, in `phase`.
+    pub async fn reached(
+        &self,
+        device: &harmony_score_wire::DeviceId,
+        name: &str,
+        generation: u64,
+        phase: harmony_score_wire::Phase,
+    ) -> harmony_score_wire::AgentStatus {
+        let n = deployment(name);
+        until_status(&self.client, device, &format!("{name} {phase:?} at {generation}"), |s| {
+            s.deployments.get(&n).is_some_and(|d| d.phase == phase && d.desired_generation == generation)
+        })
+        .await
+    }
+
+    /// Waits until `name` reports `generation` applied (and observed).
+    pub async fn applied(
+        &self,
+        device: &harmony_score_wire::DeviceId,
+        name: &str,
+        generation: u64,
+    ) -> harmony_score_wire::AgentStatus {
+        let n = deployment(name);
+        until_status(&self.client, device, &format!("{name} applied at {generation}"), |s| {
+            s.deployments.get(&n).is_some_and(|d| {
+                d.phase == harmony_score_wire::Phase::Applied && d.observed_generation == generation
+            })
+        })
+        .await
+    }
+}

@@ -6,11 +6,12 @@
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
-use harmony_e2e::{agent_config, file_score, until_status, within, InProcessAgent, NatsServer};
-use harmony_fleet::{DeployRequest, FleetClient};
+use harmony_e2e::{
+    agent_config, deployment as name, file_score, until_status, within, Fleet, InProcessAgent,
+};
+use harmony_fleet::DeployRequest;
 use harmony_score_wire::{
-    device_score, AgentStatus, DeploymentName, DeviceId, DeviceScore, ErrorKind, Phase, ResourceId,
-    ScoreValidationError,
+    device_score, DeviceId, DeviceScore, ErrorKind, Phase, ResourceId, ScoreValidationError,
 };
 use harmony_topology::{
     async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
@@ -79,53 +80,6 @@ device_score! {
     }
 }
 
-struct Fleet {
-    nats: NatsServer,
-    client: FleetClient,
-    dir: tempfile::TempDir,
-}
-
-impl Fleet {
-    async fn new() -> Self {
-        harmony_scores::ensure_linked();
-        let nats = NatsServer::start();
-        let client = within(FleetClient::connect(&[nats.url()], None)).await.unwrap();
-        within(client.ensure_buckets()).await.unwrap();
-        Self { nats, client, dir: tempfile::tempdir().unwrap() }
-    }
-
-    fn agent(&self, device: &str, folder: &str) -> InProcessAgent {
-        InProcessAgent::start(agent_config(device, &self.nats.url(), &self.dir.path().join(folder), 3600))
-    }
-
-    fn root(&self, folder: &str, path: &str) -> std::path::PathBuf {
-        self.dir.path().join(folder).join("root").join(path.trim_start_matches('/'))
-    }
-
-    async fn deploy(&self, device: &DeviceId, deployment: &str, scores: Vec<Box<dyn DeviceScore>>) -> u64 {
-        let request = DeployRequest::new(device.clone(), name(deployment), scores).force(true);
-        within(self.client.deploy(request)).await.unwrap().generation
-    }
-
-    async fn online(&self, device: &DeviceId) -> AgentStatus {
-        until_status(&self.client, device, "online", |s| s.info.is_some()).await
-    }
-
-    async fn applied(&self, device: &DeviceId, deployment: &str, generation: u64) -> AgentStatus {
-        let n = name(deployment);
-        until_status(&self.client, device, &format!("{deployment} applied at {generation}"), |s| {
-            s.deployments
-                .get(&n)
-                .is_some_and(|d| d.phase == Phase::Applied && d.observed_generation == generation)
-        })
-        .await
-    }
-}
-
-fn name(text: &str) -> DeploymentName {
-    DeploymentName::new(text).unwrap()
-}
-
 fn sleep(name: &str, millis: u64) -> Box<dyn DeviceScore> {
     Box::new(SleepScore { name: name.into(), millis })
 }
@@ -136,7 +90,7 @@ fn sleep(name: &str, millis: u64) -> Box<dyn DeviceScore> {
 async fn a_long_score_delays_neither_another_deployment_nor_a_ping_nor_shutdown() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let agent = f.agent("dev-1", "dev-1");
+    let agent = f.agent_in("dev-1", "dev-1");
     f.online(&device).await;
     f.deploy(&device, "slow", vec![sleep("slow", 120_000)]).await;
     let slow = name("slow");
@@ -167,7 +121,7 @@ async fn a_long_score_delays_neither_another_deployment_nor_a_ping_nor_shutdown(
 async fn a_thousand_generations_back_to_back_end_with_the_last_applied() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = f.agent("dev-1", "dev-1");
+    let _agent = f.agent_in("dev-1", "dev-1");
     f.online(&device).await;
     let mut last = 0;
     for i in 1..=1000u32 {
@@ -186,9 +140,9 @@ async fn a_thousand_generations_back_to_back_end_with_the_last_applied() {
 async fn two_agents_with_one_device_id_are_reported_as_duplicate_device() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let first = f.agent("dev-1", "clone-a");
+    let first = f.agent_in("dev-1", "clone-a");
     let seen = f.online(&device).await;
-    let second = f.agent("dev-1", "clone-b");
+    let second = f.agent_in("dev-1", "clone-b");
     until_status(&f.client, &device, "a second instance", |s| s.instance_id != seen.instance_id).await;
     // Each write now conflicts with the other's: both report it.
     f.deploy(&device, "app", vec![file_score("/a", "x")]).await;
@@ -208,14 +162,14 @@ async fn two_agents_with_one_device_id_are_reported_as_duplicate_device() {
 async fn a_deployment_deleted_while_the_agent_was_down_is_pruned_at_start() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let agent = f.agent("dev-1", "dev-1");
+    let agent = f.agent_in("dev-1", "dev-1");
     f.online(&device).await;
     let g = f.deploy(&device, "app", vec![file_score("/etc/app", "x")]).await;
     f.applied(&device, "app", g).await;
     agent.stop().await.unwrap();
 
     assert!(within(f.client.delete(&device, &name("app"))).await.unwrap());
-    let _agent = f.agent("dev-1", "dev-1");
+    let _agent = f.agent_in("dev-1", "dev-1");
     let app = name("app");
     until_status(&f.client, &device, "app pruned", |s| {
         s.deployments.get(&app).is_some_and(|d| d.phase == Phase::Pruned)
@@ -230,7 +184,7 @@ async fn a_deployment_deleted_while_the_agent_was_down_is_pruned_at_start() {
 async fn huge_invalid_documents_do_not_stop_the_device_reporting() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = f.agent("dev-1", "dev-1");
+    let _agent = f.agent_in("dev-1", "dev-1");
     f.online(&device).await;
     let kv = within(f.client.jetstream().get_key_value("harmony-desired-state")).await.unwrap();
     for deployment in ["a", "b"] {
@@ -287,7 +241,7 @@ async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
     use harmony_fleet::async_nats::{header, HeaderMap};
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = f.agent("dev-1", "dev-1");
+    let _agent = f.agent_in("dev-1", "dev-1");
     f.online(&device).await;
     let g1 = f.deploy(&device, "app", vec![file_score("/etc/app", "one")]).await;
     f.applied(&device, "app", g1).await;
@@ -335,7 +289,7 @@ async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
 async fn an_operator_deleting_the_status_key_is_not_a_duplicate_device() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = f.agent("dev-1", "dev-1");
+    let _agent = f.agent_in("dev-1", "dev-1");
     let seen = f.online(&device).await;
     let kv = within(f.client.jetstream().get_key_value("harmony-agent-status")).await.unwrap();
     within(kv.delete("dev-1")).await.unwrap();
@@ -393,7 +347,7 @@ async fn hints_for_keys_that_do_not_exist_are_not_read_again_at_every_resync() {
 async fn a_key_with_no_message_at_all_prunes_nothing() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = f.agent("dev-1", "dev-1");
+    let _agent = f.agent_in("dev-1", "dev-1");
     f.online(&device).await;
     let g = f.deploy(&device, "app", vec![file_score("/etc/app", "kept")]).await;
     f.applied(&device, "app", g).await;
@@ -610,7 +564,7 @@ async fn a_signing_operator_ignores_a_forged_index_generation_above_every_signed
 async fn a_delete_whose_marker_is_gone_is_seen_through_the_index_tombstone() {
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let agent = f.agent("dev-1", "dev-1");
+    let agent = f.agent_in("dev-1", "dev-1");
     f.online(&device).await;
     let g = f.deploy(&device, "app", vec![file_score("/etc/app", "x")]).await;
     f.applied(&device, "app", g).await;
@@ -620,7 +574,7 @@ async fn a_delete_whose_marker_is_gone_is_seen_through_the_index_tombstone() {
     let mut stream = within(f.client.jetstream().get_stream("KV_harmony-desired-state")).await.unwrap();
     within(stream.purge().filter("$KV.harmony-desired-state.dev-1.app").into_future()).await.unwrap();
     let _ = within(stream.info()).await.unwrap();
-    let _agent = f.agent("dev-1", "dev-1");
+    let _agent = f.agent_in("dev-1", "dev-1");
     let app = name("app");
     until_status(&f.client, &device, "app pruned", |s| {
         s.deployments.get(&app).is_some_and(|d| d.phase == Phase::Pruned)

@@ -12,11 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harmony_e2e::{free_port, until_status, within, InProcessAgent, NatsServer, WAIT};
-use harmony_fleet::{DeployRequest, FleetClient, FleetError};
-use harmony_score_wire::{
-    AgentStatus, DeploymentName, DeviceId, DeviceScore, LogsErrorKind, Phase, MAX_LOG_BYTES,
-};
+use harmony_e2e::{deployment as name, free_port, until_status, within, Fleet, InProcessAgent, WAIT};
+use harmony_fleet::{FleetClient, FleetError};
+use harmony_score_wire::{AgentStatus, DeviceId, DeviceScore, LogsErrorKind, Phase, MAX_LOG_BYTES};
 use harmony_scores::PodmanContainerScore;
 use harmony_topology::{InterpretErrorKind, InterpretStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -143,74 +141,22 @@ async fn until(what: &str, check: impl Fn() -> bool) {
     }
 }
 
-struct Fleet {
-    nats: NatsServer,
-    client: FleetClient,
-    dir: tempfile::TempDir,
+/// An agent for `device`, running `podman` (default: from PATH), once online.
+async fn agent(f: &Fleet, device: &DeviceId, podman: Option<&Path>) -> InProcessAgent {
+    let mut layer = f.layer(device.as_str(), device.as_str());
+    layer.podman = podman.map(Path::to_path_buf);
+    let agent = InProcessAgent::start(layer.resolve().unwrap());
+    f.online(device).await;
+    agent
 }
 
-impl Fleet {
-    async fn new() -> Self {
-        harmony_scores::ensure_linked();
-        let nats = NatsServer::start();
-        let client = within(FleetClient::connect(&[nats.url()], None)).await.unwrap();
-        within(client.ensure_buckets()).await.unwrap();
-        Self { nats, client, dir: tempfile::tempdir().unwrap() }
-    }
-
-    /// An agent for `device`, running `podman` (default: from PATH).
-    async fn agent(&self, device: &DeviceId, podman: Option<&Path>) -> InProcessAgent {
-        let dir = self.dir.path().join(device.as_str());
-        std::fs::create_dir_all(dir.join("root")).unwrap();
-        let config = harmony_agent::ConfigLayer {
-            device_id: Some(device.to_string()),
-            nats: Some(vec![self.nats.url()]),
-            state_dir: Some(dir.join("state")),
-            root: Some(dir.join("root")),
-            podman: podman.map(Path::to_path_buf),
-            resync_secs: Some(3600),
-            heartbeat_secs: Some(3600),
-            allow_unsigned: Some(true),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
-        let agent = InProcessAgent::start(config);
-        until_status(&self.client, device, "online", |s| s.info.is_some()).await;
-        agent
-    }
-
-    fn cache(&self, device: &DeviceId) -> PathBuf {
-        self.dir.path().join(device.as_str()).join("state/artifacts")
-    }
-
-    async fn put(&self, archive: &Archive, name: &str) {
-        let put = within(self.client.put_artifact(&archive.path, name, false)).await.unwrap();
-        assert_eq!(put.artifact.sha256, archive.sha256);
-    }
-
-    async fn deploy(&self, device: &DeviceId, deployment: &str, scores: Vec<Box<dyn DeviceScore>>) -> u64 {
-        let request = DeployRequest::new(device.clone(), name(deployment), scores);
-        within(self.client.deploy(request)).await.unwrap().generation
-    }
-
-    async fn reached(
-        &self,
-        device: &DeviceId,
-        deployment: &str,
-        generation: u64,
-        phase: Phase,
-    ) -> AgentStatus {
-        let n = name(deployment);
-        until_status(&self.client, device, &format!("{deployment} {phase:?} at {generation}"), |s| {
-            s.deployments.get(&n).is_some_and(|d| d.phase == phase && d.desired_generation == generation)
-        })
-        .await
-    }
+fn cache(f: &Fleet, device: &DeviceId) -> PathBuf {
+    f.folder(device.as_str()).join("state/artifacts")
 }
 
-fn name(text: &str) -> DeploymentName {
-    DeploymentName::new(text).unwrap()
+async fn put(f: &Fleet, archive: &Archive, name: &str) {
+    let put = within(f.client.put_artifact(&archive.path, name, false)).await.unwrap();
+    assert_eq!(put.artifact.sha256, archive.sha256);
 }
 
 /// busybox httpd from `image`, loaded from the artifact `artifact` of digest `sha256`.
@@ -244,9 +190,9 @@ async fn an_image_archive_travels_through_the_object_store_and_is_cached_for_the
     }
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let agent = f.agent(&device, None).await;
+    let agent = agent(&f, &device, None).await;
     let archive = Archive::new(f.dir.path(), "busybox");
-    f.put(&archive, "busybox.tar").await;
+    put(&f, &archive, "busybox.tar").await;
     // Uploaded once: a second put sends nothing.
     let again = within(f.client.put_artifact(&archive.path, "busybox.tar", false)).await.unwrap();
     assert!(!again.uploaded);
@@ -269,7 +215,7 @@ async fn an_image_archive_travels_through_the_object_store_and_is_cached_for_the
     eprintln!("measured: {}", first.message);
     until_served(port).await;
     assert!(image_present(&archive.tag));
-    let cached = f.cache(&device).join(&archive.sha256);
+    let cached = cache(&f, &device).join(&archive.sha256);
     assert_eq!(std::fs::read(&cached).unwrap(), std::fs::read(&archive.path).unwrap());
 
     // The image and the container go by hand; a reconcile needs the image
@@ -307,9 +253,9 @@ async fn a_wrong_digest_is_refused_nothing_is_loaded_and_the_previous_generation
     }
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = f.agent(&device, None).await;
+    let _agent = agent(&f, &device, None).await;
     let archive = Archive::new(f.dir.path(), "wrong");
-    f.put(&archive, "busybox.tar").await;
+    put(&f, &archive, "busybox.tar").await;
     let web1 = Container::unique("wrong");
     let port = free_port();
     // Generation 1: the test image, present; no archive needed.
@@ -349,7 +295,7 @@ async fn a_wrong_digest_is_refused_nothing_is_loaded_and_the_previous_generation
     assert_eq!(refused.error_kind, Some(InterpretErrorKind::DigestMismatch), "{refused:?}");
     assert!(!image_present(&archive.tag));
     assert_eq!(web1.state(), running);
-    let cache: Vec<_> = std::fs::read_dir(f.cache(&device))
+    let cache: Vec<_> = std::fs::read_dir(cache(&f, &device))
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(cache.is_empty(), "a refused transfer left {cache:?} in the cache");
@@ -406,9 +352,9 @@ async fn a_slow_load_delays_neither_another_deployment_nor_a_ping() {
     let device = DeviceId::new("dev-1").unwrap();
     let wrapper_dir = tempfile::tempdir().unwrap();
     let wrapper = slow_loading_podman(wrapper_dir.path());
-    let agent = f.agent(&device, Some(&wrapper)).await;
+    let agent = agent(&f, &device, Some(&wrapper)).await;
     let archive = Archive::new(f.dir.path(), "slow");
-    f.put(&archive, "slow.tar").await;
+    put(&f, &archive, "slow.tar").await;
     let slow = Container::unique("slow");
     f.deploy(&device, "slow", vec![web(&slow, &archive.tag, "slow.tar", &archive.sha256, free_port())]).await;
     let started = wrapper_dir.path().join("started");
@@ -462,7 +408,7 @@ async fn logs_are_bounded_and_refused_for_a_container_the_agent_does_not_manage(
     }
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = f.agent(&device, None).await;
+    let _agent = agent(&f, &device, None).await;
     let printer = Container::unique("printer");
     // 3000 lines of 110 bytes: more than one reply may carry.
     // `done` on stdout too: podman keeps the two streams' order only within each.

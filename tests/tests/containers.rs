@@ -9,9 +9,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harmony_e2e::{agent_config, free_port, until_status, within, InProcessAgent, NatsServer, WAIT};
-use harmony_fleet::{DeployRequest, FleetClient};
-use harmony_score_wire::{AgentStatus, DeploymentName, DeviceId, DeviceScore, ErrorKind, Phase};
+use harmony_e2e::{deployment as name, free_port, until_status, within, Fleet, WAIT};
+use harmony_score_wire::{AgentStatus, DeviceId, DeviceScore, ErrorKind, Phase};
 use harmony_scores::PodmanContainerScore;
 use harmony_topology::InterpretStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -110,60 +109,9 @@ async fn until_served(port: u16) -> String {
     }
 }
 
-struct Fleet {
-    nats: NatsServer,
-    client: FleetClient,
-    dir: tempfile::TempDir,
-}
-
-impl Fleet {
-    async fn new() -> Self {
-        harmony_scores::ensure_linked();
-        let nats = NatsServer::start();
-        let client = within(FleetClient::connect(&[nats.url()], None)).await.unwrap();
-        within(client.ensure_buckets()).await.unwrap();
-        Self { nats, client, dir: tempfile::tempdir().unwrap() }
-    }
-
-    async fn agent(&self, device: &DeviceId) -> InProcessAgent {
-        let agent = InProcessAgent::start(agent_config(
-            device.as_str(),
-            &self.nats.url(),
-            &self.dir.path().join(device.as_str()),
-            3600,
-        ));
-        until_status(&self.client, device, "online", |s| s.info.is_some()).await;
-        agent
-    }
-
-    async fn deploy(&self, device: &DeviceId, deployment: &str, scores: Vec<PodmanContainerScore>) -> u64 {
-        let scores = scores.into_iter().map(|s| Box::new(s) as Box<dyn DeviceScore>).collect();
-        let request = DeployRequest::new(device.clone(), name(deployment), scores);
-        within(self.client.deploy(request)).await.unwrap().generation
-    }
-
-    /// Waits until `deployment` reports `generation` in `phase`.
-    async fn reached(
-        &self,
-        device: &DeviceId,
-        deployment: &str,
-        generation: u64,
-        phase: Phase,
-    ) -> AgentStatus {
-        let n = name(deployment);
-        until_status(&self.client, device, &format!("{deployment} {phase:?} at {generation}"), |s| {
-            s.deployments.get(&n).is_some_and(|d| d.phase == phase && d.desired_generation == generation)
-        })
+async fn deploy(f: &Fleet, device: &DeviceId, deployment: &str, scores: Vec<PodmanContainerScore>) -> u64 {
+    f.deploy(device, deployment, scores.into_iter().map(|s| Box::new(s) as Box<dyn DeviceScore>).collect())
         .await
-    }
-
-    async fn applied(&self, device: &DeviceId, deployment: &str, generation: u64) -> AgentStatus {
-        self.reached(device, deployment, generation, Phase::Applied).await
-    }
-}
-
-fn name(text: &str) -> DeploymentName {
-    DeploymentName::new(text).unwrap()
 }
 
 /// busybox httpd serving the image's /www on `port` of the host's loopback.
@@ -200,7 +148,7 @@ async fn a_container_is_deployed_served_kept_converged_and_removed_with_its_depl
     let web1 = Container::unique("web");
     let port = free_port();
 
-    let g = f.deploy(&device, "app", vec![web(&web1, port, "one")]).await;
+    let g = deploy(&f, &device, "app", vec![web(&web1, port, "one")]).await;
     let status = f.applied(&device, "app", g).await;
     let (outcome, message) = score_status(&status, "app");
     assert_eq!(outcome, InterpretStatus::SUCCESS, "{message}");
@@ -213,12 +161,12 @@ async fn a_container_is_deployed_served_kept_converged_and_removed_with_its_depl
         "{labels}"
     );
 
-    let g = f.deploy(&device, "app", vec![web(&web1, port, "one")]).await;
+    let g = deploy(&f, &device, "app", vec![web(&web1, port, "one")]).await;
     let status = f.applied(&device, "app", g).await;
     assert_eq!(score_status(&status, "app").0, InterpretStatus::NOOP, "{status:#?}");
     assert_eq!(web1.id(), id, "a NOOP touched the container");
 
-    let g = f.deploy(&device, "app", vec![web(&web1, port, "two")]).await;
+    let g = deploy(&f, &device, "app", vec![web(&web1, port, "two")]).await;
     let status = f.applied(&device, "app", g).await;
     let (outcome, message) = score_status(&status, "app");
     assert_eq!(outcome, InterpretStatus::SUCCESS, "{message}");
@@ -263,7 +211,7 @@ async fn privileged_and_host_network_containers_are_refused_by_the_default_polic
     let (plain, privileged) = (Container::unique("plain"), Container::unique("priv"));
     let mut wanted = web(&privileged, free_port(), "x");
     wanted.privileged = true;
-    let g = f.deploy(&device, "priv", vec![web(&plain, free_port(), "x"), wanted]).await;
+    let g = deploy(&f, &device, "priv", vec![web(&plain, free_port(), "x"), wanted]).await;
     let status = f.reached(&device, "priv", g, Phase::Rejected).await;
     let error = status.deployments[&name("priv")].error.clone().expect("an error");
     assert_eq!(error.kind, ErrorKind::PolicyDenied, "{error:?}");
@@ -272,7 +220,7 @@ async fn privileged_and_host_network_containers_are_refused_by_the_default_polic
     let mut host = web(&privileged, 0, "x");
     host.ports.clear();
     host.network = harmony_scores::Network::Host;
-    let g = f.deploy(&device, "priv", vec![host]).await;
+    let g = deploy(&f, &device, "priv", vec![host]).await;
     let status = f.reached(&device, "priv", g, Phase::Rejected).await;
     let error = status.deployments[&name("priv")].error.clone().expect("an error");
     assert!(error.message.contains("host_network"), "{}", error.message);
@@ -303,7 +251,7 @@ async fn measure_deploy_to_running_and_a_noop_reconcile_of_ten_containers() {
         let container = Container::unique(&format!("lat{run}"));
         let port = free_port();
         let started = Instant::now();
-        let g = f.deploy(&device, &format!("lat{run}"), vec![web(&container, port, "x")]).await;
+        let g = deploy(&f, &device, &format!("lat{run}"), vec![web(&container, port, "x")]).await;
         f.applied(&device, &format!("lat{run}"), g).await;
         to_applied.push(started.elapsed());
         until_served(port).await;
@@ -318,7 +266,7 @@ async fn measure_deploy_to_running_and_a_noop_reconcile_of_ten_containers() {
     let device = DeviceId::new("dev-2").unwrap();
     let agent = f.agent(&device).await;
     let ten: Vec<Container> = (0..10).map(|i| Container::unique(&format!("ten{i}"))).collect();
-    let g = f.deploy(&device, "ten", ten.iter().map(|c| web(c, free_port(), "x")).collect()).await;
+    let g = deploy(&f, &device, "ten", ten.iter().map(|c| web(c, free_port(), "x")).collect()).await;
     f.applied(&device, "ten", g).await;
     let mut noop = Vec::new();
     for _ in 0..5 {

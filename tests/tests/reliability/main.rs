@@ -1,0 +1,7 @@
+//! Issue 9: reliability under faults. Each module injects one kind of fault
+//! (server restarts, a cluster node lost, agent crashes, an offline boot,
+//! floods, status conflicts, power loss, lost hints) into real agents and a
+//! real nats-server, a bounded number of times, and checks what survives.
+//!
+//! Run with `cargo test -p harmony-e2e --test reliability` (the agent
+//! binary must be built: `cargo build --workspace --bins`).
