@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// How often the status heartbeat is written.
     pub heartbeat: Duration,
+    /// Whether changes are followed live through the bucket's republished
+    /// hints (`false`: only at connect and on the resync timer; for a
+    /// bucket made without republish, and to test the fallback).
+    pub follow_hints: bool,
     /// Where desired state comes from.
     pub source: Source,
     /// Labels published in the device info.
@@ -217,6 +221,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("podman", &self.podman)
             .field("max_artifact_bytes", &self.max_artifact_bytes)
             .field("resync", &self.resync)
+            .field("follow_hints", &self.follow_hints)
             .field("source", &self.source)
             .field("max_parallel", &self.max_parallel)
             .field("timeouts", &self.timeouts)
@@ -248,6 +253,8 @@ pub struct ConfigLayer {
     pub resync_secs: Option<u64>,
     /// `heartbeat_secs = 30`.
     pub heartbeat_secs: Option<u64>,
+    /// `follow_hints = true`: follow changes live (`false`: resync only).
+    pub follow_hints: Option<bool>,
     /// `source = "nats"` or `"dir:/path"`.
     pub source: Option<String>,
     /// `[labels]` table.
@@ -327,6 +334,7 @@ impl ConfigLayer {
             max_artifact_bytes,
             resync_secs,
             heartbeat_secs,
+            follow_hints,
             source,
             max_parallel,
             interpret_timeout_secs,
@@ -391,6 +399,7 @@ impl ConfigLayer {
             },
             resync: secs(self.resync_secs, 60, "resync_secs")?,
             heartbeat: secs(self.heartbeat_secs, 30, "heartbeat_secs")?,
+            follow_hints: self.follow_hints.unwrap_or(true),
             source,
             labels: self.labels,
             max_parallel: match self.max_parallel.unwrap_or(4) {

@@ -1047,7 +1047,7 @@ fn far_future() -> Instant {
 }
 
 /// 0.0–1.0 from the clock's low bits: enough to spread a fleet's retries.
-fn jitter() -> f64 {
+pub(crate) fn jitter() -> f64 {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     f64::from(nanos % 1000) / 1000.0

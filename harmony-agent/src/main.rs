@@ -75,6 +75,10 @@ struct RunArgs {
     /// Seconds between heartbeats (default 30).
     #[arg(long)]
     heartbeat: Option<u64>,
+    /// Do not follow changes live; read keys only at connect and on resync
+    /// (for a bucket made without republished hints).
+    #[arg(long)]
+    resync_only: bool,
     /// `nats` (default) or `dir:PATH` for a folder of documents.
     #[arg(long)]
     source: Option<String>,
@@ -282,6 +286,7 @@ fn run(args: RunArgs) -> ExitCode {
         podman: args.podman,
         resync_secs: args.resync,
         heartbeat_secs: args.heartbeat,
+        follow_hints: args.resync_only.then_some(false),
         source: args.source,
         labels: args.labels.into_iter().collect(),
         max_parallel: args.max_parallel,

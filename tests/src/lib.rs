@@ -103,6 +103,21 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// Stops it, waits `down`, and starts it again on the same port with
+    /// the same store (a server restart, a short outage).
+    pub fn restart_after(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.spawn();
+    }
+
+    /// Starts it again (same port, same store) if it was stopped.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
     fn spawn(&mut self) {
         let ports_dir = self.store.path().join("ports");
         let _ = std::fs::remove_dir_all(&ports_dir);
@@ -505,5 +520,156 @@ impl Fleet {
             })
         })
         .await
+    }
+}
+
+impl Fleet {
+    /// The `harmony-agent run` flags of an agent for `device` in `folder`,
+    /// configured like [`Fleet::layer`].
+    pub fn agent_args(&self, device: &str, folder: &str) -> Vec<String> {
+        let dir = self.folder(folder);
+        std::fs::create_dir_all(dir.join("root")).expect("root dir");
+        let path = |p: PathBuf| p.to_str().expect("utf-8 temp path").to_owned();
+        [
+            "--allow-unsigned",
+            "--device-id",
+            device,
+            "--nats",
+            &self.nats.url(),
+            "--state-dir",
+            &path(dir.join("state")),
+            "--root",
+            &path(dir.join("root")),
+            "--resync",
+            "3600",
+            "--heartbeat",
+            "3600",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Starts the real agent binary for `device` in `folder` with `extra`
+    /// flags after [`Fleet::agent_args`] (one of its flags among them
+    /// replaces the default), logging at debug to `<folder>/agent-<n>.log`.
+    pub fn agent_process(&self, device: &str, folder: &str, extra: &[&str]) -> AgentProcess {
+        let mut args = self.agent_args(device, folder);
+        for flag in ["--nats", "--resync", "--heartbeat", "--state-dir", "--root"] {
+            if extra.contains(&flag) {
+                let at = args.iter().position(|a| a == flag).expect("a default flag");
+                args.drain(at..at + 2);
+            }
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let logs = std::fs::read_dir(self.folder(folder)).map_or(0, |d| {
+            d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".log")).count()
+        });
+        AgentProcess::start(&args, &self.folder(folder).join(format!("agent-{logs}.log")))
+    }
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A small seeded random source for fault injection (xorshift64*): the
+/// seed is printed by the tests so a failing run can be replayed with
+/// `HARMONY_FAULT_SEED`.
+pub struct FaultRng(u64);
+
+impl FaultRng {
+    /// Seeded from `HARMONY_FAULT_SEED`, else from the clock; prints the seed.
+    pub fn from_env(what: &str) -> Self {
+        let seed =
+            std::env::var("HARMONY_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("{what}: HARMONY_FAULT_SEED={seed}");
+        Self(seed | 1)
+    }
+
+    /// A number in `range`.
+    pub fn range(&mut self, range: std::ops::Range<u64>) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let n = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        range.start + n % (range.end - range.start).max(1)
+    }
+
+    /// A duration of `range` milliseconds.
+    pub fn millis(&mut self, range: std::ops::Range<u64>) -> Duration {
+        Duration::from_millis(self.range(range))
+    }
+}
+
+/// A TCP proxy on loopback in front of a server, which a test can cut (every
+/// connection closed, new ones closed at once) and restore: a network
+/// partition between one client and a server that stays up for everyone else.
+pub struct TcpProxy {
+    port: u16,
+    open: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding a free loopback port to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let open = std::sync::Arc::new(tokio::sync::watch::Sender::new(true));
+        let links = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*links.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let mut cut = links.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Self { port, open, task }
+    }
+
+    /// `nats://127.0.0.1:<proxy port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl NatsServer {
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 }

@@ -5,3 +5,6 @@
 //!
 //! Run with `cargo test -p harmony-e2e --test reliability` (the agent
 //! binary must be built: `cargo build --workspace --bins`).
+
+mod hints_lost;
+mod server_restarts;

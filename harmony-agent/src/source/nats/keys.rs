@@ -101,6 +101,19 @@ pub(super) struct Follower {
     follow_keyset: bool,
     /// The revision of the key set last passed on.
     keyset_passed: u64,
+    /// How many deployment changes were passed on, ever (a resync that
+    /// finds some found what no hint announced).
+    changes_passed: u64,
+}
+
+/// Why every key is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FullSync {
+    /// (Re)connected: changes made while away are expected.
+    Connected,
+    /// The resync timer: with hints followed, a change found here is one
+    /// whose hint never arrived.
+    Resync,
 }
 
 impl Follower {
@@ -124,6 +137,7 @@ impl Follower {
             tombstoned: std::collections::HashSet::new(),
             follow_keyset,
             keyset_passed: 0,
+            changes_passed: 0,
         })
     }
 
@@ -185,8 +199,11 @@ impl Follower {
 
     /// Reads the key set (first: documents signed by a new key need it),
     /// the index and every known deployment's key (at start, after a
-    /// reconnect, on resync).
-    pub(super) async fn full_sync(&mut self) {
+    /// reconnect, on resync). Returns how many deployments changed that no
+    /// hint had announced (keys already waiting on a hint not counted).
+    pub(super) async fn full_sync(&mut self, why: FullSync) -> u64 {
+        let before = self.changes_passed;
+        let awaited = self.lagging.keys().filter(|k| matches!(k, Key::Deployment(_))).count() as u64;
         if self.follow_keyset {
             // Passed on again at every full sync: a key set refused for a
             // reason that passes (a failed save, a clock running ahead) is
@@ -199,6 +216,11 @@ impl Follower {
         for name in names {
             self.sync(Key::Deployment(name), 0, 0).await;
         }
+        let found = (self.changes_passed - before).saturating_sub(awaited);
+        if why == FullSync::Resync && found > 0 {
+            debug!(changes = found, "the resync found changes");
+        }
+        found
     }
 
     /// When the next lagging key is due to be read again.
@@ -327,6 +349,7 @@ impl Follower {
             }
         };
         // Never blocks: the inbox keeps the newest input per deployment.
+        self.changes_passed += 1;
         self.inbox.send(input);
     }
 

@@ -43,6 +43,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         .custom_inbox_prefix(inbox_prefix(&device))
         .retry_on_initial_connect()
         .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| reconnect_delay(attempts, crate::controller::jitter()))
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let tx = event_tx.clone();
@@ -87,27 +88,19 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                 return;
             }
         };
-    let subscriptions = tokio::try_join!(
-        client.subscribe(hint_subjects(&device)),
-        client.subscribe(command_subject(&device, ">")),
-    );
-    let (hints, mut commands) = match subscriptions {
-        Ok(subs) => subs,
+    let mut commands = match client.subscribe(command_subject(&device, ">")).await {
+        Ok(sub) => sub,
         Err(err) => {
             error!(cause = %log_text(&err), "cannot subscribe");
             return;
         }
     };
-    let mut hints = if follow_keyset {
-        match client.subscribe(keyset_hint_subject()).await {
-            Ok(keyset_hints) => futures_util::stream::select(hints, keyset_hints).boxed(),
-            Err(err) => {
-                error!(cause = %log_text(&err), "cannot subscribe");
-                return;
-            }
+    let mut hints = match subscribe_hints(&client, &device, config.follow_hints, follow_keyset).await {
+        Ok(hints) => hints,
+        Err(err) => {
+            error!(cause = %log_text(&err), "cannot subscribe");
+            return;
         }
-    } else {
-        hints.boxed()
     };
     let info_rx = status_rx.clone();
     let writer =
@@ -142,7 +135,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                     info!("connected to NATS; reading all keys");
                     let info = info_rx.borrow().info.clone();
                     publish_info(&client, &config, info.as_ref()).await;
-                    follower.full_sync().await;
+                    follower.full_sync(keys::FullSync::Connected).await;
                 }
                 Event::Disconnected => warn!("disconnected from NATS; running on the last accepted state"),
                 Event::ServerError(ServerError::Other(text)) if text.starts_with("Permissions Violation") => {
@@ -168,7 +161,17 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                 debug!(keys = batch.len(), "hints");
                 follower.on_hints(batch).await;
             }
-            _ = resync.tick() => follower.full_sync().await,
+            _ = resync.tick() => {
+                let missed = follower.full_sync(keys::FullSync::Resync).await;
+                if missed > 0 && config.follow_hints {
+                    // The live path failed (a subscription dropped, a slow
+                    // consumer, hints denied by the server): the resync is
+                    // what converged the device. Worth a look, not fatal.
+                    warn!(changes = missed, "the resync found changes no hint had announced: hints are being lost; fell back to the resync");
+                } else if missed > 0 {
+                    info!(changes = missed, "the resync found changes (hints not followed)");
+                }
+            }
         }
     }
     let _ = writer.await;
@@ -176,6 +179,43 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     if let Err(err) = client.flush().await {
         debug!(cause = %log_text(&err), "flush on shutdown");
     }
+}
+
+/// The longest wait between two connection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(8);
+
+/// The wait before connection attempt `attempts` (async-nats counts from 1;
+/// the initial connect with `retry_on_initial_connect` counts too): none
+/// for the first, then doubling from 250 ms up to [`MAX_RECONNECT_DELAY`],
+/// each cut to 50–100 % by `jitter` (0.0–1.0), so a fleet that lost its
+/// server together does not hammer it together when it comes back.
+fn reconnect_delay(attempts: usize, jitter: f64) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exponent = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
+    let full = Duration::from_millis(250).saturating_mul(1u32 << exponent).min(MAX_RECONNECT_DELAY);
+    full.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+/// The hint subscriptions (the device's keys, and the key set's when it
+/// follows key sets) as one stream; none when hints are not followed.
+async fn subscribe_hints(
+    client: &async_nats::Client,
+    device: &harmony_score_wire::DeviceId,
+    follow_hints: bool,
+    follow_keyset: bool,
+) -> Result<futures_util::stream::BoxStream<'static, Message>, async_nats::SubscribeError> {
+    if !follow_hints {
+        info!("not following hints: changes are read at connect and on the resync timer only");
+        return Ok(futures_util::stream::pending().boxed());
+    }
+    let hints = client.subscribe(hint_subjects(device)).await?;
+    if !follow_keyset {
+        return Ok(hints.boxed());
+    }
+    let keyset_hints = client.subscribe(keyset_hint_subject()).await?;
+    Ok(futures_util::stream::select(hints, keyset_hints).boxed())
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -256,7 +296,26 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
 
 #[cfg(test)]
 mod tests {
-    use super::trusted_reply;
+    use std::time::Duration;
+
+    use super::{reconnect_delay, trusted_reply, MAX_RECONNECT_DELAY};
+
+    // Issue 9 §1: retries after a server loss are bounded and jittered.
+    #[test]
+    fn reconnect_delays_double_are_capped_and_jittered() {
+        assert_eq!(reconnect_delay(0, 0.5), Duration::ZERO);
+        assert_eq!(reconnect_delay(1, 0.5), Duration::ZERO);
+        assert_eq!(reconnect_delay(2, 1.0), Duration::from_millis(250));
+        assert_eq!(reconnect_delay(3, 1.0), Duration::from_millis(500));
+        assert_eq!(reconnect_delay(3, 0.0), Duration::from_millis(250));
+        for attempts in [7, 8, 100, usize::MAX] {
+            assert_eq!(reconnect_delay(attempts, 1.0), MAX_RECONNECT_DELAY, "{attempts}");
+            assert_eq!(reconnect_delay(attempts, 0.0), MAX_RECONNECT_DELAY / 2, "{attempts}");
+        }
+        // Out-of-range jitter is clamped, never a longer wait.
+        assert_eq!(reconnect_delay(100, 7.0), MAX_RECONNECT_DELAY);
+        assert_eq!(reconnect_delay(100, -1.0), MAX_RECONNECT_DELAY / 2);
+    }
 
     // Issue 7 §1 (confused deputy): a command whose reply subject pointed
     // into another device's desired state was answered there.
