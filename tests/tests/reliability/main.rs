@@ -7,4 +7,5 @@
 //! binary must be built: `cargo build --workspace --bins`).
 
 mod hints_lost;
+mod offline_boot;
 mod server_restarts;

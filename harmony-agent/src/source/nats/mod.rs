@@ -127,57 +127,71 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
     let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + config.resync, config.resync);
     loop {
         let lag_check = follower.next_lag_check();
-        tokio::select! {
-            _ = stop.changed() => break,
-            () = sleep_until(lag_check), if lag_check.is_some() => follower.check_lagging().await,
-            Some(event) = events.recv() => match event {
-                Event::Connected => {
-                    info!("connected to NATS; reading all keys");
-                    let info = info_rx.borrow().info.clone();
-                    publish_info(&client, &config, info.as_ref()).await;
-                    follower.full_sync(keys::FullSync::Connected).await;
+        // One step of the loop; a step (a full read of many keys, each
+        // under a 5 s timeout while the server is unreachable) is dropped
+        // at shutdown rather than awaited.
+        let step = async {
+            tokio::select! {
+                () = sleep_until(lag_check), if lag_check.is_some() => follower.check_lagging().await,
+                Some(event) = events.recv() => match event {
+                    Event::Connected => {
+                        info!("connected to NATS; reading all keys");
+                        let info = info_rx.borrow().info.clone();
+                        publish_info(&client, &config, info.as_ref()).await;
+                        follower.full_sync(keys::FullSync::Connected).await;
+                    }
+                    Event::Disconnected => warn!("disconnected from NATS; running on the last accepted state"),
+                    Event::ServerError(ServerError::Other(text)) if text.starts_with("Permissions Violation") => {
+                        error!(text = %log_text(&text), "NATS refused an operation: the device's credentials do not allow it");
+                    }
+                    Event::ClientError(err) => warn!(cause = %log_text(&err), "NATS client error"),
+                    other => debug!(event = %log_text(&other), "NATS event"),
+                },
+                Some(message) = hints.next() => {
+                    // Every hint already received is taken with this one, so a
+                    // burst of writes costs one direct get per key, and hints do
+                    // not queue behind gets (each queued message may pin the
+                    // read buffer of a whole document received beside it).
+                    let mut batch = keys::Hints::default();
+                    follower.add_hint(&mut batch, &message);
+                    drop(message);
+                    for _ in 1..MAX_HINT_BATCH {
+                        match hints.next().now_or_never() {
+                            Some(Some(message)) => follower.add_hint(&mut batch, &message),
+                            _ => break,
+                        }
+                    }
+                    debug!(keys = batch.len(), "hints");
+                    follower.on_hints(batch).await;
                 }
-                Event::Disconnected => warn!("disconnected from NATS; running on the last accepted state"),
-                Event::ServerError(ServerError::Other(text)) if text.starts_with("Permissions Violation") => {
-                    error!(text = %log_text(&text), "NATS refused an operation: the device's credentials do not allow it");
-                }
-                Event::ClientError(err) => warn!(cause = %log_text(&err), "NATS client error"),
-                other => debug!(event = %log_text(&other), "NATS event"),
-            },
-            Some(message) = hints.next() => {
-                // Every hint already received is taken with this one, so a
-                // burst of writes costs one direct get per key, and hints do
-                // not queue behind gets (each queued message may pin the
-                // read buffer of a whole document received beside it).
-                let mut batch = keys::Hints::default();
-                follower.add_hint(&mut batch, &message);
-                drop(message);
-                for _ in 1..MAX_HINT_BATCH {
-                    match hints.next().now_or_never() {
-                        Some(Some(message)) => follower.add_hint(&mut batch, &message),
-                        _ => break,
+                _ = resync.tick() => {
+                    let missed = follower.full_sync(keys::FullSync::Resync).await;
+                    if missed > 0 && config.follow_hints {
+                        // The live path failed (a subscription dropped, a slow
+                        // consumer, hints denied by the server): the resync is
+                        // what converged the device. Worth a look, not fatal.
+                        warn!(changes = missed, "the resync found changes no hint had announced: hints are being lost; fell back to the resync");
+                    } else if missed > 0 {
+                        info!(changes = missed, "the resync found changes (hints not followed)");
                     }
                 }
-                debug!(keys = batch.len(), "hints");
-                follower.on_hints(batch).await;
             }
-            _ = resync.tick() => {
-                let missed = follower.full_sync(keys::FullSync::Resync).await;
-                if missed > 0 && config.follow_hints {
-                    // The live path failed (a subscription dropped, a slow
-                    // consumer, hints denied by the server): the resync is
-                    // what converged the device. Worth a look, not fatal.
-                    warn!(changes = missed, "the resync found changes no hint had announced: hints are being lost; fell back to the resync");
-                } else if missed > 0 {
-                    info!(changes = missed, "the resync found changes (hints not followed)");
-                }
-            }
+        };
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = step => {}
         }
     }
     let _ = writer.await;
     let _ = commands_task.await;
-    if let Err(err) = client.flush().await {
-        debug!(cause = %log_text(&err), "flush on shutdown");
+    // What was published reaches the server, unless there is none to reach.
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return;
+    }
+    match tokio::time::timeout(Duration::from_secs(1), client.flush()).await {
+        Ok(Err(err)) => debug!(cause = %log_text(&err), "flush on shutdown"),
+        Err(_) => debug!("flush on shutdown: no server within 1 s"),
+        Ok(Ok(())) => {}
     }
 }
 

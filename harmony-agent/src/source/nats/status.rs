@@ -21,6 +21,8 @@ use crate::config::AgentConfig;
 
 /// How long after a failed write the status is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long a status write under way at shutdown may still take.
+const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// How long a `duplicate_device` report stays after the last conflict.
 const DUPLICATE_REPORTED_FOR: Duration = Duration::from_secs(600);
 
@@ -76,7 +78,23 @@ pub(super) async fn write_loop(
         }
         if dirty {
             let report = status.borrow_and_update().clone();
-            match writer.write(&js, &stream, &subject, report).await {
+            let write = writer.write(&js, &stream, &subject, report);
+            tokio::pin!(write);
+            // At shutdown a write under way gets a moment to land (the last
+            // status); with no server to take it, the agent does not wait.
+            let written = tokio::select! {
+                written = &mut write => written,
+                _ = stop.changed() => {
+                    if client.connection_state() != async_nats::connection::State::Connected {
+                        return;
+                    }
+                    match tokio::time::timeout(SHUTDOWN_WRITE_GRACE, &mut write).await {
+                        Ok(written) => written,
+                        Err(_) => return,
+                    }
+                }
+            };
+            match written {
                 Ok(()) => {
                     dirty = false;
                     if last_error.take().is_some() {
