@@ -97,7 +97,8 @@ async fn a_corrupt_or_truncated_state_file_is_kept_aside_and_the_state_recovered
     let state = f.folder("dev-1").join("state");
     let managed = f.root("dev-1", "/etc/app");
 
-    let corruptions: [(&str, fn(&mut Vec<u8>)); 3] = [
+    type Corruption = (&'static str, fn(&mut Vec<u8>));
+    let corruptions: [Corruption; 3] = [
         ("a flipped byte", |bytes| {
             let at = bytes.len() - 40;
             bytes[at] ^= 0x20;
