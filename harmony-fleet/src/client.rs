@@ -10,8 +10,9 @@ use async_nats::ConnectOptions;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use harmony_score_wire::names::{
-    command_subject, hint_republish_destination, hint_republish_source, redact_userinfo, status_key,
-    AGENT_STATUS_BUCKET, ARTIFACTS_BUCKET, DESIRED_STATE_BUCKET,
+    command_subject, hint_republish_destination, hint_republish_source, redact_userinfo,
+    status_hint_republish_destination, status_hint_republish_source, status_key, AGENT_STATUS_BUCKET,
+    ARTIFACTS_BUCKET, DESIRED_STATE_BUCKET,
 };
 use harmony_score_wire::{
     bounded_text, from_cbor, to_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo, LogsErrorKind,
@@ -37,6 +38,18 @@ pub(crate) fn hint_republish() -> stream::Republish {
     stream::Republish {
         source: hint_republish_source(),
         destination: hint_republish_destination(),
+        headers_only: true,
+    }
+}
+
+/// The status bucket's republish: every status write, headers only, to
+/// `harmony.status-hint.<device>`. Each agent follows its own: a write by
+/// anyone else (a twin with the same device id, a stray tool) is noticed
+/// at once, judged, and the agent's own status written again.
+pub(crate) fn status_hint_republish() -> stream::Republish {
+    stream::Republish {
+        source: status_hint_republish_source(),
+        destination: status_hint_republish_destination(),
         headers_only: true,
     }
 }
@@ -304,13 +317,21 @@ impl FleetClient {
         let action = match self.stream_exists(&format!("KV_{name}")).await? {
             Some(existing) => {
                 let config = &existing.cached_info().config;
-                if config.allow_rollup || !config.allow_direct {
-                    let fixed = stream::Config { allow_rollup: false, allow_direct: true, ..config.clone() };
+                if config.allow_rollup || !config.allow_direct || config.republish.is_none() {
+                    let fixed = stream::Config {
+                        allow_rollup: false,
+                        allow_direct: true,
+                        republish: Some(status_hint_republish()),
+                        ..config.clone()
+                    };
                     self.js
                         .update_stream(fixed)
                         .await
                         .map_err(|e| FleetError::nats(format!("disable rollups on bucket {name}"), e))?;
-                    warn!(bucket = name, "status bucket allowed rollups or lacked direct get; fixed");
+                    warn!(
+                        bucket = name,
+                        "status bucket allowed rollups or lacked direct get or its republish; fixed"
+                    );
                     BucketAction::Repaired
                 } else {
                     BucketAction::Existed
@@ -517,6 +538,7 @@ fn status_stream_config() -> stream::Config {
         deny_delete: true,
         deny_purge: false,
         allow_direct: true,
+        republish: Some(status_hint_republish()),
         discard: stream::DiscardPolicy::New,
         storage: stream::StorageType::File,
         num_replicas: 1,

@@ -20,7 +20,8 @@ use std::io::Read;
 
 use harmony_score_wire::names::{
     artifact_meta_subjects, artifacts_stream, hint_subjects, inbox_prefix, keyset_hint_subject,
-    AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX, DESIRED_STATE_BUCKET, HINT_PREFIX, KEYSET_KEY,
+    status_hint_subject, AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX, DESIRED_STATE_BUCKET, HINT_PREFIX,
+    KEYSET_KEY,
 };
 use harmony_score_wire::DeviceId;
 
@@ -158,6 +159,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
         subscribe: {{ allow: [
           "{hints}",
           "{keyset_hint}",
+          "{status_hint}",
           "{inbox}.>",
           "device-commands.{id}.>"
         ] }},
@@ -166,6 +168,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
         hints = hint_subjects(id),
         inbox = inbox_prefix(id),
         keyset_hint = keyset_hint_subject(),
+        status_hint = status_hint_subject(id),
         artifact_meta = artifact_meta_subjects(),
     )
 }

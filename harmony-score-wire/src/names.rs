@@ -80,6 +80,27 @@ pub fn hint_subjects(device: &DeviceId) -> String {
     format!("{HINT_PREFIX}.{device}.>")
 }
 
+/// The prefix the status bucket republishes every write to, headers only:
+/// `harmony.status-hint.<device>`. An agent follows its own, so a status
+/// written over its own by anyone else is noticed and written again.
+pub const STATUS_HINT_PREFIX: &str = "harmony.status-hint";
+
+/// `$KV.harmony-agent-status.>`: the status bucket subjects its republish takes.
+pub fn status_hint_republish_source() -> String {
+    format!("$KV.{AGENT_STATUS_BUCKET}.>")
+}
+
+/// `harmony.status-hint.>`: where the status bucket republishes to.
+pub fn status_hint_republish_destination() -> String {
+    format!("{STATUS_HINT_PREFIX}.>")
+}
+
+/// `harmony.status-hint.<device>`: the headers-only copy of each write of
+/// the device's status (`Nats-Sequence`: the stream sequence of the write).
+pub fn status_hint_subject(device: &DeviceId) -> String {
+    format!("{STATUS_HINT_PREFIX}.{device}")
+}
+
 /// `device-commands.<device>.<verb>`: request/reply commands to one device.
 pub fn command_subject(device: &DeviceId, verb: &str) -> String {
     format!("device-commands.{device}.{verb}")
@@ -204,6 +225,9 @@ mod tests {
         assert_eq!(KEYSET_KEY, "_keyset");
         assert_eq!(hint_republish_source(), "$KV.harmony-desired-state.>");
         assert_eq!(hint_republish_destination(), "harmony.hint.>");
+        assert_eq!(status_hint_subject(&d), "harmony.status-hint.dev-1");
+        assert_eq!(status_hint_republish_source(), "$KV.harmony-agent-status.>");
+        assert_eq!(status_hint_republish_destination(), "harmony.status-hint.>");
         assert_eq!(command_subject(&d, "ping"), "device-commands.dev-1.ping");
         assert_eq!(inbox_prefix(&d), "_INBOX_dev-1");
         assert_eq!(DEFAULT_TRUSTED_INBOX_PREFIX, "_INBOX.");

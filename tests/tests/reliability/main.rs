@@ -6,6 +6,8 @@
 //! Run with `cargo test -p harmony-e2e --test reliability` (the agent
 //! binary must be built: `cargo build --workspace --bins`).
 
+mod flood;
 mod hints_lost;
 mod offline_boot;
 mod server_restarts;
+mod status_conflicts;

@@ -7,12 +7,17 @@
 //! two devices with one id, say cloned from one image. That is reported
 //! as `duplicate_device` in the log and in the status, never overwritten
 //! silently.
+//!
+//! The agent also follows its own key (the bucket's headers-only republish
+//! on `harmony.status-hint.<id>`): a write past its own by anyone else is
+//! answered, after a pause, by writing its status again, so its newest
+//! status lands in the end without waiting for a heartbeat.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
 use async_nats::{header, HeaderMap, HeaderValue};
-use harmony_score_wire::names::{heartbeat_subject, status_key, AGENT_STATUS_BUCKET};
+use harmony_score_wire::names::{heartbeat_subject, status_hint_subject, status_key, AGENT_STATUS_BUCKET};
 use harmony_score_wire::{from_cbor, now_ms, to_cbor, AgentStatus, ErrorKind, StatusError, MAX_STATUS_BYTES};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -25,6 +30,27 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// How long a `duplicate_device` report stays after the last conflict.
 const DUPLICATE_REPORTED_FOR: Duration = Duration::from_secs(600);
+
+/// How long after someone else wrote over this agent's status it writes
+/// its own again (and, while a duplicate device is reported, how long).
+const REWRITE_AFTER: Duration = Duration::from_secs(1);
+const DUPLICATE_REWRITE_AFTER: Duration = Duration::from_secs(5);
+
+/// The next hint of a write to the status key, if it is followed.
+async fn next_overwrite(subscription: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    use futures_util::StreamExt;
+    match subscription {
+        Some(subscription) => subscription.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Why a status write failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +81,16 @@ pub(super) async fn write_loop(
     };
     let subject = format!("$KV.{AGENT_STATUS_BUCKET}.{}", status_key(&config.device_id));
     let mut writer = CasWriter { revision: None, duplicate: None, first: true };
+    // The status bucket's headers-only copy of every write of this key: a
+    // write with a sequence past this agent's own is someone else's.
+    let mut overwrites = match client.subscribe(status_hint_subject(&config.device_id)).await {
+        Ok(subscription) => Some(subscription),
+        Err(err) => {
+            warn!(cause = %harmony_score_wire::log_text(&err), "cannot follow the status key; a status written over this agent's waits for its next write");
+            None
+        }
+    };
+    let mut rewrite_at: Option<tokio::time::Instant> = None;
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     let mut dirty = true;
     let mut last_error: Option<String> = None;
@@ -75,6 +111,26 @@ pub(super) async fn write_loop(
                 }
             }
             () = tokio::time::sleep(RETRY_AFTER), if dirty => {}
+            Some(hint) = next_overwrite(&mut overwrites) => {
+                let sequence = hint
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+                    .and_then(|v| v.as_str().parse::<u64>().ok());
+                let foreign = matches!((sequence, writer.revision), (Some(seq), Some(mine)) if seq > mine);
+                if foreign && rewrite_at.is_none() {
+                    // Not at once: two agents sharing a device id would
+                    // otherwise rewrite over each other as fast as the
+                    // server takes it. Both are reported (duplicate_device).
+                    let after = if writer.duplicate.is_some() { DUPLICATE_REWRITE_AFTER } else { REWRITE_AFTER };
+                    debug!(sequence = ?sequence, "the status key was written by someone else; writing it again");
+                    rewrite_at = Some(tokio::time::Instant::now() + after);
+                }
+            }
+            () = sleep_until(rewrite_at) => {
+                rewrite_at = None;
+                dirty = true;
+            }
         }
         if dirty {
             let report = status.borrow_and_update().clone();
