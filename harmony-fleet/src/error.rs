@@ -47,6 +47,10 @@ pub enum FleetError {
         /// The device.
         device: DeviceId,
     },
+    /// Statuses could not be followed at all while waiting for many devices
+    /// (the cause, shared by every device of the wait).
+    #[error("cannot follow device statuses: {0}")]
+    WaitFailed(String),
     /// Nothing conclusive happened in time.
     #[error("timed out after {}s waiting for {what}", after.as_secs_f64())]
     Timeout {

@@ -24,7 +24,7 @@ pub use error::{error_chain, FleetError, NatsError};
 pub use keyset::read_keyset;
 pub use score::{DeviceDeploymentInterpret, DeviceDeploymentScore};
 pub use topology::{DeviceFleet, FleetTopology};
-pub use wait::{generation_progress, is_pruned, Progress};
+pub use wait::{generation_progress, is_pruned, Awaited, Progress};
 
 /// The NATS client this crate is built on, for callers that need the
 /// connection underneath ([`FleetClient::nats`], [`FleetClient::jetstream`]).

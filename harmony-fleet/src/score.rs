@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use harmony_score_wire::{from_cbor, try_to_cbor, DeploymentName, DeviceId, DeviceScore};
+use harmony_score_wire::{from_cbor, try_to_cbor, DeploymentName, DeploymentStatus, DeviceId, DeviceScore};
 use harmony_topology::{
     async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory, Outcome, Score,
     Topology, Version,
@@ -11,7 +11,7 @@ use harmony_topology::{
 use serde::{Deserialize, Serialize};
 
 use crate::report::{score_lines, scores_summary};
-use crate::{error_chain, DeployRequest, DeviceFleet};
+use crate::{error_chain, Awaited, DeployRequest, Deployed, DeviceFleet, FleetError};
 
 /// How many devices are deployed to (and waited for) at once.
 const PARALLEL_DEVICES: usize = 32;
@@ -105,69 +105,109 @@ struct DeviceResult {
 }
 
 impl DeviceDeploymentInterpret {
-    async fn deploy_one<T: DeviceFleet>(&self, fleet: &T, device: &DeviceId) -> DeviceResult {
-        let failed = |line: String, scores| DeviceResult { status: InterpretStatus::FAILURE, line, scores };
-        let scores = match self.scores.copy() {
-            Ok(scores) => scores,
-            Err(err) => return failed(format!("cannot copy the scores: {err}"), Vec::new()),
-        };
+    /// Writes one device's document: what was written, or the device's failed result.
+    async fn write_one<T: DeviceFleet>(
+        &self,
+        fleet: &T,
+        device: &DeviceId,
+    ) -> Result<Deployed, DeviceResult> {
+        let failed =
+            |line: String| DeviceResult { status: InterpretStatus::FAILURE, line, scores: Vec::new() };
+        let scores = self.scores.copy().map_err(|err| failed(format!("cannot copy the scores: {err}")))?;
         let request = DeployRequest::new(device.clone(), self.deployment.clone(), scores)
             .generation(self.generation)
             .expires_at(self.expires_at)
             .force(self.force)
             .skip_unchanged(true);
-        let deployed = match fleet.write_desired_state(request).await {
-            Ok(deployed) => deployed,
-            Err(err) => return failed(format!("not deployed: {}", error_chain(&err)), Vec::new()),
-        };
+        fleet
+            .write_desired_state(request)
+            .await
+            .map_err(|err| failed(format!("not deployed: {}", error_chain(&err))))
+    }
+
+    /// A written device's result, given how its wait ended (`None`: not awaited).
+    fn judged(deployed: &Deployed, waited: Option<Result<DeploymentStatus, FleetError>>) -> DeviceResult {
         let (status, verb) = if deployed.changed {
             (InterpretStatus::SUCCESS, "written")
         } else {
             (InterpretStatus::NOOP, "already deployed")
         };
         let generation = deployed.generation;
-        let Some(timeout) = self.wait else {
-            return DeviceResult {
-                status,
-                line: format!("generation {generation} {verb}"),
-                scores: Vec::new(),
-            };
-        };
-        // Exactly this document: the generation and the digest of the bytes stored.
-        match fleet
-            .wait_for_generation(device, &self.deployment, generation, Some(&deployed.digest), timeout)
-            .await
-        {
+        match waited {
+            None => {
+                DeviceResult { status, line: format!("generation {generation} {verb}"), scores: Vec::new() }
+            }
             // An unchanged document did not run again: its Score statuses are
             // those of the run that applied it, so they are not repeated.
-            Ok(_) if !deployed.changed => DeviceResult {
+            Some(Ok(_)) if !deployed.changed => DeviceResult {
                 status,
                 line: format!("generation {generation} {verb} and applied"),
                 scores: Vec::new(),
             },
-            Ok(ds) => DeviceResult {
+            Some(Ok(ds)) => DeviceResult {
                 status,
                 line: format!("generation {generation} {verb}, applied ({})", scores_summary(&ds.scores)),
                 scores: score_lines(&ds),
             },
-            Err(err) => {
-                let scores = err.deployment_status().map(score_lines).unwrap_or_default();
-                failed(format!("generation {generation} {verb}, not applied: {}", error_chain(&err)), scores)
-            }
+            Some(Err(err)) => DeviceResult {
+                status: InterpretStatus::FAILURE,
+                line: format!("generation {generation} {verb}, not applied: {}", error_chain(&err)),
+                scores: err.deployment_status().map(score_lines).unwrap_or_default(),
+            },
         }
+    }
+
+    /// Writes every device's document (many at once), then, with `wait`,
+    /// waits for all of them with one follow of the status bucket: exactly
+    /// the document written (generation and digest of the bytes stored).
+    async fn deploy_all<T: DeviceFleet>(&self, fleet: &T) -> Vec<DeviceResult> {
+        // Indices rather than `&DeviceId`s: a closure over references trips
+        // the higher-ranked lifetime check of async-trait's boxed future.
+        let written: Vec<Result<Deployed, DeviceResult>> = futures_util::stream::iter(0..self.devices.len())
+            .map(|i| self.write_one(fleet, &self.devices[i]))
+            .buffered(PARALLEL_DEVICES)
+            .collect()
+            .await;
+        let Some(timeout) = self.wait else {
+            return written
+                .into_iter()
+                .map(|w| w.map_or_else(|failed| failed, |d| Self::judged(&d, None)))
+                .collect();
+        };
+        let awaited: Vec<Awaited> = written
+            .iter()
+            .zip(&self.devices)
+            .filter_map(|(w, device)| {
+                w.as_ref().ok().map(|d| Awaited {
+                    device: device.clone(),
+                    generation: d.generation,
+                    digest: Some(d.digest.clone()),
+                })
+            })
+            .collect();
+        let mut waits = match fleet.wait_for_generations(&self.deployment, &awaited, timeout).await {
+            Ok(waits) => waits.into_iter(),
+            Err(err) => {
+                let text = error_chain(&err);
+                let failed: Vec<_> =
+                    awaited.iter().map(|_| Err(FleetError::WaitFailed(text.clone()))).collect();
+                failed.into_iter()
+            }
+        };
+        written
+            .into_iter()
+            .map(|w| match w {
+                Ok(deployed) => Self::judged(&deployed, waits.next()),
+                Err(failed) => failed,
+            })
+            .collect()
     }
 }
 
 #[async_trait]
 impl<T: Topology + DeviceFleet> Interpret<T> for DeviceDeploymentInterpret {
     async fn execute(&self, _inventory: &Inventory, topology: &T) -> Result<Outcome, InterpretError> {
-        // Indices rather than `&DeviceId`s: a closure over references trips
-        // the higher-ranked lifetime check of async-trait's boxed future.
-        let results: Vec<DeviceResult> = futures_util::stream::iter(0..self.devices.len())
-            .map(|i| self.deploy_one(topology, &self.devices[i]))
-            .buffered(PARALLEL_DEVICES)
-            .collect()
-            .await;
+        let results = self.deploy_all(topology).await;
         let count = |status| results.iter().filter(|r| r.status == status).count();
         let (failed, noop) = (count(InterpretStatus::FAILURE), count(InterpretStatus::NOOP));
         let status = if failed > 0 {

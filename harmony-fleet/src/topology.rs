@@ -7,7 +7,7 @@ use harmony_score_wire::{AgentStatus, DeploymentName, DeploymentStatus, DeviceId
 use harmony_topology::{async_trait, PreparationError, PreparationOutcome, Topology};
 
 use crate::client::BucketAction;
-use crate::{error_chain, DeployRequest, Deployed, FleetClient, FleetError};
+use crate::{error_chain, Awaited, DeployRequest, Deployed, FleetClient, FleetError};
 
 /// A fleet of devices that follow desired state: the capability a Score
 /// needs to deploy to devices and learn how they fared. Named after the
@@ -33,6 +33,16 @@ pub trait DeviceFleet: Send + Sync {
         digest: Option<&str>,
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError>;
+
+    /// [`wait_for_generation`](Self::wait_for_generation) for many devices
+    /// at once: one result per awaited device, in order; the outer error is
+    /// a failure to follow statuses at all.
+    async fn wait_for_generations(
+        &self,
+        deployment: &DeploymentName,
+        awaited: &[Awaited],
+        timeout: Duration,
+    ) -> Result<Vec<Result<DeploymentStatus, FleetError>>, FleetError>;
 }
 
 #[async_trait]
@@ -54,6 +64,15 @@ impl DeviceFleet for FleetClient {
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError> {
         FleetClient::wait_for_generation(self, device, deployment, generation, digest, timeout).await
+    }
+
+    async fn wait_for_generations(
+        &self,
+        deployment: &DeploymentName,
+        awaited: &[Awaited],
+        timeout: Duration,
+    ) -> Result<Vec<Result<DeploymentStatus, FleetError>>, FleetError> {
+        FleetClient::wait_for_generations(self, deployment, awaited, timeout).await
     }
 }
 
@@ -123,5 +142,14 @@ impl DeviceFleet for FleetTopology {
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError> {
         DeviceFleet::wait_for_generation(&self.client, device, deployment, generation, digest, timeout).await
+    }
+
+    async fn wait_for_generations(
+        &self,
+        deployment: &DeploymentName,
+        awaited: &[Awaited],
+        timeout: Duration,
+    ) -> Result<Vec<Result<DeploymentStatus, FleetError>>, FleetError> {
+        DeviceFleet::wait_for_generations(&self.client, deployment, awaited, timeout).await
     }
 }

@@ -1,5 +1,6 @@
 //! Waiting for a device to report a generation applied, or a deployment pruned.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::time::Duration;
 
@@ -11,10 +12,6 @@ use tracing::warn;
 
 use crate::client::MAX_VALUE_BYTES;
 use crate::{FleetClient, FleetError};
-
-/// How often the status is read again while waiting, besides the watch (a
-/// KV watch can die silently across a server restart).
-const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Where a deployment stands with respect to an awaited generation (and digest).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +75,20 @@ pub fn is_pruned(status: Option<&AgentStatus>, deployment: &DeploymentName) -> b
     status.is_some_and(|s| s.deployments.get(deployment).is_none_or(|ds| ds.phase == Phase::Pruned))
 }
 
+/// One device awaited by [`FleetClient::wait_for_generations`]: its id, the
+/// generation and (when known) the digest of the document written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Awaited {
+    pub device: DeviceId,
+    pub generation: u64,
+    pub digest: Option<String>,
+}
+
+/// Up to this many devices a wait follows by their keys (one consumer with
+/// a subject filter each); more, and it follows the whole bucket (one
+/// consumer, every device's status) and skips the others.
+const MAX_FILTERED_KEYS: usize = 256;
+
 impl FleetClient {
     /// Waits until the device reports exactly `generation` of `deployment`
     /// applied, with `digest` (when given) as its observed digest; see
@@ -94,13 +105,40 @@ impl FleetClient {
         digest: Option<&str>,
         timeout: Duration,
     ) -> Result<DeploymentStatus, FleetError> {
-        let what = format!(
-            "{device}/{deployment} to apply generation {generation}{}",
-            crate::error::short_digest(digest)
-        );
-        let result = self
-            .follow_status(device, timeout, what, |status| {
-                match generation_progress(status, deployment, generation, digest) {
+        let awaited = Awaited { device: device.clone(), generation, digest: digest.map(str::to_owned) };
+        let mut results =
+            self.wait_for_generations(deployment, std::slice::from_ref(&awaited), timeout).await?;
+        results.pop().unwrap_or_else(|| {
+            Err(FleetError::Timeout { what: device.to_string(), after: timeout, last: None })
+        })
+    }
+
+    /// [`wait_for_generation`](Self::wait_for_generation) for many devices at
+    /// once, with one follow of the status bucket (one consumer, whatever
+    /// the number of devices; no poll): one result per awaited device, in
+    /// order. The outer error is a failure to follow the bucket at all.
+    pub async fn wait_for_generations(
+        &self,
+        deployment: &DeploymentName,
+        awaited: &[Awaited],
+        timeout: Duration,
+    ) -> Result<Vec<Result<DeploymentStatus, FleetError>>, FleetError> {
+        let whats = awaited
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}/{deployment} to apply generation {}{}",
+                    a.device,
+                    a.generation,
+                    crate::error::short_digest(a.digest.as_deref())
+                )
+            })
+            .collect();
+        let devices: Vec<DeviceId> = awaited.iter().map(|a| a.device.clone()).collect();
+        let results = self
+            .follow_statuses(&devices, timeout, whats, |i, status| {
+                let Awaited { device, generation, digest } = &awaited[i];
+                match generation_progress(status, deployment, *generation, digest.as_deref()) {
                     Progress::Applied(ds) => ControlFlow::Break(Ok(ds)),
                     Progress::Failed(ds) => ControlFlow::Break(Err(FleetError::DeploymentFailed {
                         device: device.clone(),
@@ -110,30 +148,35 @@ impl FleetClient {
                     Progress::Superseded(ds) => ControlFlow::Break(Err(FleetError::Superseded {
                         device: device.clone(),
                         deployment: deployment.clone(),
-                        awaited: generation,
+                        awaited: *generation,
                         current: Box::new(ds),
                     })),
                     Progress::Pending(last) => ControlFlow::Continue(last),
                 }
             })
-            .await;
-        match result {
-            // Say why a device that applied the generation did not confirm it.
-            Err(FleetError::Timeout { what, after, last })
-                if digest.is_some()
-                    && last.as_ref().is_some_and(|ds| {
-                        ds.phase == Phase::Applied
-                            && ds.observed_generation == generation
-                            && ds.observed_digest.is_none()
-                    }) =>
-            {
-                let what = format!(
-                    "{what} (the device reports generation {generation} applied but no digest, so it cannot confirm this document)"
-                );
+            .await?;
+        Ok(results
+            .into_iter()
+            .zip(awaited)
+            .map(|(result, a)| match result {
+                // Say why a device that applied the generation did not confirm it.
                 Err(FleetError::Timeout { what, after, last })
-            }
-            other => other,
-        }
+                    if a.digest.is_some()
+                        && last.as_ref().is_some_and(|ds| {
+                            ds.phase == Phase::Applied
+                                && ds.observed_generation == a.generation
+                                && ds.observed_digest.is_none()
+                        }) =>
+                {
+                    let what = format!(
+                        "{what} (the device reports generation {} applied but no digest, so it cannot confirm this document)",
+                        a.generation
+                    );
+                    Err(FleetError::Timeout { what, after, last })
+                }
+                other => other,
+            })
+            .collect())
     }
 
     /// Waits until the device reports a deleted deployment pruned (or its
@@ -145,84 +188,115 @@ impl FleetClient {
         timeout: Duration,
     ) -> Result<(), FleetError> {
         let what = format!("{device}/{deployment} to be pruned");
-        self.follow_status(device, timeout, what, |status| {
-            if is_pruned(status, deployment) {
-                ControlFlow::Break(Ok(()))
-            } else {
-                ControlFlow::Continue(status.and_then(|s| s.deployments.get(deployment)).cloned())
-            }
-        })
-        .await
+        let mut results = self
+            .follow_statuses(std::slice::from_ref(device), timeout, vec![what], |_, status| {
+                if is_pruned(status, deployment) {
+                    ControlFlow::Break(Ok(()))
+                } else {
+                    ControlFlow::Continue(status.and_then(|s| s.deployments.get(deployment)).cloned())
+                }
+            })
+            .await?;
+        results.pop().unwrap_or(Ok(()))
     }
 
-    /// Feeds every status the device writes (and a fresh read at start and
-    /// every [`POLL_INTERVAL`]) to `judge` until it breaks or `timeout` passes.
-    async fn follow_status<R>(
+    /// Feeds every status the `devices` write, from the one stored now on,
+    /// to `judge(index, status)` until it breaks for every device or
+    /// `timeout` passes (then [`FleetError::Timeout`] with the last status
+    /// seen, for each device not concluded).
+    ///
+    /// One KV watch (an ordered consumer: stored values only, in order,
+    /// starting with each key's last value) follows them all: by key filter
+    /// up to [`MAX_FILTERED_KEYS`] devices, else the whole bucket. No
+    /// consumer per device (a server refuses past 1,000 per stream by
+    /// default) and no poll. A watch that ends or fails is opened again: it
+    /// starts again from each key's last value, so nothing is missed.
+    async fn follow_statuses<R>(
         &self,
-        device: &DeviceId,
+        devices: &[DeviceId],
         timeout: Duration,
-        what: String,
+        whats: Vec<String>,
         mut judge: impl FnMut(
+            usize,
             Option<&AgentStatus>,
         ) -> ControlFlow<Result<R, FleetError>, Option<DeploymentStatus>>,
-    ) -> Result<R, FleetError> {
+    ) -> Result<Vec<Result<R, FleetError>>, FleetError> {
         let store = &self.buckets().await?.status;
-        let key = status_key(device);
-        let mut last = None;
+        let mut positions: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, device) in devices.iter().enumerate() {
+            positions.entry(status_key(device)).or_default().push(i);
+        }
+        let mut results: Vec<Option<Result<R, FleetError>>> = devices.iter().map(|_| None).collect();
+        let mut last: Vec<Option<DeploymentStatus>> = vec![None; devices.len()];
+        let mut open = positions.len();
         let follow = async {
-            // Watch first, then read: a status written in between is not missed.
-            let mut watch = match store.watch(&key).await {
-                Ok(watch) => Some(watch),
-                Err(err) => {
-                    warn!(device = %device, cause = %harmony_score_wire::log_text(&err), "cannot watch status; polling");
-                    None
-                }
-            };
-            let mut poll = tokio::time::interval(POLL_INTERVAL);
-            loop {
-                let status = tokio::select! {
-                    _ = poll.tick() => read(store, &key).await?,
-                    entry = next_entry(&mut watch) => match entry {
-                        Some(Ok(entry)) if entry.operation == kv::Operation::Put => match decode(&entry) {
+            let mut attempt = 0u32;
+            while open > 0 {
+                let watch = if positions.len() <= MAX_FILTERED_KEYS {
+                    store.watch_many_with_history(positions.keys()).await
+                } else {
+                    store.watch_with_history(">").await
+                };
+                let mut watch = match watch {
+                    Ok(watch) => watch,
+                    Err(err) => {
+                        attempt += 1;
+                        if attempt >= 10 {
+                            return Err(FleetError::nats("follow device statuses", err));
+                        }
+                        warn!(cause = %harmony_score_wire::log_text(&err), "cannot follow statuses; trying again");
+                        tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                        continue;
+                    }
+                };
+                while let Some(entry) = watch.next().await {
+                    let entry = match entry {
+                        Ok(entry) => entry,
+                        Err(err) => {
+                            warn!(cause = %harmony_score_wire::log_text(&err), "status watch error");
+                            continue;
+                        }
+                    };
+                    let Some(indices) = positions.get(&entry.key) else { continue };
+                    let status = match entry.operation {
+                        kv::Operation::Put => match decode(&entry) {
                             Some(status) => Some(status),
                             None => continue,
                         },
-                        Some(Ok(_)) => None,
-                        Some(Err(err)) => {
-                            warn!(device = %device, cause = %harmony_score_wire::log_text(&err), "status watch error");
+                        _ => None,
+                    };
+                    for &i in indices {
+                        if results[i].is_some() {
                             continue;
                         }
-                        None => {
-                            watch = None;
-                            continue;
+                        match judge(i, status.as_ref()) {
+                            ControlFlow::Break(result) => {
+                                results[i] = Some(result);
+                                open -= 1;
+                            }
+                            ControlFlow::Continue(seen) => last[i] = seen,
                         }
-                    },
-                };
-                match judge(status.as_ref()) {
-                    ControlFlow::Break(result) => return result,
-                    ControlFlow::Continue(seen) => last = seen,
+                    }
+                    if open == 0 {
+                        break;
+                    }
                 }
             }
+            Ok(())
         };
-        let outcome = tokio::time::timeout(timeout, follow).await;
-        match outcome {
-            Ok(result) => result,
-            Err(_) => Err(FleetError::Timeout { what, after: timeout, last: last.map(Box::new) }),
+        if let Ok(Err(err)) = tokio::time::timeout(timeout, follow).await {
+            return Err(err);
         }
-    }
-}
-
-async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, kv::WatcherError>> {
-    match watch {
-        Some(watch) => watch.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read(store: &kv::Store, key: &str) -> Result<Option<AgentStatus>, FleetError> {
-    match store.entry(key).await.map_err(|e| FleetError::nats(format!("read status {key}"), e))? {
-        Some(entry) if entry.operation == kv::Operation::Put => Ok(decode(&entry)),
-        _ => Ok(None),
+        Ok(results
+            .into_iter()
+            .zip(whats)
+            .zip(last)
+            .map(|((result, what), last)| {
+                result.unwrap_or_else(|| {
+                    Err(FleetError::Timeout { what, after: timeout, last: last.map(Box::new) })
+                })
+            })
+            .collect())
     }
 }
 

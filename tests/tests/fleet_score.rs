@@ -205,3 +205,70 @@ fn the_score_round_trips_through_json_with_its_wire_tags() {
     assert_eq!(format!("{back:?}"), format!("{original:?}"));
     assert_eq!(Score::<FleetTopology>::name(&back), "device deployment [motd]");
 }
+
+// Issue 10 §4 ("waiting on a fleet"): one consumer per awaited device hit
+// the server's consumer limit past 1,000 and fell back to polling. The
+// wait now follows every device with one watch: the status stream never
+// holds more than that one consumer while 300 real agents are awaited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_to_300_agents_is_awaited_with_one_consumer() {
+    use harmony_e2e::{agent_config, InProcessAgent};
+    use harmony_score_wire::names::AGENT_STATUS_BUCKET;
+    harmony_scores::ensure_linked();
+    let server = NatsServer::start();
+    let (client, maestro) = maestro(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = (0..300).map(|i| format!("dev-{i}")).collect();
+    let agents: Vec<InProcessAgent> = ids
+        .iter()
+        .map(|id| InProcessAgent::start(agent_config(id, &server.url(), &dir.path().join(id), 3600)))
+        .collect();
+    let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    // Online: every agent reported the tags it supports.
+    within(async {
+        while client.list_statuses().await.map_or(0, |s| s.len()) < ids.len() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    // One device that never answers keeps the wait open until its timeout,
+    // so the sampler below sees the wait's consumers for seconds.
+    ids.push("dev-offline");
+    // The most consumers the status stream held while the Score ran.
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (js, most) = (client.jetstream().clone(), most.clone());
+        let stream = format!("KV_{AGENT_STATUS_BUCKET}");
+        tokio::spawn(async move {
+            loop {
+                if let Ok(mut s) = js.get_stream(&stream).await {
+                    if let Ok(info) = s.info().await {
+                        most.fetch_max(info.state.consumer_count, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut fleet = score(&ids, "fleet\n", Some(3));
+    fleet.force = true;
+    let outcome = within(maestro.interpret(&fleet)).await.unwrap();
+    let took = started.elapsed();
+    sampler.abort();
+    assert!(
+        outcome.message.contains("1 of 301 devices failed"),
+        "{}\n{}",
+        outcome.message,
+        outcome.details.join("\n")
+    );
+    let offline = outcome.details.iter().find(|l| l.starts_with("dev-offline:")).unwrap();
+    assert!(offline.contains("timed out"), "{offline}");
+    let most = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(most, 1, "the status stream held {most} consumers during the wait (0: the sampler missed it)");
+    eprintln!("300 agents and an offline device deployed and awaited in {took:?} (3 s timeout included)");
+    for agent in agents {
+        agent.stop().await.unwrap();
+    }
+}
