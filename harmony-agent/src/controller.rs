@@ -247,7 +247,7 @@ impl Controller {
     ) {
         tokio::pin!(shutdown);
         let resync = self.settings.resync;
-        let mut resync_tick = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
+        let mut next_resync = first_tick(resync);
         self.start_ready().await;
         self.publish(&status);
         loop {
@@ -261,7 +261,10 @@ impl Controller {
                     Item::Command(command) => self.command(command).await,
                     Item::KeySet(bytes) => self.offer_keyset(&bytes).await,
                 },
-                _ = resync_tick.tick() => { self.resync().await; }
+                () = tokio::time::sleep_until(next_resync) => {
+                    next_resync = tokio::time::Instant::now() + jittered(resync);
+                    self.resync().await;
+                }
                 () = sleep_until(retry_at), if retry_at.is_some() => self.run_due_retries(Instant::now()),
                 Some(joined) = self.tasks.join_next() => {
                     if let Err(err) = joined {
@@ -1051,6 +1054,18 @@ pub(crate) fn jitter() -> f64 {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     f64::from(nanos % 1000) / 1000.0
+}
+
+/// `period` stretched or cut by up to 10 %, at random: timers of a fleet
+/// started together drift apart instead of firing together for ever.
+pub(crate) fn jittered(period: Duration) -> Duration {
+    period.mul_f64(0.9 + jitter() / 5.0)
+}
+
+/// The first tick of a periodic timer: at a random point of the second
+/// half of its first period.
+pub(crate) fn first_tick(period: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + period.mul_f64(0.5 + jitter() / 2.0)
 }
 
 /// A fresh id for this agent process: pid, start time and a counter, hex.

@@ -1,5 +1,6 @@
 //! `FleetClient`: the operator's connection to a fleet — buckets, status reads and device commands.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +11,9 @@ use async_nats::ConnectOptions;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use harmony_score_wire::names::{
-    command_subject, hint_republish_destination, hint_republish_source, redact_userinfo,
-    status_hint_republish_destination, status_hint_republish_source, status_key, AGENT_STATUS_BUCKET,
-    ARTIFACTS_BUCKET, DESIRED_STATE_BUCKET,
+    command_subject, heartbeat_key, hint_republish_destination, hint_republish_source, parse_heartbeat_key,
+    redact_userinfo, status_hint_republish_destination, status_hint_republish_source, status_key,
+    AGENT_STATUS_BUCKET, ARTIFACTS_BUCKET, DESIRED_STATE_BUCKET,
 };
 use harmony_score_wire::{
     bounded_text, from_cbor, to_cbor, AgentStatus, CommandReply, DeviceId, DeviceInfo, LogsErrorKind,
@@ -353,7 +354,13 @@ impl FleetClient {
     /// the device never reported (or its status was deleted).
     pub async fn device_status(&self, device: &DeviceId) -> Result<Option<(AgentStatus, u64)>, FleetError> {
         let buckets = self.buckets().await?;
-        read_status(&buckets.status, &status_key(device)).await
+        let key = status_key(device);
+        let (status, beat) =
+            tokio::join!(read_status(&buckets.status, &key), read_heartbeat(&buckets.status, device));
+        Ok(status?.map(|(mut status, revision)| {
+            status.heartbeat_at_ms = status.heartbeat_at_ms.max(beat);
+            (status, revision)
+        }))
     }
 
     /// The last status of every device that reported, sorted by device id. A
@@ -376,6 +383,19 @@ impl FleetClient {
             .try_collect()
             .await
             .map_err(|e| FleetError::nats("list status keys", e))?;
+        // Status keys are device ids; `<id>.heartbeat` keys hold each
+        // device's last beat (its status is written only when it changes).
+        let (keys, beats): (Vec<String>, Vec<String>) =
+            keys.into_iter().partition(|k| DeviceId::new(k).is_ok());
+        let beats: HashMap<DeviceId, u64> =
+            futures_util::stream::iter(beats.iter().filter_map(|k| parse_heartbeat_key(k)))
+                .map(|device| async move {
+                    let beat = read_heartbeat(store, &device).await;
+                    (device, beat)
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
         let reads = futures_util::stream::iter(keys).map(|key| async move {
             match read_status(store, &key).await {
                 Ok(found) => found.map(|(status, _)| status),
@@ -387,6 +407,11 @@ impl FleetClient {
         });
         let mut statuses: Vec<AgentStatus> =
             reads.buffer_unordered(16).filter_map(|s| async { s }).collect().await;
+        for status in &mut statuses {
+            if let Some(beat) = beats.get(&status.device_id) {
+                status.heartbeat_at_ms = status.heartbeat_at_ms.max(*beat);
+            }
+        }
         statuses.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         Ok(statuses)
     }
@@ -506,6 +531,15 @@ fn valid_inbox_prefix(prefix: &str) -> bool {
 /// The device's identity is the key, never the value: a device may write
 /// only its own key, but it writes whatever it likes into it, including
 /// another device's id.
+/// The device's last heartbeat (milliseconds since the epoch); 0 when it
+/// never beat or the value cannot be read (a heartbeat is only a hint of life).
+async fn read_heartbeat(store: &kv::Store, device: &DeviceId) -> u64 {
+    match store.get(heartbeat_key(device)).await {
+        Ok(Some(bytes)) => from_cbor::<u64>(&bytes, 64, "heartbeat").unwrap_or(0),
+        _ => 0,
+    }
+}
+
 async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus, u64)>, FleetError> {
     let Ok(device) = DeviceId::new(key) else {
         warn!(key = %harmony_score_wire::log_text(key), "status key is not a device id; skipped");

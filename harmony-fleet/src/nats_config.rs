@@ -20,8 +20,8 @@ use std::io::Read;
 
 use harmony_score_wire::names::{
     artifact_meta_subjects, artifacts_stream, hint_subjects, inbox_prefix, keyset_hint_subject,
-    status_hint_subject, AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX, DESIRED_STATE_BUCKET, HINT_PREFIX,
-    KEYSET_KEY,
+    status_hint_subject, AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX, DESIRED_STATE_BUCKET,
+    HEARTBEAT_KEY_SUFFIX, HINT_PREFIX, KEYSET_KEY,
 };
 use harmony_score_wire::DeviceId;
 
@@ -153,6 +153,7 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
           "$JS.API.DIRECT.GET.{artifacts}",
           "$JS.API.DIRECT.GET.{artifacts}.{artifact_meta}",
           "$KV.{AGENT_STATUS_BUCKET}.{id}",
+          "$KV.{AGENT_STATUS_BUCKET}.{id}.{HEARTBEAT_KEY_SUFFIX}",
           "harmony.heartbeat.{id}",
           "harmony.info.{id}"
         ] }},

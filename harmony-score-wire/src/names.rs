@@ -54,6 +54,22 @@ pub fn status_key(device: &DeviceId) -> String {
     device.to_string()
 }
 
+/// The last token of a device's heartbeat key in the status bucket.
+pub const HEARTBEAT_KEY_SUFFIX: &str = "heartbeat";
+
+/// `<device>.heartbeat` in bucket `harmony-agent-status`: the device's last
+/// sign of life (CBOR milliseconds since the epoch), a few bytes written at
+/// every heartbeat, so the status itself is written only when it changes.
+pub fn heartbeat_key(device: &DeviceId) -> String {
+    format!("{device}.{HEARTBEAT_KEY_SUFFIX}")
+}
+
+/// The device of a heartbeat key; `None` for any other key.
+pub fn parse_heartbeat_key(key: &str) -> Option<DeviceId> {
+    let device = key.strip_suffix(HEARTBEAT_KEY_SUFFIX)?.strip_suffix('.')?;
+    DeviceId::new(device).ok()
+}
+
 /// `$KV.harmony-desired-state.<device>.>`: the subject a device follows its keys on.
 pub fn desired_state_subjects(device: &DeviceId) -> String {
     format!("$KV.{DESIRED_STATE_BUCKET}.{device}.>")
@@ -226,6 +242,13 @@ mod tests {
         assert_eq!(hint_republish_source(), "$KV.harmony-desired-state.>");
         assert_eq!(hint_republish_destination(), "harmony.hint.>");
         assert_eq!(status_hint_subject(&d), "harmony.status-hint.dev-1");
+        assert_eq!(heartbeat_key(&d), "dev-1.heartbeat");
+        assert_eq!(parse_heartbeat_key("dev-1.heartbeat"), Some(d.clone()));
+        for other in
+            ["dev-1", "heartbeat", ".heartbeat", "dev-1.heartbeats", "a.b.heartbeat", "dev-1heartbeat"]
+        {
+            assert_eq!(parse_heartbeat_key(other), None, "{other}");
+        }
         assert_eq!(status_hint_republish_source(), "$KV.harmony-agent-status.>");
         assert_eq!(status_hint_republish_destination(), "harmony.status-hint.>");
         assert_eq!(command_subject(&d, "ping"), "device-commands.dev-1.ping");

@@ -124,7 +124,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         })
     };
 
-    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + config.resync, config.resync);
+    let mut next_resync = crate::controller::first_tick(config.resync);
     loop {
         let lag_check = follower.next_lag_check();
         // One step of the loop; a step (a full read of many keys, each
@@ -164,7 +164,8 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
                     debug!(keys = batch.len(), "hints");
                     follower.on_hints(batch).await;
                 }
-                _ = resync.tick() => {
+                () = tokio::time::sleep_until(next_resync) => {
+                    next_resync = tokio::time::Instant::now() + crate::controller::jittered(config.resync);
                     let missed = follower.full_sync(keys::FullSync::Resync).await;
                     if missed > 0 && config.follow_hints {
                         // The live path failed (a subscription dropped, a slow

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
 use async_nats::{header, HeaderMap, HeaderValue};
-use harmony_score_wire::names::{heartbeat_subject, status_hint_subject, status_key, AGENT_STATUS_BUCKET};
+use harmony_score_wire::names::{
+    heartbeat_key, heartbeat_subject, status_hint_subject, status_key, AGENT_STATUS_BUCKET,
+};
 use harmony_score_wire::{from_cbor, now_ms, to_cbor, AgentStatus, ErrorKind, StatusError, MAX_STATUS_BYTES};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -26,6 +28,9 @@ use crate::config::AgentConfig;
 
 /// How long after a failed write the status is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long a run started again of an applied generation may show
+/// `applying` before the status says so (most end NOOP well within it).
+const RERUN_QUIET: Duration = Duration::from_millis(250);
 /// How long a status write under way at shutdown may still take.
 const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// How long a `duplicate_device` report stays after the last conflict.
@@ -63,8 +68,9 @@ enum WriteError {
     ConflictPersisted,
 }
 
-/// Writes the latest status whenever it changes and at every heartbeat,
-/// retrying failed writes, until `stop` turns true.
+/// Writes the latest status whenever it changes (and again when someone
+/// else wrote over it), retrying failed writes, and beats the heartbeat,
+/// until `stop` turns true.
 pub(super) async fn write_loop(
     js: jetstream::Context,
     client: async_nats::Client,
@@ -91,8 +97,18 @@ pub(super) async fn write_loop(
         }
     };
     let mut rewrite_at: Option<tokio::time::Instant> = None;
-    let mut heartbeat = tokio::time::interval(config.heartbeat);
+    // The first beat at a random point of the first interval, then every
+    // interval ±10 %: a fleet started together does not beat together.
+    let mut next_beat = tokio::time::Instant::now() + config.heartbeat.mul_f64(crate::controller::jitter());
+    let beat_key = format!("$KV.{AGENT_STATUS_BUCKET}.{}", heartbeat_key(&config.device_id));
     let mut dirty = true;
+    // Written even when nothing but timestamps changed (someone else wrote
+    // over it, a duplicate report expired, the first write).
+    let mut force = true;
+    // What was last written, timestamps zeroed: a resync that finds
+    // everything as it was does not write the status again.
+    let mut written: Option<AgentStatus> = None;
+    let mut hold_until: Option<tokio::time::Instant> = None;
     let mut last_error: Option<String> = None;
     loop {
         tokio::select! {
@@ -103,11 +119,20 @@ pub(super) async fn write_loop(
                 }
                 dirty = true;
             }
-            _ = heartbeat.tick() => {
-                dirty = true;
-                let beat = client.publish(heartbeat_subject(&config.device_id), to_cbor(&now_ms()).into()).await;
-                if let Err(err) = beat {
-                    debug!(cause = %harmony_score_wire::log_text(&err), "heartbeat not published");
+            () = tokio::time::sleep_until(next_beat) => {
+                next_beat = tokio::time::Instant::now() + crate::controller::jittered(config.heartbeat);
+                // A few bytes, stored (the heartbeat key: operators see the
+                // last beat of a device) and live (the heartbeat subject).
+                // The status itself is written only when it changes.
+                let now = to_cbor(&now_ms());
+                for subject in [beat_key.clone(), heartbeat_subject(&config.device_id)] {
+                    if let Err(err) = client.publish(subject, now.clone().into()).await {
+                        debug!(cause = %harmony_score_wire::log_text(&err), "heartbeat not published");
+                    }
+                }
+                // A duplicate_device report past its time leaves the status.
+                if writer.duplicate_expired() {
+                    (dirty, force) = (true, true);
                 }
             }
             () = tokio::time::sleep(RETRY_AFTER), if dirty => {}
@@ -127,32 +152,55 @@ pub(super) async fn write_loop(
                     rewrite_at = Some(tokio::time::Instant::now() + after);
                 }
             }
+            () = sleep_until(hold_until) => {}
             () = sleep_until(rewrite_at) => {
                 rewrite_at = None;
-                dirty = true;
+                (dirty, force) = (true, true);
             }
         }
         if dirty {
             let report = status.borrow_and_update().clone();
+            let comparable = without_timestamps(&report);
+            if !force && writer.revision.is_some() {
+                if written.as_ref() == Some(&comparable) {
+                    (dirty, hold_until) = (false, None);
+                    continue;
+                }
+                // A run of a generation already applied (a resync, a
+                // reconcile) shows `applying` for a moment and most often
+                // ends where it started: wait a little before saying so.
+                // A new generation is written at once.
+                let now = tokio::time::Instant::now();
+                if hold_until.is_none()
+                    && written.as_ref().is_some_and(|w| only_reruns_started(w, &comparable))
+                {
+                    hold_until = Some(now + RERUN_QUIET);
+                }
+                if hold_until.is_some_and(|until| until > now) {
+                    continue;
+                }
+            }
+            hold_until = None;
             let write = writer.write(&js, &stream, &subject, report);
             tokio::pin!(write);
             // At shutdown a write under way gets a moment to land (the last
             // status); with no server to take it, the agent does not wait.
-            let written = tokio::select! {
-                written = &mut write => written,
+            let result = tokio::select! {
+                result = &mut write => result,
                 _ = stop.changed() => {
                     if client.connection_state() != async_nats::connection::State::Connected {
                         return;
                     }
                     match tokio::time::timeout(SHUTDOWN_WRITE_GRACE, &mut write).await {
-                        Ok(written) => written,
+                        Ok(result) => result,
                         Err(_) => return,
                     }
                 }
             };
-            match written {
+            match result {
                 Ok(()) => {
-                    dirty = false;
+                    (dirty, force) = (false, false);
+                    written = Some(comparable);
                     if last_error.take().is_some() {
                         info!("status written again");
                     }
@@ -172,6 +220,36 @@ pub(super) async fn write_loop(
     }
 }
 
+/// `status` with every timestamp zeroed: what decides whether it changed.
+fn without_timestamps(status: &AgentStatus) -> AgentStatus {
+    let mut status = status.clone();
+    status.updated_at_ms = 0;
+    status.heartbeat_at_ms = 0;
+    for deployment in status.deployments.values_mut() {
+        deployment.last_attempt_at_ms = 0;
+        deployment.last_applied_at_ms = 0;
+    }
+    status
+}
+
+/// Whether `now` differs from `written` only by runs started again of the
+/// generations `written` shows (phase `applying`, same desired and observed
+/// generations): a resync's NOOP runs, not news.
+fn only_reruns_started(written: &AgentStatus, now: &AgentStatus) -> bool {
+    let rest = |s: &AgentStatus| AgentStatus { deployments: Default::default(), ..s.clone() };
+    rest(written) == rest(now)
+        && written.deployments.len() == now.deployments.len()
+        && now.deployments.iter().all(|(name, d)| {
+            written.deployments.get(name).is_some_and(|w| {
+                w == d
+                    || (d.phase == harmony_score_wire::Phase::Applying
+                        && d.desired_generation == w.desired_generation
+                        && d.observed_generation == w.observed_generation
+                        && d.desired_digest == w.desired_digest)
+            })
+        })
+}
+
 /// The status key's compare-and-set state.
 struct CasWriter {
     /// The revision this agent last wrote (or took over); `None`: unknown.
@@ -183,6 +261,11 @@ struct CasWriter {
 }
 
 impl CasWriter {
+    /// Whether a `duplicate_device` report is held past its time.
+    fn duplicate_expired(&self) -> bool {
+        self.duplicate.as_ref().is_some_and(|(_, at)| at.elapsed() > DUPLICATE_REPORTED_FOR)
+    }
+
     /// Writes `report` (with the heartbeat time, any `duplicate_device`
     /// error, bounded to [`MAX_STATUS_BYTES`]) expecting the revision last
     /// written; on a conflict reads the key and judges who wrote it.
@@ -193,7 +276,7 @@ impl CasWriter {
         subject: &str,
         mut report: AgentStatus,
     ) -> Result<(), WriteError> {
-        if self.duplicate.as_ref().is_some_and(|(_, at)| at.elapsed() > DUPLICATE_REPORTED_FOR) {
+        if self.duplicate_expired() {
             self.duplicate = None;
         }
         for _ in 0..5 {
