@@ -261,6 +261,23 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Polls `dir` (with a deadline) until a temp file of the agent shows up
+/// in it, then waits `after` more; `false` when none showed up.
+fn until_temp_file_in(dir: &Path, after: Duration) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let entries = std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok);
+        if entries.into_iter().any(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX)) {
+            std::thread::sleep(after);
+            return true;
+        }
+        // Its life is a few milliseconds: poll without pausing, but let
+        // the agent run.
+        std::thread::yield_now();
+    }
+    false
+}
+
 /// Where a kill landed, judged by what it left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Landed {
@@ -396,17 +413,39 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
     let (mut mid_write, mut reported_before_kill, mut noops, mut successes) = (0, 0, 0, 0);
     let mut temp_left_by_kills = 0;
     let mut orphans_waited = 0;
+    let mut kills_on_sight = 0;
     let mut restart_to_converged = Vec::new();
     for round in CALIBRATION..=last_round {
         let changes_container =
             container.is_some() && container_version(round) != container_version(round - 1);
         let apply_time = if changes_container { with_container_change } else { files_only };
-        // Up to 30% past the measured time: some kills land after the
-        // apply, a few before the agent saw the write at all.
+        // A write of 200 KiB with its fsync takes a few milliseconds here:
+        // a random delay rarely lands in one. So half the rounds without a
+        // container change kill the agent as soon as a temp file shows in
+        // one of the managed directories, plus a random 0-3 ms.
+        let aimed = (!changes_container && rng.unit() < 0.5).then(|| {
+            let dir = paths[(rng.next() % FILES.len() as u64) as usize].parent().unwrap().to_path_buf();
+            (dir, Duration::from_micros(rng.next() % 3000))
+        });
+        // Otherwise up to 30% past the measured apply time: some kills land
+        // after the apply, a few before the agent saw the write at all.
         let delay = apply_time.mul_f64(1.3 * rng.unit());
         let generation = f.deploy(&device, DEPLOYMENT, document(round)).await;
-        tokio::time::sleep(delay).await;
+        let aimed_round = aimed.is_some();
+        let delay = match aimed {
+            Some((dir, after)) => {
+                let seen = Instant::now();
+                let found = tokio::task::spawn_blocking(move || until_temp_file_in(&dir, after));
+                assert!(within(found).await.unwrap(), "round {round}: no temp file showed up");
+                seen.elapsed()
+            }
+            None => {
+                tokio::time::sleep(delay).await;
+                delay
+            }
+        };
         agent.kill();
+        kills_on_sight += usize::from(aimed_round);
 
         // What the kill left.
         if let Some(c) = &container {
@@ -440,16 +479,18 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
         let done = new_on_disk.iter().filter(|n| **n).count()
             + usize::from(changes_container && container_new == Some(true));
         let total = FILES.len() + usize::from(changes_container);
+        let temps: Vec<PathBuf> = temp_files(&root);
         landed.push(match done {
-            0 if !container_in_flux => Landed::Before,
+            // A temp file: the kill cut the first write short.
+            0 if !container_in_flux && temps.is_empty() => Landed::Before,
             d if d == total => Landed::After,
             _ => Landed::Mid,
         });
-        let temps: Vec<PathBuf> = temp_files(&root);
         mid_write += usize::from(!temps.is_empty());
         temp_left_by_kills += temps.len() + temp_files(&state).len();
         eprintln!(
-            "crashes: round {round}: killed {delay:?} after the deploy: {:?}, changed {changed:?}, temp files {temps:?}",
+            "crashes: round {round}: killed {delay:?} after the deploy{}: {:?}, changed {changed:?}, temp files {temps:?}",
+            if aimed_round { " (on sight of a temp file)" } else { "" },
             landed.last().unwrap()
         );
         let before_kill = within(f.client.device_status(&device)).await.unwrap().map(|(s, _)| s);
@@ -514,7 +555,8 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
         restart_to_converged.iter().max().copied().unwrap_or_default(),
     );
     println!(
-        "crashes: {ROUNDS} kills (seed {seed}, container {}): {} before the apply, {} mid-apply ({} mid-write, \
+        "crashes: {ROUNDS} kills (seed {seed}, container {}; {kills_on_sight} on sight of a temp file): \
+         {} before the apply, {} mid-apply ({} mid-write, \
          {} temp files left by kills, all gone after convergence), {} after it ({} already reported); \
          after restarts {noops} Scores NOOP, {successes} SUCCESS; restart to converged min {min:?} median {:?} max {max:?}; \
          orphaned podman waited for {orphans_waited} times; {} file reads, none torn; total {:?}",

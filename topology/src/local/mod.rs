@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use filesystem::{write_file_atomic, Filesystem, FilesystemError, PathEntry, MAX_INSPECT_BYTES};
+pub use filesystem::{
+    remove_stale_temp_files_in, write_file_atomic, Filesystem, FilesystemError, PathEntry, MAX_INSPECT_BYTES,
+};
 pub use podman::Podman;
 pub use systemd::UNIT_DIR;
 
