@@ -7,3 +7,4 @@
 //! binary must be built: `cargo build --workspace --bins`).
 
 mod crashes;
+mod power_loss;
