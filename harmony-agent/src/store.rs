@@ -16,7 +16,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use harmony_score_wire::{document_digest, from_cbor, now_ms, to_cbor, DeploymentName, ResourceId};
-use harmony_topology::local::{remove_stale_temp_files_in, write_file_atomic};
+use harmony_topology::local::{create_dir_all_durable, remove_stale_temp_files_in, write_file_atomic};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -156,7 +156,9 @@ impl Store {
             move |source| StoreError::IoFailed { path, source }
         };
         let dir = state_dir.join("deployments");
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // Durable in their parents: a record in a directory a power cut
+        // lost is lost with it.
+        create_dir_all_durable(&dir).map_err(io(&dir))?;
         let lock_path = state_dir.join("lock");
         let lock = File::options()
             .create(true)

@@ -97,7 +97,8 @@ pub trait Filesystem: Send + Sync {
 
 /// Writes `content` to `path` so that a crash leaves either the old or the
 /// new file: temp file in the same directory, fsync, rename, fsync of the
-/// directory. Missing parent directories are created with mode 0755.
+/// directory. Missing parent directories are created with mode 0755, each
+/// made durable in its parent.
 ///
 /// The path is followed as given: this is for the agent's own directories
 /// (its state, its status file). A Score's paths go through
@@ -111,9 +112,39 @@ pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<(
         Some(dir) => dir,
         None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent")),
     };
-    DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    create_dir_all_durable(dir)?;
     let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
     write_at(dir.as_fd(), name, content, mode)
+}
+
+/// Creates `dir` and its missing parents (0755, less the umask), following
+/// symlinks as given, and fsyncs the parent of each directory it creates:
+/// a directory's own name reaches the disk with its parent, not with the
+/// files later written into it, so without that a power cut could lose the
+/// directory and everything beneath it.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => return Ok(()),
+    };
+    create_dir_all_durable(parent)?;
+    match DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => {
+            let parent = rustix::fs::open(
+                parent,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            Ok(rustix::fs::fsync(&parent)?)
+        }
+        // Made by another process meanwhile: it is that one's to sync.
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(err) => Err(err),
+    }
 }
 
 /// The prefix of the temp files of atomic writes:
@@ -293,7 +324,9 @@ fn create_dir_at(beneath: &Beneath, path: &ScorePath, mode: u32) -> Result<(), B
     // ancestors it never owns.
     let parent = beneath.dir_creating(&path.parents, 0o755)?;
     match mkdirat(&parent, path.name.as_str(), Mode::from_raw_mode(mode)) {
-        Ok(()) | Err(Errno::EXIST) => {}
+        // Durable before the run reports it made.
+        Ok(()) => rustix::fs::fsync(&parent)?,
+        Err(Errno::EXIST) => {}
         Err(err) => return Err(err.into()),
     }
     // As for files, the umask may have cleared bits the Score asked for;
@@ -425,7 +458,14 @@ impl Filesystem for LocalDeviceTopology {
 
     async fn remove_file(&self, path: &str) -> Result<(), FilesystemError> {
         self.beneath("remove", path, |beneath, path| match existing_parent(beneath, &path)? {
-            Some(dir) => Ok(ignore_missing(unlinkat(&dir, path.name.as_str(), AtFlags::empty()))?),
+            Some(dir) => match unlinkat(&dir, path.name.as_str(), AtFlags::empty()) {
+                // Durable before the agent forgets it owned the file: a
+                // removal lost to a power cut would bring back a file
+                // that no record owns, so nothing would ever prune it.
+                Ok(()) => Ok(rustix::fs::fsync(&dir)?),
+                Err(Errno::NOENT) => Ok(()),
+                Err(err) => Err(err.into()),
+            },
             None => Ok(()),
         })
         .await
@@ -437,7 +477,11 @@ impl Filesystem for LocalDeviceTopology {
 
     async fn remove_dir(&self, path: &str, recursive: bool) -> Result<(), FilesystemError> {
         self.beneath("rmdir", path, move |beneath, path| match existing_parent(beneath, &path)? {
-            Some(dir) => Ok(remove_dir_at(dir.as_fd(), &path.name, recursive)?),
+            Some(dir) => {
+                remove_dir_at(dir.as_fd(), &path.name, recursive)?;
+                // As for a file: durable before the agent forgets it.
+                Ok(rustix::fs::fsync(&dir)?)
+            }
             None => Ok(()),
         })
         .await
