@@ -105,7 +105,7 @@ fn content(file: usize, round: usize) -> String {
 
 /// The container's spec version at `round`: it changes every third round.
 fn container_version(round: usize) -> usize {
-    (round + 2) / 3
+    round.div_ceil(3)
 }
 
 fn sha(bytes: &[u8]) -> [u8; 32] {
@@ -224,7 +224,7 @@ fn read_files_until(
                 Ok(bytes) => {
                     reads.reads += 1;
                     seen[i] = true;
-                    if !known.get(&sha(&bytes)).is_some_and(|(file, _)| *file == i) {
+                    if known.get(&sha(&bytes)).is_none_or(|(file, _)| *file != i) {
                         reads.torn.push(format!(
                             "{}: {} bytes matching no round",
                             path.display(),
@@ -261,10 +261,10 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// Polls `dir` (with a deadline) until a temp file of the agent shows up
-/// in it, then waits `after` more; `false` when none showed up.
-fn until_temp_file_in(dir: &Path, after: Duration) -> bool {
-    let deadline = Instant::now() + WAIT;
+/// Polls `dir` until a temp file of the agent shows up in it, then waits
+/// `after` more; `false` when none showed up within `limit`.
+fn until_temp_file_in(dir: &Path, after: Duration, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         let entries = std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok);
         if entries.into_iter().any(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX)) {
@@ -431,12 +431,14 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
         // after the apply, a few before the agent saw the write at all.
         let delay = apply_time.mul_f64(1.3 * rng.unit());
         let generation = f.deploy(&device, DEPLOYMENT, document(round)).await;
-        let aimed_round = aimed.is_some();
+        let mut aimed_round = false;
         let delay = match aimed {
             Some((dir, after)) => {
                 let seen = Instant::now();
-                let found = tokio::task::spawn_blocking(move || until_temp_file_in(&dir, after));
-                assert!(within(found).await.unwrap(), "round {round}: no temp file showed up");
+                // Past twice the apply time the apply is over: kill then.
+                let limit = apply_time * 2;
+                let found = tokio::task::spawn_blocking(move || until_temp_file_in(&dir, after, limit));
+                aimed_round = within(found).await.unwrap();
                 seen.elapsed()
             }
             None => {
@@ -506,6 +508,11 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
         let status = converged(generation, instance.clone()).await;
         restart_to_converged.push(restarted.elapsed());
         check_converged(&status, &name, round);
+        assert!(
+            !agent.log_text().contains("panicked"),
+            "round {round}: the agent panicked:\n{}",
+            agent.log_text()
+        );
         let d = &status.deployments[&name];
         for (i, path) in FILES.iter().enumerate() {
             let score = &d.scores[file_index(i)];
@@ -572,6 +579,7 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
         started.elapsed()
     );
     assert!(count(Landed::Mid) > 0, "no kill landed mid-apply: the delays are miscalibrated");
+    assert!(kills_on_sight > 0, "no temp file of a file write was ever seen: are writes still atomic?");
 }
 
 /// The converged status: no device errors, nothing failed.
