@@ -243,6 +243,15 @@ fn read_files_until(
     reads
 }
 
+/// Stops the reader thread when dropped, also when the test fails.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The agent's temp files beneath `dir`, at any depth.
 fn temp_files(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -344,9 +353,9 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
     assert_eq!(known.len(), FILES.len() * (last_round + 1), "every round's content is distinct");
     let known = Arc::new(known);
     let paths: Vec<PathBuf> = FILES.iter().map(|p| f.root("crash", p)).collect();
-    let stop_reading = Arc::new(AtomicBool::new(false));
+    let stop_reading = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let reader = {
-        let (stop, paths, known) = (stop_reading.clone(), paths.clone(), known.clone());
+        let (stop, paths, known) = (stop_reading.0.clone(), paths.clone(), known.clone());
         std::thread::spawn(move || read_files_until(stop, paths, known))
     };
 
@@ -552,7 +561,7 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
         instance = Some(status.instance_id.clone());
     }
     agent.stop();
-    stop_reading.store(true, Ordering::Relaxed);
+    drop(stop_reading);
     let reads = reader.join().expect("the reader thread");
     assert!(reads.torn.is_empty(), "torn reads: {:#?}", reads.torn);
 
