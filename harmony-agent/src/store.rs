@@ -16,9 +16,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use harmony_score_wire::{document_digest, from_cbor, now_ms, to_cbor, DeploymentName, ResourceId};
-use harmony_topology::local::write_file_atomic;
+use harmony_topology::local::{create_dir_all_durable, remove_stale_temp_files_in, write_file_atomic};
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Largest record read back: a 1 MiB document plus the undo Scores of
 /// earlier generations.
@@ -156,7 +156,9 @@ impl Store {
             move |source| StoreError::IoFailed { path, source }
         };
         let dir = state_dir.join("deployments");
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // Durable in their parents: a record in a directory a power cut
+        // lost is lost with it.
+        create_dir_all_durable(&dir).map_err(io(&dir))?;
         let lock_path = state_dir.join("lock");
         let lock = File::options()
             .create(true)
@@ -176,6 +178,20 @@ impl Store {
                 }
                 Err(std::fs::TryLockError::Error(source)) => {
                     return Err(StoreError::IoFailed { path: path.to_owned(), source })
+                }
+            }
+        }
+        // With the lock held no other agent writes here: the temp files of
+        // record, key set and status writes a kill or a power cut
+        // interrupted are garbage, up to a record's size each.
+        for folder in [state_dir, dir.as_path()] {
+            match remove_stale_temp_files_in(folder) {
+                Ok(0) => {}
+                Ok(removed) => {
+                    info!(removed, folder = %harmony_score_wire::log_text(folder.display()), "removed temp files of interrupted writes")
+                }
+                Err(err) => {
+                    warn!(folder = %harmony_score_wire::log_text(folder.display()), cause = %harmony_score_wire::log_text(&err), "cannot look for temp files of interrupted writes")
                 }
             }
         }
@@ -339,6 +355,31 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].0, name("web"));
         assert_eq!(loaded[0].1.as_ref().unwrap(), &record(3));
+    }
+
+    // Issue 9 §3: a kill during a record write left its temp file in the
+    // state directory for good (the crash test found one after a restart).
+    #[test]
+    fn temp_files_of_writes_a_dead_agent_left_are_removed_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let deployments = dir.path().join("deployments");
+        std::fs::create_dir_all(&deployments).unwrap();
+        std::fs::write(deployments.join(format!(".harmony-tmp.{dead}.0123abcd.7")), b"half a record")
+            .unwrap();
+        std::fs::write(dir.path().join(format!(".harmony-tmp.{dead}.3")), b"half a status").unwrap();
+        std::fs::write(deployments.join("notes.txt"), b"someone else's").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save(&name("web"), &record(1)).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&deployments)
+            .unwrap()
+            .chain(std::fs::read_dir(dir.path()).unwrap())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["deployments", "lock", "notes.txt", "web.state"]);
     }
 
     #[test]

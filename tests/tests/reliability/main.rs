@@ -6,8 +6,10 @@
 //! Run with `cargo test -p harmony-e2e --test reliability` (the agent
 //! binary must be built: `cargo build --workspace --bins`).
 
+mod crashes;
 mod flood;
 mod hints_lost;
 mod offline_boot;
+mod power_loss;
 mod server_restarts;
 mod status_conflicts;

@@ -123,8 +123,9 @@ impl Beneath {
 
     /// As [`Beneath::dir`], creating missing directories with `mode` (and
     /// the umask) one component at a time: each is made with `mkdirat` in
-    /// the descriptor of its parent, then resolved again from the root, so
-    /// a symlink swapped in meanwhile is judged like any other.
+    /// the descriptor of its parent (then fsynced, so the new directory
+    /// outlives a power cut), then resolved again from the root, so a
+    /// symlink swapped in meanwhile is judged like any other.
     pub(super) fn dir_creating(&self, parts: &[String], mode: u32) -> Result<OwnedFd, BeneathError> {
         match self.dir(parts) {
             Err(err) if err.is_not_found() => {}
@@ -136,7 +137,12 @@ impl Beneath {
                 Ok(fd) => fd,
                 Err(err) if err.is_not_found() => {
                     match mkdirat(&parent, parts[depth - 1].as_str(), Mode::from_raw_mode(mode)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
+                        // The new entry must survive a power cut before
+                        // anything is written beneath it: an fsync of the
+                        // new directory's content does not make its own
+                        // name in the parent durable.
+                        Ok(()) => rustix::fs::fsync(&parent)?,
+                        Err(Errno::EXIST) => {}
                         Err(err) => return Err(err.into()),
                     }
                     self.dir(&parts[..depth])?

@@ -12,10 +12,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use rustix::fs::{mkdirat, openat, renameat, statat, unlinkat, AtFlags, Dir, FileType, Mode, OFlags};
 use rustix::io::Errno;
+use tracing::debug;
 
 use super::beneath::{Beneath, BeneathError};
 use super::paths::{self, ScorePath};
@@ -94,7 +97,8 @@ pub trait Filesystem: Send + Sync {
 
 /// Writes `content` to `path` so that a crash leaves either the old or the
 /// new file: temp file in the same directory, fsync, rename, fsync of the
-/// directory. Missing parent directories are created with mode 0755.
+/// directory. Missing parent directories are created with mode 0755, each
+/// made durable in its parent.
 ///
 /// The path is followed as given: this is for the agent's own directories
 /// (its state, its status file). A Score's paths go through
@@ -108,21 +112,69 @@ pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<(
         Some(dir) => dir,
         None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent")),
     };
-    DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    create_dir_all_durable(dir)?;
     let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
     write_at(dir.as_fd(), name, content, mode)
+}
+
+/// Creates `dir` and its missing parents (0755, less the umask), following
+/// symlinks as given, and fsyncs the parent of each directory it creates:
+/// a directory's own name reaches the disk with its parent, not with the
+/// files later written into it, so without that a power cut could lose the
+/// directory and everything beneath it.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => return Ok(()),
+    };
+    create_dir_all_durable(parent)?;
+    match DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => {
+            let parent = rustix::fs::open(
+                parent,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            Ok(rustix::fs::fsync(&parent)?)
+        }
+        // Made by another process meanwhile: it is that one's to sync.
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// The prefix of the temp files of atomic writes:
+/// `.harmony-tmp.<pid>.<nonce>.<n>`.
+const TEMP_PREFIX: &str = ".harmony-tmp.";
+
+/// This process's part of its temp file names: its pid and a nonce drawn
+/// at first use. Pids repeat (an agent started early at boot often gets
+/// the pid it had before a power cut), so the pid alone cannot tell this
+/// process's temp files from those a dead one with the same pid left.
+fn temp_stem() -> &'static str {
+    static STEM: OnceLock<String> = OnceLock::new();
+    STEM.get_or_init(|| {
+        let nonce =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32);
+        format!("{TEMP_PREFIX}{}.{nonce:08x}.", std::process::id())
+    })
 }
 
 /// The atomic write within the directory `dir`: a new temp file (`O_EXCL`,
 /// `O_NOFOLLOW`), its exact mode set through its descriptor, fsync,
 /// `renameat` over `name` (which replaces whatever is there, a symlink
-/// included, and never writes through it), fsync of `dir`.
+/// included, and never writes through it), fsync of `dir`. Then the temp
+/// files of writes that a dead process left in `dir` are removed.
 pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: u32) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // The temp name does not embed the target's: a target name near
     // NAME_MAX would otherwise make the temp name too long to create.
-    let tmp = format!(".harmony-tmp.{}.{n}", std::process::id());
+    let tmp = format!("{}{n}", temp_stem());
     let result = (|| -> io::Result<()> {
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let mut file = File::from(openat(dir, tmp.as_str(), flags, Mode::from_raw_mode(mode & MODE_MASK))?);
@@ -136,7 +188,70 @@ pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: 
         let _ = unlinkat(dir, tmp.as_str(), AtFlags::empty());
     }
     result?;
-    Ok(rustix::fs::fsync(dir)?)
+    rustix::fs::fsync(dir)?;
+    // A kill or a power cut between a temp file's creation and its rename
+    // leaves it behind, up to a whole file's size each time: without this,
+    // a device that crashes often fills the directories it manages.
+    remove_stale_temp_files(dir);
+    Ok(())
+}
+
+/// Removes from `dir` the temp files of atomic writes that a process no
+/// longer running began and never renamed (it was killed, or the power
+/// failed). Those of running processes (this one's other writes, another
+/// agent's) are kept. Best effort: what cannot be removed now is tried
+/// again at the next write in `dir`. Returns how many were removed.
+pub(super) fn remove_stale_temp_files(dir: BorrowedFd<'_>) -> usize {
+    let Ok(entries) = Dir::read_from(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let Ok(file_name) = entry.file_name().to_str() else { continue };
+        if !is_stale_temp_name(file_name) {
+            continue;
+        }
+        // Only a regular file (never a directory someone named so); a
+        // symlink is removed itself, never followed.
+        let regular = match entry.file_type() {
+            FileType::RegularFile | FileType::Symlink => true,
+            FileType::Unknown => statat(dir, file_name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::RegularFile),
+            _ => false,
+        };
+        if regular && unlinkat(dir, file_name, AtFlags::empty()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        debug!(removed, "removed temp files of writes an earlier process did not finish");
+    }
+    removed
+}
+
+/// Whether `file_name` is the temp file of a write by a process that is
+/// gone: another process with this one's pid before it (another nonce, or
+/// the first edition's `<pid>.<n>` form), or a pid no process has.
+fn is_stale_temp_name(file_name: &str) -> bool {
+    let Some(rest) = file_name.strip_prefix(TEMP_PREFIX) else { return false };
+    if file_name.starts_with(temp_stem()) {
+        return false;
+    }
+    let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else { return false };
+    if pid == std::process::id() as i32 {
+        return true;
+    }
+    match rustix::process::Pid::from_raw(pid) {
+        // ESRCH: no such process. EPERM: one runs, under another user.
+        Some(pid) => rustix::process::test_kill_process(pid) == Err(Errno::SRCH),
+        None => false,
+    }
+}
+
+/// Removes the temp files of writes a dead process left in the directory
+/// `dir` (see [`write_file_atomic`]); the agent calls it on its state
+/// directory at start. Returns how many were removed.
+pub fn remove_stale_temp_files_in(dir: &Path) -> io::Result<usize> {
+    let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    Ok(remove_stale_temp_files(dir.as_fd()))
 }
 
 /// Opens `name` in `dir` without following a symlink (`ELOOP`), without
@@ -209,7 +324,9 @@ fn create_dir_at(beneath: &Beneath, path: &ScorePath, mode: u32) -> Result<(), B
     // ancestors it never owns.
     let parent = beneath.dir_creating(&path.parents, 0o755)?;
     match mkdirat(&parent, path.name.as_str(), Mode::from_raw_mode(mode)) {
-        Ok(()) | Err(Errno::EXIST) => {}
+        // Durable before the run reports it made.
+        Ok(()) => rustix::fs::fsync(&parent)?,
+        Err(Errno::EXIST) => {}
         Err(err) => return Err(err.into()),
     }
     // As for files, the umask may have cleared bits the Score asked for;
@@ -341,7 +458,14 @@ impl Filesystem for LocalDeviceTopology {
 
     async fn remove_file(&self, path: &str) -> Result<(), FilesystemError> {
         self.beneath("remove", path, |beneath, path| match existing_parent(beneath, &path)? {
-            Some(dir) => Ok(ignore_missing(unlinkat(&dir, path.name.as_str(), AtFlags::empty()))?),
+            Some(dir) => match unlinkat(&dir, path.name.as_str(), AtFlags::empty()) {
+                // Durable before the agent forgets it owned the file: a
+                // removal lost to a power cut would bring back a file
+                // that no record owns, so nothing would ever prune it.
+                Ok(()) => Ok(rustix::fs::fsync(&dir)?),
+                Err(Errno::NOENT) => Ok(()),
+                Err(err) => Err(err.into()),
+            },
             None => Ok(()),
         })
         .await
@@ -353,7 +477,11 @@ impl Filesystem for LocalDeviceTopology {
 
     async fn remove_dir(&self, path: &str, recursive: bool) -> Result<(), FilesystemError> {
         self.beneath("rmdir", path, move |beneath, path| match existing_parent(beneath, &path)? {
-            Some(dir) => Ok(remove_dir_at(dir.as_fd(), &path.name, recursive)?),
+            Some(dir) => {
+                remove_dir_at(dir.as_fd(), &path.name, recursive)?;
+                // As for a file: durable before the agent forgets it.
+                Ok(rustix::fs::fsync(&dir)?)
+            }
             None => Ok(()),
         })
         .await
@@ -456,6 +584,51 @@ mod tests {
                 fs::metadata(dir.path().join("file")).unwrap().permissions().mode() & 0o777,
                 0o644 & !umask()
             );
+        }
+    }
+
+    // Issue 9 §3: a SIGKILL between a temp file's creation and its rename
+    // left the temp file (up to a whole file) in the managed directory for
+    // good; a device crashing often filled the directories it manages.
+    #[tokio::test]
+    async fn a_write_removes_temp_files_dead_processes_left_in_its_directory_and_keeps_live_ones() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        let stale = [
+            format!(".harmony-tmp.{dead}.0123abcd.4"),
+            // The first edition's form.
+            format!(".harmony-tmp.{dead}.2"),
+            // An earlier process with this pid (pids repeat after a reboot).
+            format!(".harmony-tmp.{me}.00000000.0"),
+            format!(".harmony-tmp.{me}.9"),
+        ];
+        let kept = [
+            // A running process's write in progress (pid 1 always runs).
+            ".harmony-tmp.1.0123abcd.4".to_owned(),
+            // This process's own, in progress.
+            format!("{}999999", temp_stem()),
+            ".harmony-tmp.not-a-pid".to_owned(),
+            "other".to_owned(),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for topo in both(dir.path()) {
+            let etc = topo.root().join("etc");
+            fs::create_dir_all(etc.join(format!(".harmony-tmp.{dead}.0.0"))).unwrap();
+            for name in stale.iter().chain(&kept) {
+                fs::write(etc.join(name), b"x").unwrap();
+            }
+            topo.write_file("/etc/app.conf", b"new", 0o644).await.unwrap();
+            let mut left: Vec<String> =
+                fs::read_dir(&etc).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            left.sort();
+            let mut want: Vec<String> = kept.to_vec();
+            // A directory named like a temp file is not the agent's.
+            want.extend([format!(".harmony-tmp.{dead}.0.0"), "app.conf".to_owned()]);
+            want.sort();
+            assert_eq!(left, want);
+            fs::remove_dir_all(&etc).unwrap();
         }
     }
 
