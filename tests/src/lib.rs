@@ -187,8 +187,13 @@ impl AgentProcess {
 
     /// Like [`AgentProcess::start`], with `HARMONY_LOG` set to `filter`.
     pub fn start_logging(args: &[&str], log: &Path, filter: &str) -> Self {
+        Self::start_binary(&workspace_bin("harmony-agent"), args, log, filter)
+    }
+
+    /// `bin run ARGS` (an agent binary of another profile), logging at `filter` to `log`.
+    pub fn start_binary(bin: &Path, args: &[&str], log: &Path, filter: &str) -> Self {
         let file = std::fs::File::create(log).expect("agent log");
-        let child = Command::new(workspace_bin("harmony-agent"))
+        let child = Command::new(bin)
             .arg("run")
             .args(args)
             .env("HARMONY_LOG", filter)
@@ -671,5 +676,10 @@ impl NatsServer {
     /// The client port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 }

@@ -1,0 +1,212 @@
+//! `fleet --agents N`: N real agents receive one new generation at once.
+
+use std::collections::{HashSet, VecDeque};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use harmony_e2e::{file_score, InProcessAgent, NatsServer};
+use harmony_fleet::FleetClient;
+use harmony_score_wire::names::{
+    desired_state_key, hint_subjects, index_key, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
+};
+use harmony_score_wire::{
+    encode, from_cbor, to_cbor, AgentStatus, DeploymentIndex, DeploymentName, DesiredState, DeviceId, Phase,
+};
+use serde_json::json;
+
+use crate::{proc_kib, within, BenchError};
+
+/// Publishes not yet acknowledged, at most.
+const WINDOW: usize = 512;
+
+pub async fn run(agents: usize, state_in: &Path) -> Result<serde_json::Value, BenchError> {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let client = FleetClient::connect(std::slice::from_ref(&url), None).await?;
+    client.ensure_buckets().await?;
+    let dir = tempfile::tempdir_in(state_in)?;
+    let deployment = DeploymentName::new("bench")?;
+    let limit = Duration::from_secs(60 + agents as u64 / 50);
+
+    // Device status keys are one token (`<id>`); heartbeat keys are two.
+    let mut statuses = client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.*")).await?;
+    let rss_before = proc_kib(std::process::id(), "VmRSS:");
+    let devices: Vec<DeviceId> =
+        (0..agents).map(|i| DeviceId::new(format!("fleet-{i}"))).collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    let mut running = Vec::with_capacity(agents);
+    for device in &devices {
+        let folder = dir.path().join(device.as_str());
+        std::fs::create_dir_all(folder.join("root"))?;
+        let config = harmony_agent::ConfigLayer {
+            device_id: Some(device.to_string()),
+            nats: Some(vec![url.clone()]),
+            state_dir: Some(folder.join("state")),
+            root: Some(folder.join("root")),
+            resync_secs: Some(3600),
+            heartbeat_secs: Some(3600),
+            allow_unsigned: Some(true),
+            ..Default::default()
+        }
+        .resolve()?;
+        running.push(InProcessAgent::start(config));
+    }
+    let mut online = HashSet::new();
+    within(limit, "every agent online", async {
+        while online.len() < agents {
+            let Some(message) = statuses.next().await else { break };
+            online.insert(message.subject.to_string());
+        }
+    })
+    .await?;
+    let online_ms = started.elapsed().as_millis() as u64;
+    let agent_rss = proc_kib(std::process::id(), "VmRSS:").saturating_sub(rss_before);
+
+    let (write, write_started) = write_generation(&client, &devices, &deployment).await?;
+    let write_ms = write.as_millis() as u64;
+    let converge_ms = converge(&mut statuses, &devices, &deployment, write_started, limit).await?;
+    let server_rss = nats.pid().map_or(0, |pid| proc_kib(pid, "VmRSS:"));
+    let server_hwm = nats.pid().map_or(0, |pid| proc_kib(pid, "VmHWM:"));
+    drop(statuses);
+    futures_util::future::join_all(running.into_iter().map(InProcessAgent::stop)).await;
+
+    let floor = floor(&client, &url, agents, &deployment, limit).await?;
+    Ok(json!({
+        "agents": agents,
+        "converge_ms": converge_ms,
+        "write_ms": write_ms,
+        "online_ms": online_ms,
+        "server_rss_kib": server_rss,
+        "server_hwm_kib": server_hwm,
+        "agent_rss_kib_per_agent": agent_rss / agents.max(1) as u64,
+        "floor_converge_ms": floor.1,
+        "floor_write_ms": floor.0,
+        "state_in": state_in.display().to_string(),
+    }))
+}
+
+/// Writes, pipelined, each device's index entry and generation 1 of
+/// `deployment` (what a batched operator write puts on the wire). Returns
+/// how long the writes took and when they started.
+async fn write_generation(
+    client: &FleetClient,
+    devices: &[DeviceId],
+    deployment: &DeploymentName,
+) -> Result<(Duration, Instant), BenchError> {
+    let mut values = Vec::with_capacity(devices.len() * 2);
+    for device in devices {
+        let mut index = DeploymentIndex::default();
+        index.deployments.insert(deployment.clone(), 1);
+        values.push((format!("$KV.{DESIRED_STATE_BUCKET}.{}", index_key(device)), to_cbor(&index)));
+        let doc =
+            DesiredState::new(device.clone(), deployment.clone(), 1, vec![file_score("/etc/bench", "1\n")]);
+        values.push((
+            format!("$KV.{DESIRED_STATE_BUCKET}.{}", desired_state_key(device, deployment)),
+            encode(&doc)?,
+        ));
+    }
+    let started = Instant::now();
+    let mut acks = VecDeque::new();
+    for (subject, bytes) in values {
+        acks.push_back(client.jetstream().publish(subject, bytes.into()).await?);
+        if acks.len() >= WINDOW {
+            if let Some(ack) = acks.pop_front() {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok((started.elapsed(), started))
+}
+
+/// Waits until every device reports `deployment` generation 1 applied;
+/// returns the milliseconds from the first write until the last status.
+async fn converge(
+    statuses: &mut async_nats::Subscriber,
+    devices: &[DeviceId],
+    deployment: &DeploymentName,
+    started: Instant,
+    limit: Duration,
+) -> Result<u64, BenchError> {
+    let mut pending: HashSet<&str> = devices.iter().map(DeviceId::as_str).collect();
+    within(limit, "every agent to apply the generation", async {
+        while !pending.is_empty() {
+            let Some(message) = statuses.next().await else { break };
+            let Some(device) = message.subject.rsplit('.').next() else { continue };
+            if !pending.contains(device) {
+                continue;
+            }
+            let done = from_cbor::<AgentStatus>(&message.payload, 1 << 20, "status").is_ok_and(|s| {
+                s.deployments
+                    .get(deployment)
+                    .is_some_and(|d| d.phase == Phase::Applied && d.observed_generation == 1)
+            });
+            if done {
+                pending.remove(device);
+            }
+        }
+    })
+    .await?;
+    Ok(started.elapsed().as_millis() as u64)
+}
+
+/// The floor: N bare devices (a connection each) that, on a hint, do a
+/// direct get of the key and put a status. No Maestro, no files. Returns
+/// (write ms, converge ms).
+async fn floor(
+    client: &FleetClient,
+    url: &str,
+    count: usize,
+    deployment: &DeploymentName,
+    limit: Duration,
+) -> Result<(u64, u64), BenchError> {
+    let devices: Vec<DeviceId> =
+        (0..count).map(|i| DeviceId::new(format!("floor-{i}"))).collect::<Result<_, _>>()?;
+    let mut statuses = client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.*")).await?;
+    let mut tasks = Vec::with_capacity(count);
+    for device in &devices {
+        let connection = async_nats::connect(url).await?;
+        let js = async_nats::jetstream::new(connection.clone());
+        let stream = js.get_stream_no_info(format!("KV_{DESIRED_STATE_BUCKET}")).await?;
+        let mut hints = connection.subscribe(hint_subjects(device)).await?;
+        let key = format!("$KV.{DESIRED_STATE_BUCKET}.{}", desired_state_key(device, deployment));
+        let status_subject = format!("$KV.{AGENT_STATUS_BUCKET}.{device}");
+        connection.flush().await?;
+        let template = harmony_e2e::reported_status(device, None, Default::default());
+        let deployment = deployment.clone();
+        tasks.push(tokio::spawn(async move {
+            let _connection = connection;
+            while let Some(hint) = hints.next().await {
+                if !hint.subject.ends_with(deployment.as_str()) {
+                    continue;
+                }
+                let Ok(message) = stream.direct_get_last_for_subject(&key).await else { continue };
+                let mut report = template.clone();
+                let generation =
+                    harmony_score_wire::peek_generation(&message.payload, &Default::default()).unwrap_or(0);
+                report.deployments.insert(
+                    deployment.clone(),
+                    harmony_score_wire::DeploymentStatus {
+                        desired_generation: generation,
+                        observed_generation: generation,
+                        phase: Phase::Applied,
+                        ..Default::default()
+                    },
+                );
+                if let Ok(ack) = js.publish(status_subject.clone(), to_cbor(&report).into()).await {
+                    let _ = ack.await;
+                }
+            }
+        }));
+    }
+    client.nats().flush().await?;
+    let (write, started) = write_generation(client, &devices, deployment).await?;
+    let converge_ms = converge(&mut statuses, &devices, deployment, started, limit).await?;
+    for task in tasks {
+        task.abort();
+    }
+    Ok((write.as_millis() as u64, converge_ms))
+}

@@ -1,0 +1,146 @@
+//! `harmony-bench`: the agent measured against the floor the hardware allows,
+//! in the same run. Each subcommand starts its own nats-server on loopback
+//! and prints one JSON line of results last (docs/performance.md).
+//!
+//! ```sh
+//! cargo build --release --bins
+//! target/release/harmony-bench latency --count 1000
+//! target/release/harmony-bench fleet --agents 1000
+//! cargo build --profile release-small -p harmony-agent
+//! target/release/harmony-bench footprint
+//! ```
+
+mod fleet;
+mod footprint;
+mod latency;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Measures the Harmony agent against the floor of the same machine.
+#[derive(Parser)]
+#[command(name = "harmony-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// N sequential generations to one real agent (the agent binary beside
+    /// this one), from the operator's put to the operator seeing the status.
+    Latency {
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Where the agent's state and root live (a tmpfs: /dev/shm).
+        #[arg(long, default_value = "/tmp")]
+        state_in: PathBuf,
+        /// The operator signs and the agent verifies every document.
+        #[arg(long)]
+        signed: bool,
+    },
+    /// N real agents (in this process, one NATS connection, state directory
+    /// and root each) receive one new generation at once.
+    Fleet {
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        /// Where the agents' state and roots live (a tmpfs: /dev/shm).
+        #[arg(long, default_value = "/tmp")]
+        state_in: PathBuf,
+    },
+    /// The size-profile agent's binary size, idle RSS, CPU and messages.
+    Footprint {
+        /// The agent binary (default: `release-small/harmony-agent` in this target folder).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// How long the agent idles while CPU and messages are counted.
+        #[arg(long, default_value_t = 60)]
+        idle_secs: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    harmony_scores::ensure_linked();
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("harmony-bench: cannot start a runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Latency { count, state_in, signed } => latency::run(count, &state_in, signed).await,
+            Command::Fleet { agents, state_in } => fleet::run(agents, &state_in).await,
+            Command::Footprint { agent, idle_secs } => {
+                footprint::run(agent, Duration::from_secs(idle_secs)).await
+            }
+        }
+    });
+    match result {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("harmony-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Thousands of connections need thousands of descriptors, here and in the
+/// nats-server child (which inherits the limit).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            eprintln!("harmony-bench: cannot raise the open files limit: {err}");
+        }
+    }
+}
+
+/// Why a measurement could not be made.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A binary of this workspace beside this one (`target/<profile>/<name>`).
+pub fn sibling_bin(name: &str) -> Result<PathBuf, BenchError> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("{} not found: build it first (cargo build --release --bins)", path.display()).into())
+    }
+}
+
+/// The value at quantile `q` of sorted `values`.
+pub fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// A field of `/proc/<pid>/status` in KiB.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    harmony_e2e::proc_status_kib(pid, field).unwrap_or(0)
+}
+
+/// Waits for `what` at most `limit`.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, BenchError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| format!("timed out after {limit:?} waiting for {what}").into())
+}
