@@ -169,7 +169,7 @@ async fn write_local_status(
 fn write_status_file(path: &Path, status: &AgentStatus) {
     let result = serde_json::to_vec_pretty(status)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| harmony_topology::local::write_file_atomic(path, &bytes, 0o644));
+        .and_then(|bytes| harmony_topology::local::write_file_replacing(path, &bytes, 0o644));
     if let Err(err) = result {
         error!(cause = %harmony_score_wire::log_text(&err), "cannot write local status");
     }

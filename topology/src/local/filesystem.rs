@@ -117,6 +117,35 @@ pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<(
     write_at(dir.as_fd(), name, content, mode)
 }
 
+/// Like [`write_file_atomic`] (a reader sees the old or the new content,
+/// never a mix), but not durable: no fsync of the file or its directory.
+/// For files worth no disk flush: rewritten at every start and change (the
+/// agent's `status.json` mirror), where a power cut may lose the last
+/// version (or, on a filesystem that does not order data before renames,
+/// leave it empty) and nothing depends on it.
+pub fn write_file_replacing(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let dir = match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
+        Some(dir) => dir,
+        None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent")),
+    };
+    std::fs::create_dir_all(dir)?;
+    let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    write_at_with(dir.as_fd(), name, content, mode, Durability::None)
+}
+
+/// Whether an atomic write is flushed to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// The file, then its directory after the rename.
+    Flushed,
+    /// Neither (see [`write_file_replacing`]).
+    None,
+}
+
 /// Creates `dir` and its missing parents (0755, less the umask), following
 /// symlinks as given, and fsyncs the parent of each directory it creates:
 /// a directory's own name reaches the disk with its parent, not with the
@@ -170,6 +199,16 @@ fn temp_stem() -> &'static str {
 /// included, and never writes through it), fsync of `dir`. Then the temp
 /// files of writes that a dead process left in `dir` are removed.
 pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: u32) -> io::Result<()> {
+    write_at_with(dir, name, content, mode, Durability::Flushed)
+}
+
+fn write_at_with(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    content: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // The temp name does not embed the target's: a target name near
@@ -181,14 +220,18 @@ pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: 
         file.write_all(content)?;
         // The creation mode went through the umask; set the exact bits.
         file.set_permissions(Permissions::from_mode(mode & MODE_MASK))?;
-        file.sync_all()?;
+        if durability == Durability::Flushed {
+            file.sync_all()?;
+        }
         Ok(renameat(dir, tmp.as_str(), dir, name)?)
     })();
     if result.is_err() {
         let _ = unlinkat(dir, tmp.as_str(), AtFlags::empty());
     }
     result?;
-    rustix::fs::fsync(dir)?;
+    if durability == Durability::Flushed {
+        rustix::fs::fsync(dir)?;
+    }
     // A kill or a power cut between a temp file's creation and its rename
     // leaves it behind, up to a whole file's size each time: without this,
     // a device that crashes often fills the directories it manages.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use filesystem::{
-    create_dir_all_durable, remove_stale_temp_files_in, write_file_atomic, Filesystem, FilesystemError,
-    PathEntry, MAX_INSPECT_BYTES,
+    create_dir_all_durable, remove_stale_temp_files_in, write_file_atomic, write_file_replacing, Filesystem,
+    FilesystemError, PathEntry, MAX_INSPECT_BYTES,
 };
 pub use podman::Podman;
 pub use systemd::UNIT_DIR;

@@ -19,8 +19,20 @@ use crate::{proc_kib, within, BenchError};
 
 /// Publishes not yet acknowledged, at most.
 const WINDOW: usize = 512;
+/// `FleetClient::deploy` calls in flight at once (the client path).
+const DEPLOYS_IN_FLIGHT: usize = 2048;
 
-pub async fn run(agents: usize, state_in: &Path) -> Result<serde_json::Value, BenchError> {
+/// How the operator writes the new generation.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Writer {
+    /// `FleetClient::deploy` per device, many at once; then one
+    /// `wait_for_generations` for all.
+    Client,
+    /// Pipelined puts of pre-encoded documents and index entries.
+    Raw,
+}
+
+pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde_json::Value, BenchError> {
     let nats = NatsServer::start();
     let url = nats.url();
     let client = FleetClient::connect(std::slice::from_ref(&url), None).await?;
@@ -63,9 +75,30 @@ pub async fn run(agents: usize, state_in: &Path) -> Result<serde_json::Value, Be
     let online_ms = started.elapsed().as_millis() as u64;
     let agent_rss = proc_kib(std::process::id(), "VmRSS:").saturating_sub(rss_before);
 
-    let (write, write_started) = write_generation(&client, &devices, &deployment).await?;
-    let write_ms = write.as_millis() as u64;
-    let converge_ms = converge(&mut statuses, &devices, &deployment, write_started, limit).await?;
+    let (write_ms, converge_ms, awaited_ms) = match writer {
+        Writer::Raw => {
+            let (write, started) = write_generation(&client, &devices, &deployment).await?;
+            let converge_ms = converge(&mut statuses, &devices, &deployment, started, limit).await?;
+            (write.as_millis() as u64, converge_ms, None)
+        }
+        Writer::Client => {
+            let started = Instant::now();
+            let converged = converge(&mut statuses, &devices, &deployment, started, limit);
+            let operator = async {
+                let written = deploy_all(&client, &devices, &deployment).await?;
+                let write_ms = started.elapsed().as_millis() as u64;
+                let results = client.wait_for_generations(&deployment, &written, limit).await?;
+                let failed = results.iter().filter(|r| r.is_err()).count();
+                if failed > 0 {
+                    return Err(BenchError::from(format!("{failed} devices did not apply the generation")));
+                }
+                Ok::<_, BenchError>((write_ms, started.elapsed().as_millis() as u64))
+            };
+            let (converge_ms, operator) = tokio::join!(converged, operator);
+            let (write_ms, awaited_ms) = operator?;
+            (write_ms, converge_ms?, Some(awaited_ms))
+        }
+    };
     let server_rss = nats.pid().map_or(0, |pid| proc_kib(pid, "VmRSS:"));
     let server_hwm = nats.pid().map_or(0, |pid| proc_kib(pid, "VmHWM:"));
     drop(statuses);
@@ -76,6 +109,8 @@ pub async fn run(agents: usize, state_in: &Path) -> Result<serde_json::Value, Be
         "agents": agents,
         "converge_ms": converge_ms,
         "write_ms": write_ms,
+        "awaited_ms": awaited_ms,
+        "writer": format!("{writer:?}").to_lowercase(),
         "online_ms": online_ms,
         "server_rss_kib": server_rss,
         "server_hwm_kib": server_hwm,
@@ -84,6 +119,77 @@ pub async fn run(agents: usize, state_in: &Path) -> Result<serde_json::Value, Be
         "floor_write_ms": floor.0,
         "state_in": state_in.display().to_string(),
     }))
+}
+
+/// The operator's side alone: N devices' generation written through
+/// `FleetClient::deploy` and raw, then N statuses (written raw) read back
+/// with `list_statuses`.
+pub async fn operator(count: usize) -> Result<serde_json::Value, BenchError> {
+    let nats = NatsServer::start();
+    let client = FleetClient::connect(&[nats.url()], None).await?;
+    client.ensure_buckets().await?;
+    let devices: Vec<DeviceId> =
+        (0..count).map(|i| DeviceId::new(format!("op-{i}"))).collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    deploy_all(&client, &devices, &DeploymentName::new("client")?).await?;
+    let client_ms = started.elapsed().as_millis() as u64;
+    let (raw, _) = write_generation(&client, &devices, &DeploymentName::new("raw")?).await?;
+    // Statuses as agents write them (one put each), then listed.
+    let mut acks = VecDeque::new();
+    for device in &devices {
+        let status = harmony_e2e::reported_status(device, None, Default::default());
+        acks.push_back(
+            client
+                .jetstream()
+                .publish(format!("$KV.{AGENT_STATUS_BUCKET}.{device}"), to_cbor(&status).into())
+                .await?,
+        );
+        if acks.len() >= WINDOW {
+            if let Some(ack) = acks.pop_front() {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let started = Instant::now();
+    let listed = client.list_statuses().await?;
+    let list_ms = started.elapsed().as_millis() as u64;
+    if listed.len() != count {
+        return Err(format!("listed {} statuses of {count}", listed.len()).into());
+    }
+    Ok(json!({
+        "devices": count,
+        "deploy_ms": client_ms,
+        "raw_write_ms": raw.as_millis() as u64,
+        "list_statuses_ms": list_ms,
+    }))
+}
+
+/// Deploys generation 1 of `deployment` to every device through
+/// `FleetClient::deploy` (numbering, index, compare-and-set), many at once.
+async fn deploy_all(
+    client: &FleetClient,
+    devices: &[DeviceId],
+    deployment: &DeploymentName,
+) -> Result<Vec<harmony_fleet::Awaited>, BenchError> {
+    let deploys = futures_util::stream::iter(devices.iter().cloned()).map(|device| async move {
+        let request = harmony_fleet::DeployRequest::new(
+            device.clone(),
+            deployment.clone(),
+            vec![file_score("/etc/bench", "1\n")],
+        )
+        .force(true);
+        let deployed = client.deploy(request).await?;
+        Ok::<_, harmony_fleet::FleetError>(harmony_fleet::Awaited {
+            device,
+            generation: deployed.generation,
+            digest: Some(deployed.digest),
+        })
+    });
+    let written: Vec<_> = deploys.buffered(DEPLOYS_IN_FLIGHT).collect().await;
+    Ok(written.into_iter().collect::<Result<_, _>>()?)
 }
 
 /// Writes, pipelined, each device's index entry and generation 1 of

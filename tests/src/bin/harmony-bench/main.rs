@@ -50,6 +50,17 @@ enum Command {
         /// Where the agents' state and roots live (a tmpfs: /dev/shm).
         #[arg(long, default_value = "/tmp")]
         state_in: PathBuf,
+        /// How the operator writes: `client` (FleetClient::deploy for each
+        /// device, many at once, then one wait for all) or `raw` (pipelined
+        /// puts of pre-encoded documents and index entries).
+        #[arg(long, default_value = "client")]
+        writer: fleet::Writer,
+    },
+    /// The operator alone (no agents): writing N devices' generations
+    /// through FleetClient and raw, and reading N statuses back.
+    Operator {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
     },
     /// The size-profile agent's binary size, idle RSS, CPU and messages.
     Footprint {
@@ -76,7 +87,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Latency { count, state_in, signed } => latency::run(count, &state_in, signed).await,
-            Command::Fleet { agents, state_in } => fleet::run(agents, &state_in).await,
+            Command::Fleet { agents, state_in, writer } => fleet::run(agents, &state_in, writer).await,
+            Command::Operator { devices } => fleet::operator(devices).await,
             Command::Footprint { agent, idle_secs } => {
                 footprint::run(agent, Duration::from_secs(idle_secs)).await
             }
