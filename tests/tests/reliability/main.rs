@@ -5,3 +5,5 @@
 //!
 //! Run with `cargo test -p harmony-e2e --test reliability` (the agent
 //! binary must be built: `cargo build --workspace --bins`).
+
+mod cluster;
