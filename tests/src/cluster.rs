@@ -19,6 +19,8 @@ struct Node {
     client_port: u16,
     route_port: u16,
     monitor_port: u16,
+    /// Where leaf nodes (sites) connect.
+    leaf_port: u16,
     child: Option<Child>,
 }
 
@@ -36,18 +38,19 @@ impl NatsCluster {
     /// be created at once.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("cluster dir");
-        // All nine ports are held at once while they are chosen, so they
+        // All twelve ports are held at once while they are chosen, so they
         // differ; they are fixed in the configuration files because every
         // node names the others' route ports, and a restart keeps them.
         let held: Vec<TcpListener> =
-            (0..NODES * 3).map(|_| TcpListener::bind("127.0.0.1:0").expect("free port")).collect();
+            (0..NODES * 4).map(|_| TcpListener::bind("127.0.0.1:0").expect("free port")).collect();
         let ports: Vec<u16> = held.iter().map(|l| l.local_addr().expect("local addr").port()).collect();
         let nodes: Vec<Node> = (0..NODES)
             .map(|i| Node {
                 name: format!("n{}", i + 1),
-                client_port: ports[3 * i],
-                route_port: ports[3 * i + 1],
-                monitor_port: ports[3 * i + 2],
+                client_port: ports[4 * i],
+                route_port: ports[4 * i + 1],
+                monitor_port: ports[4 * i + 2],
+                leaf_port: ports[4 * i + 3],
                 child: None,
             })
             .collect();
@@ -58,12 +61,14 @@ impl NatsCluster {
             std::fs::create_dir_all(&store).expect("store dir");
             let config = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
-                 jetstream {{ store_dir: {store:?} }}\n\
-                 cluster {{ name: harmony, listen: 127.0.0.1:{route}, routes: [{routes}] }}\n",
+                 jetstream {{ store_dir: {store:?}, domain: hub }}\n\
+                 cluster {{ name: harmony, listen: 127.0.0.1:{route}, routes: [{routes}] }}\n\
+                 leafnodes {{ listen: 127.0.0.1:{leaf} }}\n",
                 name = node.name,
                 client = node.client_port,
                 monitor = node.monitor_port,
                 route = node.route_port,
+                leaf = node.leaf_port,
                 routes = routes.join(", "),
             );
             std::fs::write(dir.path().join(format!("{}.conf", node.name)), config).expect("node config");
@@ -108,6 +113,16 @@ impl NatsCluster {
         if let Some(mut child) = self.nodes[node].child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stops node `node` with SIGSTOP: a hung server. Its connections stay
+    /// open and nothing on them is answered; its peers lose it after their
+    /// heartbeats time out. [`NatsCluster::kill`] still ends it.
+    pub fn freeze(&mut self, node: usize) {
+        if let Some(child) = &self.nodes[node].child {
+            let status = Command::new("kill").args(["-STOP", &child.id().to_string()]).status();
+            assert!(status.is_ok_and(|s| s.success()), "cannot stop node {node}");
         }
     }
 
@@ -247,9 +262,92 @@ impl NatsCluster {
             .find(|n| self.connection_names(*n).iter().any(|c| c == name))
     }
 
+    /// Starts a leaf node named `name` (a site's local server), connected
+    /// to the leaf port of every hub node (it attaches to one, and to
+    /// another when that one is lost), without JetStream of its own: the
+    /// JetStream API requests of its clients (direct gets, status writes)
+    /// reach the hub's streams through it. Waits until it is attached.
+    pub fn start_leaf(&self, name: &str) -> LeafNode {
+        let dir = tempfile::tempdir().expect("leaf dir");
+        let held = TcpListener::bind("127.0.0.1:0").expect("free port");
+        let port = held.local_addr().expect("local addr").port();
+        let remotes: Vec<String> =
+            self.nodes.iter().map(|n| format!("\"nats-leaf://127.0.0.1:{}\"", n.leaf_port)).collect();
+        let config = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\n\
+             mappings: {{ \"$JS.API.>\": \"$JS.hub.API.>\", \"$KV.>\": \"$JS.hub.API.$KV.>\" }}\n\
+             leafnodes {{ reconnect: \"1s\", remotes: [ {{ urls: [{}] }} ] }}\n",
+            remotes.join(", ")
+        );
+        let path = dir.path().join("leaf.conf");
+        std::fs::write(&path, config).expect("leaf config");
+        drop(held);
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&path)
+            .arg("-l")
+            .arg(dir.path().join("leaf.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the leaf node");
+        let leaf = LeafNode { child: Some(child), port, name: name.to_owned(), dir };
+        let deadline = Instant::now() + crate::WAIT;
+        while self.node_of_leaf(name).is_none() {
+            assert!(Instant::now() < deadline, "leaf {name} did not attach\n{}", leaf.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        leaf
+    }
+
+    /// The hub node the leaf node `name` is attached to, from the nodes'
+    /// monitoring endpoint `/leafz`.
+    pub fn node_of_leaf(&self, name: &str) -> Option<usize> {
+        (0..NODES).filter(|n| self.is_running(*n)).find(|n| {
+            http_get(self.nodes[*n].monitor_port, "/leafz")
+                .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .and_then(|v| v["leafs"].as_array().cloned())
+                .is_some_and(|leafs| leafs.iter().any(|l| l["name"].as_str() == Some(name)))
+        })
+    }
+
     /// The folder holding the nodes' configurations, stores and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// A leaf node started by [`NatsCluster::start_leaf`], killed on drop.
+pub struct LeafNode {
+    child: Option<Child>,
+    port: u16,
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl LeafNode {
+    /// `nats://127.0.0.1:<port>`: where the site's devices connect.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Its server name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("leaf.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for LeafNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

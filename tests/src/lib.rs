@@ -2,7 +2,7 @@
 
 pub mod cluster;
 
-pub use cluster::NatsCluster;
+pub use cluster::{LeafNode, NatsCluster};
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
-//! Issue 9 §2: a three-node JetStream cluster loses a node — the leader of
-//! a bucket's stream, or the node the agent is connected to — during a
-//! rollout, and gets it back.
+//! Issue 9 §2: a three-node JetStream cluster loses a node during a
+//! rollout — the leader of the desired-state stream, the leader of the
+//! status stream, the node the agent is connected to (hung first, then
+//! killed) — and gets it back.
 //!
 //! Buckets have three replicas, the agent (the real binary) and the
 //! operator know all three URLs. Each round writes 30 generations of one
@@ -8,7 +9,7 @@
 //! down (the operator retries a write that fails during the election, as
 //! an operator must), then it is restarted and 10 more are written while
 //! it catches up. The agent resyncs once an hour: convergence comes from
-//! hints and reconnect reads only.
+//! hints and the reads after a reconnect only.
 //!
 //! "No status update is lost" is checked as:
 //! - what the agent last reported (its local `status.json`, the status it
@@ -41,10 +42,16 @@ const STATUS_STREAM: &str = "KV_harmony-agent-status";
 /// Generations written per phase of a round (before the kill, while the
 /// node is down, after its restart).
 const WRITES_PER_PHASE: usize = 10;
+/// Generations written while the agent's node hangs: each read the
+/// operator makes then may be routed to the hung replica (direct gets are
+/// answered by any replica) and wait out its 5 s timeout before the retry.
+const WRITES_WHILE_HUNG: usize = 3;
 /// How long one operator write may keep failing (an election takes a few
 /// seconds) before the test fails.
 const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 const FILE: &str = "/etc/app.conf";
+/// Operator writes that failed and were tried again (for the report).
+static RETRIED_WRITES: AtomicUsize = AtomicUsize::new(0);
 
 /// Which node a round kills.
 #[derive(Debug, Clone, Copy)]
@@ -53,8 +60,11 @@ enum Victim {
     DesiredStateLeader,
     /// The leader of the status stream (the agent's CAS writes).
     StatusLeader,
-    /// The node the agent is connected to (it must reconnect elsewhere).
-    AgentsNode,
+    /// The node the agent is connected to hangs (SIGSTOP: its connections
+    /// stay open, nothing is answered) while the writes go on elsewhere,
+    /// then is killed: the agent reconnects to another node, and only its
+    /// read of every key after a reconnect can bring those writes.
+    AgentsNodeHung,
 }
 
 /// One status the stream stored, as the watch saw it.
@@ -106,38 +116,59 @@ async fn a_node_lost_during_a_rollout_loses_no_status() {
     let mut written = 0;
     let mut last: Option<(Deployed, String)> = None;
     for (round, victim) in
-        [Victim::DesiredStateLeader, Victim::StatusLeader, Victim::AgentsNode].into_iter().enumerate()
+        [Victim::DesiredStateLeader, Victim::StatusLeader, Victim::AgentsNodeHung].into_iter().enumerate()
     {
         let round_started = Instant::now();
         for _ in 0..WRITES_PER_PHASE {
             written += 1;
             last = Some(deploy_retrying(&client, &device, &name, written).await);
         }
+        // Landed before the fault: what the agent applies after it is news.
+        let (deployed, before) = last.clone().expect("written");
+        until_applied(&client, &device, &name, &deployed).await;
+        let agents_node = cluster.node_of_connection(&format!("harmony-agent-{device}"));
         let node = match victim {
             Victim::DesiredStateLeader => cluster.until_stream_leader(&js, DESIRED_STREAM).await,
             Victim::StatusLeader => cluster.until_stream_leader(&js, STATUS_STREAM).await,
-            Victim::AgentsNode => cluster
-                .node_of_connection(&format!("harmony-agent-{device}"))
+            Victim::AgentsNodeHung => agents_node
                 .unwrap_or_else(|| panic!("the agent is connected to no node\n{}", agent.log_text())),
         };
         let roles = roles_of(&cluster, &js, node).await;
-        let agents_node = cluster.node_of_connection(&format!("harmony-agent-{device}"));
-        cluster.kill(node);
-        let killed_at = Instant::now();
+        let hung = matches!(victim, Victim::AgentsNodeHung);
+        // A hung node answers nothing on connections it holds: the writes
+        // while it is down go through a client of the two other nodes.
+        let writer = if hung {
+            cluster.freeze(node);
+            let others: Vec<String> =
+                (0..harmony_e2e::cluster::NODES).filter(|n| *n != node).map(|n| cluster.url(n)).collect();
+            within(FleetClient::connect(&others, None)).await.expect("operator connects to the two others")
+        } else {
+            cluster.kill(node);
+            client.clone()
+        };
 
         // Writes go on; the victim's streams elect a new leader among the two left.
-        for _ in 0..WRITES_PER_PHASE {
+        for _ in 0..if hung { WRITES_WHILE_HUNG } else { WRITES_PER_PHASE } {
             written += 1;
-            last = Some(deploy_retrying(&client, &device, &name, written).await);
+            last = Some(deploy_retrying(&writer, &device, &name, written).await);
         }
+        if hung {
+            // No hint reached the agent and no read was answered: it still
+            // runs the file from before. Only the read of every key after it
+            // reconnects elsewhere can bring what was written.
+            assert_file(&root, &before);
+            cluster.kill(node);
+        }
+        let since = Instant::now();
+        let (deployed, content) = last.clone().expect("written");
+        until_file(&root, &content).await;
+        let on_disk_after = since.elapsed();
+        let converged_down = until_applied(&writer, &device, &name, &deployed).await;
+        let status_after = since.elapsed();
         for stream in [DESIRED_STREAM, STATUS_STREAM] {
-            let leader = cluster.until_stream_leader(&js, stream).await;
+            let leader = cluster.until_stream_leader(writer.jetstream(), stream).await;
             assert_ne!(leader, node, "{stream}: the killed node still leads");
         }
-        let (deployed, content) = last.clone().expect("written");
-        let converged_down = until_applied(&client, &device, &name, &deployed).await;
-        let converged_down_after = killed_at.elapsed();
-        assert_file(&root, &content);
 
         cluster.restart(node);
         for _ in 0..WRITES_PER_PHASE {
@@ -153,16 +184,17 @@ async fn a_node_lost_during_a_rollout_loses_no_status() {
         let on_every_node = status_on_every_node(&cluster, &device, &state).await;
         assert_eq!(on_every_node.deployments[&name].observed_generation, deployed.generation);
         eprintln!(
-            "round {round} ({victim:?}): killed {} (leader of desired-state: {}, of status: {}; agent on {:?}), \
-             converged {:.1?} after the kill with {} down (generation {}), final generation {} on all three \
-             nodes {:.1?} after the round started",
+            "round {round} ({victim:?}): {} down (led desired-state: {}, status: {}; agent on {:?}); \
+             generation {} on disk {:.1?} and in status {:.1?} after the last write{}; \
+             generation {} on all three nodes after the restart; round took {:.1?}",
             cluster.name(node),
             roles.0,
             roles.1,
             agents_node.map(|n| cluster.name(n).to_owned()),
-            converged_down_after,
-            cluster.name(node),
             converged_down.deployments[&name].observed_generation,
+            on_disk_after,
+            status_after,
+            if hung { " (and the kill of the hung node)" } else { "" },
             deployed.generation,
             round_started.elapsed(),
         );
@@ -172,8 +204,10 @@ async fn a_node_lost_during_a_rollout_loses_no_status() {
     assert_monotonic(&seen, &name);
     let log = agent.log_text();
     eprintln!(
-        "{} generations in {:.1?}; {} statuses seen (watch reopened {} times); agent log: {} failed status writes, {} reconnects",
+        "{} generations ({} operator writes tried again) in {:.1?}; {} statuses seen (watch reopened {} times); \
+         agent log: {} failed status writes, {} reconnects",
         written,
+        RETRIED_WRITES.load(Ordering::Relaxed),
         started.elapsed(),
         seen.len(),
         reopened.load(Ordering::Relaxed),
@@ -207,6 +241,7 @@ async fn deploy_retrying(
             }
             Err(_) => assert!(Instant::now() < deadline, "write {n} kept timing out"),
         }
+        RETRIED_WRITES.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -226,6 +261,16 @@ async fn until_applied(
         })
     })
     .await
+}
+
+/// Waits until the managed file holds `content`.
+async fn until_file(root: &std::path::Path, content: &str) {
+    let path = root.join(FILE.trim_start_matches('/'));
+    let deadline = Instant::now() + harmony_e2e::WAIT;
+    while std::fs::read_to_string(&path).ok().as_deref() != Some(content) {
+        assert!(Instant::now() < deadline, "{} never held {content:?}", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn assert_file(root: &std::path::Path, content: &str) {
@@ -444,4 +489,86 @@ async fn init_with_replicas_makes_and_rescales_buckets() {
     let again = init(&[]).await;
     assert_eq!(again.matches(": exists").count(), 3, "{again}");
     assert_eq!(replicas(DESIRED_STREAM).await.num_replicas, 3, "init without the flag changes nothing");
+}
+
+/// The resync of the agent behind the leaf node: the fallback for a hint
+/// lost while the leaf node attaches to another hub node.
+const LEAF_RESYNC: Duration = Duration::from_secs(10);
+
+/// A site: one agent whose only server is a leaf node (no JetStream of its
+/// own) attached to the hub cluster, the buckets in the hub (domain `hub`;
+/// the leaf maps `$JS.API.>` and `$KV.>` into it, see docs/operations.md).
+/// Direct gets, hints and status writes cross the leaf connection: a
+/// generation lands well before the resync could bring it. Then, three
+/// times, the hub node the leaf is attached to is killed and a generation
+/// written at once: the leaf attaches to another node and the agent
+/// converges, by the hint when the leaf was attached at the write, else
+/// by its resync (the hint was published while no leaf connection took
+/// it, and the agent's own connection never dropped: nothing else tells
+/// it to read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_behind_a_leaf_node_follows_the_hub() {
+    harmony_scores::ensure_linked();
+    let mut cluster = NatsCluster::start().await;
+    let client = within(FleetClient::connect(&cluster.urls(), None))
+        .await
+        .expect("operator connects")
+        .with_replicas(3);
+    within(client.ensure_buckets()).await.expect("buckets with three replicas");
+    let leaf = cluster.start_leaf("site-1");
+    let device = DeviceId::new("dev-site").unwrap();
+    let name = DeploymentName::new("app").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (state, root) = (dir.path().join("state"), dir.path().join("root"));
+    std::fs::create_dir_all(&root).unwrap();
+    let (url, resync) = (leaf.url(), LEAF_RESYNC.as_secs().to_string());
+    let args = [
+        "--device-id",
+        device.as_str(),
+        "--nats",
+        &url,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--resync",
+        &resync,
+        "--heartbeat",
+        "3600",
+        "--allow-unsigned",
+    ];
+    let agent = AgentProcess::start(&args, &dir.path().join("agent.log"));
+    until_status(&client, &device, "online", |s| s.info.is_some()).await;
+    let since = Instant::now();
+    let (deployed, content) = deploy_retrying(&client, &device, &name, 1).await;
+    until_file(&root, &content).await;
+    let first = since.elapsed();
+    assert!(first < LEAF_RESYNC / 2, "generation 1 took {first:?}: not by its hint\n{}", agent.log_text());
+    until_applied(&client, &device, &name, &deployed).await;
+    eprintln!("leaf: generation 1 on disk {first:.1?} after its write");
+
+    let js = client.jetstream().clone();
+    for round in 0..3 {
+        let hub = cluster.node_of_leaf(leaf.name()).expect("the leaf is attached");
+        cluster.kill(hub);
+        let since = Instant::now();
+        let (deployed, content) = deploy_retrying(&client, &device, &name, 2 + round).await;
+        let attached_at_write = cluster.node_of_leaf(leaf.name());
+        let written = since.elapsed();
+        until_file(&root, &content).await;
+        let on_disk = since.elapsed();
+        until_applied(&client, &device, &name, &deployed).await;
+        eprintln!(
+            "leaf round {round}: hub node {} killed; generation {} written after {written:.1?} (leaf attached then: \
+             {:?}), on disk after {on_disk:.1?}",
+            cluster.name(hub),
+            deployed.generation,
+            attached_at_write.map(|n| cluster.name(n).to_owned()),
+        );
+        cluster.restart(hub);
+        cluster.until_replicas_current(&js, DESIRED_STREAM).await;
+        cluster.until_replicas_current(&js, STATUS_STREAM).await;
+    }
+    let log = agent.log_text();
+    assert!(!log.contains("panicked"), "{log}");
 }
