@@ -498,7 +498,7 @@ const LEAF_RESYNC: Duration = Duration::from_secs(10);
 /// A site: one agent whose only server is a leaf node (no JetStream of its
 /// own) attached to the hub cluster, the buckets in the hub (domain `hub`;
 /// the leaf maps `$JS.API.>` and `$KV.>` into it, see docs/operations.md).
-/// Direct gets, hints and status writes cross the leaf connection: a
+/// Direct gets, hints, status writes and commands cross the leaf connection: a
 /// generation lands well before the resync could bring it. Then, three
 /// times, the hub node the leaf is attached to is killed and a generation
 /// written at once: the leaf attaches to another node and the agent
@@ -546,6 +546,9 @@ async fn a_device_behind_a_leaf_node_follows_the_hub() {
     assert!(first < LEAF_RESYNC / 2, "generation 1 took {first:?}: not by its hint\n{}", agent.log_text());
     until_applied(&client, &device, &name, &deployed).await;
     eprintln!("leaf: generation 1 on disk {first:.1?} after its write");
+    // Commands cross the leaf too (request from the hub, reply from the site).
+    let pong = within(client.ping(&device, Duration::from_secs(5))).await.expect("the device answers a ping");
+    assert!(pong.ok, "{pong:?}");
 
     let js = client.jetstream().clone();
     for round in 0..3 {
