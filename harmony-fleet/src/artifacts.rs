@@ -47,9 +47,16 @@ impl FleetClient {
     pub(crate) async fn ensure_artifacts_bucket(&self) -> Result<BucketAction, FleetError> {
         let name = ARTIFACTS_BUCKET;
         match self.stream_exists(&artifacts_stream()).await? {
-            Some(existing) if existing.cached_info().config.allow_direct => Ok(BucketAction::Existed),
+            Some(existing) if existing.cached_info().config.allow_direct => {
+                self.rescale(name, &existing.cached_info().config).await
+            }
             Some(existing) => {
-                let fixed = stream::Config { allow_direct: true, ..existing.cached_info().config.clone() };
+                let config = &existing.cached_info().config;
+                let fixed = stream::Config {
+                    allow_direct: true,
+                    num_replicas: self.rescale_to(config).unwrap_or(config.num_replicas),
+                    ..config.clone()
+                };
                 self.js
                     .update_stream(fixed)
                     .await
@@ -64,6 +71,7 @@ impl FleetClient {
                             "Harmony artifacts: image archives Scores name by name and sha256".into(),
                         ),
                         storage: stream::StorageType::File,
+                        num_replicas: self.new_bucket_replicas(),
                         ..Default::default()
                     })
                     .await

@@ -74,6 +74,15 @@ pub enum BucketAction {
     /// status bucket with rollups allowed (a device could purge every
     /// device's status) or without direct get.
     Repaired,
+    /// The bucket existed with another number of replicas than the client
+    /// asks for ([`FleetClient::with_replicas`]) and its stream was changed
+    /// to that number (the server copies the data to the new replicas).
+    Rescaled {
+        /// Replicas it had.
+        from: usize,
+        /// Replicas it has now.
+        to: usize,
+    },
 }
 
 /// One bucket's line in the report of [`FleetClient::ensure_buckets`].
@@ -98,6 +107,9 @@ pub struct FleetClient {
     /// Keys whose signed values count when a signing client numbers
     /// generations, besides the signer's own ([`FleetClient::with_trusted_keys`]).
     pub(crate) trusted: Option<Arc<harmony_score_wire::TrustedKeys>>,
+    /// Replicas of the buckets this client creates, and rescales existing
+    /// ones to; `None`: creates with one, leaves existing ones as they are.
+    pub(crate) replicas: Option<usize>,
 }
 
 impl std::fmt::Debug for FleetClient {
@@ -174,7 +186,7 @@ impl FleetClient {
     /// A fleet client over an existing connection.
     pub fn from_nats(nats: async_nats::Client) -> Self {
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(nats.clone());
-        Self { nats, js, buckets: Arc::new(OnceCell::new()), signer: None, trusted: None }
+        Self { nats, js, buckets: Arc::new(OnceCell::new()), signer: None, trusted: None, replicas: None }
     }
 
     /// This client with every document it writes signed by `signer`
@@ -197,6 +209,35 @@ impl FleetClient {
     pub fn with_trusted_keys(mut self, keys: harmony_score_wire::TrustedKeys) -> Self {
         self.trusted = Some(Arc::new(keys));
         self
+    }
+
+    /// This client creating the fleet's buckets with `replicas` copies of
+    /// their streams (3 in a three-node cluster: a bucket then survives one
+    /// node lost; the server takes 1 to 5, and at most the cluster's size),
+    /// and changing an existing bucket with another number to it
+    /// ([`BucketAction::Rescaled`]). Everything else in the buckets'
+    /// configuration stays as [`ensure_buckets`](Self::ensure_buckets)
+    /// describes it.
+    ///
+    /// Without it buckets are created with one replica and existing ones
+    /// keep theirs: an operator tool of a single-server fleet never scales
+    /// down a cluster's buckets.
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// Replicas of a bucket created now.
+    pub(crate) fn new_bucket_replicas(&self) -> usize {
+        self.replicas.unwrap_or(1)
+    }
+
+    /// The replicas an existing stream with `config` must be changed to,
+    /// if any (only when this client asks for a number, and it differs).
+    pub(crate) fn rescale_to(&self, config: &stream::Config) -> Option<usize> {
+        // The server reports 0 for a stream created without a number: one.
+        self.replicas.filter(|wanted| *wanted != config.num_replicas.max(1))
     }
 
     /// The underlying NATS connection.
@@ -278,6 +319,7 @@ impl FleetClient {
                     let fixed = stream::Config {
                         republish: Some(hint_republish()),
                         allow_direct: true,
+                        num_replicas: self.rescale_to(config).unwrap_or(config.num_replicas),
                         ..config.clone()
                     };
                     self.js
@@ -290,7 +332,7 @@ impl FleetClient {
                     );
                     BucketAction::Repaired
                 } else {
-                    BucketAction::Existed
+                    self.rescale(name, config).await?
                 }
             }
             None => {
@@ -302,6 +344,7 @@ impl FleetClient {
                         history: DESIRED_STATE_HISTORY,
                         storage: stream::StorageType::File,
                         republish: Some(hint_republish()),
+                        num_replicas: self.new_bucket_replicas(),
                         ..Default::default()
                     })
                     .await
@@ -323,6 +366,7 @@ impl FleetClient {
                         allow_rollup: false,
                         allow_direct: true,
                         republish: Some(status_hint_republish()),
+                        num_replicas: self.rescale_to(config).unwrap_or(config.num_replicas),
                         ..config.clone()
                     };
                     self.js
@@ -335,12 +379,12 @@ impl FleetClient {
                     );
                     BucketAction::Repaired
                 } else {
-                    BucketAction::Existed
+                    self.rescale(name, config).await?
                 }
             }
             None => {
                 self.js
-                    .create_stream(status_stream_config())
+                    .create_stream(status_stream_config(self.new_bucket_replicas()))
                     .await
                     .map_err(|e| FleetError::nats(format!("create bucket {name}"), e))?;
                 info!(bucket = name, "created bucket");
@@ -348,6 +392,25 @@ impl FleetClient {
             }
         };
         Ok(action)
+    }
+
+    /// Changes an existing bucket's stream (`config`) to the replicas this
+    /// client asks for, if it asks and they differ; nothing else changes.
+    pub(crate) async fn rescale(
+        &self,
+        name: &str,
+        config: &stream::Config,
+    ) -> Result<BucketAction, FleetError> {
+        let Some(to) = self.rescale_to(config) else {
+            return Ok(BucketAction::Existed);
+        };
+        let from = config.num_replicas.max(1);
+        self.js
+            .update_stream(stream::Config { num_replicas: to, ..config.clone() })
+            .await
+            .map_err(|e| FleetError::nats(format!("change bucket {name} from {from} to {to} replicas"), e))?;
+        info!(bucket = name, from, to, "changed the bucket's replicas");
+        Ok(BucketAction::Rescaled { from, to })
     }
 
     /// The device's last status and its revision in the bucket; `None` when
@@ -561,8 +624,8 @@ async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus
 }
 
 /// The status bucket's stream: what `create_key_value` would make with
-/// history 1, but with rollups refused.
-fn status_stream_config() -> stream::Config {
+/// history 1, but with rollups refused; `replicas` copies.
+fn status_stream_config(replicas: usize) -> stream::Config {
     stream::Config {
         name: format!("KV_{AGENT_STATUS_BUCKET}"),
         description: Some("Harmony agent status: <device> -> AgentStatus (CBOR)".into()),
@@ -575,7 +638,7 @@ fn status_stream_config() -> stream::Config {
         republish: Some(status_hint_republish()),
         discard: stream::DiscardPolicy::New,
         storage: stream::StorageType::File,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     }
 }

@@ -100,7 +100,14 @@ enum Command {
         timeout: u64,
     },
     /// Creates the fleet's buckets (desired state, status, artifacts) where missing.
-    Init,
+    Init {
+        /// Copies of each bucket's stream: 3 in a three-node cluster (a
+        /// bucket then survives one node lost). Existing buckets with
+        /// another number are changed to it. [default: 1 for new buckets,
+        /// existing ones unchanged]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: Option<u8>,
+    },
     /// Artifacts: files Scores name by name and sha256 (container image archives).
     Artifact {
         #[command(subcommand)]
@@ -281,7 +288,7 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
             Command::Reconcile { device, timeout } => {
                 cli::command(&conn, &device, "reconcile", secs(timeout)).await
             }
-            Command::Init => cli::init(&conn).await,
+            Command::Init { replicas } => cli::init(&conn, replicas.map(usize::from)).await,
             Command::Artifact { action: ArtifactCommand::Put { file, name, replace } } => {
                 cli::artifact_put(&conn, &file, name.as_deref(), replace).await
             }

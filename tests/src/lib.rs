@@ -1,5 +1,9 @@
 //! Test harness for end-to-end tests: a real `nats-server` owned by a guard, and the workspace binaries.
 
+pub mod cluster;
+
+pub use cluster::{LeafNode, NatsCluster};
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -378,24 +382,39 @@ pub async fn until_status(
 ) -> harmony_score_wire::AgentStatus {
     use futures_util::StreamExt;
     use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
-    let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.expect("status bucket");
-    let mut writes = within(kv.watch_with_history(status_key(device))).await.expect("watch the status key");
     let mut last = None;
     let waited = tokio::time::timeout(WAIT, async {
-        while let Some(entry) = writes.next().await {
-            let Ok(entry) = entry else { continue };
-            if let Ok(status) = harmony_score_wire::from_cbor::<harmony_score_wire::AgentStatus>(
-                &entry.value,
-                1 << 20,
-                "status",
-            ) {
-                if check(&status) {
-                    return status;
+        loop {
+            // Opening the watch creates a consumer: in a cluster that
+            // request fails while the stream elects a leader, so it is
+            // tried again (within WAIT), as is a watch that ended.
+            let opened = tokio::time::timeout(Duration::from_secs(10), async {
+                let kv = client
+                    .jetstream()
+                    .get_key_value(AGENT_STATUS_BUCKET)
+                    .await
+                    .map_err(async_nats::Error::from)?;
+                kv.watch_with_history(status_key(device)).await.map_err(async_nats::Error::from)
+            })
+            .await;
+            let Ok(Ok(mut writes)) = opened else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            while let Some(entry) = writes.next().await {
+                let Ok(entry) = entry else { continue };
+                if let Ok(status) = harmony_score_wire::from_cbor::<harmony_score_wire::AgentStatus>(
+                    &entry.value,
+                    1 << 20,
+                    "status",
+                ) {
+                    if check(&status) {
+                        return status;
+                    }
+                    last = Some(status);
                 }
-                last = Some(status);
             }
         }
-        panic!("status watch ended")
     })
     .await;
     match waited {

@@ -388,12 +388,23 @@ pub async fn logs(
     Ok(())
 }
 
-/// `init`: the buckets, created where missing.
-pub async fn init(conn: &Connection) -> Result<(), CliError> {
-    for report in conn.client().await?.ensure_buckets().await? {
+/// `init`: the buckets, created where missing (with `replicas` copies, to
+/// which existing ones are changed too, when given).
+pub async fn init(conn: &Connection, replicas: Option<usize>) -> Result<(), CliError> {
+    let client = conn.client().await?;
+    let client = match replicas {
+        Some(n) => client.with_replicas(n),
+        None => client,
+    };
+    for report in client.ensure_buckets().await? {
+        let rescaled;
         let what = match (report.action, report.bucket) {
             (BucketAction::Created, _) => "created",
             (BucketAction::Existed, _) => "exists",
+            (BucketAction::Rescaled { from, to }, _) => {
+                rescaled = format!("replicas changed from {from} to {to}");
+                &rescaled
+            }
             (BucketAction::Repaired, DESIRED_STATE_BUCKET) => {
                 "repaired (writes republished as hints to harmony.hint.>, direct get allowed)"
             }

@@ -6,6 +6,7 @@
 //! Run with `cargo test -p harmony-e2e --test reliability` (the agent
 //! binary must be built: `cargo build --workspace --bins`).
 
+mod cluster;
 mod crashes;
 mod flood;
 mod hints_lost;
