@@ -2,12 +2,12 @@
 //! malformed desired-state value the `bad_input` test writes to a running
 //! agent's key.
 //!
-//! Included by `tests/tests/bad_input.rs`, which checks that the committed
+//! Included by `tests/tests/reliability/bad_input.rs`, which checks that the committed
 //! files are exactly what this generator makes. After a change here,
 //! regenerate them with
 //!
 //! ```sh
-//! HARMONY_REGENERATE_CORPUS=1 cargo test -p harmony-e2e --test bad_input corpus_matches_its_generator
+//! HARMONY_REGENERATE_CORPUS=1 cargo test -p harmony-e2e --test reliability corpus_matches_its_generator
 //! ```
 //!
 //! Each case is for device `dev-1`, deployment `web`; wherever a readable

@@ -6,6 +6,7 @@
 //! Run with `cargo test -p harmony-e2e --test reliability` (the agent
 //! binary must be built: `cargo build --workspace --bins`).
 
+mod bad_input;
 mod cluster;
 mod crashes;
 mod flood;

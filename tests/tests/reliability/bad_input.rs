@@ -8,7 +8,7 @@
 //! its peak memory (VmHWM) stayed bounded. The agent resyncs once an hour:
 //! every refusal is reached through the live path.
 
-#[path = "../corpus/generate.rs"]
+#[path = "../../corpus/generate.rs"]
 mod generate;
 
 use std::path::PathBuf;
