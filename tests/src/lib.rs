@@ -322,6 +322,11 @@ impl InProcessAgent {
         Self { shutdown: Some(tx), task: Some(task) }
     }
 
+    /// Whether the agent's task has ended (an error at start, say).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(tokio::task::JoinHandle::is_finished)
+    }
+
     /// Asks the agent to shut down and waits for it (at most [`WAIT`]).
     pub async fn stop(mut self) -> Result<(), harmony_agent::DaemonError> {
         if let Some(tx) = self.shutdown.take() {

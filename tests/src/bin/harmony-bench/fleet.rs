@@ -17,6 +17,45 @@ use serde_json::json;
 
 use crate::{proc_kib, within, BenchError};
 
+/// Agents per child process.
+const AGENTS_PER_PROCESS: usize = 4000;
+
+/// The `agents` child: runs agents until its stdin closes, then stops them.
+pub async fn agents(
+    url: &str,
+    dir: &Path,
+    first: usize,
+    count: usize,
+) -> Result<serde_json::Value, BenchError> {
+    let mut running = Vec::with_capacity(count);
+    for i in first..first + count {
+        let device = format!("fleet-{i}");
+        let folder = dir.join(&device);
+        std::fs::create_dir_all(folder.join("root"))?;
+        let config = harmony_agent::ConfigLayer {
+            device_id: Some(device),
+            nats: Some(vec![url.to_owned()]),
+            state_dir: Some(folder.join("state")),
+            root: Some(folder.join("root")),
+            resync_secs: Some(3600),
+            heartbeat_secs: Some(3600),
+            allow_unsigned: Some(true),
+            ..Default::default()
+        }
+        .resolve()?;
+        running.push(InProcessAgent::start(config));
+    }
+    // Until the parent closes stdin (or dies).
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+    })
+    .await;
+    let stopped = futures_util::future::join_all(running.into_iter().map(InProcessAgent::stop)).await;
+    let failed = stopped.iter().filter(|r| r.is_err()).count();
+    Ok(json!({"agents": count, "failed_to_stop": failed}))
+}
+
 /// Publishes not yet acknowledged, at most.
 const WINDOW: usize = 512;
 /// `FleetClient::deploy` calls in flight at once (the client path).
@@ -43,26 +82,24 @@ pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde
 
     // Device status keys are one token (`<id>`); heartbeat keys are two.
     let mut statuses = client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.*")).await?;
-    let rss_before = proc_kib(std::process::id(), "VmRSS:");
     let devices: Vec<DeviceId> =
         (0..agents).map(|i| DeviceId::new(format!("fleet-{i}"))).collect::<Result<_, _>>()?;
     let started = Instant::now();
-    let mut running = Vec::with_capacity(agents);
-    for device in &devices {
-        let folder = dir.path().join(device.as_str());
-        std::fs::create_dir_all(folder.join("root"))?;
-        let config = harmony_agent::ConfigLayer {
-            device_id: Some(device.to_string()),
-            nats: Some(vec![url.clone()]),
-            state_dir: Some(folder.join("state")),
-            root: Some(folder.join("root")),
-            resync_secs: Some(3600),
-            heartbeat_secs: Some(3600),
-            allow_unsigned: Some(true),
-            ..Default::default()
-        }
-        .resolve()?;
-        running.push(InProcessAgent::start(config));
+    // Child processes: each has its own open-files limit (an agent holds a
+    // connection and two state-directory locks).
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for first in (0..agents).step_by(AGENTS_PER_PROCESS) {
+        let count = AGENTS_PER_PROCESS.min(agents - first);
+        let child = tokio::process::Command::new(&exe)
+            .args(["agents", "--url", &url, "--first", &first.to_string(), "--count", &count.to_string()])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        children.push(child);
     }
     let mut online = HashSet::new();
     within(limit, "every agent online", async {
@@ -71,9 +108,10 @@ pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde
             online.insert(message.subject.to_string());
         }
     })
-    .await?;
+    .await
+    .map_err(|err| format!("{err}: {} of {agents} online", online.len()))?;
     let online_ms = started.elapsed().as_millis() as u64;
-    let agent_rss = proc_kib(std::process::id(), "VmRSS:").saturating_sub(rss_before);
+    let agent_rss: u64 = children.iter().filter_map(|c| c.id()).map(|pid| proc_kib(pid, "VmRSS:")).sum();
 
     let (write_ms, converge_ms, awaited_ms) = match writer {
         Writer::Raw => {
@@ -102,7 +140,11 @@ pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde
     let server_rss = nats.pid().map_or(0, |pid| proc_kib(pid, "VmRSS:"));
     let server_hwm = nats.pid().map_or(0, |pid| proc_kib(pid, "VmHWM:"));
     drop(statuses);
-    futures_util::future::join_all(running.into_iter().map(InProcessAgent::stop)).await;
+    // Closing their stdin stops the children's agents (each shuts down).
+    for mut child in children {
+        drop(child.stdin.take());
+        let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+    }
 
     let floor = floor(&client, &url, agents, &deployment, limit).await?;
     Ok(json!({

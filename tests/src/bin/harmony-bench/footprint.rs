@@ -81,12 +81,13 @@ pub async fn run(agent: Option<PathBuf>, idle: Duration) -> Result<serde_json::V
     tokio::time::sleep(idle).await;
     let (ticks_after, msgs_after) = (cpu_ticks(pid)?, messages(monitor)?);
     let idle_rss_kib = proc_kib(pid, "VmRSS:");
+    let idle_hwm_kib = proc_kib(pid, "VmHWM:");
     let per_min = |d: u64| (d as f64 * 60.0 / idle.as_secs_f64()).round() as u64;
     drop(agent);
     Ok(json!({
         "binary_bytes": binary_bytes,
         "idle_rss_kib": idle_rss_kib,
-        "idle_hwm_kib": proc_kib(pid, "VmHWM:"),
+        "idle_hwm_kib": idle_hwm_kib,
         "idle_cpu_ticks_per_min": per_min(ticks_after.saturating_sub(ticks_before)),
         "idle_msgs_per_min": per_min(msgs_after.saturating_sub(msgs_before)),
         "idle_secs": idle.as_secs(),

@@ -42,8 +42,9 @@ enum Command {
         #[arg(long)]
         signed: bool,
     },
-    /// N real agents (in this process, one NATS connection, state directory
-    /// and root each) receive one new generation at once.
+    /// N real agents (in child processes of at most 4,000 agents each: one
+    /// NATS connection, state directory and root each) receive one new
+    /// generation at once.
     Fleet {
         #[arg(long, default_value_t = 100)]
         agents: usize,
@@ -55,6 +56,19 @@ enum Command {
         /// puts of pre-encoded documents and index entries).
         #[arg(long, default_value = "client")]
         writer: fleet::Writer,
+    },
+    /// (Internal) a child process of `fleet`: runs agents `fleet-FIRST` to
+    /// `fleet-(FIRST+COUNT-1)` until its stdin closes.
+    #[command(hide = true)]
+    Agents {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
     },
     /// The operator alone (no agents): writing N devices' generations
     /// through FleetClient and raw, and reading N statuses back.
@@ -89,6 +103,7 @@ fn main() -> ExitCode {
             Command::Latency { count, state_in, signed } => latency::run(count, &state_in, signed).await,
             Command::Fleet { agents, state_in, writer } => fleet::run(agents, &state_in, writer).await,
             Command::Operator { devices } => fleet::operator(devices).await,
+            Command::Agents { url, dir, first, count } => fleet::agents(&url, &dir, first, count).await,
             Command::Footprint { agent, idle_secs } => {
                 footprint::run(agent, Duration::from_secs(idle_secs)).await
             }
@@ -106,12 +121,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// Thousands of connections need thousands of descriptors, here and in the
-/// nats-server child (which inherits the limit).
+/// Thousands of agents need thousands of descriptors (a connection and two
+/// state-directory locks each), here and in the nats-server child (which
+/// inherits the limit). As root the hard limit is raised too.
 fn raise_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    const WANTED: u64 = 262_144;
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit { current: Some(WANTED), maximum: Some(WANTED) };
+    if limit.maximum.is_some_and(|max| max < WANTED) && setrlimit(Resource::Nofile, raised).is_ok() {
+        return;
+    }
     if limit.current < limit.maximum {
+        let mut limit = limit;
         limit.current = limit.maximum;
         if let Err(err) = setrlimit(Resource::Nofile, limit) {
             eprintln!("harmony-bench: cannot raise the open files limit: {err}");
