@@ -552,30 +552,38 @@ impl Fleet {
     }
 }
 
+/// The `harmony-agent run` flags of a test agent: `device`, the server(s)
+/// `nats` (comma-separated), its state and root, resync and heartbeat an
+/// hour away (convergence must come from the live path), unsigned
+/// documents allowed.
+pub fn agent_args(device: &str, nats: &str, state: &Path, root: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_str().expect("utf-8 temp path").to_owned();
+    [
+        "--allow-unsigned",
+        "--device-id",
+        device,
+        "--nats",
+        nats,
+        "--state-dir",
+        &path(state),
+        "--root",
+        &path(root),
+        "--resync",
+        "3600",
+        "--heartbeat",
+        "3600",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 impl Fleet {
     /// The `harmony-agent run` flags of an agent for `device` in `folder`,
     /// configured like [`Fleet::layer`].
     pub fn agent_args(&self, device: &str, folder: &str) -> Vec<String> {
         let dir = self.folder(folder);
         std::fs::create_dir_all(dir.join("root")).expect("root dir");
-        let path = |p: PathBuf| p.to_str().expect("utf-8 temp path").to_owned();
-        [
-            "--allow-unsigned",
-            "--device-id",
-            device,
-            "--nats",
-            &self.nats.url(),
-            "--state-dir",
-            &path(dir.join("state")),
-            "--root",
-            &path(dir.join("root")),
-            "--resync",
-            "3600",
-            "--heartbeat",
-            "3600",
-        ]
-        .map(str::to_owned)
-        .to_vec()
+        agent_args(device, &self.nats.url(), &dir.join("state"), &dir.join("root"))
     }
 
     /// Starts the real agent binary for `device` in `folder` with `extra`
@@ -706,4 +714,33 @@ impl NatsServer {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+}
+
+/// The image container tests run: busybox-static imported by `scripts/build-test-image`.
+pub const TEST_IMAGE: &str = "localhost/harmony-busybox:test";
+
+/// Whether podman can be used: `false`, saying on stderr that `what` is
+/// skipped, only when its binary is missing and `HARMONY_REQUIRE_PODMAN` is
+/// unset (CI sets it: there a missing podman fails). Builds
+/// [`TEST_IMAGE`] when it is not there yet.
+pub fn podman_ready(what: &str) -> bool {
+    if Command::new("podman").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("HARMONY_REQUIRE_PODMAN").is_none(),
+            "HARMONY_REQUIRE_PODMAN is set and no podman binary is on PATH"
+        );
+        eprintln!(
+            "{what} skipped: no podman binary on PATH (scripts/install-podman installs it; CI runs it)"
+        );
+        return false;
+    }
+    let present = Command::new("podman").args(["image", "exists", TEST_IMAGE]).status();
+    if !present.is_ok_and(|s| s.success()) {
+        let script = workspace_root().join("scripts/build-test-image");
+        assert!(
+            Command::new(script).status().is_ok_and(|s| s.success()),
+            "cannot build {TEST_IMAGE} with scripts/build-test-image"
+        );
+    }
+    true
 }

@@ -21,23 +21,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const IMAGE: &str = "localhost/harmony-busybox:test";
 
-/// Whether podman can be used (see `containers.rs`).
-fn podman_ready() -> bool {
-    if Command::new("podman").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("HARMONY_REQUIRE_PODMAN").is_none(),
-            "HARMONY_REQUIRE_PODMAN is set and no podman binary is on PATH"
-        );
-        eprintln!("skipped: no podman binary on PATH (scripts/install-podman installs it; CI runs it)");
-        return false;
-    }
-    if !Command::new("podman").args(["image", "exists", IMAGE]).status().expect("podman runs").success() {
-        let script = harmony_e2e::workspace_root().join("scripts/build-test-image");
-        assert!(Command::new(script).status().expect("run build-test-image").success());
-    }
-    true
-}
-
 fn podman(args: &[&str]) -> String {
     let out = Command::new("podman").args(args).output().expect("podman runs");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -185,7 +168,7 @@ fn first_score(status: &AgentStatus, deployment: &str) -> harmony_score_wire::Sc
 // again takes it from the device's cache without a transfer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_archive_travels_through_the_object_store_and_is_cached_for_the_next_load() {
-    if !podman_ready() {
+    if !harmony_e2e::podman_ready("artifact test") {
         return;
     }
     let f = Fleet::new().await;
@@ -248,7 +231,7 @@ async fn an_image_archive_travels_through_the_object_store_and_is_cached_for_the
 // and the bytes themselves (metadata forged to announce the right digest).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_digest_is_refused_nothing_is_loaded_and_the_previous_generation_keeps_running() {
-    if !podman_ready() {
+    if !harmony_e2e::podman_ready("artifact test") {
         return;
     }
     let f = Fleet::new().await;
@@ -345,7 +328,7 @@ fn slow_loading_podman(dir: &Path) -> PathBuf {
 // deployment cancels it (podman killed) and lands without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_load_delays_neither_another_deployment_nor_a_ping() {
-    if !podman_ready() {
+    if !harmony_e2e::podman_ready("artifact test") {
         return;
     }
     let f = Fleet::new().await;
@@ -403,7 +386,7 @@ async fn a_slow_load_delays_neither_another_deployment_nor_a_ping() {
 // container the agent does not manage or that does not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_bounded_and_refused_for_a_container_the_agent_does_not_manage() {
-    if !podman_ready() {
+    if !harmony_e2e::podman_ready("artifact test") {
         return;
     }
     let f = Fleet::new().await;

@@ -17,28 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const IMAGE: &str = "localhost/harmony-busybox:test";
 
-/// Whether podman can be used; `false` (and why, on stderr) only when its
-/// binary is missing. Builds the test image when it is not there yet.
-fn podman_ready() -> bool {
-    if Command::new("podman").arg("--version").output().is_err() {
-        // CI sets it: there a missing podman is a failure, never a skip.
-        assert!(
-            std::env::var_os("HARMONY_REQUIRE_PODMAN").is_none(),
-            "HARMONY_REQUIRE_PODMAN is set and no podman binary is on PATH"
-        );
-        eprintln!("skipped: no podman binary on PATH (scripts/install-podman installs it; CI runs it)");
-        return false;
-    }
-    if !Command::new("podman").args(["image", "exists", IMAGE]).status().expect("podman runs").success() {
-        let script = harmony_e2e::workspace_root().join("scripts/build-test-image");
-        assert!(
-            Command::new(script).status().expect("run build-test-image").success(),
-            "cannot build {IMAGE}"
-        );
-    }
-    true
-}
-
 fn podman(args: &[&str]) -> String {
     let out = Command::new("podman").args(args).output().expect("podman runs");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -139,7 +117,7 @@ fn score_status(status: &AgentStatus, deployment: &str) -> (InterpretStatus, Str
 // removal with the deployment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_is_deployed_served_kept_converged_and_removed_with_its_deployment() {
-    if !podman_ready() {
+    if !harmony_e2e::podman_ready("container test") {
         return;
     }
     let f = Fleet::new().await;
@@ -202,7 +180,7 @@ async fn a_container_is_deployed_served_kept_converged_and_removed_with_its_depl
 // containers; by default neither runs, and nothing of the document does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_and_host_network_containers_are_refused_by_the_default_policy() {
-    if !podman_ready() {
+    if !harmony_e2e::podman_ready("container test") {
         return;
     }
     let f = Fleet::new().await;
@@ -240,7 +218,7 @@ fn median(samples: &[Duration]) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run with --ignored --nocapture"]
 async fn measure_deploy_to_running_and_a_noop_reconcile_of_ten_containers() {
-    if !podman_ready() {
+    if !harmony_e2e::podman_ready("container test") {
         return;
     }
     let f = Fleet::new().await;

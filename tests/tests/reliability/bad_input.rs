@@ -102,23 +102,9 @@ async fn every_bad_input_is_refused_with_a_typed_error_and_the_good_generation_k
     let device = DeviceId::new(generate::DEVICE).unwrap();
     let deployment = DeploymentName::new(generate::DEPLOYMENT).unwrap();
     let url = nats.url();
-    let args = [
-        "--allow-unsigned",
-        "--trusted-key",
-        key_file.to_str().unwrap(),
-        "--device-id",
-        device.as_str(),
-        "--nats",
-        &url,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--resync",
-        "3600",
-        "--heartbeat",
-        "3600",
-    ];
+    let mut args = harmony_e2e::agent_args(device.as_str(), &url, &state, &root);
+    args.extend(["--trusted-key".to_owned(), key_file.to_str().unwrap().to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut agent = AgentProcess::start(&args, &dir.path().join("agent.log"));
     let pid = agent.pid().unwrap();
     until_status(&client, &device, "online", |s| s.info.is_some()).await;

@@ -94,21 +94,8 @@ async fn a_node_lost_during_a_rollout_loses_no_status() {
     let (state, root) = (dir.path().join("state"), dir.path().join("root"));
     std::fs::create_dir_all(&root).unwrap();
     let nats = urls.join(",");
-    let args = [
-        "--device-id",
-        device.as_str(),
-        "--nats",
-        &nats,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--resync",
-        "3600",
-        "--heartbeat",
-        "3600",
-        "--allow-unsigned",
-    ];
+    let args = harmony_e2e::agent_args(device.as_str(), &nats, &state, &root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = AgentProcess::start(&args, &dir.path().join("agent.log"));
     until_status(&client, &device, "online", |s| s.info.is_some()).await;
     let (seen, reopened) = watch_statuses(client.clone(), device.clone());

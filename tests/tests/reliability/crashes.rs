@@ -42,31 +42,6 @@ const IMAGE: &str = "localhost/harmony-busybox:test";
 /// The temp files of the agent's atomic writes.
 const TEMP_PREFIX: &str = ".harmony-tmp.";
 
-/// Whether podman can be used (as `containers.rs` decides): `false`, with a
-/// message, only when its binary is missing and `HARMONY_REQUIRE_PODMAN`
-/// is unset. Builds the test image when it is not there yet.
-fn podman_ready() -> bool {
-    if Command::new("podman").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("HARMONY_REQUIRE_PODMAN").is_none(),
-            "HARMONY_REQUIRE_PODMAN is set and no podman binary is on PATH"
-        );
-        eprintln!(
-            "crashes: the container part is skipped: no podman binary on PATH \
-             (scripts/install-podman installs it; CI runs it); files only"
-        );
-        return false;
-    }
-    if !Command::new("podman").args(["image", "exists", IMAGE]).status().expect("podman runs").success() {
-        let script = harmony_e2e::workspace_root().join("scripts/build-test-image");
-        assert!(
-            Command::new(script).status().expect("run build-test-image").success(),
-            "cannot build {IMAGE}"
-        );
-    }
-    true
-}
-
 /// A small xorshift generator: the kill delays (seeded from the clock, or
 /// `HARMONY_CRASH_SEED` to replay a run) and the files' bytes.
 struct Rng(u64);
@@ -306,7 +281,7 @@ fn median(values: &mut [Duration]) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_converges_with_noops() {
     let started = Instant::now();
-    let with_container = podman_ready();
+    let with_container = harmony_e2e::podman_ready("the container part of the crash test");
     let seed = std::env::var("HARMONY_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     }) | 1;
@@ -321,24 +296,7 @@ async fn sigkill_at_random_points_of_applies_never_tears_a_file_and_a_restart_co
     let state = folder.join("state");
     std::fs::create_dir_all(&root).unwrap();
     let url = f.nats.url();
-    let args: Vec<String> = [
-        "--device-id",
-        device.as_str(),
-        "--nats",
-        &url,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--resync",
-        "3600",
-        "--heartbeat",
-        "3600",
-        "--allow-unsigned",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let args = harmony_e2e::agent_args(device.as_str(), &url, &state, &root);
     let start_agent = |round: usize| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         AgentProcess::start(&args, &folder.join(format!("agent-{round}.log")))

@@ -403,21 +403,8 @@ async fn files_records_and_status_reach_the_disk_in_an_order_a_power_cut_cannot_
     let (root, folder) = (root.canonicalize().unwrap(), folder.canonicalize().unwrap());
     let state = folder.join(state.file_name().unwrap());
     let url = f.nats.url();
-    let args = [
-        "--device-id",
-        device.as_str(),
-        "--nats",
-        &url,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--resync",
-        "3600",
-        "--heartbeat",
-        "3600",
-        "--allow-unsigned",
-    ];
+    let args = harmony_e2e::agent_args(device.as_str(), &url, &state, &root);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = TracedAgent::start(&args, &folder.join("trace"), &folder.join("agent.log"));
     until_status(&f.client, &device, "online", |s| s.info.is_some()).await;
 

@@ -104,14 +104,7 @@ pub trait Filesystem: Send + Sync {
 /// (its state, its status file). A Score's paths go through
 /// [`Filesystem::write_file`], which stays beneath the topology's root.
 pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let dir = match path.parent() {
-        Some(dir) if dir.as_os_str().is_empty() => Path::new("."),
-        Some(dir) => dir,
-        None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent")),
-    };
+    let (dir, name) = split_file_path(path)?;
     create_dir_all_durable(dir)?;
     let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
     write_at(dir.as_fd(), name, content, mode)
@@ -124,6 +117,14 @@ pub fn write_file_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<(
 /// version (or, on a filesystem that does not order data before renames,
 /// leave it empty) and nothing depends on it.
 pub fn write_file_replacing(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    let (dir, name) = split_file_path(path)?;
+    std::fs::create_dir_all(dir)?;
+    let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    write_at_with(dir.as_fd(), name, content, mode, Durability::None)
+}
+
+/// A file's directory (`.` for a bare name) and its name.
+fn split_file_path(path: &Path) -> io::Result<(&Path, &OsStr)> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -132,9 +133,7 @@ pub fn write_file_replacing(path: &Path, content: &[u8], mode: u32) -> io::Resul
         Some(dir) => dir,
         None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent")),
     };
-    std::fs::create_dir_all(dir)?;
-    let dir = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-    write_at_with(dir.as_fd(), name, content, mode, Durability::None)
+    Ok((dir, name))
 }
 
 /// Whether an atomic write is flushed to the disk.
