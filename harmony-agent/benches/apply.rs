@@ -4,7 +4,8 @@
 //! beside its floor in the same run:
 //!
 //! - NOOP reconcile (every file already as desired) against a stat and a
-//!   read of the same 100 files by path;
+//!   read of the same 100 files by path, on the calling thread and, as the
+//!   topology does its file work, each on tokio's blocking pool;
 //! - first apply (every file created, crash-safe) against writing the same
 //!   files crash-safe by hand: temp file, fsync, rename, fsync of the
 //!   directory.
@@ -88,6 +89,24 @@ fn noop_benches(c: &mut Criterion) {
                 std::hint::black_box(std::fs::symlink_metadata(path).unwrap());
                 std::hint::black_box(std::fs::read(path).unwrap());
             }
+        })
+    });
+    // The same, each file on tokio's blocking pool as the topology's
+    // operations are: what handing each one to another thread and back adds.
+    let shared = std::sync::Arc::new(paths.clone());
+    group.bench_function("noop_floor_stat_read_pooled", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                for i in 0..shared.len() {
+                    let paths = shared.clone();
+                    tokio::task::spawn_blocking(move || {
+                        std::hint::black_box(std::fs::symlink_metadata(&paths[i]).unwrap());
+                        std::hint::black_box(std::fs::read(&paths[i]).unwrap());
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
         })
     });
     group.finish();
