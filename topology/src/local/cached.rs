@@ -2,8 +2,9 @@
 //!
 //! The topology's file operations run on tokio's blocking pool, so that a
 //! slow disk never stalls the agent's network tasks. For a NOOP reconcile
-//! that hand-off was most of the cost: of 3.4 ms for 100 FileScores, 2 ms
-//! went to passing each inspection to a pool thread and back
+//! that hand-off was most of the cost: 100 FileScores took 3.5–4.6 ms where
+//! a stat and a read of each file take 0.46 ms, and the same stat and read
+//! each handed to the pool and back 2.5 ms
 //! (`cargo bench -p harmony-agent --bench apply`). An inspection the kernel
 //! can answer from memory needs no other thread. Here the names are
 //! resolved as the pool resolves them, beneath the root's descriptor, with
