@@ -1,7 +1,7 @@
 //! What the fuzz targets share: the limits they decode with and the invariants every outcome keeps.
 
 use harmony_score_wire::{
-    decode, decode_json, encode, peek_generation, DecodeError, DecodeLimits, DesiredState,
+    decode, decode_json, decode_via_typetag, encode, peek_generation, DecodeError, DecodeLimits, DesiredState,
 };
 
 /// The seed of the one key `open_envelope` trusts; `examples/seeds.rs`
@@ -33,6 +33,20 @@ pub fn check_accepted(doc: &DesiredState) {
     let from_json =
         decode_json(&json, &limits()).unwrap_or_else(|err| panic!("its JSON does not decode: {err}"));
     assert_eq!(as_json(&from_json), value, "decode_json(json(doc)) differs");
+}
+
+/// What `decode` made of `data` is what its typed pass through serde and
+/// typetag (the one each Score's own decoder replaced) makes of it: the
+/// same document, or the same error.
+pub fn check_agrees_with_typetag(data: &[u8], decoded: &Result<DesiredState, DecodeError>) {
+    let reference = decode_via_typetag(data, &limits());
+    match (decoded, &reference) {
+        (Ok(new), Ok(old)) => {
+            assert_eq!(as_json(new), as_json(old), "decode and typetag's pass read different documents")
+        }
+        (Err(new), Err(old)) => assert_eq!(new, old, "decode and typetag's pass refuse differently"),
+        _ => panic!("decode: {decoded:?}; typetag's pass: {reference:?}"),
+    }
 }
 
 /// What holds of every refusal: its text is one line without control

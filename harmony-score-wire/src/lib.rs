@@ -19,11 +19,12 @@ mod resource;
 mod scan;
 mod signed;
 mod status;
+mod tagged;
 pub mod validate;
 
 pub use codec::{
-    check_scores, decode, decode_json, encode, from_cbor, peek_generation, to_cbor, to_json_pretty,
-    try_to_cbor, DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
+    check_scores, decode, decode_json, decode_via_typetag, encode, from_cbor, peek_generation, to_cbor,
+    to_json_pretty, try_to_cbor, DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
 };
 pub use command::{
     LogsErrorKind, LogsReply, LogsRequest, DEFAULT_LOG_TAIL, LOGS_VERB, MAX_LOGS_REPLY_BYTES,
@@ -44,6 +45,7 @@ pub use status::{
     bounded_text, now_ms, AgentStatus, CommandReply, DeploymentStatus, DeviceInfo, ErrorKind, Phase,
     ScoreStatus, StatusError, SupportedScore, MAX_DETAIL_LINES, MAX_MESSAGE_BYTES, MAX_STATUS_BYTES,
 };
+pub use tagged::ScoreDecoder;
 pub use validate::ScoreValidationError;
 
 /// Re-exported: a log field made one safe line (see [`bounded_text`]).

@@ -1,10 +1,11 @@
 //! The `DeviceScore` wire trait, its one-line registration, and the registry of tags a binary supports.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use harmony_topology::{LocalDeviceTopology, Score};
 
-use crate::{Privilege, ResourceId, ScoreValidationError};
+use crate::{Privilege, ResourceId, ScoreDecoder, ScoreValidationError};
 
 /// A Score that can travel to a device: the Harmony [`Score`] on the
 /// device's topology, serialized with `typetag` under an explicit, versioned
@@ -68,7 +69,9 @@ pub trait DeviceScore: Score<LocalDeviceTopology> {
 ///
 /// It emits the `#[typetag::serde(name = …)]` impl (the crate using it
 /// depends on `typetag`) and an `inventory` [`ScoreRegistration`] with the
-/// same tag.
+/// same tag and the type's own decoder, which the codec uses instead of
+/// typetag's dispatch. A device Score is a struct with named fields (its
+/// serde form a map, as typetag's internally tagged form requires of it).
 #[macro_export]
 macro_rules! device_score {
     (
@@ -81,7 +84,11 @@ macro_rules! device_score {
             $($body)*
         }
         $crate::inventory::submit! {
-            $crate::ScoreRegistration { tag: $tag, summary: $summary }
+            $crate::ScoreRegistration {
+                tag: $tag,
+                summary: $summary,
+                decode: $crate::ScoreDecoder::of::<$ty>(),
+            }
         }
     };
 }
@@ -94,6 +101,8 @@ pub struct ScoreRegistration {
     pub tag: &'static str,
     /// One line saying what the Score does.
     pub summary: &'static str,
+    /// Reads the Score's CBOR straight into its type.
+    pub decode: ScoreDecoder,
 }
 
 impl ScoreRegistration {
@@ -114,5 +123,33 @@ pub fn registered_scores() -> Vec<&'static ScoreRegistration> {
 
 /// Whether `tag` is registered in this binary.
 pub fn is_registered(tag: &str) -> bool {
-    inventory::iter::<ScoreRegistration>.into_iter().any(|r| r.tag == tag)
+    !matches!(lookup(tag), Lookup::Unknown)
+}
+
+/// What a tag names in this binary.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lookup {
+    Unknown,
+    /// Registered once: its decoder.
+    One(ScoreDecoder),
+    /// Registered by more than one type (two crates chose one tag): no
+    /// Score with it can be decoded, as typetag refuses such a tag.
+    Ambiguous,
+}
+
+/// How `tag` resolves, from a table sorted once per process (the
+/// registrations are fixed at link time).
+pub(crate) fn lookup(tag: &str) -> Lookup {
+    static TABLE: OnceLock<Vec<(&'static str, Lookup)>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table: Vec<(&'static str, Lookup)> = Vec::new();
+        for registration in registered_scores() {
+            match table.last_mut() {
+                Some((last, entry)) if *last == registration.tag => *entry = Lookup::Ambiguous,
+                _ => table.push((registration.tag, Lookup::One(registration.decode))),
+            }
+        }
+        table
+    });
+    table.binary_search_by(|(t, _)| (*t).cmp(tag)).map_or(Lookup::Unknown, |i| table[i].1)
 }

@@ -1,5 +1,6 @@
 //! `ResourceId`: what a Score owns on a device, typed and normalized so aliases collide.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -33,16 +34,32 @@ pub enum PathError {
 /// Normalizes an absolute path: `//` and `/./` collapse, a trailing `/` goes.
 /// `..`, control characters, the root itself and over-long paths are refused.
 pub fn normalize_path(path: &str) -> Result<String, PathError> {
+    let mut out = String::with_capacity(path.len());
+    normal_components(path, |part| {
+        out.push('/');
+        out.push_str(part);
+    })?;
+    Ok(out)
+}
+
+/// Whether [`normalize_path`] accepts `path`, without building its result
+/// (validation runs on every Score of every document decoded).
+pub(crate) fn check_normalizable(path: &str) -> Result<(), PathError> {
+    normal_components(path, |_| {})
+}
+
+/// Checks `path` and hands each component of its normal form to `each`.
+fn normal_components<'p>(path: &'p str, mut each: impl FnMut(&'p str)) -> Result<(), PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
-    if path.chars().any(char::is_control) {
+    if crate::validate::has_control(path) {
         return Err(PathError::ControlCharacter);
     }
     if path.len() > MAX_PATH_BYTES {
         return Err(PathError::TooLong);
     }
-    let mut out = String::with_capacity(path.len());
+    let mut empty = true;
     for part in path.split('/') {
         // Byte patterns: a `str` match calls `memcmp` per component.
         match part.as_bytes() {
@@ -50,15 +67,15 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
             [b'.', b'.'] => return Err(PathError::ParentComponent),
             _ if part.len() > MAX_NAME_BYTES => return Err(PathError::TooLong),
             _ => {
-                out.push('/');
-                out.push_str(part);
+                empty = false;
+                each(part);
             }
         }
     }
-    if out.is_empty() {
+    if empty {
         return Err(PathError::Root);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The one thing a Score owns on a device, as `kind:name`.
@@ -70,7 +87,9 @@ pub fn normalize_path(path: &str) -> Result<String, PathError> {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ResourceId {
-    kind: String,
+    /// Borrowed for the kinds Scores name in code (no allocation per
+    /// Score when a document's resources are checked).
+    kind: Cow<'static, str>,
     name: String,
 }
 
@@ -89,7 +108,7 @@ impl ResourceId {
     /// for a Score that never runs.
     pub fn path(path: &str) -> Self {
         let name = normalize_path(path).unwrap_or_else(|_| path.escape_default().to_string());
-        Self { kind: Self::PATH.to_owned(), name }
+        Self { kind: Cow::Borrowed(Self::PATH), name }
     }
 
     /// A resource of another kind (`container`, `unit`, `package`): `kind`
@@ -105,10 +124,10 @@ impl ResourceId {
         if kind == Self::PATH {
             return Ok(Self::path(name));
         }
-        if name.is_empty() || name.chars().any(char::is_control) || name.len() > MAX_PATH_BYTES {
+        if name.is_empty() || crate::validate::has_control(name) || name.len() > MAX_PATH_BYTES {
             return Err(ResourceIdError("name must be 1-4096 bytes without control characters"));
         }
-        Ok(Self { kind: kind.to_owned(), name: name.to_owned() })
+        Ok(Self { kind: Cow::Owned(kind.to_owned()), name: name.to_owned() })
     }
 
     /// The kind (`path`, `container`, …).

@@ -37,6 +37,8 @@ pub(crate) struct Outline<'a> {
 pub(crate) struct ScoreList<'a> {
     pub count: usize,
     pub items: Vec<ScoreOutline<'a>>,
+    /// The whole array, its head included.
+    pub span: Range<usize>,
 }
 
 /// One item of `scores`.
@@ -352,12 +354,19 @@ impl<'a> Walk<'a> {
 
     /// The `scores` value: `None` when it is not an array.
     fn scores(&mut self, depth: usize, max_scores: usize) -> Result<Option<ScoreList<'a>>, DecodeError> {
+        let start = self.pos;
         let len = match self.head()? {
             Head::Array(len) => len,
             other => return self.skip_body(other, depth).map(|()| None),
         };
         let depth = self.enter(depth)?;
-        let mut list = ScoreList::default();
+        // Room for the items up front, bounded by the bytes left (each
+        // takes one at least): a false length costs no more than the document.
+        let expected = len.map_or(0, |len| usize::try_from(len).unwrap_or(usize::MAX));
+        let mut list = ScoreList {
+            items: Vec::with_capacity(expected.min(max_scores).min(self.remaining())),
+            ..ScoreList::default()
+        };
         self.each(len, 1, |walk| {
             let score = walk.score(depth)?;
             list.count += 1;
@@ -366,6 +375,7 @@ impl<'a> Walk<'a> {
             }
             Ok(())
         })?;
+        list.span = start..self.pos;
         Ok(Some(list))
     }
 
@@ -510,6 +520,10 @@ mod tests {
         assert_eq!(outline.deployment, Some(None));
         let scores = outline.scores.unwrap();
         assert_eq!(scores.count, 4);
+        // The span is the array, head and all: the codec cuts it out.
+        let array: Value = ciborium::from_reader(&bytes[scores.span.clone()]).unwrap();
+        assert_eq!(array.as_array().map(Vec::len), Some(4));
+        assert_eq!(scores.span.end, bytes.len(), "scores is the last entry");
         let tags: Vec<_> = scores.items.iter().map(|s| s.tag.as_deref()).collect();
         assert_eq!(tags, [Some("a/v1"), Some("b/v1"), None, None]);
         let late: Vec<_> = scores.items.iter().map(ScoreOutline::tag_is_late).collect();

@@ -1,7 +1,5 @@
 //! Checks every Score runs at decode, before anything of its document runs.
 
-use crate::normalize_path;
-
 /// Why a Score's fields are not valid: the field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field {field}: {message}")]
@@ -29,7 +27,8 @@ pub const ALLOWED_MODE_BITS: u32 = 0o7777;
 /// `value` is an absolute path that normalizes (no `..`, no control
 /// characters, not the root, within `PATH_MAX`).
 pub fn check_path(field: &str, value: &str) -> Result<(), ScoreValidationError> {
-    normalize_path(value).map(drop).map_err(|err| ScoreValidationError::new(field, err.to_string()))
+    crate::resource::check_normalizable(value)
+        .map_err(|err| ScoreValidationError::new(field, err.to_string()))
 }
 
 /// `mode`, when set, holds only [`ALLOWED_MODE_BITS`].
@@ -47,7 +46,7 @@ pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ScoreValid
     if value.is_empty() || value.len() > max {
         return Err(ScoreValidationError::new(field, format!("must be 1 to {max} bytes")));
     }
-    if value.chars().any(char::is_control) {
+    if has_control(value) {
         return Err(ScoreValidationError::new(field, "holds a control character"));
     }
     Ok(())
@@ -87,9 +86,30 @@ pub fn check_sha256_hex(field: &str, digest: &str) -> Result<(), ScoreValidation
     Ok(())
 }
 
+/// Whether `text` holds a control character (`char::is_control`: C0, DEL
+/// and C1). Checked on every path and name of every Score decoded: ASCII
+/// text, the usual case, is checked byte by byte without decoding chars.
+pub(crate) fn has_control(text: &str) -> bool {
+    if text.is_ascii() {
+        text.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        text.chars().any(char::is_control)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ascii_fast_path_finds_the_control_characters_char_is_control_finds() {
+        // Control characters are all below U+00A0; past it, a sample.
+        for c in (0..0x800).chain([0x2028, 0xfeff, 0x10ffff]).filter_map(char::from_u32) {
+            for text in [format!("/etc/{c}"), format!("{c}é")] {
+                assert_eq!(has_control(&text), c.is_control(), "{c:?} in {text:?}");
+            }
+        }
+    }
 
     // Setuid and setgid used to be refused here, for every device. They are
     // valid modes now: the Score declares Privilege::SetuidMode and the

@@ -88,6 +88,9 @@ pub(super) struct Beneath {
     root: OwnedFd,
     resolver: Resolver,
     absolute: Absolute,
+    /// Every lookup from the kernel's caches alone (`RESOLVE_CACHED`): one
+    /// that would wait for the disk fails with `EAGAIN` instead.
+    cached: bool,
 }
 
 impl Beneath {
@@ -95,10 +98,44 @@ impl Beneath {
     /// symlinks on the way to it are followed).
     pub(super) fn open(root: &Path, resolver: Resolver) -> io::Result<Self> {
         let root = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        Self::opened(root, resolver, false)
+    }
+
+    /// As [`Beneath::open`], with the root and every lookup beneath it
+    /// answered from the kernel's caches alone, so that nothing waits for
+    /// the disk (a lookup that would fails with `EAGAIN`). `None` where
+    /// lookups cannot be made so: a kernel before 5.12, or the walking
+    /// resolver.
+    pub(super) fn open_cached(root: &Path, resolver: Resolver) -> Option<io::Result<Self>> {
+        if resolver != Resolver::Auto || !kernel_has_resolve_cached() {
+            return None;
+        }
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        Some(
+            openat2(CWD, root, flags, Mode::empty(), ResolveFlags::CACHED)
+                .map_err(io::Error::from)
+                .and_then(|root| Self::opened(root, resolver, true)),
+        )
+    }
+
+    fn opened(root: OwnedFd, resolver: Resolver, cached: bool) -> io::Result<Self> {
         let (this, host) = (rustix::fs::fstat(&root)?, rustix::fs::stat("/")?);
         let is_host_root = (this.st_dev, this.st_ino) == (host.st_dev, host.st_ino);
         let absolute = if is_host_root { Absolute::FromRoot } else { Absolute::Refused };
-        Ok(Self { root, resolver, absolute })
+        Ok(Self { root, resolver, absolute, cached })
+    }
+
+    /// The entry `name` (one component, neither `.` nor `..`) of `dir`, a
+    /// directory opened beneath the root, opened with `flags` and never
+    /// followed if it is a symlink, from the kernel's caches alone.
+    pub(super) fn entry_cached(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &str,
+        flags: OFlags,
+    ) -> Result<OwnedFd, Errno> {
+        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        openat2(dir, name, flags, Mode::empty(), resolve_flags(self.absolute) | ResolveFlags::CACHED)
     }
 
     /// As if the root were the host's `/` (tests cannot write there).
@@ -111,7 +148,7 @@ impl Beneath {
     /// empty, `.` or `..`), opened for reading.
     pub(super) fn dir(&self, parts: &[String]) -> Result<OwnedFd, BeneathError> {
         if self.resolver == Resolver::Auto && kernel_has_openat2() {
-            return open_beneath(self.root.as_fd(), parts, self.absolute);
+            return open_beneath(self.root.as_fd(), parts, self.absolute, self.cached);
         }
         let walk = walk(self.root.as_fd(), parts, self.absolute)?;
         if !walk.missing.is_empty() {
@@ -197,18 +234,56 @@ fn kernel_has_openat2() -> bool {
     }
 }
 
-fn open_beneath(root: BorrowedFd<'_>, parts: &[String], absolute: Absolute) -> Result<OwnedFd, BeneathError> {
-    let relative = if parts.is_empty() { ".".to_owned() } else { parts.join("/") };
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+/// Whether this kernel resolves from its caches alone (`RESOLVE_CACHED`,
+/// Linux 5.12); asked once per process.
+pub(super) fn kernel_has_resolve_cached() -> bool {
+    const UNKNOWN: u8 = 0;
+    const YES: u8 = 1;
+    const NO: u8 = 2;
+    static HAS: AtomicU8 = AtomicU8::new(UNKNOWN);
+    match HAS.load(Ordering::Relaxed) {
+        YES => true,
+        NO => false,
+        _ => {
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            // EINVAL: a kernel with openat2 but not this flag; "/" is
+            // always cached, so EAGAIN does not happen on one that has it.
+            let has = kernel_has_openat2()
+                && !matches!(
+                    openat2(CWD, "/", flags, Mode::empty(), ResolveFlags::CACHED),
+                    Err(Errno::INVAL | Errno::NOSYS | Errno::PERM)
+                );
+            HAS.store(if has { YES } else { NO }, Ordering::Relaxed);
+            has
+        }
+    }
+}
+
+/// How `openat2` keeps a resolution beneath the root.
+fn resolve_flags(absolute: Absolute) -> ResolveFlags {
     let scope = match absolute {
         Absolute::Refused => ResolveFlags::BENEATH,
         Absolute::FromRoot => ResolveFlags::IN_ROOT,
     };
-    let resolve = scope | ResolveFlags::NO_MAGICLINKS;
+    scope | ResolveFlags::NO_MAGICLINKS
+}
+
+fn open_beneath(
+    root: BorrowedFd<'_>,
+    parts: &[String],
+    absolute: Absolute,
+    cached: bool,
+) -> Result<OwnedFd, BeneathError> {
+    let relative = if parts.is_empty() { ".".to_owned() } else { parts.join("/") };
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let resolve =
+        if cached { resolve_flags(absolute) | ResolveFlags::CACHED } else { resolve_flags(absolute) };
     for _ in 0..MAX_RETRIES {
         match openat2(root, relative.as_str(), flags, Mode::empty(), resolve) {
             Ok(fd) => return Ok(fd),
             Err(Errno::XDEV) => return Err(BeneathError::Escapes),
+            // From the caches alone, EAGAIN says the disk is needed.
+            Err(Errno::AGAIN) if cached => return Err(Errno::AGAIN.into()),
             // A rename or mount raced the resolution of a `..` (openat2(2)).
             Err(Errno::AGAIN) => continue,
             Err(err) => return Err(err.into()),

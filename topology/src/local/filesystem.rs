@@ -29,7 +29,7 @@ use super::LocalDeviceTopology;
 pub const MAX_INSPECT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Permission bits a mode may carry (`rwx` for all three, setuid/gid, sticky).
-const MODE_MASK: u32 = 0o7777;
+pub(super) const MODE_MASK: u32 = 0o7777;
 
 /// What is at a path right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -458,6 +458,17 @@ impl LocalDeviceTopology {
     }
 }
 
+impl LocalDeviceTopology {
+    /// [`Filesystem::inspect`] on the blocking pool, whatever the caches hold.
+    pub(super) async fn inspect_on_pool(&self, path: &str) -> Result<PathEntry, FilesystemError> {
+        self.beneath("inspect", path, |beneath, path| match existing_parent(beneath, &path)? {
+            Some(dir) => Ok(inspect_at(dir.as_fd(), &path.name)?),
+            None => Ok(PathEntry::Missing),
+        })
+        .await
+    }
+}
+
 /// The parent of `path` beneath the root, or `None` when it does not exist
 /// (so neither does anything in it).
 fn existing_parent(
@@ -474,11 +485,12 @@ fn existing_parent(
 #[async_trait]
 impl Filesystem for LocalDeviceTopology {
     async fn inspect(&self, path: &str) -> Result<PathEntry, FilesystemError> {
-        self.beneath("inspect", path, |beneath, path| match existing_parent(beneath, &path)? {
-            Some(dir) => Ok(inspect_at(dir.as_fd(), &path.name)?),
-            None => Ok(PathEntry::Missing),
-        })
-        .await
+        // A reconcile that finds everything in place inspects files the
+        // kernel has in memory: no need to hand those to another thread.
+        if let Some(entry) = super::cached::inspect(&self.root, self.resolver, path) {
+            return Ok(entry);
+        }
+        self.inspect_on_pool(path).await
     }
 
     async fn write_file(&self, path: &str, content: &[u8], mode: u32) -> Result<(), FilesystemError> {

@@ -2,6 +2,7 @@
 
 mod apt;
 mod beneath;
+mod cached;
 mod filesystem;
 mod paths;
 mod podman;
