@@ -4,7 +4,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harmony_e2e::{file_score, AgentProcess, NatsServer, WAIT};
+use harmony_e2e::{file_score, within, AgentProcess, NatsServer, WAIT};
 use harmony_fleet::{DeployRequest, Deployed, FleetClient, FleetError};
 use harmony_score_wire::{DeploymentName, DeviceId, DeviceScore, Phase};
 use harmony_topology::{
@@ -351,11 +351,19 @@ async fn commands_answer_drift_is_repaired_and_the_heartbeat_and_info_are_report
     })
     .await;
 
-    // The heartbeat keeps the status fresh (the resync timer alone is tested
-    // in agent_runner.rs), and the info describes the device.
+    // The heartbeat (its key `<id>.heartbeat`, merged into the operator's
+    // view) keeps the device fresh without rewriting the status (the
+    // resync timer alone is tested in agent_runner.rs), and the info
+    // describes the device.
     let (first, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
-    let later = harmony_e2e::until_status(&f.client, &f.device, "a later heartbeat", |s| {
-        s.heartbeat_at_ms > first.heartbeat_at_ms
+    let later = within(async {
+        loop {
+            let (seen, _) = f.client.device_status(&f.device).await.unwrap().unwrap();
+            if seen.heartbeat_at_ms > first.heartbeat_at_ms {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
     assert_eq!(later.heartbeat_interval_ms, 1000);
