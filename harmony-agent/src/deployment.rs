@@ -311,6 +311,7 @@ impl Deployment {
             observed_digest: self.record.observed_digest.clone(),
             current_score: self.running.as_ref().and_then(|r| r.current.clone()),
             superseded_generation: self.superseded_generation,
+            health: Vec::new(),
         }
     }
 }
