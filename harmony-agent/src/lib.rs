@@ -9,10 +9,12 @@
 
 mod apply;
 pub mod artifacts;
+mod commit;
 mod config;
 mod controller;
 mod daemon;
 mod deployment;
+mod health;
 mod inbox;
 mod runner;
 mod source;

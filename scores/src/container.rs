@@ -428,8 +428,6 @@ fn check_count(field: &str, n: usize) -> Result<(), ScoreValidationError> {
     Ok(())
 }
 
-/// Podman's name rule, bounded.
-
 /// An image reference: `[registry[:port]/]path[:tag][@sha256:hex]`, in the
 /// characters references use, starting with a letter or digit (so it is
 /// never read as a flag).
