@@ -44,8 +44,8 @@ pub use signed::{
 };
 pub use status::{
     bounded_text, now_ms, AgentStatus, CheckState, CheckStatus, CommandReply, DeploymentStatus, DeviceInfo,
-    ErrorKind, Phase, ScoreStatus, StatusError, SupportedScore, MAX_DETAIL_LINES, MAX_MESSAGE_BYTES,
-    MAX_STATUS_BYTES,
+    ErrorKind, Phase, ScoreStatus, StatusError, SupportedScore, HEALTH_FEATURE, MAX_DETAIL_LINES,
+    MAX_MESSAGE_BYTES, MAX_STATUS_BYTES,
 };
 pub use validate::ScoreValidationError;
 

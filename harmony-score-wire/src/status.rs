@@ -503,7 +503,16 @@ pub struct DeviceInfo {
     /// When the agent started.
     #[serde(default)]
     pub started_at_ms: u64,
+    /// Abilities of the agent beyond its Score tags that an operator must
+    /// not assume (an older agent lacks them and would ignore what asks
+    /// for them): [`HEALTH_FEATURE`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// The feature an agent lists when it verifies documents' health checks
+/// (an older agent reads a document with checks and ignores them).
+pub const HEALTH_FEATURE: &str = "health/v1";
 
 /// One supported Score tag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,6 +529,11 @@ impl DeviceInfo {
     /// Whether the device decodes `tag`.
     pub fn supports(&self, tag: &str) -> bool {
         self.scores.iter().any(|s| s.tag == tag)
+    }
+
+    /// Whether the device lists `feature` ([`HEALTH_FEATURE`]).
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
     }
 }
 
