@@ -350,9 +350,12 @@ impl Deployment {
         };
         let mut message =
             format!("generation {} rolled back to generation {good}: {said}", failure.generation);
-        let back_failed = self.last_run.as_ref().is_some_and(|r| !r.ok && r.generation == Some(good))
-            || self.failure.is_some();
-        if back_failed {
+        // Going back can fail too: the good generation no longer passes
+        // its re-checks (an expired document, a revoked key), or its run fails.
+        if let Some(failure) = &self.failure {
+            message
+                .push_str(&format!("; generation {good} cannot run: {}: {}", failure.kind, failure.message));
+        } else if self.last_run.as_ref().is_some_and(|r| !r.ok && r.generation == Some(good)) {
             message.push_str(&format!("; re-applying generation {good} failed (see scores), retrying"));
         }
         (Phase::RolledBack, Some(StatusError::new(ErrorKind::HealthCheckFailed, message)))

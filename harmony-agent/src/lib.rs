@@ -26,6 +26,7 @@ pub use config::{
 };
 pub use daemon::{device_info, run, DaemonError};
 pub use deployment::{backoff, FORGET_PRUNED_AFTER};
+pub use health::run_checks;
 pub use runner::Timeouts;
 pub use store::StoreError;
 

@@ -69,13 +69,7 @@ pub fn check_lines(status: &DeploymentStatus) -> Vec<String> {
         .health
         .iter()
         .map(|c| {
-            let state = match c.state {
-                CheckState::Pending => "pending",
-                CheckState::Held => "held",
-                CheckState::Failed => "failed",
-                CheckState::Blocked => "blocked",
-                _ => "unknown",
-            };
+            let state = c.state.as_str();
             format!(
                 "check {} ({}): {state} {}",
                 bounded_text(&c.check, MAX_LINE_BYTES),

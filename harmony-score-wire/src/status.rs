@@ -125,6 +125,19 @@ pub enum CheckState {
     Unknown,
 }
 
+impl CheckState {
+    /// The state's wire name (`held`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Pending => "pending",
+            CheckState::Held => "held",
+            CheckState::Failed => "failed",
+            CheckState::Blocked => "blocked",
+            CheckState::Unknown => "unknown",
+        }
+    }
+}
+
 /// One health check of the generation being verified (or last verified).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckStatus {

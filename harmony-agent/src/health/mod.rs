@@ -107,6 +107,13 @@ pub fn pending(plan: &HealthPlan) -> Vec<CheckStatus> {
         .collect()
 }
 
+/// Runs `plan`'s checks once to their end, as the daemon does after an
+/// apply, without committing or rolling back anything (`harmony-agent
+/// apply` keeps no state): each check's last state and output.
+pub async fn run_checks(topology: &LocalDeviceTopology, plan: &HealthPlan) -> Vec<CheckStatus> {
+    verify(topology, plan, &RunSignal::new(), |_| {}).await.checks
+}
+
 /// Runs `plan`'s checks against `topology` until all hold in one round, the
 /// deadline passes (the checks not holding then are `failed`), or `signal`
 /// is raised. `progress` hears the statuses whenever a check's state changes.
