@@ -244,7 +244,9 @@ impl Controller {
     pub fn known_deployments(&self) -> Vec<DeploymentName> {
         self.deployments
             .iter()
-            .filter(|(_, d)| d.has_work() || d.failure.is_some())
+            // A generation failed in place has no work but is still held:
+            // its key deleted while the agent was down must be seen.
+            .filter(|(_, d)| d.has_work() || d.failure.is_some() || d.record.document.is_some())
             .map(|(n, _)| n.clone())
             .collect()
     }

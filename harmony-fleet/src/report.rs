@@ -4,7 +4,7 @@
 //! trusted to be short or printable: each is bounded and its control
 //! characters escaped before it reaches a terminal.
 
-use harmony_score_wire::{bounded_text, AgentStatus, CheckState, DeploymentStatus, ScoreStatus};
+use harmony_score_wire::{bounded_text, AgentStatus, DeploymentStatus, ScoreStatus};
 use harmony_topology::InterpretStatus;
 
 /// Longest device-written text printed in a table cell.
@@ -196,7 +196,9 @@ fn render(rows: &[Vec<String>]) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use harmony_score_wire::{CheckStatus, DeploymentName, DeviceId, DeviceInfo, Phase, StatusError};
+    use harmony_score_wire::{
+        CheckState, CheckStatus, DeploymentName, DeviceId, DeviceInfo, Phase, StatusError,
+    };
 
     use super::*;
 
