@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use crate::commit;
 use crate::config::DevicePolicy;
 use crate::deployment::{
     error_policy, Accepted, Action, Deployment, LastRun, Rejection, Running, Verdict, FORGET_PRUNED_AFTER,
@@ -39,6 +40,10 @@ struct Persisted {
     observed_generation: u64,
     observed_digest: Option<String>,
     last_applied_at_ms: u64,
+    /// Whether the record held a last good document aside (it is dropped
+    /// at a commit; kept whole only when a save must be undone).
+    last_good: Option<StoredDocument>,
+    verifying: Option<crate::store::Verifying>,
 }
 
 impl Persisted {
@@ -48,6 +53,8 @@ impl Persisted {
             observed_generation: record.observed_generation,
             observed_digest: record.observed_digest.clone(),
             last_applied_at_ms: record.last_applied_at_ms,
+            last_good: record.last_good.clone(),
+            verifying: record.verifying.clone(),
         }
     }
 
@@ -55,6 +62,17 @@ impl Persisted {
         self.owned != record.owned
             || self.observed_generation != record.observed_generation
             || self.observed_digest != record.observed_digest
+            || self.last_good.is_some() != record.last_good.is_some()
+            || self.verifying != record.verifying
+    }
+
+    fn restore(self, record: &mut crate::store::DeploymentRecord) {
+        record.owned = self.owned;
+        record.observed_generation = self.observed_generation;
+        record.observed_digest = self.observed_digest;
+        record.last_applied_at_ms = self.last_applied_at_ms;
+        record.last_good = self.last_good;
+        record.verifying = self.verifying;
     }
 }
 
@@ -226,7 +244,9 @@ impl Controller {
     pub fn known_deployments(&self) -> Vec<DeploymentName> {
         self.deployments
             .iter()
-            .filter(|(_, d)| d.has_work() || d.failure.is_some())
+            // A generation failed in place has no work but is still held:
+            // its key deleted while the agent was down must be seen.
+            .filter(|(_, d)| d.has_work() || d.failure.is_some() || d.record.document.is_some())
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -462,12 +482,7 @@ impl Controller {
         // Conflicts by what the device's filesystem makes of each path (a
         // symlinked parent is an alias: `/lib/x` is `/usr/lib/x` on a
         // merged-/usr device), resolved now, on the blocking pool.
-        let others: Vec<(DeploymentName, Vec<ResourceId>)> = self
-            .deployments
-            .iter()
-            .filter(|(other, _)| *other != name)
-            .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
-            .collect();
+        let others = self.others(name);
         if let Some(message) = self.settings.policy.refused_score(&accepted.doc) {
             let generation = Some(accepted.doc.generation);
             return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
@@ -486,25 +501,13 @@ impl Controller {
         }
         // Undos are recorded (and persisted) before anything runs, so a
         // crash mid-run never forgets a resource.
-        let mut undos = Vec::new();
-        for score in &accepted.doc.scores {
-            if let Some(undo) = score.undo() {
-                match try_to_cbor(&undo) {
-                    Ok(bytes) => undos.push(OwnedResource { resource: score.resource(), undo: bytes }),
-                    Err(err) => {
-                        let message = format!("cannot record the undo of {}: {err}", score.name());
-                        return self.reject(
-                            name,
-                            Some(accepted.doc.generation),
-                            digest,
-                            ErrorKind::InvalidScore,
-                            message,
-                            None,
-                        );
-                    }
-                }
+        let undos = match undos_of(&accepted.doc) {
+            Ok(undos) => undos,
+            Err(message) => {
+                let generation = Some(accepted.doc.generation);
+                return self.reject(name, generation, digest, ErrorKind::InvalidScore, message, None);
             }
-        }
+        };
         let generation = accepted.doc.generation;
         info!(deployment = %name, generation, scores = accepted.doc.scores.len(), "accepted");
         let entry = self.deployments.entry(name.clone()).or_default();
@@ -513,8 +516,10 @@ impl Controller {
             entry.record.owned.push(owned);
         }
         entry.record.high_water = Some(HighWater { generation, digest: digest.clone() });
-        entry.record.document = Some(StoredDocument { bytes, format, digest, generation });
+        // The committed document stays on disk as what a failed check rolls back to.
+        commit::accept(&mut entry.record, StoredDocument { bytes, format, digest, generation });
         entry.document = Some(accepted);
+        entry.health.clear();
         entry.rejected = None;
         entry.failure = None;
         entry.pruned_at = None;
@@ -545,8 +550,9 @@ impl Controller {
         }
         info!(deployment = %name, "deleted; pruning");
         let had_document = entry.record.document.is_some();
-        entry.record.document = None;
+        commit::forget(&mut entry.record);
         entry.document = None;
+        entry.health.clear();
         entry.rejected = None;
         // An unreadable record's resources are unknown, so nothing can be
         // pruned for it: keep saying so rather than vanish from status.
@@ -715,6 +721,7 @@ impl Controller {
             generation: document.as_ref().map(|d| d.generation),
             signal: signal.clone(),
             current: None,
+            verifying: false,
         });
         entry.rerun = false;
         entry.retry = entry.retry.map(|(attempt, _)| (attempt, far_future()));
@@ -761,6 +768,17 @@ impl Controller {
             }
             RunEvent::Finished { deployment, run_id, result } => {
                 self.finish(&deployment, run_id, result).await
+            }
+            RunEvent::Checking { deployment, run_id, checks } => {
+                let entry = self.deployments.get_mut(&deployment);
+                if let Some(entry) = entry.filter(|d| d.running.as_ref().is_some_and(|r| r.run_id == run_id))
+                {
+                    entry.health = checks;
+                    self.dirty = true;
+                }
+            }
+            RunEvent::Verified { deployment, run_id, verification } => {
+                self.verified(&deployment, run_id, verification).await
             }
         }
     }
@@ -812,10 +830,22 @@ impl Controller {
                 at_ms: now,
             });
         }
-        if let Some((generation, digest, at)) = &applied {
-            entry.record.observed_generation = *generation;
-            entry.record.observed_digest = Some(digest.clone());
-            entry.record.last_applied_at_ms = *at;
+        // Applied is committed unless the document asks for verification:
+        // then "verifying N" is persisted (below) before any check runs.
+        let mut verify = false;
+        let mut give_up = None;
+        if let Some((_, _, at)) = &applied {
+            // A document without Scores retires the deployment: nothing to verify.
+            let gated = entry.document.as_ref().is_some_and(|a| a.plan.is_some() && !a.doc.scores.is_empty());
+            match commit::after_apply(&entry.record, gated, *at) {
+                commit::AfterApply::Commit => commit::commit(&mut entry.record, *at),
+                commit::AfterApply::Verify(verifying) => {
+                    info!(deployment = %name, generation = verifying.generation, interruptions = verifying.interruptions, "applied; verifying its health checks");
+                    entry.record.verifying = Some(verifying);
+                    verify = true;
+                }
+                commit::AfterApply::Fail { check, output } => give_up = Some((check, output)),
+            }
         }
         // A signed document without Scores retires the deployment: once it
         // ran and nothing is owned, the record keeps only its high-water
@@ -824,7 +854,7 @@ impl Controller {
             && entry.document.as_ref().is_some_and(|a| a.doc.scores.is_empty())
             && entry.record.owned.is_empty();
         if retired {
-            entry.record.document = None;
+            commit::forget(&mut entry.record);
             entry.document = None;
         }
         let deleted_and_undone = entry.record.document.is_none() && entry.record.owned.is_empty();
@@ -838,14 +868,13 @@ impl Controller {
             // the disk says is owned stays owned (no other deployment may
             // take it), and the undo runs again once saves work.
             if let Some(entry) = self.deployments.get_mut(name) {
-                entry.record.owned = before.owned;
-                entry.record.observed_generation = before.observed_generation;
-                entry.record.observed_digest = before.observed_digest;
-                entry.record.last_applied_at_ms = before.last_applied_at_ms;
+                before.restore(&mut entry.record);
                 if let Some(last) = &mut entry.last_run {
                     last.ok = false;
                 }
             }
+            verify = false;
+            give_up = None;
         } else if deleted_and_undone {
             // Also when the run was cancelled (a delete during its last
             // Score): nothing is left to run, so nothing else would say it.
@@ -855,6 +884,11 @@ impl Controller {
                     entry.pruned_at = Some(Instant::now());
                 }
             }
+        }
+        if verify {
+            self.start_verification(name);
+        } else if let Some((check, output)) = give_up {
+            self.health_failed(name, check, output).await;
         }
         if rerun {
             self.schedule(name, false);
@@ -931,6 +965,15 @@ impl Controller {
         }
     }
 
+    /// Every other deployment's resources (owned or wanted), to find conflicts with `name`'s.
+    fn others(&self, name: &DeploymentName) -> Vec<(DeploymentName, Vec<ResourceId>)> {
+        self.deployments
+            .iter()
+            .filter(|(other, _)| *other != name)
+            .map(|(other, d)| (other.clone(), d.resources().cloned().collect()))
+            .collect()
+    }
+
     /// The device's whole status as of now.
     pub fn status(&self) -> AgentStatus {
         AgentStatus {
@@ -958,6 +1001,20 @@ impl Controller {
             truncated: false,
         }
     }
+}
+
+/// What undoes each Score of `doc`, by the resource it owns, as the record
+/// keeps it (persisted before anything of the document runs).
+fn undos_of(doc: &harmony_score_wire::DesiredState) -> Result<Vec<OwnedResource>, String> {
+    let mut undos = Vec::new();
+    for score in &doc.scores {
+        if let Some(undo) = score.undo() {
+            let bytes = try_to_cbor(&undo)
+                .map_err(|err| format!("cannot record the undo of {}: {err}", score.name()))?;
+            undos.push(OwnedResource { resource: score.resource(), undo: bytes });
+        }
+    }
+    Ok(undos)
 }
 
 /// The first path the policy does not allow, by its name and by what the
@@ -1084,3 +1141,6 @@ mod tests;
 
 #[path = "controller_keysets.rs"]
 mod keysets;
+
+#[path = "controller_verify.rs"]
+mod verify;

@@ -1651,3 +1651,6 @@ async fn an_invalid_undo_read_back_from_disk_is_reported_not_run() {
     assert_eq!(read(&device.root("/outside-the-plan")), "kept");
     agent.stop().await;
 }
+
+#[path = "controller_verify_tests.rs"]
+mod verify;

@@ -71,6 +71,7 @@ pub fn device_info(config: &AgentConfig) -> DeviceInfo {
         os: std::env::consts::OS.to_owned(),
         labels: config.labels.clone(),
         started_at_ms: harmony_score_wire::now_ms(),
+        features: vec![harmony_score_wire::HEALTH_FEATURE.to_owned()],
     }
 }
 

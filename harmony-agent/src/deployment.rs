@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harmony_score_wire::{
-    DeploymentName, DeploymentStatus, DesiredState, DeviceId, ErrorKind, Phase, ResourceId, ScoreStatus,
-    StatusError,
+    CheckStatus, DeploymentName, DeploymentStatus, DesiredState, DeviceId, ErrorKind, HealthPlan, Phase,
+    ResourceId, ScoreStatus, StatusError,
 };
 use harmony_topology::RunSignal;
 
@@ -55,24 +55,29 @@ pub struct Accepted {
     /// `resource()` of each Score, in order.
     pub resources: Vec<ResourceId>,
     /// Every path the device's policy judges: the resources, and the paths
-    /// the Scores use besides them ([`DeviceScore::used_paths`]).
+    /// the Scores use besides them ([`DeviceScore::used_paths`]) and the
+    /// health checks read.
     pub judged_paths: Vec<ResourceId>,
+    /// The checks to run after an apply, when the document asks for them.
+    pub plan: Option<Arc<HealthPlan>>,
 }
 
 impl Accepted {
-    /// Wraps a decoded document.
+    /// Wraps a decoded document (its checks were validated at decode).
     pub fn new(doc: DesiredState) -> Self {
         let resources: Vec<ResourceId> = doc.scores.iter().map(|s| s.resource()).collect();
         let judged_paths = judged_paths(&doc, &resources);
-        Self { doc: Arc::new(doc), resources, judged_paths }
+        let plan = doc.health_plan().ok().flatten().map(Arc::new);
+        Self { doc: Arc::new(doc), resources, judged_paths, plan }
     }
 }
 
-/// `resources` and the paths `doc`'s Scores use besides them, as the
-/// device's `allowed_paths` judge them.
+/// `resources`, the paths `doc`'s Scores use besides them and the paths
+/// its health checks read, as the device's `allowed_paths` judge them.
 pub fn judged_paths(doc: &DesiredState, resources: &[ResourceId]) -> Vec<ResourceId> {
     let used = doc.scores.iter().flat_map(|s| s.used_paths()).map(|p| ResourceId::path(&p));
-    resources.iter().cloned().chain(used).collect()
+    let checked = doc.health.iter().filter_map(|c| c.used_path()).map(ResourceId::path);
+    resources.iter().cloned().chain(used).chain(checked).collect()
 }
 
 /// A run in progress.
@@ -86,6 +91,8 @@ pub struct Running {
     pub signal: RunSignal,
     /// The Score in progress.
     pub current: Option<String>,
+    /// It runs the generation's health checks, not its Scores.
+    pub verifying: bool,
 }
 
 /// The result of the last finished run.
@@ -156,6 +163,8 @@ pub struct Deployment {
     /// Failures found before the run started (undos this agent cannot
     /// decode), added to its result.
     pub pending_failures: Vec<ScoreStatus>,
+    /// The health checks of the generation being (or last) verified.
+    pub health: Vec<CheckStatus>,
 }
 
 impl Deployment {
@@ -186,8 +195,10 @@ impl Deployment {
         // by the run (which then has nothing else to do).
         let unsaved_delete =
             deleted && self.failure.as_ref().is_some_and(|f| f.kind == ErrorKind::PersistFailed);
-        self.pruned_at.is_none()
-            && (self.document.is_some() || (deleted && !self.record.owned.is_empty()) || unsaved_delete)
+        // A generation that failed its checks with nothing to roll back to
+        // is left as it is: never run again (a newer one replaces it).
+        let runnable = self.document.is_some() && !crate::commit::failed_in_place(&self.record);
+        self.pruned_at.is_none() && (runnable || (deleted && !self.record.owned.is_empty()) || unsaved_delete)
     }
 
     /// Every resource this deployment holds or wants: the accepted
@@ -230,7 +241,10 @@ impl Deployment {
             // The retiring document (no Scores) stays in its key after it
             // ran: read again, it is the same news, not a replay.
             let retired = self.record.document.is_none() && doc.scores.is_empty();
-            if doc.generation == hw.generation && same && (current || retired) {
+            // A generation that failed its checks, offered again (its key
+            // still holds it): the device stays where it went back to.
+            let failed = crate::commit::is_failed_document(&self.record, doc.generation, digest);
+            if doc.generation == hw.generation && same && (current || retired || failed) {
                 return Verdict::Unchanged;
             }
             if doc.generation <= hw.generation {
@@ -260,7 +274,10 @@ impl Deployment {
 
     /// Status is derived, never stored: one place decides the phase.
     pub fn status(&self) -> DeploymentStatus {
-        let accepted = self.generation().unwrap_or(0);
+        // A generation that failed its checks was accepted, whatever the
+        // record's document is now (the last good one, after a rollback).
+        let health_failure = self.record.health_failure.as_ref().filter(|_| self.record.document.is_some());
+        let accepted = self.generation().unwrap_or(0).max(health_failure.map_or(0, |f| f.generation));
         let rejected = self
             .rejected
             .as_ref()
@@ -272,6 +289,10 @@ impl Deployment {
             (Phase::Pruned, None)
         } else if let Some(r) = rejected {
             (Phase::Rejected, Some(r.error.clone()))
+        } else if let Some(failure) = health_failure {
+            self.health_failure_phase(failure)
+        } else if self.running.as_ref().is_some_and(|r| r.verifying) {
+            (Phase::Verifying, None)
         } else if self.running.is_some() {
             (Phase::Applying, None)
         } else if let Some(failure) = &self.failure {
@@ -295,9 +316,10 @@ impl Deployment {
         // The refused document's digest only when its refusal is the phase:
         // an older or equal generation refused as stale leaves the accepted
         // one desired (and applied).
-        let desired_digest = match rejected {
-            Some(r) => Some(r.digest.clone()),
-            None => self.record.document.as_ref().map(|d| d.digest.clone()),
+        let desired_digest = match (rejected, health_failure) {
+            (Some(r), _) => Some(r.digest.clone()),
+            (None, Some(f)) => Some(f.digest.clone()),
+            (None, None) => self.record.document.as_ref().map(|d| d.digest.clone()),
         };
         DeploymentStatus {
             desired_generation,
@@ -311,7 +333,32 @@ impl Deployment {
             observed_digest: self.record.observed_digest.clone(),
             current_score: self.running.as_ref().and_then(|r| r.current.clone()),
             superseded_generation: self.superseded_generation,
+            health: self.health.clone(),
         }
+    }
+
+    /// The phase and error of a deployment whose newest generation failed
+    /// its checks: rolled back (and whether going back held), or failed in place.
+    fn health_failure_phase(&self, failure: &crate::store::HealthFailure) -> (Phase, Option<StatusError>) {
+        let said = format!("check {} failed: {}", failure.check, failure.output);
+        let Some(good) = failure.rolled_back_to else {
+            let message = format!(
+                "generation {}: {said}; no earlier good generation to roll back to: the device is left as it is, and generation {} is not tried again",
+                failure.generation, failure.generation
+            );
+            return (Phase::Failed, Some(StatusError::new(ErrorKind::HealthCheckFailed, message)));
+        };
+        let mut message =
+            format!("generation {} rolled back to generation {good}: {said}", failure.generation);
+        // Going back can fail too: the good generation no longer passes
+        // its re-checks (an expired document, a revoked key), or its run fails.
+        if let Some(failure) = &self.failure {
+            message
+                .push_str(&format!("; generation {good} cannot run: {}: {}", failure.kind, failure.message));
+        } else if self.last_run.as_ref().is_some_and(|r| !r.ok && r.generation == Some(good)) {
+            message.push_str(&format!("; re-applying generation {good} failed (see scores), retrying"));
+        }
+        (Phase::RolledBack, Some(StatusError::new(ErrorKind::HealthCheckFailed, message)))
     }
 }
 

@@ -9,10 +9,12 @@
 
 mod apply;
 pub mod artifacts;
+mod commit;
 mod config;
 mod controller;
 mod daemon;
 mod deployment;
+mod health;
 mod inbox;
 mod runner;
 mod source;
@@ -24,6 +26,7 @@ pub use config::{
 };
 pub use daemon::{device_info, run, DaemonError};
 pub use deployment::{backoff, FORGET_PRUNED_AFTER};
+pub use health::run_checks;
 pub use runner::Timeouts;
 pub use store::StoreError;
 

@@ -241,10 +241,19 @@ fn apply(
         for s in &report.scores {
             println!("{}\t{}\t{}\t{}", s.tag, s.name, s.status, s.message);
         }
-        if report.all_ok() {
-            ExitCode::SUCCESS
-        } else {
+        if !report.all_ok() {
+            return ExitCode::FAILURE;
+        }
+        // A document with checks: run them as the daemon would (no rollback here).
+        let Ok(Some(plan)) = doc.health_plan() else { return ExitCode::SUCCESS };
+        let checks = harmony_agent::run_checks(maestro.topology(), &plan).await;
+        for c in &checks {
+            println!("check\t{}\t{}\t{}\t{}", c.check, c.source, c.state.as_str(), c.output);
+        }
+        if checks.iter().any(|c| c.state == harmony_score_wire::CheckState::Failed) {
             ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
         }
     })
 }

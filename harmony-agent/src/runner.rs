@@ -70,6 +70,10 @@ pub enum RunEvent {
     Progress { deployment: DeploymentName, run_id: u64, current: String },
     /// The run ended.
     Finished { deployment: DeploymentName, run_id: u64, result: RunResult },
+    /// A verification's checks changed state.
+    Checking { deployment: DeploymentName, run_id: u64, checks: Vec<harmony_score_wire::CheckStatus> },
+    /// A verification ended.
+    Verified { deployment: DeploymentName, run_id: u64, verification: crate::health::Verification },
 }
 
 /// What a run did.

@@ -71,6 +71,40 @@ pub struct HighWater {
     pub digest: String,
 }
 
+/// A generation applied and being verified, persisted before its checks
+/// run: a crash or reboot resumes verification instead of committing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verifying {
+    /// The generation.
+    pub generation: u64,
+    /// Its document's digest.
+    pub digest: String,
+    /// When its (latest) verification started.
+    pub since_ms: u64,
+    /// How many verifications of it a restart cut short.
+    #[serde(default)]
+    pub interruptions: u32,
+}
+
+/// A generation that failed its health checks: never tried again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthFailure {
+    /// The generation.
+    pub generation: u64,
+    /// Its document's digest (the same generation with other content is
+    /// another document, refused as stale by the high-water mark anyway).
+    pub digest: String,
+    /// The check that failed, in one line.
+    pub check: String,
+    /// What it saw, bounded and escaped.
+    pub output: String,
+    /// When it was decided.
+    pub at_ms: u64,
+    /// The last good generation the device went back to; `None`: there was
+    /// none, and the device was left as the failed generation made it.
+    pub rolled_back_to: Option<u64>,
+}
+
 /// What the agent keeps about one deployment across restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentRecord {
@@ -94,6 +128,19 @@ pub struct DeploymentRecord {
     /// The newest generation accepted, ever.
     #[serde(default)]
     pub high_water: Option<HighWater>,
+    /// The last generation committed (applied, and its checks held if it
+    /// had any), as it arrived, while `document` is another (newer, not
+    /// committed): what a failed generation rolls back to, from disk, with
+    /// no network. `None` when `document` is the committed one
+    /// (`observed_digest`): a record holds one copy of a document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good: Option<StoredDocument>,
+    /// The generation whose checks are running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifying: Option<Verifying>,
+    /// The last generation that failed its checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_failure: Option<HealthFailure>,
 }
 
 impl DeploymentRecord {

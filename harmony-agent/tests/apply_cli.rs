@@ -363,3 +363,37 @@ fn a_refusal_quoting_the_document_is_one_escaped_line() {
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
     assert!(!stderr.contains('\u{1b}') && stderr.contains("evil\\n2026"), "{stderr:?}");
 }
+
+// Issue 11: `apply` runs a document's health checks after its Scores, as
+// the daemon does (it keeps no state, so nothing is rolled back), and exits
+// 1 when one fails.
+#[test]
+fn apply_runs_the_documents_health_checks_and_exits_1_when_one_fails() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let hello = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    let mut value = doc(json!([{"type": "harmony.file/v1", "path": "/etc/app.conf", "content": "hello"}]));
+    value["health"] = json!([{"type": "file_sha256", "path": "/etc/app.conf", "sha256": hello}]);
+    value["health_timeout_s"] = json!(2);
+    let held = write_doc(work.path(), "held.json", &value);
+    let (code, stdout, stderr) = apply(&held, &root);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("check\tfile_sha256 /etc/app.conf = {hello}\tdocument\theld\t")),
+        "{stdout}"
+    );
+
+    value["health"][0]["path"] = json!("/etc/missing");
+    let failed = write_doc(work.path(), "failed.json", &value);
+    let (code, stdout, _) = apply(&failed, &root);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("\tfailed\t/etc/missing does not exist"), "{stdout}");
+
+    // A non-loopback check is a rejection (exit 2), before anything runs.
+    value["health"] = json!([{"type": "tcp", "address": "192.0.2.1:22"}]);
+    let refused = write_doc(work.path(), "refused.json", &value);
+    let (code, _, stderr) = apply(&refused, &root);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+}

@@ -27,6 +27,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         force: false,
         generation: None,
         expires_at: None,
+        health: Vec::new(),
+        health_timeout_s: None,
     };
     let maestro =
         Maestro::initialize(Inventory::empty(), FleetTopology::connect(&[url], None).await?).await?;

@@ -5,8 +5,8 @@ use std::time::Duration;
 use async_nats::jetstream::{kv, stream};
 use harmony_score_wire::names::{desired_state_key, index_key};
 use harmony_score_wire::{
-    check_scores, document_digest, encode, from_cbor, to_cbor, DeploymentIndex, DeploymentName, DesiredState,
-    DeviceId, DeviceScore, EncodeError,
+    check_health, check_scores, document_digest, encode, from_cbor, to_cbor, Check, DeploymentIndex,
+    DeploymentName, DesiredState, DeviceId, DeviceScore, EncodeError, HEALTH_FEATURE,
 };
 use serde::Deserialize;
 use tracing::{debug, warn};
@@ -32,7 +32,12 @@ pub struct DeployRequest {
     pub generation: Option<u64>,
     /// When the device should stop accepting the document (seconds since the epoch).
     pub expires_at: Option<u64>,
-    /// Write even Score tags the device did not list as supported.
+    /// Health checks the device runs before it commits to the document.
+    pub health: Vec<Check>,
+    /// Seconds the checks get to hold (`None`: the device's default when
+    /// there are checks; with no checks, `Some` alone asks for the Scores' own).
+    pub health_timeout_s: Option<u64>,
+    /// Write even Score tags (and features) the device did not list as supported.
     pub force: bool,
     /// Write nothing when the deployed document already holds these Scores
     /// (only when `generation` is `None`).
@@ -49,6 +54,8 @@ impl DeployRequest {
             scores,
             generation: None,
             expires_at: None,
+            health: Vec::new(),
+            health_timeout_s: None,
             force: false,
             skip_unchanged: false,
         }
@@ -65,6 +72,14 @@ impl DeployRequest {
     #[must_use]
     pub fn expires_at(mut self, expires_at: Option<u64>) -> Self {
         self.expires_at = expires_at;
+        self
+    }
+
+    /// Sets the health checks and their deadline (see [`DesiredState::health`]).
+    #[must_use]
+    pub fn health(mut self, checks: Vec<Check>, timeout_s: Option<u64>) -> Self {
+        self.health = checks;
+        self.health_timeout_s = timeout_s;
         self
     }
 
@@ -142,6 +157,21 @@ impl FleetClient {
         }
     }
 
+    /// Checks that the device listed `feature` in its info: an agent without
+    /// it would read the document and silently ignore what needs it (an
+    /// older agent commits a document with health checks unverified).
+    pub async fn check_feature(&self, device: &DeviceId, feature: &str) -> Result<(), FleetError> {
+        let info = self
+            .device_info(device)
+            .await?
+            .ok_or_else(|| FleetError::NoDeviceInfo { device: device.clone() })?;
+        if info.has_feature(feature) {
+            Ok(())
+        } else {
+            Err(FleetError::UnsupportedFeature { device: device.clone(), feature: feature.to_owned() })
+        }
+    }
+
     /// Writes one deployment's desired state: first the device's index
     /// (`<device>._index`), then the key `<device>.<deployment>`, both with
     /// compare-and-set, retried when another writer came in between.
@@ -174,19 +204,27 @@ impl FleetClient {
             scores,
             generation: wanted,
             expires_at,
+            health,
+            health_timeout_s,
             force,
             skip_unchanged,
         } = request;
         // A document a device would reject is refused before anything is read or written.
         check_scores(&scores).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
+        let mut doc = DesiredState::new(device.clone(), deployment.clone(), 0, scores);
+        doc.expires_at = expires_at;
+        doc.health = health;
+        doc.health_timeout_s = health_timeout_s;
+        check_health(&doc).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
         if !force {
-            self.check_supported(&device, &scores).await?;
+            self.check_supported(&device, &doc.scores).await?;
+            if doc.is_health_gated() {
+                self.check_feature(&device, HEALTH_FEATURE).await?;
+            }
         }
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(&device, &deployment);
         let index_key = index_key(&device);
-        let mut doc = DesiredState::new(device.clone(), deployment.clone(), 0, scores);
-        doc.expires_at = expires_at;
         let issued_at = doc.issued_at;
         // The generation this call reserved in the index, reused after
         // losing the key to another writer while the index still holds it.

@@ -126,6 +126,17 @@ pub enum FleetError {
         /// The tags it lacks, sorted.
         tags: Vec<String>,
     },
+    /// The device's agent does not list a feature the document needs (an
+    /// older agent would ignore its health checks); nothing was written.
+    #[error(
+        "device {device} does not support {feature} (its agent would ignore it; upgrade it, or use --force)"
+    )]
+    UnsupportedFeature {
+        /// The device.
+        device: DeviceId,
+        /// The feature (`health/v1`).
+        feature: String,
+    },
     /// The device never reported which Scores it supports; nothing was written.
     #[error("device {device} has never reported the score tags it supports (use --force to deploy anyway)")]
     NoDeviceInfo {
@@ -220,7 +231,7 @@ impl FleetError {
 // device's status is not trusted to be short or printable.
 
 fn describe_failure(status: &DeploymentStatus) -> String {
-    let phase = format!("{:?}", status.phase).to_lowercase();
+    let phase = status.phase.as_str();
     let mut text = format!("generation {} {phase}", status.desired_generation);
     if let Some(err) = &status.error {
         text.push_str(&format!(
@@ -238,11 +249,20 @@ fn describe_failure(status: &DeploymentStatus) -> String {
     if !failed.is_empty() {
         text.push_str(&format!("; failed: {}", failed.join(", ")));
     }
+    let checks: Vec<_> = status
+        .health
+        .iter()
+        .filter(|c| c.state == harmony_score_wire::CheckState::Failed)
+        .map(|c| bounded_text(&c.check, MAX_MESSAGE_BYTES))
+        .collect();
+    if !checks.is_empty() {
+        text.push_str(&format!("; failed checks: {}", checks.join(", ")));
+    }
     text
 }
 
 fn describe_current(status: &DeploymentStatus) -> String {
-    let phase = format!("{:?}", status.phase).to_lowercase();
+    let phase = status.phase.as_str();
     format!(
         "the device reports desired generation {}{}, observed {}{}, {phase}",
         status.desired_generation,

@@ -236,6 +236,7 @@ fn exit_code(err: &CliError) -> u8 {
         CliError::Fleet(
             FleetError::UnsupportedScores { .. }
             | FleetError::NoDeviceInfo { .. }
+            | FleetError::UnsupportedFeature { .. }
             | FleetError::StaleGeneration { .. }
             | FleetError::GenerationExhausted { .. }
             | FleetError::InvalidKeySet { .. }

@@ -4,7 +4,7 @@
 //! trusted to be short or printable: each is bounded and its control
 //! characters escaped before it reaches a terminal.
 
-use harmony_score_wire::{bounded_text, AgentStatus, DeploymentStatus, Phase, ScoreStatus};
+use harmony_score_wire::{bounded_text, AgentStatus, DeploymentStatus, ScoreStatus};
 use harmony_topology::InterpretStatus;
 
 /// Longest device-written text printed in a table cell.
@@ -62,17 +62,28 @@ pub fn score_lines(status: &DeploymentStatus) -> Vec<String> {
         .collect()
 }
 
+/// One line per health check: `check http http://127.0.0.1:8080/ -> 200
+/// (document): failed connect 127.0.0.1:8080: Connection refused`.
+pub fn check_lines(status: &DeploymentStatus) -> Vec<String> {
+    status
+        .health
+        .iter()
+        .map(|c| {
+            let state = c.state.as_str();
+            format!(
+                "check {} ({}): {state} {}",
+                bounded_text(&c.check, MAX_LINE_BYTES),
+                bounded_text(&c.source, MAX_LINE_BYTES),
+                bounded_text(&c.output, MAX_LINE_BYTES)
+            )
+        })
+        .collect()
+}
+
 /// The phase as the table shows it; a refused or failed document adds its
 /// error kind (its stable wire name, `resource_conflict`).
 pub fn phase_label(status: &DeploymentStatus) -> String {
-    let phase = match status.phase {
-        Phase::Applying => "applying",
-        Phase::Applied => "applied",
-        Phase::Failed => "failed",
-        Phase::Rejected => "rejected",
-        Phase::Pruned => "pruned",
-        _ => "unknown",
-    };
+    let phase = status.phase.as_str();
     match &status.error {
         Some(err) => format!("{phase} ({})", err.kind.as_str()),
         None => phase.to_owned(),
@@ -185,7 +196,9 @@ fn render(rows: &[Vec<String>]) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use harmony_score_wire::{DeploymentName, DeviceId, DeviceInfo, StatusError};
+    use harmony_score_wire::{
+        CheckState, CheckStatus, DeploymentName, DeviceId, DeviceInfo, Phase, StatusError,
+    };
 
     use super::*;
 
@@ -322,6 +335,30 @@ mod tests {
         }
         let failed = deployment(Phase::Failed, vec![], Some(StatusError::new(ErrorKind::ScoresFailed, "m")));
         assert_eq!(phase_label(&failed), "failed (scores_failed)");
+        let rolled =
+            deployment(Phase::RolledBack, vec![], Some(StatusError::new(ErrorKind::HealthCheckFailed, "m")));
+        assert_eq!(phase_label(&rolled), "rolled_back (health_check_failed)");
+        assert_eq!(phase_label(&deployment(Phase::Verifying, vec![], None)), "verifying");
+    }
+
+    // Check lines echo what a device wrote: escaped and bounded like Score lines.
+    #[test]
+    fn check_lines_name_the_check_its_source_state_and_output() {
+        let mut status = deployment(Phase::RolledBack, vec![], None);
+        status.health = vec![CheckStatus {
+            check: "http http://127.0.0.1:1/ -> 200".into(),
+            source: "document".into(),
+            state: CheckState::Failed,
+            output: "connect 127.0.0.1:1: refused\n\u{1b}[2J".into(),
+        }];
+        let lines = check_lines(&status);
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].starts_with("check http http://127.0.0.1:1/ -> 200 (document): failed connect"),
+            "{}",
+            lines[0]
+        );
+        assert!(!lines[0].chars().any(char::is_control), "{:?}", lines[0]);
     }
 
     #[test]

@@ -3,14 +3,16 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use harmony_score_wire::{from_cbor, try_to_cbor, DeploymentName, DeploymentStatus, DeviceId, DeviceScore};
+use harmony_score_wire::{
+    from_cbor, try_to_cbor, Check, DeploymentName, DeploymentStatus, DeviceId, DeviceScore,
+};
 use harmony_topology::{
     async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory, Outcome, Score,
     Topology, Version,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::report::{score_lines, scores_summary};
+use crate::report::{check_lines, score_lines, scores_summary};
 use crate::{error_chain, Awaited, DeployRequest, Deployed, DeviceFleet, FleetError};
 
 /// How many devices are deployed to (and waited for) at once.
@@ -45,6 +47,13 @@ pub struct DeviceDeploymentScore {
     /// When devices should stop accepting the document (seconds since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// Health checks each device runs before it commits to the document
+    /// (else it rolls back to its last good generation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<Check>,
+    /// Seconds the checks get to hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_timeout_s: Option<u64>,
 }
 
 impl<T: Topology + DeviceFleet> Score<T> for DeviceDeploymentScore {
@@ -57,6 +66,8 @@ impl<T: Topology + DeviceFleet> Score<T> for DeviceDeploymentScore {
             force: self.force,
             generation: self.generation,
             expires_at: self.expires_at,
+            health: self.health.clone(),
+            health_timeout_s: self.health_timeout_s,
         })
     }
 
@@ -95,6 +106,8 @@ pub struct DeviceDeploymentInterpret {
     force: bool,
     generation: Option<u64>,
     expires_at: Option<u64>,
+    health: Vec<Check>,
+    health_timeout_s: Option<u64>,
 }
 
 /// How one device fared.
@@ -117,6 +130,7 @@ impl DeviceDeploymentInterpret {
         let request = DeployRequest::new(device.clone(), self.deployment.clone(), scores)
             .generation(self.generation)
             .expires_at(self.expires_at)
+            .health(self.health.clone(), self.health_timeout_s)
             .force(self.force)
             .skip_unchanged(true);
         fleet
@@ -147,12 +161,15 @@ impl DeviceDeploymentInterpret {
             Some(Ok(ds)) => DeviceResult {
                 status,
                 line: format!("generation {generation} {verb}, applied ({})", scores_summary(&ds.scores)),
-                scores: score_lines(&ds),
+                scores: [score_lines(&ds), check_lines(&ds)].concat(),
             },
             Some(Err(err)) => DeviceResult {
                 status: InterpretStatus::FAILURE,
                 line: format!("generation {generation} {verb}, not applied: {}", error_chain(&err)),
-                scores: err.deployment_status().map(score_lines).unwrap_or_default(),
+                scores: err
+                    .deployment_status()
+                    .map(|ds| [score_lines(ds), check_lines(ds)].concat())
+                    .unwrap_or_default(),
             },
         }
     }

@@ -62,7 +62,9 @@ pub fn generation_progress(
         Phase::Applied if ds.observed_generation == generation && digest_confirmed => {
             Progress::Applied(ds.clone())
         }
-        Phase::Failed | Phase::Rejected if ds.desired_generation == generation => {
+        // Rolled back: the awaited generation failed a health check and the
+        // device went back to its last good one; it will not try it again.
+        Phase::Failed | Phase::Rejected | Phase::RolledBack if ds.desired_generation == generation => {
             Progress::Failed(ds.clone())
         }
         _ => Progress::Pending(Some(ds.clone())),
@@ -392,6 +394,21 @@ mod tests {
         assert!(matches!(judge(&rejected, 3, Some(D)), Progress::Failed(_)));
         // A rejection that could not say which document it refused.
         assert!(matches!(judge(&status("web", 3, 2, Phase::Rejected), 3, Some(D)), Progress::Failed(_)));
+    }
+
+    // Issue 11 §2: verifying is pending; rolled back for the awaited
+    // generation is a failure (the device went back to its last good one
+    // and will not try it again), an older one's rollback is not.
+    #[test]
+    fn verifying_is_pending_and_a_rollback_of_the_awaited_generation_is_a_failure() {
+        let verifying = with_digests(status("web", 3, 2, Phase::Verifying), Some(D), Some(OTHER));
+        assert!(matches!(judge(&verifying, 3, Some(D)), Progress::Pending(Some(_))));
+        let rolled_back = with_digests(status("web", 3, 2, Phase::RolledBack), Some(D), Some(OTHER));
+        assert!(matches!(judge(&rolled_back, 3, Some(D)), Progress::Failed(_)));
+        let older = with_digests(status("web", 2, 1, Phase::RolledBack), Some(OTHER), Some(OTHER));
+        assert!(matches!(judge(&older, 3, Some(D)), Progress::Pending(Some(_))));
+        // A later generation that rolled back supersedes an awaited earlier one.
+        assert!(matches!(judge(&status("web", 4, 2, Phase::RolledBack), 3, None), Progress::Superseded(_)));
     }
 
     #[test]

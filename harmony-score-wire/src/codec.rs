@@ -71,6 +71,12 @@ pub enum DecodeError {
     /// deserialize); `field` names the field when known.
     #[error("score #{index} ({tag}): {}{message}", field.as_deref().map(|f| format!("field {f}: ")).unwrap_or_default())]
     InvalidScore { index: usize, tag: String, field: Option<String>, message: String },
+    /// A health check that does not decode (an unknown `type`, a missing
+    /// field) or is not valid (a host that is not loopback, a bad digest, a
+    /// deadline out of bounds); `index` counts the document's own checks
+    /// first, then its Scores'; `source` says which (`document`, a Score's name).
+    #[error("health check #{index} ({source_name}): {}{message}", field.as_deref().map(|f| format!("field {f}: ")).unwrap_or_default())]
+    InvalidHealthCheck { index: usize, source_name: String, field: Option<String>, message: String },
 }
 
 impl DecodeError {
@@ -88,6 +94,7 @@ impl DecodeError {
             DecodeError::UnsupportedFormat { .. } => ErrorKind::UnsupportedFormat,
             DecodeError::InvalidScore { .. } => ErrorKind::InvalidScore,
             DecodeError::DuplicateResource { .. } => ErrorKind::DuplicateResource,
+            DecodeError::InvalidHealthCheck { .. } => ErrorKind::InvalidHealthCheck,
         }
     }
 
@@ -120,6 +127,7 @@ pub fn encode(doc: &DesiredState) -> Result<Vec<u8>, EncodeError> {
         }));
     }
     check_scores(&doc.scores).map_err(EncodeError::WouldBeRejected)?;
+    check_health(doc).map_err(EncodeError::WouldBeRejected)?;
     let mut bytes = Vec::new();
     ciborium::into_writer(doc, &mut bytes)
         .map_err(|e| EncodeError::SerializeFailed(one_line(&e.to_string())))?;
@@ -150,6 +158,18 @@ pub fn check_scores(scores: &[Box<dyn DeviceScore>]) -> Result<(), DecodeError> 
         }
     }
     Ok(())
+}
+
+/// Validates a document's verification settings: its checks and its
+/// Scores' (see [`DesiredState::health_plan`]), and the deadline. Run at
+/// decode and at encode.
+pub fn check_health(doc: &DesiredState) -> Result<(), DecodeError> {
+    doc.health_plan().map(drop).map_err(|err| DecodeError::InvalidHealthCheck {
+        index: err.index,
+        source_name: err.source_name,
+        field: Some(crate::bounded_text(&err.error.field, 128)),
+        message: crate::bounded_text(&err.error.message, crate::MAX_MESSAGE_BYTES),
+    })
 }
 
 /// The JSON form of a document (the serde form of the same types).
@@ -265,10 +285,22 @@ fn decode_checked_size(
     let reordered = crate::scan::with_tags_first(bytes, &scores.items);
     let bytes = reordered.as_deref().unwrap_or(bytes);
     let doc = match typed {
-        TypedPass::PerTag => per_tag(bytes, &scores, &tags, &found, limits)?,
-        TypedPass::Typetag => through_typetag(bytes, &scores, &tags, limits)?,
-    };
+        TypedPass::PerTag => per_tag(bytes, &scores, &tags, &found, limits),
+        TypedPass::Typetag => through_typetag(bytes, &scores, &tags, limits),
+    }
+    .map_err(|err| match err {
+        // A Score at fault is named as it is.
+        DecodeError::InvalidScore { .. } | DecodeError::UnknownScoreTags { .. } => err,
+        // Otherwise a check that does not decode is named, rather than
+        // where serde stopped in the document.
+        other => outline
+            .health
+            .as_ref()
+            .and_then(|span| decode_checks(&bytes[span.clone()], limits).err())
+            .unwrap_or(other),
+    })?;
     check_scores(&doc.scores)?;
+    check_health(&doc)?;
     Ok(doc)
 }
 
@@ -389,6 +421,48 @@ fn moved(
         Error::Semantic(Some(at), msg) => Error::Semantic(Some(original(at)), msg),
         other => other,
     }
+}
+
+/// Decodes a `health` value alone, check by check, so that the one that
+/// does not decode is named (`health check #1 (document): unknown variant
+/// `exec`, …`) instead of where serde stopped in the document.
+fn decode_checks(bytes: &[u8], limits: &DecodeLimits) -> Result<(), DecodeError> {
+    use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
+    use std::cell::Cell;
+    thread_local! {
+        /// Which check the last decode stopped at (ciborium takes no seed,
+        /// and the reader is unusable after a failed element).
+        static FAILED_AT: Cell<usize> = const { Cell::new(0) };
+    }
+    struct Checks;
+    impl<'de> Deserialize<'de> for Checks {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_seq(ChecksVisitor)
+        }
+    }
+    struct ChecksVisitor;
+    impl<'de> Visitor<'de> for ChecksVisitor {
+        type Value = Checks;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of health checks")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checks, A::Error> {
+            let mut index = 0;
+            FAILED_AT.set(0);
+            while seq.next_element::<crate::Check>().inspect_err(|_| FAILED_AT.set(index))?.is_some() {
+                index += 1;
+            }
+            Ok(Checks)
+        }
+    }
+    ciborium::de::from_reader_with_recursion_limit::<Checks, _>(bytes, limits.max_depth + 1)
+        .map(drop)
+        .map_err(|err| DecodeError::InvalidHealthCheck {
+            index: FAILED_AT.get(),
+            source_name: "document".into(),
+            field: None,
+            message: one_line(&cbor_error_text(&err)),
+        })
 }
 
 /// The `generation` of a document that may not decode (or its signed

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::{Check, HealthCheckError, HealthPlan, SourcedCheck};
 use crate::{DeploymentName, DeviceId, DeviceScore};
 
 /// The document format this crate writes and reads.
@@ -32,6 +33,17 @@ pub struct DesiredState {
     pub expires_at: Option<u64>,
     /// The Scores, in the order they run.
     pub scores: Vec<Box<dyn DeviceScore>>,
+    /// Checks that must hold after the Scores are applied before the
+    /// device commits to this generation (else it rolls back to its last
+    /// good one). Absent: not written, so documents without checks keep
+    /// their bytes (and digests) as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<Check>,
+    /// Seconds the checks get to hold (default
+    /// [`DEFAULT_HEALTH_TIMEOUT_S`](crate::health::DEFAULT_HEALTH_TIMEOUT_S)).
+    /// Setting it alone asks for verification by the Scores' own checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_timeout_s: Option<u64>,
 }
 
 impl DesiredState {
@@ -52,7 +64,38 @@ impl DesiredState {
             issued_at,
             expires_at: None,
             scores,
+            health: Vec::new(),
+            health_timeout_s: None,
         }
+    }
+
+    /// Whether the device verifies this document before committing to it:
+    /// it carries checks, or a `health_timeout_s`. Otherwise applied is
+    /// committed, as for every document before checks existed.
+    pub fn is_health_gated(&self) -> bool {
+        !self.health.is_empty() || self.health_timeout_s.is_some()
+    }
+
+    /// The validated checks to run after an apply (the document's, then
+    /// each Score's own through its [`HealthCheck`](crate::HealthCheck)
+    /// companion) and their deadline; `None` when the document is not
+    /// [gated](Self::is_health_gated).
+    pub fn health_plan(&self) -> Result<Option<HealthPlan>, HealthCheckError> {
+        if !self.is_health_gated() {
+            return Ok(None);
+        }
+        let own =
+            self.health.iter().map(|check| SourcedCheck { check: check.clone(), source: "document".into() });
+        let contributed = self.scores.iter().flat_map(|score| {
+            let source = score.name();
+            score
+                .health()
+                .map(|companion| companion.health_checks())
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |check| SourcedCheck { check, source: source.clone() })
+        });
+        HealthPlan::validate(own.chain(contributed).collect(), self.health_timeout_s).map(Some)
     }
 }
 

@@ -9,6 +9,7 @@ mod codec;
 mod command;
 mod document;
 mod file;
+pub mod health;
 mod ids;
 mod json;
 mod keyset;
@@ -23,8 +24,8 @@ mod tagged;
 pub mod validate;
 
 pub use codec::{
-    check_scores, decode, decode_json, decode_via_typetag, encode, from_cbor, peek_generation, to_cbor,
-    to_json_pretty, try_to_cbor, DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
+    check_health, check_scores, decode, decode_json, decode_via_typetag, encode, from_cbor, peek_generation,
+    to_cbor, to_json_pretty, try_to_cbor, DecodeError, DecodeLimits, EncodeError, ValueDecodeError,
 };
 pub use command::{
     LogsErrorKind, LogsReply, LogsRequest, DEFAULT_LOG_TAIL, LOGS_VERB, MAX_LOGS_REPLY_BYTES,
@@ -32,6 +33,7 @@ pub use command::{
 };
 pub use document::{document_digest, DeploymentIndex, DesiredState, FORMAT_VERSION};
 pub use file::{is_json_path, read_document_file, DocumentFileError};
+pub use health::{Check, HealthCheck, HealthCheckError, HealthPlan, SourcedCheck};
 pub use ids::{DeploymentName, DeviceId, IdError};
 pub use keyset::{KeySet, KeySetError, KEYSET_TAG, MAX_KEYSET_BYTES, MAX_KEYSET_KEYS};
 pub use privilege::{mode_privilege, Privilege, SETUID_SETGID_BITS};
@@ -42,8 +44,9 @@ pub use signed::{
     DocumentSignature, DocumentSigner, SignatureError, SignedDocument, TrustedKeys, SIGNED_TAG,
 };
 pub use status::{
-    bounded_text, now_ms, AgentStatus, CommandReply, DeploymentStatus, DeviceInfo, ErrorKind, Phase,
-    ScoreStatus, StatusError, SupportedScore, MAX_DETAIL_LINES, MAX_MESSAGE_BYTES, MAX_STATUS_BYTES,
+    bounded_text, now_ms, AgentStatus, CheckState, CheckStatus, CommandReply, DeploymentStatus, DeviceInfo,
+    ErrorKind, Phase, ScoreStatus, StatusError, SupportedScore, HEALTH_FEATURE, MAX_DETAIL_LINES,
+    MAX_MESSAGE_BYTES, MAX_STATUS_BYTES,
 };
 pub use tagged::ScoreDecoder;
 pub use validate::ScoreValidationError;

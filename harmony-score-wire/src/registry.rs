@@ -50,6 +50,13 @@ pub trait DeviceScore: Score<LocalDeviceTopology> {
     fn used_paths(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// This Score's [`HealthCheck`](crate::HealthCheck) companion, if it
+    /// has one: return `Some(self)` from a Score that implements it. Its
+    /// checks run after an apply of a document that asks for verification.
+    fn health(&self) -> Option<&dyn crate::HealthCheck> {
+        None
+    }
 }
 
 /// Implements [`DeviceScore`] for a Score and registers it for the wire,

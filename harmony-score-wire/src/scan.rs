@@ -30,6 +30,9 @@ pub(crate) struct Outline<'a> {
     pub deployment: Option<Option<Cow<'a, str>>>,
     /// `scores`, when it is an (untagged) array.
     pub scores: Option<ScoreList<'a>>,
+    /// Where the (first) `health` value lies, so a check that does not
+    /// decode can be named.
+    pub health: Option<Range<usize>>,
 }
 
 /// The `scores` array: how many items it holds, and the first `max_scores`.
@@ -347,6 +350,11 @@ impl<'a> Walk<'a> {
                 outline.deployment = Some(self.text_or_skip(depth)?);
             }
             Some("scores") if outline.scores.is_none() => outline.scores = self.scores(depth, max_scores)?,
+            Some("health") if outline.health.is_none() => {
+                let start = self.pos;
+                self.skip(depth)?;
+                outline.health = Some(start..self.pos);
+            }
             _ => self.skip(depth)?,
         }
         Ok(())

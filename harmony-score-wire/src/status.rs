@@ -71,9 +71,86 @@ pub enum Phase {
     Rejected,
     /// The deployment was deleted and what it owned was undone.
     Pruned,
+    /// `desired_generation` is applied and its health checks are running
+    /// (see `health`); it is not committed yet.
+    Verifying,
+    /// `desired_generation` failed a health check (named in `error`) and
+    /// the device went back to its last good generation
+    /// (`observed_generation`). The failed generation is not tried again.
+    #[serde(rename = "rolled_back")]
+    RolledBack,
     /// A phase this build does not know (reported by a newer agent).
     #[serde(other)]
     Unknown,
+}
+
+impl Phase {
+    /// The phase's wire name (`rolled_back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Applying => "applying",
+            Phase::Applied => "applied",
+            Phase::Failed => "failed",
+            Phase::Rejected => "rejected",
+            Phase::Pruned => "pruned",
+            Phase::Verifying => "verifying",
+            Phase::RolledBack => "rolled_back",
+            Phase::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where one health check stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CheckState {
+    /// Not held yet; tried again until the deadline.
+    Pending,
+    /// It holds.
+    Held,
+    /// It did not hold by the deadline.
+    Failed,
+    /// This device cannot tell (a unit where no systemd runs): not a
+    /// failure, as a BLOCKED Score is not.
+    Blocked,
+    /// A state this build does not know (reported by a newer agent).
+    #[serde(other)]
+    Unknown,
+}
+
+impl CheckState {
+    /// The state's wire name (`held`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Pending => "pending",
+            CheckState::Held => "held",
+            CheckState::Failed => "failed",
+            CheckState::Blocked => "blocked",
+            CheckState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One health check of the generation being verified (or last verified).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// The check in one line (`http http://127.0.0.1:8080/ -> 200`).
+    pub check: String,
+    /// `document`, or the Score that contributed it (`container [web]`).
+    pub source: String,
+    /// Where it stands.
+    pub state: CheckState,
+    /// What the last attempt saw (`connect 127.0.0.1:8080: connection
+    /// refused`, `HTTP/1.1 200 OK`), bounded and escaped.
+    #[serde(default)]
+    pub output: String,
 }
 
 /// One deployment's status (Kubernetes' observedGeneration pattern: the
@@ -112,6 +189,10 @@ pub struct DeploymentStatus {
     /// The last generation whose run a newer one superseded (never applied).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_generation: Option<u64>,
+    /// The health checks of the generation being verified, or of the last
+    /// one verified (empty for documents without checks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<CheckStatus>,
 }
 
 /// Every kind of error a status reports, as one stable list: document
@@ -176,6 +257,12 @@ pub enum ErrorKind {
     /// The key set the device trusts has expired: no new document is
     /// accepted until the root signs a newer one.
     KeysetExpired,
+    /// A health check is not valid (a host that is not loopback, a bad
+    /// digest, an unknown check type, a deadline out of bounds).
+    InvalidHealthCheck,
+    /// A health check did not hold by the deadline: the generation was
+    /// rolled back (or, with no good generation before it, left failed).
+    HealthCheckFailed,
     /// A kind this build does not know (sent by a newer agent).
     #[serde(other)]
     Unknown,
@@ -212,6 +299,8 @@ impl ErrorKind {
             DuplicateDevice => "duplicate_device",
             UnsignedDelete => "unsigned_delete",
             KeysetExpired => "keyset_expired",
+            InvalidHealthCheck => "invalid_health_check",
+            HealthCheckFailed => "health_check_failed",
             Unknown => "unknown",
         }
     }
@@ -284,6 +373,11 @@ impl AgentStatus {
             if let Some(c) = &mut d.current_score {
                 b(c);
             }
+            for check in &mut d.health {
+                b(&mut check.check);
+                b(&mut check.source);
+                b(&mut check.output);
+            }
             for score in &mut d.scores {
                 b(&mut score.tag);
                 b(&mut score.name);
@@ -298,7 +392,12 @@ impl AgentStatus {
         let steps: [Step; 4] = [
             |s| s.deployments.values_mut().flat_map(|d| &mut d.scores).for_each(|sc| sc.details.clear()),
             |s| s.deployments.values_mut().for_each(|d| d.scores.retain(|sc| !sc.is_ok())),
-            |s| s.deployments.values_mut().for_each(|d| d.scores.clear()),
+            |s| {
+                s.deployments.values_mut().for_each(|d| {
+                    d.scores.clear();
+                    d.health.clear();
+                })
+            },
             |s| {
                 if let Some(info) = &mut s.info {
                     info.scores.clear();
@@ -417,7 +516,16 @@ pub struct DeviceInfo {
     /// When the agent started.
     #[serde(default)]
     pub started_at_ms: u64,
+    /// Abilities of the agent beyond its Score tags that an operator must
+    /// not assume (an older agent lacks them and would ignore what asks
+    /// for them): [`HEALTH_FEATURE`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// The feature an agent lists when it verifies documents' health checks
+/// (an older agent reads a document with checks and ignores them).
+pub const HEALTH_FEATURE: &str = "health/v1";
 
 /// One supported Score tag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -434,6 +542,11 @@ impl DeviceInfo {
     /// Whether the device decodes `tag`.
     pub fn supports(&self, tag: &str) -> bool {
         self.scores.iter().any(|s| s.tag == tag)
+    }
+
+    /// Whether the device lists `feature` ([`HEALTH_FEATURE`]).
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
     }
 }
 

@@ -52,6 +52,30 @@ pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ScoreValid
     Ok(())
 }
 
+/// Longest container name (podman allows more; a device needs no more).
+pub const MAX_CONTAINER_NAME_BYTES: usize = 128;
+
+/// `name` can name a container: 1 to [`MAX_CONTAINER_NAME_BYTES`] of
+/// `[A-Za-z0-9_.-]`, starting with a letter or digit (so it is never read
+/// as a flag).
+pub fn check_container_name(field: &str, name: &str) -> Result<(), ScoreValidationError> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok
+        || name.len() > MAX_CONTAINER_NAME_BYTES
+        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(ScoreValidationError::new(
+            field,
+            format!(
+                "{:?} is not 1 to {MAX_CONTAINER_NAME_BYTES} of [A-Za-z0-9_.-], starting with a letter or digit",
+                crate::bounded_text(name, 64)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Longest artifact name.
 pub const MAX_ARTIFACT_NAME_BYTES: usize = 128;
 

@@ -4,8 +4,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use harmony_score_wire::validate::{check_artifact_name, check_path, check_sha256_hex, check_text};
-use harmony_score_wire::{DeviceScore, Privilege, ResourceId, ScoreValidationError};
+use harmony_score_wire::health::CONTAINER_STABLE_S;
+use harmony_score_wire::validate::{
+    check_artifact_name, check_container_name, check_path, check_sha256_hex, check_text,
+};
+use harmony_score_wire::{Check, DeviceScore, HealthCheck, Privilege, ResourceId, ScoreValidationError};
 use harmony_topology::{
     async_trait, parse_memory, run, ArtifactStore, BindMount, ContainerRuntime, ContainerSpec,
     ContainerState, Id, Interpret, InterpretError, InterpretErrorKind, InterpretName, InterpretStatus,
@@ -24,8 +27,6 @@ pub const SPEC_LABEL: &str = "harmony.spec";
 /// Label naming the deployment whose run created the container (when known).
 pub const DEPLOYMENT_LABEL: &str = "harmony.deployment";
 
-/// Longest container name (podman allows more; a device needs no more).
-const MAX_NAME_BYTES: usize = 128;
 /// Longest image reference.
 const MAX_IMAGE_BYTES: usize = 512;
 /// Most command arguments, environment variables, ports, volumes, labels.
@@ -204,6 +205,25 @@ harmony_score_wire::device_score! {
         // may load or pull an image: longer than the agent's 300 s default.
         fn interpret_timeout(&self) -> Option<Duration> {
             Some(Duration::from_secs(600 + self.stop_timeout_s))
+        }
+
+        fn health(&self) -> Option<&dyn HealthCheck> {
+            Some(self)
+        }
+    }
+}
+
+/// The container's own check, run for documents that ask for verification:
+/// a present container runs, unrestarted for [`CONTAINER_STABLE_S`]
+/// seconds (one that crash-loops under `restart: always` fails it). An
+/// absent one contributes nothing.
+impl HealthCheck for PodmanContainerScore {
+    fn health_checks(&self) -> Vec<Check> {
+        match self.state {
+            PresenceState::Present => {
+                vec![Check::ContainerRunning { name: self.name.clone(), stable_s: CONTAINER_STABLE_S }]
+            }
+            PresenceState::Absent => Vec::new(),
         }
     }
 }
@@ -404,25 +424,6 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> ScoreValidationE
 fn check_count(field: &str, n: usize) -> Result<(), ScoreValidationError> {
     if n > MAX_ITEMS {
         return Err(bad(field, format!("at most {MAX_ITEMS} entries")));
-    }
-    Ok(())
-}
-
-/// Podman's name rule, bounded.
-fn check_container_name(field: &str, name: &str) -> Result<(), ScoreValidationError> {
-    let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if !first_ok
-        || name.len() > MAX_NAME_BYTES
-        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
-        return Err(bad(
-            field,
-            format!(
-                "{:?} is not 1 to {MAX_NAME_BYTES} of [A-Za-z0-9_.-], starting with a letter or digit",
-                harmony_topology::bounded_text(name, 64)
-            ),
-        ));
     }
     Ok(())
 }

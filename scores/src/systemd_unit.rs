@@ -108,6 +108,22 @@ harmony_score_wire::device_score! {
                 ServiceState::Absent => None,
             }
         }
+
+        fn health(&self) -> Option<&dyn harmony_score_wire::HealthCheck> {
+            Some(self)
+        }
+    }
+}
+
+/// The unit's own check, run for documents that ask for verification: a
+/// unit that should run is `active` (`blocked`, not failed, where no
+/// systemd runs). A stopped or absent unit contributes nothing.
+impl harmony_score_wire::HealthCheck for SystemdUnitScore {
+    fn health_checks(&self) -> Vec<harmony_score_wire::Check> {
+        match self.state {
+            ServiceState::Running => vec![harmony_score_wire::Check::UnitActive { unit: self.name.clone() }],
+            ServiceState::Stopped | ServiceState::Absent => Vec::new(),
+        }
     }
 }
 

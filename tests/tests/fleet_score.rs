@@ -35,6 +35,8 @@ fn score(devices: &[&str], content: &str, wait: Option<u64>) -> DeviceDeployment
         force: false,
         generation: None,
         expires_at: None,
+        health: Vec::new(),
+        health_timeout_s: None,
     }
 }
 

@@ -111,6 +111,11 @@ pub struct ContainerState {
     pub exit_code: i32,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// When its process last started, as the runtime says it (opaque: two
+    /// readings differ when it started again in between).
+    pub started_at: String,
+    /// How often the runtime restarted it by its restart policy.
+    pub restart_count: u64,
 }
 
 /// The lifecycle state of a container.

@@ -225,6 +225,7 @@ pub async fn deploy(conn: &Connection, args: DeployArgs) -> Result<(), CliError>
         let request = DeployRequest::new(device.clone(), deployment.clone(), doc.scores)
             .generation(args.generation)
             .expires_at(doc.expires_at)
+            .health(doc.health, doc.health_timeout_s)
             .force(args.force);
         let deployed = client.deploy(request).await?;
         println!("{device}/{deployment}: generation {} written", deployed.generation);
@@ -233,6 +234,9 @@ pub async fn deploy(conn: &Connection, args: DeployArgs) -> Result<(), CliError>
     // Refuse before the Maestro runs, so that a refusal keeps its own exit code.
     if !args.force {
         client.check_supported(&device, &doc.scores).await?;
+        if !doc.health.is_empty() || doc.health_timeout_s.is_some() {
+            client.check_feature(&device, harmony_score_wire::HEALTH_FEATURE).await?;
+        }
     }
     let maestro = Maestro::initialize(Inventory::empty(), FleetTopology::from_client(client))
         .await
@@ -245,6 +249,8 @@ pub async fn deploy(conn: &Connection, args: DeployArgs) -> Result<(), CliError>
         force: args.force,
         generation: args.generation,
         expires_at: doc.expires_at,
+        health: doc.health,
+        health_timeout_s: doc.health_timeout_s,
     };
     let outcome = maestro.interpret(&score).await.map_err(|e| CliError::Failed(e.to_string()))?;
     println!("{}: {}", outcome.status, outcome.message);

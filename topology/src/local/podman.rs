@@ -191,6 +191,8 @@ struct Inspected {
     image_name: String,
     state: InspectedState,
     config: InspectedConfig,
+    #[serde(default)]
+    restart_count: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +201,8 @@ struct InspectedState {
     status: String,
     #[serde(default)]
     exit_code: i32,
+    #[serde(default)]
+    started_at: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +223,8 @@ impl From<Inspected> for ContainerState {
             status: ContainerStatus::from_name(&c.state.status),
             exit_code: c.state.exit_code,
             labels: c.config.labels.unwrap_or_default(),
+            started_at: c.state.started_at,
+            restart_count: c.restart_count,
         }
     }
 }

@@ -115,6 +115,9 @@ async fn a_container_is_created_started_stopped_restarted_and_removed() {
     assert!(stopped.status.is_startable(), "{stopped:?}");
     podman.start(&name.0).await.unwrap();
     let again = podman.inspect_container(&name.0).await.unwrap().unwrap();
+    // A health check tells a restart by its start time (the id stays).
+    assert!(!state.started_at.is_empty() && again.started_at != state.started_at, "{state:?} {again:?}");
+    assert_eq!(again.restart_count, 0, "started by hand, not by its restart policy");
     assert_eq!((again.id, again.status), (id, ContainerStatus::Running));
 
     podman.remove(&name.0).await.unwrap();
