@@ -594,13 +594,20 @@ fn valid_inbox_prefix(prefix: &str) -> bool {
 /// The device's identity is the key, never the value: a device may write
 /// only its own key, but it writes whatever it likes into it, including
 /// another device's id.
-/// The device's last heartbeat (milliseconds since the epoch); 0 when it
-/// never beat or the value cannot be read (a heartbeat is only a hint of life).
+/// When the server stored the device's last heartbeat (milliseconds since
+/// the epoch); 0 when it never beat. The server's time, not the value the
+/// device wrote: a device (or its clock) claiming a beat in the future
+/// would otherwise never look stale.
 async fn read_heartbeat(store: &kv::Store, device: &DeviceId) -> u64 {
-    match store.get(heartbeat_key(device)).await {
-        Ok(Some(bytes)) => from_cbor::<u64>(&bytes, 64, "heartbeat").unwrap_or(0),
+    match store.entry(heartbeat_key(device)).await {
+        Ok(Some(entry)) if entry.operation == kv::Operation::Put => server_ms(&entry),
         _ => 0,
     }
+}
+
+/// When the server stored `entry`, in milliseconds since the epoch.
+fn server_ms(entry: &kv::Entry) -> u64 {
+    u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
 async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus, u64)>, FleetError> {
@@ -617,6 +624,11 @@ async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus
                 warn!(key = %device, claimed = %status.device_id, "a status claims another device id; the key decides");
                 status.device_id = device;
             }
+            // Times the device claims are no later than the server stored
+            // them: staleness must not rest on a device's word or clock.
+            let stored = server_ms(&entry);
+            status.updated_at_ms = status.updated_at_ms.min(stored);
+            status.heartbeat_at_ms = status.heartbeat_at_ms.min(stored);
             Ok(Some((status, entry.revision)))
         }
         _ => Ok(None),

@@ -52,12 +52,39 @@ async fn an_idle_agent_beats_a_few_bytes_and_never_rewrites_its_status() {
     assert!(beat_after > beat_before, "no heartbeat stored in {:?}", idle.elapsed());
 
     let kv = within(f.client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.unwrap();
-    let beat = within(kv.get(heartbeat_key(&device))).await.unwrap().expect("a heartbeat");
-    assert!(beat.len() < 16, "a heartbeat of {} bytes", beat.len());
-    let beat_ms: u64 = from_cbor(&beat, 16, "heartbeat").unwrap();
+    let beat = within(kv.entry(heartbeat_key(&device))).await.unwrap().expect("a heartbeat");
+    assert!(beat.value.len() < 16, "a heartbeat of {} bytes", beat.value.len());
+    let beat_ms: u64 = from_cbor(&beat.value, 16, "heartbeat").unwrap();
+    let stored_ms = u64::try_from(beat.created.unix_timestamp_nanos() / 1_000_000).unwrap();
+    // The operator's view carries the last beat, as the server stored it.
     let (seen, _) = f.client.device_status(&device).await.unwrap().unwrap();
-    assert_eq!(seen.heartbeat_at_ms, beat_ms, "the operator's view carries the last beat");
+    assert_eq!(seen.heartbeat_at_ms, stored_ms);
+    assert!(beat_ms.abs_diff(stored_ms) < 1000, "device {beat_ms}, server {stored_ms}");
     let listed = f.client.list_statuses().await.unwrap();
     assert_eq!(listed.len(), 1, "heartbeat keys are not devices: {listed:?}");
-    assert_eq!(listed[0].heartbeat_at_ms, beat_ms);
+    assert_eq!(listed[0].heartbeat_at_ms, stored_ms);
+}
+
+// A device (a compromised one, or one whose clock runs years ahead) writes
+// its heartbeat and status with times near u64::MAX. The operator's view
+// must not take its word: it would never look stale again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_or_status_dated_in_the_future_does_not_keep_a_device_fresh() {
+    let f = Fleet::new().await;
+    let device = DeviceId::new("liar").unwrap();
+    let kv = within(f.client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.unwrap();
+    let mut status = harmony_e2e::reported_status(&device, None, Default::default());
+    status.updated_at_ms = u64::MAX;
+    status.heartbeat_at_ms = u64::MAX - 1;
+    within(kv.put(status_key(&device), harmony_score_wire::to_cbor(&status).into())).await.unwrap();
+    within(kv.put(heartbeat_key(&device), harmony_score_wire::to_cbor(&u64::MAX).into())).await.unwrap();
+    let now = harmony_score_wire::now_ms();
+    for seen in [
+        f.client.device_status(&device).await.unwrap().unwrap().0,
+        f.client.list_statuses().await.unwrap().remove(0),
+    ] {
+        assert!(seen.heartbeat_at_ms <= now + 1000 && seen.updated_at_ms <= now + 1000, "{seen:?}");
+        // Stale once three default intervals pass, as for any device.
+        assert!(harmony_fleet::report::is_stale(&seen, now + 10 * 60 * 1000));
+    }
 }
