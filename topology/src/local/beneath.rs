@@ -211,52 +211,50 @@ impl Beneath {
     }
 }
 
-/// Whether this kernel has `openat2`; asked once per process.
-fn kernel_has_openat2() -> bool {
-    const UNKNOWN: u8 = 0;
+/// `probe`'s answer, asked once per process and kept in `cache`.
+fn asked_once(cache: &AtomicU8, probe: impl FnOnce() -> bool) -> bool {
+    // 0: not asked yet.
     const YES: u8 = 1;
     const NO: u8 = 2;
-    static HAS: AtomicU8 = AtomicU8::new(UNKNOWN);
-    match HAS.load(Ordering::Relaxed) {
+    match cache.load(Ordering::Relaxed) {
         YES => true,
         NO => false,
         _ => {
-            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-            // ENOSYS before 5.6; EPERM where a seccomp filter (an older
-            // container runtime's) refuses system calls it does not know.
-            let has = !matches!(
-                openat2(CWD, ".", flags, Mode::empty(), ResolveFlags::BENEATH),
-                Err(Errno::NOSYS | Errno::PERM)
-            );
-            HAS.store(if has { YES } else { NO }, Ordering::Relaxed);
+            let has = probe();
+            cache.store(if has { YES } else { NO }, Ordering::Relaxed);
             has
         }
     }
 }
 
+/// Whether this kernel has `openat2`; asked once per process.
+fn kernel_has_openat2() -> bool {
+    static HAS: AtomicU8 = AtomicU8::new(0);
+    asked_once(&HAS, || {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        // ENOSYS before 5.6; EPERM where a seccomp filter (an older
+        // container runtime's) refuses system calls it does not know.
+        !matches!(
+            openat2(CWD, ".", flags, Mode::empty(), ResolveFlags::BENEATH),
+            Err(Errno::NOSYS | Errno::PERM)
+        )
+    })
+}
+
 /// Whether this kernel resolves from its caches alone (`RESOLVE_CACHED`,
 /// Linux 5.12); asked once per process.
 pub(super) fn kernel_has_resolve_cached() -> bool {
-    const UNKNOWN: u8 = 0;
-    const YES: u8 = 1;
-    const NO: u8 = 2;
-    static HAS: AtomicU8 = AtomicU8::new(UNKNOWN);
-    match HAS.load(Ordering::Relaxed) {
-        YES => true,
-        NO => false,
-        _ => {
-            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-            // EINVAL: a kernel with openat2 but not this flag; "/" is
-            // always cached, so EAGAIN does not happen on one that has it.
-            let has = kernel_has_openat2()
-                && !matches!(
-                    openat2(CWD, "/", flags, Mode::empty(), ResolveFlags::CACHED),
-                    Err(Errno::INVAL | Errno::NOSYS | Errno::PERM)
-                );
-            HAS.store(if has { YES } else { NO }, Ordering::Relaxed);
-            has
-        }
-    }
+    static HAS: AtomicU8 = AtomicU8::new(0);
+    asked_once(&HAS, || {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        // EINVAL: a kernel with openat2 but not this flag; "/" is
+        // always cached, so EAGAIN does not happen on one that has it.
+        kernel_has_openat2()
+            && !matches!(
+                openat2(CWD, "/", flags, Mode::empty(), ResolveFlags::CACHED),
+                Err(Errno::INVAL | Errno::NOSYS | Errno::PERM)
+            )
+    })
 }
 
 /// How `openat2` keeps a resolution beneath the root.
