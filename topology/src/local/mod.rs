@@ -6,6 +6,7 @@ mod cached;
 mod filesystem;
 mod paths;
 mod podman;
+mod podman_logs;
 mod systemd;
 mod tool;
 

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
 use super::beneath::{Beneath, BeneathError};
-use super::{paths, LocalDeviceTopology};
+use super::{paths, podman_logs, LocalDeviceTopology};
 use crate::container::{
     ContainerError, ContainerLogs, ContainerRuntime, ContainerSpec, ContainerState, ContainerStatus,
 };
@@ -193,6 +193,34 @@ struct Inspected {
     config: InspectedConfig,
     #[serde(default)]
     restart_count: u64,
+    #[serde(default)]
+    host_config: Option<InspectedHostConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectedHostConfig {
+    #[serde(default)]
+    log_config: Option<InspectedLogConfig>,
+}
+
+/// Where the container's output is logged.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InspectedLogConfig {
+    #[serde(default, rename = "Type")]
+    driver: String,
+    #[serde(default)]
+    path: String,
+}
+
+impl Inspected {
+    /// The container's log file, when it logs to one in the `k8s-file` format.
+    fn k8s_log_file(&self) -> Option<PathBuf> {
+        let log = self.host_config.as_ref()?.log_config.as_ref()?;
+        let path = Path::new(&log.path);
+        (log.driver == "k8s-file" && path.is_absolute()).then(|| path.to_owned())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,23 +360,7 @@ fn create_args(spec: &ContainerSpec, env_file: Option<&Path>) -> Vec<OsString> {
 #[async_trait]
 impl ContainerRuntime for Podman {
     async fn inspect_container(&self, name: &str) -> Result<Option<ContainerState>, ContainerError> {
-        let op = format!("inspect {name}");
-        let output = self
-            .call(&op, args(["container", "inspect", "--format", "json", "--", name]), self.call_timeout)
-            .await?;
-        if output.code != Some(0) {
-            return if output.is_missing_container() { Ok(None) } else { Err(failed(&op, &output)) };
-        }
-        let mut found: Vec<Inspected> =
-            serde_json::from_slice(&output.stdout).map_err(|err| ContainerError::BadOutput {
-                op: op.clone(),
-                message: bounded_text(&err.to_string(), MAX_MESSAGE_BYTES),
-            })?;
-        match found.len() {
-            0 => Ok(None),
-            1 => Ok(found.pop().map(ContainerState::from)),
-            n => Err(ContainerError::BadOutput { op, message: format!("{n} containers for one name") }),
-        }
+        Ok(self.inspect(name).await?.map(ContainerState::from))
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, ContainerError> {
@@ -419,9 +431,60 @@ impl ContainerRuntime for Podman {
         Ok(loaded_images(&String::from_utf8_lossy(&output.stdout)))
     }
 
+    /// The container's log file read directly when it is a `k8s-file` log
+    /// (see `podman_logs`: podman 4.3 prints lines logged in parts
+    /// wrongly); otherwise, or when that file cannot be read,
+    /// `podman logs --tail N -- NAME`.
+    async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError> {
+        if let Some(path) = self.inspect(name).await?.and_then(|found| found.k8s_log_file()) {
+            let read = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || podman_logs::tail_k8s_file(&path, tail, max_bytes)
+            });
+            match read.await {
+                Ok(Ok(logs)) => return Ok(logs),
+                Ok(Err(err)) => {
+                    tracing::warn!(container = name, path = %path.display(), error = %err, "log file unreadable; asking podman")
+                }
+                Err(err) => {
+                    tracing::warn!(container = name, error = %err, "log file reader failed; asking podman")
+                }
+            }
+        }
+        self.podman_logs(name, tail, max_bytes).await
+    }
+}
+
+impl Podman {
+    /// `podman container inspect` of one container; `None`: there is none.
+    async fn inspect(&self, name: &str) -> Result<Option<Inspected>, ContainerError> {
+        let op = format!("inspect {name}");
+        let output = self
+            .call(&op, args(["container", "inspect", "--format", "json", "--", name]), self.call_timeout)
+            .await?;
+        if output.code != Some(0) {
+            return if output.is_missing_container() { Ok(None) } else { Err(failed(&op, &output)) };
+        }
+        let mut found: Vec<Inspected> =
+            serde_json::from_slice(&output.stdout).map_err(|err| ContainerError::BadOutput {
+                op: op.clone(),
+                message: bounded_text(&err.to_string(), MAX_MESSAGE_BYTES),
+            })?;
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.pop()),
+            n => Err(ContainerError::BadOutput { op, message: format!("{n} containers for one name") }),
+        }
+    }
+
     /// `podman logs --tail N -- NAME`, its stdout and stderr on one pipe so
     /// the lines keep podman's order.
-    async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError> {
+    async fn podman_logs(
+        &self,
+        name: &str,
+        tail: u32,
+        max_bytes: usize,
+    ) -> Result<ContainerLogs, ContainerError> {
         let op = format!("logs {name}");
         let io_failed = |err: io::Error| ContainerError::CommandFailed {
             op: op.clone(),

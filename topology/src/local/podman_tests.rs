@@ -284,6 +284,36 @@ async fn an_archive_is_loaded_under_the_names_it_holds() {
     assert_eq!(loaded_images("Loaded image(s): a:1,b:2\nnoise\n"), ["a:1", "b:2"]);
 }
 
+// conmon logs a line in parts when its 8 KiB read ends inside it; podman
+// 4.3 prints such lines joined and split (podman#19545). The log file is
+// read directly: every line whole, in order.
+#[tokio::test]
+async fn lines_a_fast_writer_had_logged_in_parts_come_back_whole() {
+    let Some(podman) = real_podman() else { return };
+    let name = Name::new("fastlogs");
+    let script = "i=0; while [ $i -lt 3000 ]; do printf 'line %04d %0100d\\n' $i 0; i=$((i+1)); done; echo done; sleep 600";
+    podman.create_and_start(&spec(&name.0, &["/bin/sh", "-c", script])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let logs = loop {
+        let logs = podman.logs(&name.0, 5000, 1 << 20).await.unwrap();
+        if logs.lines.last().map(String::as_str) == Some("done") {
+            break logs;
+        }
+        assert!(Instant::now() < deadline, "{:?}", logs.lines.last());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let want: Vec<String> =
+        (0..3000).map(|i| format!("line {i:04} {:0100}", 0)).chain(["done".into()]).collect();
+    assert!(
+        logs.lines == want && !logs.truncated,
+        "{} lines, first differing: {:?}",
+        logs.lines.len(),
+        logs.lines.iter().zip(&want).find(|(a, b)| a != b)
+    );
+    let tail = podman.logs(&name.0, 2, 1 << 20).await.unwrap();
+    assert_eq!(tail.lines, want[2999..]);
+}
+
 #[tokio::test]
 async fn logs_are_the_last_lines_of_stdout_and_stderr_in_order_and_bounded() {
     let Some(podman) = real_podman() else { return };
