@@ -270,6 +270,8 @@ impl FleetClient {
         let (mut report, buckets) = self.setup_buckets().await?;
         let artifacts = self.ensure_artifacts_bucket().await?;
         report.push(BucketReport { bucket: ARTIFACTS_BUCKET, action: artifacts });
+        let rollouts = self.ensure_rollouts_bucket().await?;
+        report.push(BucketReport { bucket: harmony_score_wire::names::ROLLOUTS_BUCKET, action: rollouts });
         // Another task may have opened them meanwhile; both handles are equal.
         let _ = self.buckets.set(buckets);
         Ok(report)
@@ -450,15 +452,17 @@ impl FleetClient {
         // device's last beat (its status is written only when it changes).
         let (keys, beats): (Vec<String>, Vec<String>) =
             keys.into_iter().partition(|k| DeviceId::new(k).is_ok());
-        let beats: HashMap<DeviceId, u64> =
-            futures_util::stream::iter(beats.iter().filter_map(|k| parse_heartbeat_key(k)))
-                .map(|device| async move {
-                    let beat = read_heartbeat(store, &device).await;
-                    (device, beat)
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
+        // Parsed first: a closure over `&String` in the stream trips the
+        // higher-ranked lifetime check of async-trait's boxed futures.
+        let beats: Vec<DeviceId> = beats.iter().filter_map(|k| parse_heartbeat_key(k)).collect();
+        let beats: HashMap<DeviceId, u64> = futures_util::stream::iter(beats)
+            .map(|device| async move {
+                let beat = read_heartbeat(store, &device).await;
+                (device, beat)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
         let reads = futures_util::stream::iter(keys).map(|key| async move {
             match read_status(store, &key).await {
                 Ok(found) => found.map(|(status, _)| status),
@@ -606,7 +610,7 @@ async fn read_heartbeat(store: &kv::Store, device: &DeviceId) -> u64 {
 }
 
 /// When the server stored `entry`, in milliseconds since the epoch.
-fn server_ms(entry: &kv::Entry) -> u64 {
+pub(crate) fn server_ms(entry: &kv::Entry) -> u64 {
     u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 

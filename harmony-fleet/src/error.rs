@@ -209,6 +209,24 @@ pub enum FleetError {
     /// invalid Score, two Scores owning one resource); nothing was written.
     #[error("cannot encode the document")]
     EncodeFailed(#[source] EncodeError),
+    /// A rollout cannot start or resume as asked (another one runs, nothing
+    /// to resume, waves that do not reach every device, no device selected).
+    #[error("rollout of {deployment}: {reason}")]
+    RolloutRefused {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// Why (bounded, escaped).
+        reason: String,
+    },
+    /// Another operator process wrote the rollout's state since this one
+    /// last did (it resumed the rollout): this one stops writing.
+    #[error("rollout of {deployment} was taken over by another operator ({owner}); this one stopped")]
+    RolloutTakenOver {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// Who holds it now, as it says (bounded, escaped).
+        owner: String,
+    },
 }
 
 impl FleetError {

@@ -57,6 +57,15 @@ enum Command {
     },
     /// Writes a document as a device's desired state, at the deployment's next generation.
     Deploy(cli::DeployArgs),
+    /// Rolls a document out to many devices in waves; stops by itself when
+    /// too many fail (exit 1 with a table of which device failed which check).
+    Rollout(Box<cli::RolloutArgs>),
+    /// Lists staged rollouts and where each stands.
+    Rollouts {
+        /// Print the stored states as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Deletes a deployment from a device (the device prunes what it owned).
     Delete {
         /// The device.
@@ -280,6 +289,8 @@ fn run_online(command: Command, conn: Connection) -> Result<(), CliError> {
     runtime.block_on(async move {
         match command {
             Command::Deploy(args) => cli::deploy(&conn, args).await,
+            Command::Rollout(args) => cli::rollout(&conn, *args).await,
+            Command::Rollouts { json } => cli::rollouts(&conn, json).await,
             Command::Delete { device, deployment, wait, timeout } => {
                 cli::delete(&conn, &device, &deployment, wait.then_some(secs(timeout))).await
             }

@@ -177,8 +177,9 @@ fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
     cells.iter().map(|c| (*c).to_owned()).collect()
 }
 
-/// Left-aligned columns two spaces apart, trailing blanks trimmed.
-fn render(rows: &[Vec<String>]) -> String {
+/// Left-aligned columns two spaces apart, trailing blanks trimmed (the
+/// first row is the header).
+pub fn render(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))

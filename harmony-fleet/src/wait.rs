@@ -125,6 +125,20 @@ impl FleetClient {
         awaited: &[Awaited],
         timeout: Duration,
     ) -> Result<Vec<Result<DeploymentStatus, FleetError>>, FleetError> {
+        self.wait_for_generations_reporting(deployment, awaited, timeout, &|_, _| {}).await
+    }
+
+    /// [`wait_for_generations`](Self::wait_for_generations), calling
+    /// `on_done(index, result)` for each device as soon as it concludes
+    /// (a device that times out is not reported: its result is the
+    /// timeout, in the list returned).
+    pub async fn wait_for_generations_reporting(
+        &self,
+        deployment: &DeploymentName,
+        awaited: &[Awaited],
+        timeout: Duration,
+        on_done: &(dyn Fn(usize, &Result<DeploymentStatus, FleetError>) + Send + Sync),
+    ) -> Result<Vec<Result<DeploymentStatus, FleetError>>, FleetError> {
         let whats = awaited
             .iter()
             .map(|a| {
@@ -140,7 +154,7 @@ impl FleetClient {
         let results = self
             .follow_statuses(&devices, timeout, whats, |i, status| {
                 let Awaited { device, generation, digest } = &awaited[i];
-                match generation_progress(status, deployment, *generation, digest.as_deref()) {
+                let judged = match generation_progress(status, deployment, *generation, digest.as_deref()) {
                     Progress::Applied(ds) => ControlFlow::Break(Ok(ds)),
                     Progress::Failed(ds) => ControlFlow::Break(Err(FleetError::DeploymentFailed {
                         device: device.clone(),
@@ -154,7 +168,11 @@ impl FleetClient {
                         current: Box::new(ds),
                     })),
                     Progress::Pending(last) => ControlFlow::Continue(last),
+                };
+                if let ControlFlow::Break(result) = &judged {
+                    on_done(i, result);
                 }
+                judged
             })
             .await?;
         Ok(results

@@ -12,6 +12,11 @@ pub const INDEX_SUFFIX: &str = "_index";
 /// Object Store bucket of artifacts (container image archives), addressed
 /// by name and sha256 from Scores: the operator writes, devices only read.
 pub const ARTIFACTS_BUCKET: &str = "harmony-artifacts";
+/// KV bucket of staged rollouts (the operators' own; no device reads it):
+/// key `<deployment>` → the rollout's state, `<deployment>.doc` → the
+/// document rolled out, `<deployment>.prev.<digest>` → a document devices
+/// had before it (CBOR).
+pub const ROLLOUTS_BUCKET: &str = "harmony-rollouts";
 
 /// `OBJ_harmony-artifacts`: the stream behind [`ARTIFACTS_BUCKET`].
 pub fn artifacts_stream() -> String {

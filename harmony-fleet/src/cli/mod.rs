@@ -1,5 +1,9 @@
 //! The `harmony-fleet` subcommands, each a thin layer over `FleetClient` or `DeviceDeploymentScore`.
 
+mod rollout;
+
+pub use rollout::{rollout, rollouts, RolloutArgs};
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

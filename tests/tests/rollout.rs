@@ -1,0 +1,317 @@
+//! Staged rollouts end to end (issue 11 §3): a real nats-server, 20 real
+//! agents (in this process), the real `harmony-fleet` binary for the
+//! command line, `FleetRolloutScore` through a `Maestro` for the library.
+//!
+//! Every device gets generation 1 (`/etc/app.conf` = `v1`, no checks).
+//! The rollout's document sets it to `v2` and checks the sha256 of
+//! `/etc/canary-ok`, a file the test puts on healthy devices only: a device
+//! without it (labelled `health=bad`) fails its check and rolls itself back.
+//! Agents resync once an hour: nothing converges by a timer.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use harmony_e2e::{deployment, file_score, within, workspace_bin, Fleet, InProcessAgent, WAIT};
+use harmony_fleet::{
+    Awaited, DeployRequest, FleetRolloutScore, FleetTopology, MaxFailures, RolloutPhase, RolloutStore,
+    RolloutTargets, WaveSize,
+};
+use harmony_score_wire::{Check, DeviceId};
+use harmony_topology::{InterpretStatus, Inventory, Maestro};
+use tokio::io::AsyncBufReadExt;
+
+const DEVICES: usize = 20;
+/// sha256 of "ok".
+const OK_SHA: &str = "2689367b205c16ce32ed4200942b8b8b1e262dfc70d9bc9fbc77c49699a4f1df";
+/// `1,25%,50%,100%` of 20: dev-01 | dev-02..05 | dev-06..10 | dev-11..20.
+const WAVES: &str = "1,25%,50%,100%";
+
+fn id(n: usize) -> DeviceId {
+    DeviceId::new(format!("dev-{n:02}")).unwrap()
+}
+
+/// 20 agents labelled `site=lab`, those in `bad` also `health=bad` and
+/// without the canary file, each on generation 1 of `app`.
+async fn fleet_of(bad: &[usize]) -> (Fleet, Vec<InProcessAgent>) {
+    let f = Fleet::new().await;
+    let mut agents = Vec::new();
+    for n in 1..=DEVICES {
+        let device = id(n);
+        let mut layer = f.layer(device.as_str(), device.as_str());
+        layer.labels.insert("site".into(), "lab".into());
+        if bad.contains(&n) {
+            layer.labels.insert("health".into(), "bad".into());
+        } else {
+            put_canary(&f, n);
+        }
+        agents.push(InProcessAgent::start(layer.resolve().unwrap()));
+    }
+    let mut awaited = Vec::new();
+    for n in 1..=DEVICES {
+        f.online(&id(n)).await;
+        let request = DeployRequest::new(id(n), deployment("app"), vec![file_score("/etc/app.conf", "v1")]);
+        let deployed = within(f.client.deploy(request)).await.unwrap();
+        awaited.push(Awaited {
+            device: id(n),
+            generation: deployed.generation,
+            digest: Some(deployed.digest),
+        });
+    }
+    for result in f.client.wait_for_generations(&deployment("app"), &awaited, WAIT).await.unwrap() {
+        result.unwrap();
+    }
+    (f, agents)
+}
+
+fn put_canary(f: &Fleet, n: usize) {
+    let canary = f.root(id(n).as_str(), "/etc/canary-ok");
+    std::fs::create_dir_all(canary.parent().unwrap()).unwrap();
+    std::fs::write(canary, "ok").unwrap();
+}
+
+/// The rollout's document, as the command line reads it.
+fn document(f: &Fleet, health_timeout_s: u64) -> std::path::PathBuf {
+    let path = f.dir.path().join("app-v2.json");
+    let doc = serde_json::json!({
+        "device_id": "dev-01", "deployment": "app", "generation": 1,
+        "scores": [{"type": "harmony.file/v1", "path": "/etc/app.conf", "content": "v2"}],
+        "health": [{"type": "file_sha256", "path": "/etc/canary-ok", "sha256": OK_SHA}],
+        "health_timeout_s": health_timeout_s,
+    });
+    std::fs::write(&path, doc.to_string()).unwrap();
+    path
+}
+
+fn app_conf(f: &Fleet, n: usize) -> String {
+    std::fs::read_to_string(f.root(id(n).as_str(), "/etc/app.conf")).unwrap()
+}
+
+/// The generation the desired-state key of `app` holds on device `n`.
+async fn key_generation(f: &Fleet, n: usize) -> u64 {
+    f.client.desired_state(&id(n), &deployment("app")).await.unwrap().map_or(0, |d| d.generation)
+}
+
+/// Runs `harmony-fleet` to its end (without blocking the agents' runtime).
+async fn fleet_cli(f: &Fleet, args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new(workspace_bin("harmony-fleet"))
+        .args(["--nats", &f.nats.url()])
+        .args(args)
+        .output();
+    tokio::time::timeout(Duration::from_secs(300), run).await.expect("harmony-fleet timed out").unwrap()
+}
+
+// With 3 devices labelled to fail and --max-failures 2, the rollout stops
+// after the wave where the third fails (wave 3): wave 4's devices never get
+// the new generation, and the command exits 1 with the table of who
+// failed which check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_stops_after_the_wave_where_the_third_device_fails_and_later_waves_are_untouched() {
+    let bad = [3, 7, 8];
+    let (f, _agents) = fleet_of(&bad).await;
+    let doc = document(&f, 2);
+    let out = fleet_cli(
+        &f,
+        &[
+            "rollout",
+            "--deployment",
+            "app",
+            doc.to_str().unwrap(),
+            "--selector",
+            "site=lab",
+            "--waves",
+            WAVES,
+            "--max-failures",
+            "2",
+            "--wave-timeout",
+            "60",
+            "--wait",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("rollout of app: 20 devices in 4 waves (1, 4, 5, 10)"), "{stdout}");
+    assert!(
+        stdout.contains("wave 2/4: 3 done, 0 failed, 1 rolled back (1 failed in all so far)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "ABORTED after wave 3: 3 of 10 devices failed (at most 2 allowed); 10 devices not updated"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("wave 4/4"), "{stdout}");
+    // The table: exactly the three, each with the check that failed.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("dev-") && l.contains("rolled_back  file_sha256"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    for (row, n) in rows.iter().zip(bad) {
+        assert!(row.trim_start().starts_with(id(n).as_str()), "{row}");
+    }
+    for n in 1..=10 {
+        let want = if bad.contains(&n) { "v1" } else { "v2" };
+        assert_eq!(app_conf(&f, n), want, "dev-{n:02}");
+        assert_eq!(key_generation(&f, n).await, 2, "dev-{n:02}");
+    }
+    for n in 11..=DEVICES {
+        assert_eq!(
+            (app_conf(&f, n), key_generation(&f, n).await),
+            ("v1".into(), 1),
+            "dev-{n:02} was not to be reached"
+        );
+    }
+    let listed = fleet_cli(&f, &["rollouts"]).await;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let row = listed.lines().find(|l| l.starts_with("app ")).unwrap_or_default().to_owned();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..5], ["aborted", "3/4", "10/20", "3"], "{listed}");
+}
+
+// The library path: the Score through a Maestro, --revert-on-abort's
+// counterpart. The canary fails, the rollout stops after wave 1 and gives
+// it its previous document back as generation 3 (generations never go back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_on_abort_puts_the_previous_document_back_on_the_devices_reached() {
+    let bad = [1, 4];
+    let (f, _agents) = fleet_of(&bad).await;
+    let score = FleetRolloutScore {
+        deployment: deployment("app"),
+        scores: vec![file_score("/etc/app.conf", "v2")],
+        health: vec![Check::FileSha256 { path: "/etc/canary-ok".into(), sha256: OK_SHA.into() }],
+        health_timeout_s: Some(2),
+        expires_at: None,
+        targets: RolloutTargets::Devices((1..=DEVICES).map(id).collect()),
+        waves: vec![WaveSize::Devices(1), WaveSize::Percent(25), WaveSize::Percent(100)],
+        max_failures: MaxFailures::Percent(20),
+        wave_timeout_s: 60,
+        wait: true,
+        revert_on_abort: true,
+        force: false,
+        lease_s: 30,
+        resume: false,
+        events: None,
+    };
+    let maestro =
+        Maestro::initialize(Inventory::empty(), FleetTopology::from_client(f.client.clone())).await.unwrap();
+    let outcome = within(maestro.interpret(&score)).await.unwrap();
+    // The canary alone failed: 1 of 1 is over 20%.
+    assert_eq!(outcome.status, InterpretStatus::FAILURE, "{outcome:?}");
+    assert!(outcome.message.contains("rollout reverted after wave 1 of 3"), "{}", outcome.message);
+    assert!(
+        outcome.details.iter().any(|l| l.starts_with("dev-01") && l.contains("rolled_back")),
+        "{outcome:?}"
+    );
+    assert_eq!((app_conf(&f, 1), key_generation(&f, 1).await), ("v1".into(), 3));
+    for n in 2..=DEVICES {
+        assert_eq!((app_conf(&f, n), key_generation(&f, n).await), ("v1".into(), 1), "dev-{n:02}");
+    }
+    let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap().state;
+    assert_eq!(stored.phase, RolloutPhase::Reverted);
+    assert_eq!(stored.reverted.len(), 1);
+
+    // Again, 2 failures allowed: the canary (now on generation 3) and
+    // dev-04 in wave 2 fail and roll themselves back, the rest move to v2,
+    // and the rollout completes. A finished rollout's key is reused.
+    let score = FleetRolloutScore { max_failures: MaxFailures::Devices(2), revert_on_abort: false, ..score };
+    let outcome = within(maestro.interpret(&score)).await.unwrap();
+    assert_eq!(outcome.status, InterpretStatus::SUCCESS, "{outcome:?}");
+    assert!(
+        outcome.message.contains("rollout completed: 20 devices in 3 waves, 2 failed"),
+        "{}",
+        outcome.message
+    );
+    assert_eq!(key_generation(&f, 1).await, 4);
+    for n in 1..=DEVICES {
+        let want = if bad.contains(&n) { "v1" } else { "v2" };
+        assert_eq!(app_conf(&f, n), want, "dev-{n:02}");
+    }
+}
+
+// An operator killed mid-rollout: a second operator is refused while the
+// first one holds the rollout, `--resume` is refused until its lease runs
+// out, then resumes and finishes it. No device gets the document twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rollout_resumes_and_finishes_and_no_second_operator_runs_it_meanwhile() {
+    // Wave 2's devices lack the canary until the first operator is dead:
+    // they stay `verifying`, holding the rollout in wave 2.
+    let late = [2, 3, 4, 5];
+    let (f, _agents) = fleet_of(&late).await;
+    let doc = document(&f, 120);
+    let mut first = tokio::process::Command::new(workspace_bin("harmony-fleet"))
+        .args(["--nats", &f.nats.url(), "rollout", "--deployment", "app", doc.to_str().unwrap()])
+        .args([
+            "--selector",
+            "site=lab",
+            "--waves",
+            WAVES,
+            "--wave-timeout",
+            "120",
+            "--wait",
+            "--json",
+            "--lease",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut events = tokio::io::BufReader::new(first.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    within(async {
+        while let Some(line) = events.next_line().await.unwrap() {
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            seen.push(event.clone());
+            if event["event"] == "wave_started" && event["wave"] == 2 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert_eq!(seen[0]["event"], "started", "{seen:?}");
+    assert!(
+        seen.iter().any(|e| e["event"] == "device" && e["device"] == "dev-01" && e["state"] == "done"),
+        "{seen:?}"
+    );
+    // Another operator: a new rollout and a resume are both refused.
+    let second =
+        fleet_cli(&f, &["rollout", "--deployment", "app", doc.to_str().unwrap(), "--devices", "dev-01"])
+            .await;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another rollout is running (wave 2 of 4"), "{stderr}");
+    let early = fleet_cli(&f, &["rollout", "--deployment", "app", "--resume"]).await;
+    let stderr = String::from_utf8_lossy(&early.stderr);
+    assert_eq!(early.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("it is still running"), "{stderr}");
+
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    for n in late {
+        put_canary(&f, n);
+    }
+    // Resume as soon as the dead operator's lease ran out.
+    let deadline = Instant::now() + WAIT;
+    let resumed = loop {
+        let out = fleet_cli(&f, &["rollout", "--deployment", "app", "--resume"]).await;
+        if !String::from_utf8_lossy(&out.stderr).contains("it is still running") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "the lease never ran out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    println!("{stdout}");
+    assert!(resumed.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(stdout.contains("resuming rollout of app: 20 devices in 4 waves"), "{stdout}");
+    assert!(stdout.contains("rollout completed: 20 devices in 4 waves, 0 failed"), "{stdout}");
+    for n in 1..=DEVICES {
+        // Generation 2 everywhere: the resumed wave was not written twice.
+        assert_eq!((app_conf(&f, n), key_generation(&f, n).await), ("v2".into(), 2), "dev-{n:02}");
+    }
+    let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap().state;
+    assert_eq!((stored.phase, stored.results.len()), (RolloutPhase::Completed, DEVICES));
+}
