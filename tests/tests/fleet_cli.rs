@@ -102,12 +102,12 @@ async fn init_status_devices_and_ping_print_what_the_fleet_holds() {
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert_eq!(
         run.stdout,
-        "harmony-desired-state: created\nharmony-agent-status: created\nharmony-artifacts: created\n"
+        "harmony-desired-state: created\nharmony-agent-status: created\nharmony-artifacts: created\nharmony-rollouts: created\n"
     );
     let run = fleet(&server, &["init"]).await;
     assert_eq!(
         run.stdout,
-        "harmony-desired-state: exists\nharmony-agent-status: exists\nharmony-artifacts: exists\n"
+        "harmony-desired-state: exists\nharmony-agent-status: exists\nharmony-artifacts: exists\nharmony-rollouts: exists\n"
     );
 
     let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();

@@ -463,7 +463,8 @@ async fn init_with_replicas_makes_and_rescales_buckets() {
     assert!(first.contains("harmony-desired-state: created"), "{first}");
     assert!(first.contains("harmony-agent-status: replicas changed from 1 to 3"), "{first}");
     assert!(first.contains("harmony-artifacts: created"), "{first}");
-    for stream in [DESIRED_STREAM, STATUS_STREAM, "OBJ_harmony-artifacts"] {
+    assert!(first.contains("harmony-rollouts: replicas changed from 1 to 3"), "{first}");
+    for stream in [DESIRED_STREAM, STATUS_STREAM, "OBJ_harmony-artifacts", "KV_harmony-rollouts"] {
         let config = replicas(stream).await;
         assert_eq!(config.num_replicas, 3, "{stream}");
         assert!(config.allow_direct, "{stream}");
@@ -474,7 +475,7 @@ async fn init_with_replicas_makes_and_rescales_buckets() {
     assert!(!replicas(STATUS_STREAM).await.allow_rollup, "status bucket still refuses rollups");
 
     let again = init(&[]).await;
-    assert_eq!(again.matches(": exists").count(), 3, "{again}");
+    assert_eq!(again.matches(": exists").count(), 4, "{again}");
     assert_eq!(replicas(DESIRED_STREAM).await.num_replicas, 3, "init without the flag changes nothing");
 }
 
