@@ -126,15 +126,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr, filtered by `HARMONY_LOG` (`info` by default): a level
+/// (`debug`) or `target=level` pairs (`harmony_agent=debug,async_nats=warn`).
+/// A `Targets` filter, not an `EnvFilter`: no regex engine in the agent's
+/// binary (about 0.5 MiB of it), and no span-field filters, which no one used.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HARMONY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, refused) = match std::env::var("HARMONY_LOG") {
+        Ok(text) => match text.parse::<tracing_subscriber::filter::Targets>() {
+            Ok(filter) => (filter, None),
+            Err(err) => (default_filter(), Some((text, err))),
+        },
+        Err(_) => (default_filter(), None),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .with(filter)
         .init();
+    if let Some((text, err)) = refused {
+        tracing::warn!(
+            value = %harmony_score_wire::log_text(&text),
+            error = %err,
+            "HARMONY_LOG is not a filter (a level, or target=level pairs); logging at info"
+        );
+    }
+}
+
+fn default_filter() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
 }
 
 /// Runs `work` on a single-threaded runtime (the agent is small; file work
