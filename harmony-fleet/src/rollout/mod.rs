@@ -374,7 +374,7 @@ impl<T: RolloutStore> Run<'_, T> {
             });
             self.state.wave = wave + 1;
             if self.state.max_failures.crossed(failures, updated) {
-                let untouched = self.state.devices.len() - updated;
+                let untouched = self.state.devices.len().saturating_sub(updated);
                 let reason = format!(
                     "{failures} of {updated} devices failed (at most {} allowed); {untouched} devices not updated",
                     self.state.max_failures
@@ -408,13 +408,19 @@ impl<T: RolloutStore> Run<'_, T> {
             .collect();
         let mut awaited = Vec::new();
         for &(ref device, wave) in &reached {
-            let previous = self.state.previous.get(device).cloned().flatten();
-            let written = match &previous {
-                Some(name) => match self.fleet.load_document(&self.state.deployment, name).await {
+            // No entry is "not known", never "had none": that would delete.
+            let written = match self.state.previous.get(device) {
+                Some(Some(name)) => match self.fleet.load_document(&self.state.deployment, name).await {
                     Ok((doc, _)) => self.write(device, &doc).await.map(Some),
                     Err(err) => Err(err),
                 },
-                None => self.fleet.delete_deployment(device, &self.state.deployment).await.map(|_| None),
+                Some(None) => {
+                    self.fleet.delete_deployment(device, &self.state.deployment).await.map(|_| None)
+                }
+                None => Err(FleetError::RolloutRefused {
+                    deployment: self.state.deployment.clone(),
+                    reason: "its previous document was not recorded; left as it is".into(),
+                }),
             };
             match written {
                 Ok(Some(deployed)) => awaited.push(Awaited {
@@ -634,7 +640,8 @@ fn outcome(state: &RolloutState) -> Outcome {
                 state.deployment,
                 phase.as_str(),
                 state.wave,
-                state.reason.as_deref().unwrap_or("stopped"),
+                // Escaped: a resumed rollout's reason is what the bucket held.
+                bounded_text(state.reason.as_deref().unwrap_or("stopped"), 1024),
                 if phase == RolloutPhase::Reverted {
                     format!(
                         "; {} devices given their previous document back ({} of them did not confirm it)",
@@ -675,5 +682,21 @@ impl<T: Topology + RolloutStore> Interpret<T> for FleetRolloutInterpret {
 
     fn get_children(&self) -> Vec<Id> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A resumed rollout prints the reason its stored state holds.
+    #[test]
+    fn the_outcome_escapes_and_bounds_a_stored_reason() {
+        let mut state = plan::tests::state_of(1, &[1]);
+        state.phase = RolloutPhase::Aborted;
+        state.reason = Some(format!("\u{1b}[2Jgone\n{}", "x".repeat(100_000)));
+        let message = outcome(&state).message;
+        assert!(!message.contains('\u{1b}') && !message.contains('\n'), "{message}");
+        assert!(message.len() < 2048, "{}", message.len());
     }
 }

@@ -168,15 +168,29 @@ impl FleetClient {
     }
 }
 
-fn decode_state(key: &str, entry: &kv::Entry) -> Result<StoredRollout, FleetError> {
-    let state: RolloutState = from_cbor(&entry.value, MAX_VALUE_BYTES, "rollout state")
+/// A state read from the bucket under `key`, checked.
+fn decode_state_value(key: &str, value: &[u8]) -> Result<RolloutState, FleetError> {
+    let state: RolloutState = from_cbor(value, MAX_VALUE_BYTES, "rollout state")
         .map_err(|source| FleetError::BadValue { key: key.to_owned(), source })?;
-    if let Err(reason) = state.check() {
-        return Err(FleetError::RolloutRefused {
+    let checked = match state.check() {
+        // The key decides which rollout it is: a state copied from another
+        // key would have `--resume` write another deployment.
+        Ok(()) if state.deployment.as_str() != key => {
+            Err(format!("it is the state of deployment {}", state.deployment))
+        }
+        checked => checked,
+    };
+    match checked {
+        Ok(()) => Ok(state),
+        Err(reason) => Err(FleetError::RolloutRefused {
             deployment: state.deployment.clone(),
-            reason: bounded_text(&format!("its stored state is not usable: {reason}"), 512),
-        });
+            reason: bounded_text(&format!("its stored state under {key} is not usable: {reason}"), 512),
+        }),
     }
+}
+
+fn decode_state(key: &str, entry: &kv::Entry) -> Result<StoredRollout, FleetError> {
+    let state = decode_state_value(key, &entry.value)?;
     let age = Duration::from_millis(now_ms().saturating_sub(server_ms(entry)));
     Ok(StoredRollout { state, revision: entry.revision, age })
 }
@@ -358,5 +372,21 @@ impl RolloutStore for FleetTopology {
         name: &str,
     ) -> Result<(RolloutDocument, String), FleetError> {
         self.client().load_document(deployment, name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The state under key `web` that names deployment `db`: resuming `web`
+    // would write `db` on every device (and CAS `db`'s key with `web`'s revision).
+    #[test]
+    fn a_state_under_another_deployments_key_is_refused() {
+        let state = crate::rollout::plan::tests::state_of(1, &[1]);
+        let value = to_cbor(&state);
+        assert!(decode_state_value("web", &value).is_ok());
+        let err = decode_state_value("db", &value).unwrap_err();
+        assert!(crate::error_chain(&err).contains("deployment web"), "{}", crate::error_chain(&err));
     }
 }
