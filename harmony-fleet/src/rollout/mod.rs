@@ -34,8 +34,6 @@ use crate::{error_chain, Awaited, DeployRequest, Deployed, FleetError};
 
 /// How many devices of a wave are written at once.
 const PARALLEL_WRITES: usize = 32;
-/// The name of the rolled-out document beside the state.
-const DOC_NAME: &str = "doc";
 
 /// Which devices a rollout reaches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -523,7 +521,6 @@ impl FleetRolloutInterpret {
             None => 0,
         };
         let (bytes, digest) = document.encoded()?;
-        fleet.save_document(&self.deployment, DOC_NAME, bytes).await?;
         let state = RolloutState {
             format: ROLLOUT_STATE_FORMAT,
             deployment: self.deployment.clone(),
@@ -547,6 +544,9 @@ impl FleetRolloutInterpret {
             started_at_ms: now_ms(),
             reason: None,
         };
+        // Stored before the state that names it (a resume needs it); under
+        // its digest, so a rival start that loses the create replaces nothing.
+        fleet.save_document(&self.deployment, &state.document_name(), bytes).await?;
         let mut run = Run { fleet, state, revision, events: self.events.clone() };
         // Compare-and-set: of two operators starting at once, one wins.
         run.save().await.map_err(|err| match err {
@@ -580,7 +580,7 @@ impl FleetRolloutInterpret {
                 lease.as_secs()
             )));
         }
-        let (document, digest) = fleet.load_document(&self.deployment, DOC_NAME).await?;
+        let (document, digest) = fleet.load_document(&self.deployment, &stored.state.document_name()).await?;
         if digest != stored.state.document_digest {
             return Err(self.refused("its stored document is not the one it started with"));
         }

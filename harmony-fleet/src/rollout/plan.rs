@@ -338,6 +338,13 @@ impl RolloutState {
         &self.devices[start..self.wave_ends[wave]]
     }
 
+    /// The name of the rolled-out document beside the state: by its digest,
+    /// so that an operator whose start lost the compare-and-set never
+    /// replaces the winner's.
+    pub fn document_name(&self) -> String {
+        format!("doc.{}", self.document_digest.trim_start_matches("sha256:"))
+    }
+
     /// Failed devices so far, and devices with a result.
     pub fn failures(&self) -> (usize, usize) {
         let failed = self.results.values().filter(|r| r.state.is_failure()).count();
@@ -360,15 +367,16 @@ impl RolloutState {
         {
             return Err("its waves do not divide its devices".into());
         }
-        // Names of documents beside the state: `prev.` and a sha256 in hex,
-        // nothing that could name another key of the bucket.
-        let valid = |name: &String| {
-            name.strip_prefix("prev.").is_some_and(|hex| {
-                hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            })
+        // Names of documents beside the state: `prev.` or `doc.` and a
+        // sha256 in hex, nothing that could name another key of the bucket.
+        let sha256 = |hex: &str| {
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
-        if !self.previous.values().flatten().all(valid) {
+        if !self.previous.values().flatten().all(|name| name.strip_prefix("prev.").is_some_and(sha256)) {
             return Err("it names a previous document that is not `prev.<sha256>`".into());
+        }
+        if !self.document_digest.strip_prefix("sha256:").is_some_and(sha256) {
+            return Err("its document digest is not `sha256:<hex>`".into());
         }
         if self.lease_ms < 1000 || self.wave_timeout_s == 0 {
             return Err("its lease is under 1 s or its wave timeout is 0".into());
@@ -632,9 +640,13 @@ pub(crate) mod tests {
         let mut forged = state.clone();
         forged.lease_ms = 0;
         refused(&forged, "a lease of 0 ms");
-        let mut forged = state;
+        let mut forged = state.clone();
         forged.wave_timeout_s = 0;
         refused(&forged, "a wave timeout of 0 s");
+        // The digest names the document's key: nothing but a sha256.
+        let mut forged = state;
+        forged.document_digest = "sha256:0.prev.x".into();
+        refused(&forged, "a document digest that names another key");
     }
 
     // The table and the outcome print what the state holds; on `--resume`

@@ -112,7 +112,7 @@ pub trait RolloutStore: DeviceFleet {
     /// Every rollout, by deployment.
     async fn list_rollouts(&self) -> Result<Vec<StoredRollout>, FleetError>;
 
-    /// Stores a document beside the rollout under `name` (`doc`, `prev.<digest>`).
+    /// Stores a document beside the rollout under `name` (`doc.<sha256>`, `prev.<sha256>`).
     async fn save_document(
         &self,
         deployment: &DeploymentName,
@@ -267,7 +267,7 @@ impl RolloutStore for FleetClient {
         let mut found = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| FleetError::nats("list rollouts", e))?;
-            // Documents beside the states (`<deployment>.doc`) are not rollouts.
+            // Documents beside the states (`<deployment>.doc.<sha256>`) are not rollouts.
             let Ok(deployment) = DeploymentName::new(key.as_str()) else { continue };
             if let Some(stored) = self.load_rollout(&deployment).await? {
                 found.push(stored);
