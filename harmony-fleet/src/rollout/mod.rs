@@ -269,7 +269,7 @@ impl<T: RolloutStore> Run<'_, T> {
                 continue;
             }
             let previous = match self.fleet.current_document(device, &self.state.deployment).await? {
-                Some(doc) => {
+                Some((doc, _)) => {
                     let (bytes, digest) = doc.encoded()?;
                     let name = format!("prev.{}", digest.trim_start_matches("sha256:"));
                     if !stored.contains(&name) {
@@ -393,34 +393,69 @@ impl<T: RolloutStore> Run<'_, T> {
         Ok(())
     }
 
+    /// Gives one device its previous document back (`Some`: awaited), or
+    /// deletes the deployment when it had none (`None`). A device whose key
+    /// no longer holds what the rollout wrote (`generation`) is left as it
+    /// is, unless it holds the previous document already (a revert that was
+    /// interrupted after writing it): the revert undoes the rollout's write,
+    /// never a later one by another operator.
+    async fn revert_one(&self, device: &DeviceId, generation: u64) -> Result<Option<Deployed>, FleetError> {
+        let deployment = &self.state.deployment;
+        // No entry is "not known", never "had none": that would delete.
+        let previous = match self.state.previous.get(device) {
+            Some(Some(name)) => {
+                let (doc, _) = self.fleet.load_document(deployment, name).await?;
+                // Without its expiry: the revert is a new decision, and a
+                // past expiry would have every device refuse it.
+                Some(RolloutDocument { expires_at: None, ..doc })
+            }
+            Some(None) => None,
+            None => return Err(self.left("its previous document was not recorded")),
+        };
+        let current = self.fleet.current_document(device, deployment).await?;
+        let ours = current.as_ref().is_some_and(|(_, g)| *g == generation);
+        let reverted_already = match (&current, &previous) {
+            (None, None) => true,
+            (Some((doc, _)), Some(prev)) => {
+                let doc = RolloutDocument { expires_at: None, ..doc.copy()? };
+                doc.encoded()?.1 == prev.encoded()?.1
+            }
+            _ => false,
+        };
+        if !ours && !reverted_already {
+            let now = current.map_or_else(
+                || "the deployment was deleted".into(),
+                |(_, g)| format!("generation {g} was written"),
+            );
+            return Err(self.left(&format!("{now} since the rollout wrote generation {generation}")));
+        }
+        match previous {
+            Some(doc) => self.write(device, &doc).await.map(Some),
+            None => self.fleet.delete_deployment(device, deployment).await.map(|_| None),
+        }
+    }
+
+    fn left(&self, why: &str) -> FleetError {
+        FleetError::RolloutRefused {
+            deployment: self.state.deployment.clone(),
+            reason: format!("not reverted: {why}; left as it is"),
+        }
+    }
+
     /// Gives every device the rollout reached its previous document back,
     /// as a newer generation (generations never go back); a device that had
     /// none loses the deployment.
     async fn revert(&mut self) -> Result<(), FleetError> {
-        let reached: Vec<(DeviceId, usize)> = self
+        let reached: Vec<(DeviceId, usize, u64)> = self
             .state
             .results
             .iter()
             .filter(|(device, r)| r.generation > 0 && !self.state.reverted.contains_key(*device))
-            .map(|(device, r)| (device.clone(), r.wave))
+            .map(|(device, r)| (device.clone(), r.wave, r.generation))
             .collect();
         let mut awaited = Vec::new();
-        for &(ref device, wave) in &reached {
-            // No entry is "not known", never "had none": that would delete.
-            let written = match self.state.previous.get(device) {
-                Some(Some(name)) => match self.fleet.load_document(&self.state.deployment, name).await {
-                    Ok((doc, _)) => self.write(device, &doc).await.map(Some),
-                    Err(err) => Err(err),
-                },
-                Some(None) => {
-                    self.fleet.delete_deployment(device, &self.state.deployment).await.map(|_| None)
-                }
-                None => Err(FleetError::RolloutRefused {
-                    deployment: self.state.deployment.clone(),
-                    reason: "its previous document was not recorded; left as it is".into(),
-                }),
-            };
-            match written {
+        for (device, wave, generation) in &reached {
+            match self.revert_one(device, *generation).await {
                 Ok(Some(deployed)) => awaited.push(Awaited {
                     device: device.clone(),
                     generation: deployed.generation,
@@ -428,7 +463,7 @@ impl<T: RolloutStore> Run<'_, T> {
                 }),
                 Ok(None) => {
                     let result = DeviceResult {
-                        wave,
+                        wave: *wave,
                         state: DeviceState::Written,
                         generation: 0,
                         check: None,
@@ -438,7 +473,7 @@ impl<T: RolloutStore> Run<'_, T> {
                     self.state.reverted.insert(device.clone(), result);
                 }
                 Err(err) => {
-                    let result = DeviceResult::not_written(wave, &err);
+                    let result = DeviceResult::not_written(*wave, &err);
                     self.emit(RolloutEvent::Reverted { device: device.clone(), result: result.clone() });
                     self.state.reverted.insert(device.clone(), result);
                 }

@@ -78,12 +78,13 @@ pub trait RolloutStore: DeviceFleet {
     /// Every device that published its info, with its labels.
     async fn device_labels(&self) -> Result<Vec<(DeviceId, BTreeMap<String, String>)>, FleetError>;
 
-    /// The document the device holds for `deployment`; `None` when none.
+    /// The document the device holds for `deployment` and its generation;
+    /// `None` when none.
     async fn current_document(
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
-    ) -> Result<Option<RolloutDocument>, FleetError>;
+    ) -> Result<Option<(RolloutDocument, u64)>, FleetError>;
 
     /// Deletes the deployment from the device; `false` when it held none.
     async fn delete_deployment(
@@ -210,12 +211,15 @@ impl RolloutStore for FleetClient {
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
-    ) -> Result<Option<RolloutDocument>, FleetError> {
-        Ok(self.desired_state(device, deployment).await?.map(|doc| RolloutDocument {
-            scores: doc.scores,
-            health: doc.health,
-            health_timeout_s: doc.health_timeout_s,
-            expires_at: doc.expires_at,
+    ) -> Result<Option<(RolloutDocument, u64)>, FleetError> {
+        Ok(self.desired_state(device, deployment).await?.map(|doc| {
+            let document = RolloutDocument {
+                scores: doc.scores,
+                health: doc.health,
+                health_timeout_s: doc.health_timeout_s,
+                expires_at: doc.expires_at,
+            };
+            (document, doc.generation)
         }))
     }
 
@@ -323,7 +327,7 @@ impl RolloutStore for FleetTopology {
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
-    ) -> Result<Option<RolloutDocument>, FleetError> {
+    ) -> Result<Option<(RolloutDocument, u64)>, FleetError> {
         self.client().current_document(device, deployment).await
     }
 
