@@ -110,8 +110,11 @@ pub trait RolloutStore: DeviceFleet {
     /// all); the new revision, or [`FleetError::RolloutTakenOver`].
     async fn save_rollout(&self, state: &RolloutState, revision: u64) -> Result<u64, FleetError>;
 
-    /// Every rollout, by deployment.
-    async fn list_rollouts(&self) -> Result<Vec<StoredRollout>, FleetError>;
+    /// Every rollout, by deployment: its state, or why the value under its
+    /// key is not a usable one (one bad value does not hide the others).
+    async fn list_rollouts(
+        &self,
+    ) -> Result<Vec<(DeploymentName, Result<StoredRollout, FleetError>)>, FleetError>;
 
     /// Stores a document beside the rollout under `name` (`doc.<sha256>`, `prev.<sha256>`).
     async fn save_document(
@@ -265,7 +268,9 @@ impl RolloutStore for FleetClient {
         Err(FleetError::RolloutTakenOver { deployment: state.deployment.clone(), owner })
     }
 
-    async fn list_rollouts(&self) -> Result<Vec<StoredRollout>, FleetError> {
+    async fn list_rollouts(
+        &self,
+    ) -> Result<Vec<(DeploymentName, Result<StoredRollout, FleetError>)>, FleetError> {
         let store = self.rollouts().await?;
         let mut keys = store.keys().await.map_err(|e| FleetError::nats("list rollouts", e))?;
         let mut found = Vec::new();
@@ -273,11 +278,16 @@ impl RolloutStore for FleetClient {
             let key = key.map_err(|e| FleetError::nats("list rollouts", e))?;
             // Documents beside the states (`<deployment>.doc.<sha256>`) are not rollouts.
             let Ok(deployment) = DeploymentName::new(key.as_str()) else { continue };
-            if let Some(stored) = self.load_rollout(&deployment).await? {
-                found.push(stored);
+            let entry =
+                store.entry(&key).await.map_err(|e| FleetError::nats(format!("read rollout {key}"), e))?;
+            match entry {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    found.push((deployment, decode_state(&key, &entry)));
+                }
+                _ => {}
             }
         }
-        found.sort_by(|a, b| a.state.deployment.cmp(&b.state.deployment));
+        found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }
 
@@ -357,7 +367,9 @@ impl RolloutStore for FleetTopology {
         self.client().save_rollout(state, revision).await
     }
 
-    async fn list_rollouts(&self) -> Result<Vec<StoredRollout>, FleetError> {
+    async fn list_rollouts(
+        &self,
+    ) -> Result<Vec<(DeploymentName, Result<StoredRollout, FleetError>)>, FleetError> {
         self.client().list_rollouts().await
     }
 
