@@ -250,13 +250,18 @@ impl DeviceResult {
         match waited {
             Ok(_) => result(DeviceState::Done, None, ""),
             Err(err) => {
-                let status = err.deployment_status();
-                let failed_check =
-                    status.and_then(|ds| ds.health.iter().find(|c| c.state == CheckState::Failed));
-                let state = match status {
-                    Some(ds) if ds.phase == Phase::RolledBack => DeviceState::RolledBack,
-                    _ => DeviceState::Failed,
+                // Rolled back by a check only when the awaited generation
+                // failed so: a status's checks may be an older generation's
+                // (a refused document, a timeout, a newer generation).
+                let rolled_back = match err {
+                    FleetError::DeploymentFailed { status, .. } if status.phase == Phase::RolledBack => {
+                        Some(status)
+                    }
+                    _ => None,
                 };
+                let failed_check =
+                    rolled_back.and_then(|ds| ds.health.iter().find(|c| c.state == CheckState::Failed));
+                let state = if rolled_back.is_some() { DeviceState::RolledBack } else { DeviceState::Failed };
                 match failed_check {
                     Some(check) => result(state, Some(check.check.clone()), &check.output),
                     None => result(state, None, &error_chain(err)),
@@ -667,6 +672,52 @@ pub(crate) mod tests {
         let table = state.failure_table();
         assert_eq!(table.lines().count(), 2, "{table}");
         assert!(!table.contains('\u{1b}') && table.len() < 2048, "{table}");
+    }
+
+    // A status's checks are those of the generation being verified "or of
+    // the last one verified": a generation the device refused (expired)
+    // shows an older one's failed check, and a device that times out may
+    // last have reported an older generation rolled back. Neither is this
+    // generation rolled back by that check.
+    #[test]
+    fn only_the_awaited_generation_rolled_back_names_a_failed_check() {
+        use harmony_score_wire::{CheckStatus, ErrorKind, StatusError};
+        let stale_check = CheckStatus {
+            check: "file_sha256 /etc/canary-ok".into(),
+            source: "document".into(),
+            state: CheckState::Failed,
+            output: "/etc/canary-ok does not exist".into(),
+        };
+        let rejected = DeploymentStatus {
+            desired_generation: 4,
+            observed_generation: 2,
+            phase: Phase::Rejected,
+            error: Some(StatusError::new(ErrorKind::Expired, "document expired at 5")),
+            health: vec![stale_check.clone()],
+            ..Default::default()
+        };
+        let err = FleetError::DeploymentFailed {
+            device: dev(1),
+            deployment: DeploymentName::new("web").unwrap(),
+            status: Box::new(rejected),
+        };
+        let result = DeviceResult::from_wait(1, 4, &Err(err));
+        assert_eq!((result.state, result.check.as_deref()), (DeviceState::Failed, None), "{result:?}");
+        assert!(result.detail.contains("expired"), "{result:?}");
+        let older_rollback = DeploymentStatus {
+            desired_generation: 2,
+            observed_generation: 1,
+            phase: Phase::RolledBack,
+            health: vec![stale_check],
+            ..Default::default()
+        };
+        let err = FleetError::Timeout {
+            what: "dev-1/web to apply generation 3".into(),
+            after: std::time::Duration::from_secs(1),
+            last: Some(Box::new(older_rollback)),
+        };
+        let result = DeviceResult::from_wait(1, 3, &Err(err));
+        assert_eq!((result.state, result.check.as_deref()), (DeviceState::Failed, None), "{result:?}");
     }
 
     #[test]
