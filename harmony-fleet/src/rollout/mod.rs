@@ -579,6 +579,17 @@ impl FleetRolloutInterpret {
             started_at_ms: now_ms(),
             reason: None,
         };
+        // One KV value holds the state: refused now rather than at a save mid-way.
+        let largest = state.largest_encoded_size();
+        if largest > crate::client::MAX_VALUE_BYTES {
+            return Err(self.refused(format!(
+                "{} devices{}: its state could take {largest} bytes, more than the {} one value may hold; \
+                 roll out to fewer devices at once",
+                state.devices.len(),
+                if state.revert_on_abort { " with --revert-on-abort" } else { "" },
+                crate::client::MAX_VALUE_BYTES
+            )));
+        }
         // Stored before the state that names it (a resume needs it); under
         // its digest, so a rival start that loses the create replaces nothing.
         fleet.save_document(&self.deployment, &state.document_name(), bytes).await?;

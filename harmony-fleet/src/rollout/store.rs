@@ -256,7 +256,13 @@ impl RolloutStore for FleetClient {
     async fn save_rollout(&self, state: &RolloutState, revision: u64) -> Result<u64, FleetError> {
         let store = self.rollouts().await?;
         let key = state.deployment.to_string();
-        match store.update(&key, to_cbor(state).into(), revision).await {
+        let bytes = state.encode_within(MAX_VALUE_BYTES).map_err(|size| FleetError::RolloutRefused {
+            deployment: state.deployment.clone(),
+            reason: format!(
+                "its state takes {size} bytes, more than the {MAX_VALUE_BYTES} one value may hold"
+            ),
+        })?;
+        match store.update(&key, bytes.into(), revision).await {
             Ok(written) => return Ok(written),
             Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
             Err(err) => return Err(FleetError::nats(format!("write rollout {key}"), err)),
