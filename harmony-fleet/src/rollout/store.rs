@@ -9,7 +9,7 @@ use async_nats::jetstream::{kv, stream};
 use futures_util::StreamExt;
 use harmony_score_wire::names::ROLLOUTS_BUCKET;
 use harmony_score_wire::{
-    bounded_text, from_cbor, now_ms, to_cbor, try_to_cbor, Check, DeploymentName, DeploymentStatus, DeviceId,
+    bounded_text, from_cbor, now_ms, try_to_cbor, Check, DeploymentName, DeploymentStatus, DeviceId,
     DeviceScore,
 };
 use harmony_topology::async_trait;
@@ -399,6 +399,8 @@ impl RolloutStore for FleetTopology {
 
 #[cfg(test)]
 mod tests {
+    use harmony_score_wire::to_cbor;
+
     use super::*;
 
     // The state under key `web` that names deployment `db`: resuming `web`
