@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use harmony_e2e::{deployment, file_score, within, workspace_bin, Fleet, InProcessAgent, WAIT};
 use harmony_fleet::{
-    Awaited, DeployRequest, FleetRolloutScore, FleetTopology, MaxFailures, RolloutPhase, RolloutStore,
-    RolloutTargets, WaveSize,
+    Awaited, DeployRequest, DeviceState, FleetRolloutScore, FleetTopology, MaxFailures, RolloutPhase,
+    RolloutStore, RolloutTargets, WaveSize,
 };
 use harmony_score_wire::{Check, DeviceId};
 use harmony_topology::{InterpretStatus, Inventory, Maestro};
@@ -33,9 +33,14 @@ fn id(n: usize) -> DeviceId {
 /// 20 agents labelled `site=lab`, those in `bad` also `health=bad` and
 /// without the canary file, each on generation 1 of `app`.
 async fn fleet_of(bad: &[usize]) -> (Fleet, Vec<InProcessAgent>) {
+    fleet_of_n(DEVICES, bad).await
+}
+
+/// [`fleet_of`] with `devices` agents.
+async fn fleet_of_n(devices: usize, bad: &[usize]) -> (Fleet, Vec<InProcessAgent>) {
     let f = Fleet::new().await;
     let mut agents = Vec::new();
-    for n in 1..=DEVICES {
+    for n in 1..=devices {
         let device = id(n);
         let mut layer = f.layer(device.as_str(), device.as_str());
         layer.labels.insert("site".into(), "lab".into());
@@ -47,7 +52,7 @@ async fn fleet_of(bad: &[usize]) -> (Fleet, Vec<InProcessAgent>) {
         agents.push(InProcessAgent::start(layer.resolve().unwrap()));
     }
     let mut awaited = Vec::new();
-    for n in 1..=DEVICES {
+    for n in 1..=devices {
         f.online(&id(n)).await;
         let request = DeployRequest::new(id(n), deployment("app"), vec![file_score("/etc/app.conf", "v1")]);
         let deployed = within(f.client.deploy(request)).await.unwrap();
@@ -314,4 +319,257 @@ async fn an_interrupted_rollout_resumes_and_finishes_and_no_second_operator_runs
     }
     let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap().state;
     assert_eq!((stored.phase, stored.results.len()), (RolloutPhase::Completed, DEVICES));
+}
+
+/// A rollout of `content` to `devices`, in `waves`, the canary check with
+/// `health_timeout_s`, no failure allowed, a lease of 1 s.
+fn rollout_score(
+    content: &str,
+    devices: std::ops::RangeInclusive<usize>,
+    waves: Vec<WaveSize>,
+    health_timeout_s: u64,
+) -> FleetRolloutScore {
+    FleetRolloutScore {
+        deployment: deployment("app"),
+        scores: vec![file_score("/etc/app.conf", content)],
+        health: vec![Check::FileSha256 { path: "/etc/canary-ok".into(), sha256: OK_SHA.into() }],
+        health_timeout_s: Some(health_timeout_s),
+        expires_at: None,
+        targets: RolloutTargets::Devices(devices.map(id).collect()),
+        waves,
+        max_failures: MaxFailures::Devices(0),
+        wave_timeout_s: 60,
+        wait: true,
+        revert_on_abort: false,
+        force: false,
+        lease_s: 1,
+        resume: false,
+        events: None,
+    }
+}
+
+async fn maestro(f: &Fleet) -> Maestro<FleetTopology> {
+    Maestro::initialize(Inventory::empty(), FleetTopology::from_client(f.client.clone())).await.unwrap()
+}
+
+/// Resumes the rollout of `app` as soon as its owner's lease ran out.
+async fn resume_after_lease(maestro: &Maestro<FleetTopology>) -> harmony_topology::Outcome {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match within(maestro.interpret(&FleetRolloutScore::resume(deployment("app"), None))).await {
+            Err(err) if err.to_string().contains("it is still running") => {
+                assert!(Instant::now() < deadline, "the lease never ran out");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => break other.unwrap(),
+        }
+    }
+}
+
+// Attack: two operators start a rollout of one deployment at the same
+// instant, with different documents. Exactly one may run; the other must
+// write no device, and must not leave its document where the winner's
+// `--resume` reads the winner's (it wrote `<deployment>.doc` before its
+// compare-and-set lost, so a killed winner could never be resumed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_rollouts_started_at_once_one_runs_the_other_writes_nothing_and_the_winner_resumes() {
+    let late = [2, 3];
+    let (f, _agents) = fleet_of_n(3, &late).await;
+    let maestro = maestro(&f).await;
+    let waves = vec![WaveSize::Devices(1), WaveSize::Percent(100)];
+    let (a, b) = (rollout_score("v2", 1..=3, waves.clone(), 120), rollout_score("v3", 1..=3, waves, 120));
+    let raced =
+        futures_util::future::select(Box::pin(maestro.interpret(&a)), Box::pin(maestro.interpret(&b)));
+    let (lost, winner, content) = match within(raced).await {
+        futures_util::future::Either::Left((lost, winner)) => (lost, winner, "v3"),
+        futures_util::future::Either::Right((lost, winner)) => (lost, winner, "v2"),
+    };
+    let err = lost.expect_err("the loser is refused").to_string();
+    assert!(err.contains("at the same time") || err.contains("another rollout is running"), "{err}");
+    // The winner writes wave 2 and waits on it (its devices lack the
+    // canary); then its operator dies.
+    let _ = tokio::time::timeout(Duration::from_secs(4), winner).await;
+    for n in 1..=3 {
+        assert_eq!(key_generation(&f, n).await, 2, "dev-{n:02}: only the winner writes, once");
+    }
+    for n in late {
+        put_canary(&f, n);
+    }
+    let outcome = resume_after_lease(&maestro).await;
+    assert_eq!(outcome.status, InterpretStatus::SUCCESS, "{outcome:?}");
+    for n in 1..=3 {
+        assert_eq!((app_conf(&f, n), key_generation(&f, n).await), (content.into(), 2), "dev-{n:02}");
+    }
+}
+
+// Attack: the document a device held before the rollout carried an expiry
+// (now past). The docs promise the revert writes it "without its expiry";
+// written with it, every device rejects the revert as expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_gives_the_previous_document_back_without_its_expiry() {
+    let (f, _agents) = fleet_of_n(2, &[1]).await;
+    let expires_at = harmony_score_wire::now_ms() / 1000 + 3;
+    for n in 1..=2 {
+        let request = DeployRequest::new(id(n), deployment("app"), vec![file_score("/etc/app.conf", "v1")])
+            .expires_at(Some(expires_at));
+        assert_eq!(within(f.client.deploy(request)).await.unwrap().generation, 2);
+        f.applied(&id(n), "app", 2).await;
+    }
+    while harmony_score_wire::now_ms() / 1000 <= expires_at {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let score = FleetRolloutScore {
+        revert_on_abort: true,
+        ..rollout_score("v2", 1..=2, vec![WaveSize::Devices(1), WaveSize::Percent(100)], 2)
+    };
+    let outcome = within(maestro(&f).await.interpret(&score)).await.unwrap();
+    assert!(outcome.message.contains("rollout reverted after wave 1 of 2"), "{}", outcome.message);
+    let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap().state;
+    let reverted = &stored.reverted[&id(1)];
+    assert_eq!((reverted.state, reverted.generation), (DeviceState::Done, 4), "{reverted:?}");
+    assert_eq!(app_conf(&f, 1), "v1");
+    assert_eq!(key_generation(&f, 2).await, 2, "dev-02 was not reached");
+}
+
+// Attack: another operator deploys to a device after the rollout wrote it
+// and before the rollout aborts. The revert must undo the rollout's write,
+// not the other operator's: it leaves that device as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_leaves_a_device_another_operator_wrote_since() {
+    let (f, _agents) = fleet_of_n(3, &[2]).await;
+    let score = FleetRolloutScore {
+        revert_on_abort: true,
+        ..rollout_score("v2", 1..=3, vec![WaveSize::Devices(2), WaveSize::Percent(100)], 4)
+    };
+    let client = f.client.clone();
+    let rollout = tokio::spawn(async move {
+        let maestro =
+            Maestro::initialize(Inventory::empty(), FleetTopology::from_client(client)).await.unwrap();
+        maestro.interpret(&score).await
+    });
+    // dev-01 applies the rollout's generation 2 while dev-02's check still
+    // runs (4 s); then another operator gives dev-01 generation 3.
+    f.applied(&id(1), "app", 2).await;
+    let request = DeployRequest::new(id(1), deployment("app"), vec![file_score("/etc/app.conf", "v9")]);
+    assert_eq!(within(f.client.deploy(request)).await.unwrap().generation, 3);
+    let outcome = within(rollout).await.unwrap().unwrap();
+    assert!(outcome.message.contains("rollout reverted after wave 1 of 2"), "{}", outcome.message);
+    f.applied(&id(1), "app", 3).await;
+    assert_eq!(
+        (app_conf(&f, 1), key_generation(&f, 1).await),
+        ("v9".into(), 3),
+        "the other operator's write"
+    );
+    assert_eq!((app_conf(&f, 2), key_generation(&f, 2).await), ("v1".into(), 3), "dev-02 reverted");
+    let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap().state;
+    let left = &stored.reverted[&id(1)];
+    assert!(left.state.is_failure() && left.detail.contains("written since"), "{left:?}");
+    assert_eq!(stored.reverted[&id(2)].state, DeviceState::Done);
+}
+
+// Attack: an operator killed during the revert, after the revert wrote a
+// device, resumed: that device holds its previous document as a newer
+// generation than the rollout's, which is the revert's own write, not
+// another operator's. It is awaited, not written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_interrupted_after_its_writes_resumes_without_writing_again() {
+    let (f, _agents) = fleet_of_n(2, &[1]).await;
+    let score = FleetRolloutScore {
+        revert_on_abort: true,
+        ..rollout_score("v2", 1..=2, vec![WaveSize::Devices(1), WaveSize::Percent(100)], 2)
+    };
+    let maestro = maestro(&f).await;
+    let outcome = within(maestro.interpret(&score)).await.unwrap();
+    assert!(outcome.message.contains("rollout reverted"), "{}", outcome.message);
+    assert_eq!(key_generation(&f, 1).await, 3);
+    // As stored just before its owner died: reverting, dev-01 not yet recorded as reverted.
+    let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap();
+    let mut state = stored.state;
+    state.phase = RolloutPhase::Reverting;
+    state.reverted.clear();
+    f.client.save_rollout(&state, stored.revision).await.unwrap();
+    let outcome = resume_after_lease(&maestro).await;
+    assert!(outcome.message.contains("rollout reverted"), "{}", outcome.message);
+    let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap().state;
+    let reverted = &stored.reverted[&id(1)];
+    assert_eq!((reverted.state, reverted.generation), (DeviceState::Done, 3), "{reverted:?}");
+    assert_eq!((app_conf(&f, 1), key_generation(&f, 1).await), ("v1".into(), 3));
+}
+
+// Attack: an owner that is alive but stopped (SIGSTOP: a laptop lid, a
+// long GC pause) past its lease is taken over; once it runs again it must
+// stop at its next state write and write no device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_owner_that_was_taken_over_stops_and_writes_nothing_more() {
+    let late = [2, 3];
+    let (f, _agents) = fleet_of_n(4, &late).await;
+    let doc = document(&f, 120);
+    let mut first = tokio::process::Command::new(workspace_bin("harmony-fleet"))
+        .args(["--nats", &f.nats.url(), "rollout", "--deployment", "app", doc.to_str().unwrap()])
+        .args(["--devices", "dev-01,dev-02,dev-03,dev-04", "--waves", "1,100%", "--wave-timeout", "120"])
+        .args(["--wait", "--json", "--lease", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = first.id().unwrap().to_string();
+    let mut events = tokio::io::BufReader::new(first.stdout.take().unwrap()).lines();
+    within(async {
+        while let Some(line) = events.next_line().await.unwrap() {
+            if line.contains("\"wave_started\"") && line.contains("\"wave\":2") {
+                break;
+            }
+        }
+    })
+    .await;
+    within(async {
+        while key_generation(&f, 4).await != 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let signal = |sig: &str| std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
+    assert!(signal("-STOP").success());
+    for n in late {
+        put_canary(&f, n);
+    }
+    let outcome = resume_after_lease(&maestro(&f).await).await;
+    assert_eq!(outcome.status, InterpretStatus::SUCCESS, "{outcome:?}");
+    assert!(signal("-CONT").success());
+    let out = within(first.wait_with_output()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("taken over by another operator"), "{stderr}");
+    for n in 1..=4 {
+        assert_eq!((app_conf(&f, n), key_generation(&f, n).await), ("v2".into(), 2), "dev-{n:02}");
+    }
+}
+
+// Attack: a value in the rollouts bucket that is not a rollout state (a
+// foreign tool's, a corrupt one) under a key that looks like a deployment.
+// `rollouts` lists every other rollout, and names that key as unreadable,
+// instead of failing the whole listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_lists_the_others_when_one_value_is_undecodable() {
+    let (f, _agents) = fleet_of_n(1, &[]).await;
+    let doc = document(&f, 5);
+    let out =
+        fleet_cli(&f, &["rollout", "--deployment", "app", doc.to_str().unwrap(), "--devices", "dev-01"])
+            .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nats = async_nats::connect(f.nats.url()).await.unwrap();
+    let bucket = async_nats::jetstream::new(nats)
+        .get_key_value(harmony_score_wire::names::ROLLOUTS_BUCKET)
+        .await
+        .unwrap();
+    bucket.put("junk", "\u{1b}[2Jnot cbor".into()).await.unwrap();
+    let listed = fleet_cli(&f, &["rollouts"]).await;
+    let (stdout, stderr) = (String::from_utf8_lossy(&listed.stdout), String::from_utf8_lossy(&listed.stderr));
+    assert!(listed.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|l| l.starts_with("app ") && l.contains("completed")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("junk ") && l.contains("unreadable")), "{stdout}");
+    assert!(!stdout.contains('\u{1b}') && !stderr.contains('\u{1b}'), "{stdout}\n{stderr}");
+    let json = fleet_cli(&f, &["rollouts", "--json"]).await;
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
 }

@@ -267,23 +267,30 @@ pub async fn rollout(conn: &Connection, args: RolloutArgs) -> Result<(), CliErro
     }
 }
 
-/// `rollouts`: every rollout and where it stands.
+/// `rollouts`: every rollout and where it stands. A value that is not a
+/// usable rollout state is listed as `unreadable` (why, on stderr), not
+/// allowed to hide the others.
 pub async fn rollouts(conn: &Connection, json: bool) -> Result<(), CliError> {
     let client = conn.client().await?;
-    let found = client.list_rollouts().await?;
-    if json {
-        let states: Vec<_> = found.iter().map(|s| &s.state).collect();
-        let text = serde_json::to_string_pretty(&states).map_err(|e| CliError::Failed(e.to_string()))?;
-        println!("{text}");
-        return Ok(());
-    }
+    let mut states = Vec::new();
     let mut rows = vec![["DEPLOYMENT", "PHASE", "WAVES", "REACHED", "FAILED", "OWNER", "WRITTEN"]
         .map(str::to_owned)
         .to_vec()];
-    rows.extend(found.iter().map(|stored| {
+    for (deployment, stored) in client.list_rollouts().await? {
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(err) => {
+                let why = bounded_text(&harmony_fleet::error_chain(&err), 512);
+                eprintln!("harmony-fleet: rollout {deployment}: unreadable: {why}");
+                let mut row = vec![deployment.to_string(), "unreadable".into()];
+                row.extend(["-"; 5].map(str::to_owned));
+                rows.push(row);
+                continue;
+            }
+        };
         let s = &stored.state;
         let (failed, reached) = s.failures();
-        [
+        rows.push(vec![
             s.deployment.to_string(),
             s.phase.as_str().to_owned(),
             format!("{}/{}", s.wave.min(s.wave_ends.len()), s.wave_ends.len()),
@@ -291,9 +298,14 @@ pub async fn rollouts(conn: &Connection, json: bool) -> Result<(), CliError> {
             failed.to_string(),
             bounded_text(&s.owner, 64),
             format!("{} ago", format_age(u64::try_from(stored.age.as_millis()).unwrap_or(u64::MAX))),
-        ]
-        .to_vec()
-    }));
-    print!("{}", harmony_fleet::report::render(&rows));
+        ]);
+        states.push(stored.state);
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&states).map_err(|e| CliError::Failed(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", harmony_fleet::report::render(&rows));
+    }
     Ok(())
 }

@@ -34,8 +34,6 @@ use crate::{error_chain, Awaited, DeployRequest, Deployed, FleetError};
 
 /// How many devices of a wave are written at once.
 const PARALLEL_WRITES: usize = 32;
-/// The name of the rolled-out document beside the state.
-const DOC_NAME: &str = "doc";
 
 /// Which devices a rollout reaches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,7 +269,7 @@ impl<T: RolloutStore> Run<'_, T> {
                 continue;
             }
             let previous = match self.fleet.current_document(device, &self.state.deployment).await? {
-                Some(doc) => {
+                Some((doc, _)) => {
                     let (bytes, digest) = doc.encoded()?;
                     let name = format!("prev.{}", digest.trim_start_matches("sha256:"));
                     if !stored.contains(&name) {
@@ -374,7 +372,7 @@ impl<T: RolloutStore> Run<'_, T> {
             });
             self.state.wave = wave + 1;
             if self.state.max_failures.crossed(failures, updated) {
-                let untouched = self.state.devices.len() - updated;
+                let untouched = self.state.devices.len().saturating_sub(updated);
                 let reason = format!(
                     "{failures} of {updated} devices failed (at most {} allowed); {untouched} devices not updated",
                     self.state.max_failures
@@ -395,28 +393,69 @@ impl<T: RolloutStore> Run<'_, T> {
         Ok(())
     }
 
+    /// Gives one device its previous document back (`Some`: awaited), or
+    /// deletes the deployment when it had none (`None`). A device whose key
+    /// no longer holds what the rollout wrote (`generation`) is left as it
+    /// is, unless it holds the previous document already (a revert that was
+    /// interrupted after writing it): the revert undoes the rollout's write,
+    /// never a later one by another operator.
+    async fn revert_one(&self, device: &DeviceId, generation: u64) -> Result<Option<Deployed>, FleetError> {
+        let deployment = &self.state.deployment;
+        // No entry is "not known", never "had none": that would delete.
+        let previous = match self.state.previous.get(device) {
+            Some(Some(name)) => {
+                let (doc, _) = self.fleet.load_document(deployment, name).await?;
+                // Without its expiry: the revert is a new decision, and a
+                // past expiry would have every device refuse it.
+                Some(RolloutDocument { expires_at: None, ..doc })
+            }
+            Some(None) => None,
+            None => return Err(self.left("its previous document was not recorded")),
+        };
+        let current = self.fleet.current_document(device, deployment).await?;
+        let ours = current.as_ref().is_some_and(|(_, g)| *g == generation);
+        let reverted_already = match (&current, &previous) {
+            (None, None) => true,
+            (Some((doc, _)), Some(prev)) => {
+                let doc = RolloutDocument { expires_at: None, ..doc.copy()? };
+                doc.encoded()?.1 == prev.encoded()?.1
+            }
+            _ => false,
+        };
+        if !ours && !reverted_already {
+            let now = current.map_or_else(
+                || "the deployment was deleted".into(),
+                |(_, g)| format!("generation {g} was written"),
+            );
+            return Err(self.left(&format!("{now} since the rollout wrote generation {generation}")));
+        }
+        match previous {
+            Some(doc) => self.write(device, &doc).await.map(Some),
+            None => self.fleet.delete_deployment(device, deployment).await.map(|_| None),
+        }
+    }
+
+    fn left(&self, why: &str) -> FleetError {
+        FleetError::RolloutRefused {
+            deployment: self.state.deployment.clone(),
+            reason: format!("not reverted: {why}; left as it is"),
+        }
+    }
+
     /// Gives every device the rollout reached its previous document back,
     /// as a newer generation (generations never go back); a device that had
     /// none loses the deployment.
     async fn revert(&mut self) -> Result<(), FleetError> {
-        let reached: Vec<(DeviceId, usize)> = self
+        let reached: Vec<(DeviceId, usize, u64)> = self
             .state
             .results
             .iter()
             .filter(|(device, r)| r.generation > 0 && !self.state.reverted.contains_key(*device))
-            .map(|(device, r)| (device.clone(), r.wave))
+            .map(|(device, r)| (device.clone(), r.wave, r.generation))
             .collect();
         let mut awaited = Vec::new();
-        for &(ref device, wave) in &reached {
-            let previous = self.state.previous.get(device).cloned().flatten();
-            let written = match &previous {
-                Some(name) => match self.fleet.load_document(&self.state.deployment, name).await {
-                    Ok((doc, _)) => self.write(device, &doc).await.map(Some),
-                    Err(err) => Err(err),
-                },
-                None => self.fleet.delete_deployment(device, &self.state.deployment).await.map(|_| None),
-            };
-            match written {
+        for (device, wave, generation) in &reached {
+            match self.revert_one(device, *generation).await {
                 Ok(Some(deployed)) => awaited.push(Awaited {
                     device: device.clone(),
                     generation: deployed.generation,
@@ -424,7 +463,7 @@ impl<T: RolloutStore> Run<'_, T> {
                 }),
                 Ok(None) => {
                     let result = DeviceResult {
-                        wave,
+                        wave: *wave,
                         state: DeviceState::Written,
                         generation: 0,
                         check: None,
@@ -434,7 +473,7 @@ impl<T: RolloutStore> Run<'_, T> {
                     self.state.reverted.insert(device.clone(), result);
                 }
                 Err(err) => {
-                    let result = DeviceResult::not_written(wave, &err);
+                    let result = DeviceResult::not_written(*wave, &err);
                     self.emit(RolloutEvent::Reverted { device: device.clone(), result: result.clone() });
                     self.state.reverted.insert(device.clone(), result);
                 }
@@ -517,7 +556,6 @@ impl FleetRolloutInterpret {
             None => 0,
         };
         let (bytes, digest) = document.encoded()?;
-        fleet.save_document(&self.deployment, DOC_NAME, bytes).await?;
         let state = RolloutState {
             format: ROLLOUT_STATE_FORMAT,
             deployment: self.deployment.clone(),
@@ -541,6 +579,20 @@ impl FleetRolloutInterpret {
             started_at_ms: now_ms(),
             reason: None,
         };
+        // One KV value holds the state: refused now rather than at a save mid-way.
+        let largest = state.largest_encoded_size();
+        if largest > crate::client::MAX_VALUE_BYTES {
+            return Err(self.refused(format!(
+                "{} devices{}: its state could take {largest} bytes, more than the {} one value may hold; \
+                 roll out to fewer devices at once",
+                state.devices.len(),
+                if state.revert_on_abort { " with --revert-on-abort" } else { "" },
+                crate::client::MAX_VALUE_BYTES
+            )));
+        }
+        // Stored before the state that names it (a resume needs it); under
+        // its digest, so a rival start that loses the create replaces nothing.
+        fleet.save_document(&self.deployment, &state.document_name(), bytes).await?;
         let mut run = Run { fleet, state, revision, events: self.events.clone() };
         // Compare-and-set: of two operators starting at once, one wins.
         run.save().await.map_err(|err| match err {
@@ -574,7 +626,7 @@ impl FleetRolloutInterpret {
                 lease.as_secs()
             )));
         }
-        let (document, digest) = fleet.load_document(&self.deployment, DOC_NAME).await?;
+        let (document, digest) = fleet.load_document(&self.deployment, &stored.state.document_name()).await?;
         if digest != stored.state.document_digest {
             return Err(self.refused("its stored document is not the one it started with"));
         }
@@ -634,7 +686,8 @@ fn outcome(state: &RolloutState) -> Outcome {
                 state.deployment,
                 phase.as_str(),
                 state.wave,
-                state.reason.as_deref().unwrap_or("stopped"),
+                // Escaped: a resumed rollout's reason is what the bucket held.
+                bounded_text(state.reason.as_deref().unwrap_or("stopped"), 1024),
                 if phase == RolloutPhase::Reverted {
                     format!(
                         "; {} devices given their previous document back ({} of them did not confirm it)",
@@ -675,5 +728,21 @@ impl<T: Topology + RolloutStore> Interpret<T> for FleetRolloutInterpret {
 
     fn get_children(&self) -> Vec<Id> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A resumed rollout prints the reason its stored state holds.
+    #[test]
+    fn the_outcome_escapes_and_bounds_a_stored_reason() {
+        let mut state = plan::tests::state_of(1, &[1]);
+        state.phase = RolloutPhase::Aborted;
+        state.reason = Some(format!("\u{1b}[2Jgone\n{}", "x".repeat(100_000)));
+        let message = outcome(&state).message;
+        assert!(!message.contains('\u{1b}') && !message.contains('\n'), "{message}");
+        assert!(message.len() < 2048, "{}", message.len());
     }
 }

@@ -77,7 +77,7 @@ pub fn wave_ends(waves: &[WaveSize], total: usize) -> Result<Vec<usize>, String>
         let end = match *wave {
             WaveSize::Devices(n) => usize::try_from(n).unwrap_or(usize::MAX).min(total),
             // Rounded up: 10% of 5 devices is 1 device, never 0.
-            WaveSize::Percent(p) => (total * usize::from(p)).div_ceil(100),
+            WaveSize::Percent(p) => share(total, p, u128::div_ceil),
         };
         if end > ends.last().copied().unwrap_or(0) {
             ends.push(end);
@@ -90,6 +90,13 @@ pub fn wave_ends(waves: &[WaveSize], total: usize) -> Result<Vec<usize>, String>
             last.copied().unwrap_or(0)
         )),
     }
+}
+
+/// `percent`% of `count`, rounded by `round(count × percent, 100)`, in
+/// wider integers: never an overflow, and never more than `count`.
+fn share(count: usize, percent: u8, round: fn(u128, u128) -> u128) -> usize {
+    let exact = round(count as u128 * u128::from(percent.min(100)), 100);
+    usize::try_from(exact).unwrap_or(count)
 }
 
 /// How many failed devices a rollout tolerates before it stops: a number,
@@ -115,7 +122,7 @@ impl MaxFailures {
     pub fn crossed(&self, failed: usize, updated: usize) -> bool {
         let limit = match *self {
             MaxFailures::Devices(n) => usize::try_from(n).unwrap_or(usize::MAX),
-            MaxFailures::Percent(p) => updated * usize::from(p) / 100,
+            MaxFailures::Percent(p) => share(updated, p, |a, b| a / b),
         };
         failed > limit
     }
@@ -243,13 +250,18 @@ impl DeviceResult {
         match waited {
             Ok(_) => result(DeviceState::Done, None, ""),
             Err(err) => {
-                let status = err.deployment_status();
-                let failed_check =
-                    status.and_then(|ds| ds.health.iter().find(|c| c.state == CheckState::Failed));
-                let state = match status {
-                    Some(ds) if ds.phase == Phase::RolledBack => DeviceState::RolledBack,
-                    _ => DeviceState::Failed,
+                // Rolled back by a check only when the awaited generation
+                // failed so: a status's checks may be an older generation's
+                // (a refused document, a timeout, a newer generation).
+                let rolled_back = match err {
+                    FleetError::DeploymentFailed { status, .. } if status.phase == Phase::RolledBack => {
+                        Some(status)
+                    }
+                    _ => None,
                 };
+                let failed_check =
+                    rolled_back.and_then(|ds| ds.health.iter().find(|c| c.state == CheckState::Failed));
+                let state = if rolled_back.is_some() { DeviceState::RolledBack } else { DeviceState::Failed };
                 match failed_check {
                     Some(check) => result(state, Some(check.check.clone()), &check.output),
                     None => result(state, None, &error_chain(err)),
@@ -331,6 +343,61 @@ impl RolloutState {
         &self.devices[start..self.wave_ends[wave]]
     }
 
+    /// The name of the rolled-out document beside the state: by its digest,
+    /// so that an operator whose start lost the compare-and-set never
+    /// replaces the winner's.
+    pub fn document_name(&self) -> String {
+        format!("doc.{}", self.document_digest.trim_start_matches("sha256:"))
+    }
+
+    /// The most bytes this state can take encoded: every device with a
+    /// result, and with `revert_on_abort` a previous document and a revert,
+    /// failure details aside ([`encode_within`](Self::encode_within) drops
+    /// those when they would not fit).
+    pub fn largest_encoded_size(&self) -> usize {
+        let mut full = self.clone();
+        // The longest of each field but the details; a new owner's name may be longer.
+        let result = DeviceResult {
+            wave: self.wave_ends.len(),
+            state: DeviceState::RolledBack,
+            generation: u64::MAX,
+            check: None,
+            detail: String::new(),
+        };
+        let previous = Some(format!("prev.{}", "0".repeat(64)));
+        for device in &self.devices {
+            full.results.insert(device.clone(), result.clone());
+            if self.revert_on_abort {
+                full.previous.insert(device.clone(), previous.clone());
+                full.reverted.insert(device.clone(), result.clone());
+            }
+        }
+        full.reason = Some("0".repeat(256));
+        full.owner = "0".repeat(256);
+        harmony_score_wire::to_cbor(&full).len()
+    }
+
+    /// The state encoded in at most `max` bytes: as it is, or without the
+    /// failed devices' checks and outputs (already reported as events).
+    /// `Err` with the size when even that does not fit.
+    pub fn encode_within(&self, max: usize) -> Result<Vec<u8>, usize> {
+        let bytes = harmony_score_wire::to_cbor(self);
+        if bytes.len() <= max {
+            return Ok(bytes);
+        }
+        let mut trimmed = self.clone();
+        for result in trimmed.results.values_mut().chain(trimmed.reverted.values_mut()) {
+            result.check = None;
+            result.detail.clear();
+        }
+        let bytes = harmony_score_wire::to_cbor(&trimmed);
+        if bytes.len() <= max {
+            Ok(bytes)
+        } else {
+            Err(bytes.len())
+        }
+    }
+
     /// Failed devices so far, and devices with a result.
     pub fn failures(&self) -> (usize, usize) {
         let failed = self.results.values().filter(|r| r.state.is_failure()).count();
@@ -353,15 +420,47 @@ impl RolloutState {
         {
             return Err("its waves do not divide its devices".into());
         }
-        // Names of documents beside the state: `prev.` and a sha256 in hex,
-        // nothing that could name another key of the bucket.
-        let valid = |name: &String| {
-            name.strip_prefix("prev.").is_some_and(|hex| {
-                hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            })
+        // Names of documents beside the state: `prev.` or `doc.` and a
+        // sha256 in hex, nothing that could name another key of the bucket.
+        let sha256 = |hex: &str| {
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
-        if !self.previous.values().flatten().all(valid) {
+        if !self.previous.values().flatten().all(|name| name.strip_prefix("prev.").is_some_and(sha256)) {
             return Err("it names a previous document that is not `prev.<sha256>`".into());
+        }
+        if !self.document_digest.strip_prefix("sha256:").is_some_and(sha256) {
+            return Err("its document digest is not `sha256:<hex>`".into());
+        }
+        if self.lease_ms < 1000 || self.wave_timeout_s == 0 {
+            return Err("its lease is under 1 s or its wave timeout is 0".into());
+        }
+        // Devices, once each; results only for the waves run, previous
+        // documents only up to the wave being run, reverts only of devices
+        // with a result: `--resume` writes to (and reverts) what it names.
+        let mut seen = std::collections::BTreeSet::new();
+        if !self.devices.iter().all(|d| seen.insert(d)) {
+            return Err("it lists a device twice".into());
+        }
+        let end =
+            |wave: usize| if wave == 0 { 0 } else { self.wave_ends[wave.min(self.wave_ends.len()) - 1] };
+        let run: std::collections::BTreeSet<&DeviceId> = self.devices[..end(self.wave)].iter().collect();
+        let reached: std::collections::BTreeSet<&DeviceId> =
+            self.devices[..end(self.wave + 1)].iter().collect();
+        if !self.results.keys().all(|d| run.contains(d)) {
+            return Err("it holds a result for a device outside the waves run".into());
+        }
+        if !self.previous.keys().all(|d| reached.contains(d)) {
+            return Err("it holds a previous document for a device outside the waves reached".into());
+        }
+        if !self.reverted.keys().all(|d| self.results.contains_key(d)) {
+            return Err("it holds a revert for a device without a result".into());
+        }
+        // A device written without its previous document recorded would
+        // lose its deployment on a revert.
+        if self.revert_on_abort
+            && self.results.iter().any(|(d, r)| r.generation > 0 && !self.previous.contains_key(d))
+        {
+            return Err("a device it wrote has no previous document recorded".into());
         }
         Ok(())
     }
@@ -371,13 +470,14 @@ impl RolloutState {
     pub fn failure_table(&self) -> String {
         let mut rows =
             vec![["DEVICE", "WAVE", "STATE", "FAILED CHECK", "OUTPUT"].map(str::to_owned).to_vec()];
+        // Escaped again: a resumed rollout's results are what the bucket held.
         rows.extend(self.results.iter().filter(|(_, r)| r.state.is_failure()).map(|(device, r)| {
             [
                 device.to_string(),
                 r.wave.to_string(),
                 r.state.as_str().to_owned(),
-                r.check.clone().unwrap_or_else(|| "-".into()),
-                if r.detail.is_empty() { "-".into() } else { r.detail.clone() },
+                r.check.as_deref().map_or_else(|| "-".into(), |c| bounded_text(c, MAX_DETAIL_BYTES)),
+                if r.detail.is_empty() { "-".into() } else { bounded_text(&r.detail, MAX_DETAIL_BYTES) },
             ]
             .to_vec()
         }));
@@ -454,7 +554,7 @@ pub enum RolloutEvent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -488,24 +588,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_failure_table_escapes_what_devices_wrote() {
-        let device = DeviceId::new("dev-1").unwrap();
-        let mut state = RolloutState {
+    fn dev(n: usize) -> DeviceId {
+        DeviceId::new(format!("dev-{n}")).unwrap()
+    }
+
+    /// A state over `devices` devices (`dev-1`…) in the waves ending at `ends`.
+    pub(crate) fn state_of(devices: usize, ends: &[usize]) -> RolloutState {
+        RolloutState {
             format: ROLLOUT_STATE_FORMAT,
             deployment: DeploymentName::new("web").unwrap(),
             id: "x".into(),
             owner: "me".into(),
-            document_digest: "sha256:0".into(),
-            devices: vec![device.clone()],
-            wave_ends: vec![1],
+            document_digest: format!("sha256:{}", "0".repeat(64)),
+            devices: (1..=devices).map(dev).collect(),
+            wave_ends: ends.to_vec(),
             waves: "100%".into(),
             max_failures: MaxFailures::default(),
             wave_timeout_s: 1,
             wait: true,
             revert_on_abort: false,
             force: false,
-            lease_ms: 1,
+            lease_ms: 1000,
             wave: 0,
             phase: RolloutPhase::Running,
             results: BTreeMap::new(),
@@ -513,20 +616,203 @@ mod tests {
             reverted: BTreeMap::new(),
             started_at_ms: 0,
             reason: None,
-        };
+        }
+    }
+
+    fn done(wave: usize) -> DeviceResult {
+        DeviceResult { wave, state: DeviceState::Done, generation: 2, check: None, detail: String::new() }
+    }
+
+    #[test]
+    fn the_failure_table_escapes_what_devices_wrote() {
+        let device = dev(1);
+        let mut state = state_of(1, &[1]);
         assert!(state.check().is_ok());
         let err = FleetError::WaitFailed("evil\u{1b}[2J\nline".into());
-        state.results.insert(device, DeviceResult::from_wait(1, 3, &Err(err)));
+        state.results.insert(device.clone(), DeviceResult::from_wait(1, 3, &Err(err)));
+        state.wave = 1;
         let table = state.failure_table();
         assert_eq!(table.lines().count(), 2, "{table}");
         assert!(!table.contains('\u{1b}') && table.contains("dev-1   1     failed"), "{table}");
-        let forged = DeviceId::new("dev-2").unwrap();
-        state.previous.insert(forged.clone(), Some(format!("prev.{}", "a".repeat(64))));
+        state.previous.insert(device.clone(), Some(format!("prev.{}", "a".repeat(64))));
         assert!(state.check().is_ok());
-        state.previous.insert(forged, Some("doc".into()));
+        state.previous.insert(device, Some("doc".into()));
         assert!(state.check().unwrap_err().contains("prev.<sha256>"));
         state.previous.clear();
         state.wave_ends = vec![2];
         assert!(state.check().is_err());
+    }
+
+    // A state read back from the bucket is data: a result, a previous
+    // document or a revert for a device the rollout never reached would
+    // make `--resume` revert (or delete the deployment of) a device that is
+    // not in the rollout, and more results than devices made the count of
+    // devices not updated underflow (a panic in debug builds).
+    #[test]
+    fn a_forged_state_naming_devices_outside_the_waves_run_is_refused() {
+        let mut state = state_of(4, &[1, 2, 4]);
+        state.wave = 1;
+        state.results.insert(dev(1), done(1));
+        assert_eq!(state.check(), Ok(()));
+        let refused = |state: &RolloutState, what: &str| {
+            let err = state.check().expect_err(what);
+            assert!(!err.is_empty(), "{what}");
+        };
+        // A device not in the list at all.
+        let mut forged = state.clone();
+        forged.results.insert(dev(9), done(1));
+        refused(&forged, "a result for a device not in the rollout");
+        // A device of a wave not run yet (wave 2 is running: dev-2 has no result yet).
+        let mut forged = state.clone();
+        forged.results.insert(dev(3), done(3));
+        refused(&forged, "a result for a device of a later wave");
+        let mut forged = state.clone();
+        forged.previous.insert(dev(9), None);
+        refused(&forged, "a previous document for a device not in the rollout");
+        // The wave being run may have its previous documents recorded; later ones not.
+        let mut ok = state.clone();
+        ok.previous.insert(dev(2), None);
+        assert_eq!(ok.check(), Ok(()));
+        ok.previous.insert(dev(3), None);
+        refused(&ok, "a previous document for a device of a later wave");
+        let mut forged = state.clone();
+        forged.reverted.insert(dev(2), done(2));
+        refused(&forged, "a revert of a device without a result");
+        let mut forged = state.clone();
+        forged.devices[1] = dev(1);
+        refused(&forged, "a device twice");
+        // Reverting a device written without its previous document recorded
+        // would delete its deployment.
+        let mut forged = state.clone();
+        forged.revert_on_abort = true;
+        refused(&forged, "a device written without its previous document");
+        forged.previous.insert(dev(1), None);
+        assert_eq!(forged.check(), Ok(()));
+        // A lease under a second (saved every millisecond, taken over at
+        // once) and a wave timeout of 0 are no settings `rollout` writes.
+        let mut forged = state.clone();
+        forged.lease_ms = 0;
+        refused(&forged, "a lease of 0 ms");
+        let mut forged = state.clone();
+        forged.wave_timeout_s = 0;
+        refused(&forged, "a wave timeout of 0 s");
+        // The digest names the document's key: nothing but a sha256.
+        let mut forged = state;
+        forged.document_digest = "sha256:0.prev.x".into();
+        refused(&forged, "a document digest that names another key");
+    }
+
+    // The table and the outcome print what the state holds; on `--resume`
+    // that is what the bucket held, not what this process escaped.
+    #[test]
+    fn the_failure_table_escapes_a_stored_result_too() {
+        let mut state = state_of(1, &[1]);
+        state.results.insert(
+            dev(1),
+            DeviceResult {
+                wave: 1,
+                state: DeviceState::Failed,
+                generation: 2,
+                check: Some("evil\u{1b}[2J".into()),
+                detail: format!("line\nbreak{}", "x".repeat(10_000)),
+            },
+        );
+        let table = state.failure_table();
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(!table.contains('\u{1b}') && table.len() < 2048, "{table}");
+    }
+
+    // A status's checks are those of the generation being verified "or of
+    // the last one verified": a generation the device refused (expired)
+    // shows an older one's failed check, and a device that times out may
+    // last have reported an older generation rolled back. Neither is this
+    // generation rolled back by that check.
+    #[test]
+    fn only_the_awaited_generation_rolled_back_names_a_failed_check() {
+        use harmony_score_wire::{CheckStatus, ErrorKind, StatusError};
+        let stale_check = CheckStatus {
+            check: "file_sha256 /etc/canary-ok".into(),
+            source: "document".into(),
+            state: CheckState::Failed,
+            output: "/etc/canary-ok does not exist".into(),
+        };
+        let rejected = DeploymentStatus {
+            desired_generation: 4,
+            observed_generation: 2,
+            phase: Phase::Rejected,
+            error: Some(StatusError::new(ErrorKind::Expired, "document expired at 5")),
+            health: vec![stale_check.clone()],
+            ..Default::default()
+        };
+        let err = FleetError::DeploymentFailed {
+            device: dev(1),
+            deployment: DeploymentName::new("web").unwrap(),
+            status: Box::new(rejected),
+        };
+        let result = DeviceResult::from_wait(1, 4, &Err(err));
+        assert_eq!((result.state, result.check.as_deref()), (DeviceState::Failed, None), "{result:?}");
+        assert!(result.detail.contains("expired"), "{result:?}");
+        let older_rollback = DeploymentStatus {
+            desired_generation: 2,
+            observed_generation: 1,
+            phase: Phase::RolledBack,
+            health: vec![stale_check],
+            ..Default::default()
+        };
+        let err = FleetError::Timeout {
+            what: "dev-1/web to apply generation 3".into(),
+            after: std::time::Duration::from_secs(1),
+            last: Some(Box::new(older_rollback)),
+        };
+        let result = DeviceResult::from_wait(1, 3, &Err(err));
+        assert_eq!((result.state, result.check.as_deref()), (DeviceState::Failed, None), "{result:?}");
+    }
+
+    // A state is one KV value (at most 1 MiB, the server's default
+    // payload too). 10,000 devices with --revert-on-abort took 1.28 MB
+    // once every device had a result and a previous document: the rollout
+    // failed at a save mid-way and could not be resumed. A rollout whose
+    // state could outgrow one value is known before it writes anything,
+    // and failure details never push an accepted one over.
+    #[test]
+    fn a_state_never_outgrows_one_value() {
+        const MAX: usize = crate::client::MAX_VALUE_BYTES;
+        let mut big = state_of(10_000, &[10_000]);
+        big.revert_on_abort = true;
+        assert!(big.largest_encoded_size() > MAX, "{}", big.largest_encoded_size());
+        big.revert_on_abort = false;
+        assert!(big.largest_encoded_size() <= MAX, "{}", big.largest_encoded_size());
+        let mut state = state_of(3_000, &[3_000]);
+        state.revert_on_abort = true;
+        assert!(state.largest_encoded_size() <= MAX, "{}", state.largest_encoded_size());
+        // Every device failed, each with the longest check and output kept.
+        state.wave = 1;
+        for (i, device) in state.devices.clone().into_iter().enumerate() {
+            let long = "é".repeat(MAX_DETAIL_BYTES);
+            let waited = Err(FleetError::WaitFailed(long.clone()));
+            let mut result = DeviceResult::from_wait(1, u64::MAX - i as u64, &waited);
+            result.check = Some(bounded_text(&long, MAX_DETAIL_BYTES));
+            state.results.insert(device.clone(), result.clone());
+            state.previous.insert(device.clone(), Some(format!("prev.{}", "f".repeat(64))));
+            state.reverted.insert(device, result);
+        }
+        assert!(harmony_score_wire::to_cbor(&state).len() > MAX);
+        let bytes = state.encode_within(MAX).expect("fits once failure details are dropped");
+        assert!(bytes.len() <= MAX, "{}", bytes.len());
+        let back: RolloutState = harmony_score_wire::from_cbor(&bytes, MAX, "state").unwrap();
+        assert_eq!((back.results.len(), back.check()), (3_000, Ok(())));
+        assert!(back.results.values().all(|r| r.state == DeviceState::Failed && r.detail.is_empty()));
+    }
+
+    #[test]
+    fn the_threshold_and_the_waves_never_overflow() {
+        assert!(MaxFailures::Percent(100).crossed(usize::MAX, usize::MAX - 1));
+        assert!(!MaxFailures::Percent(100).crossed(usize::MAX, usize::MAX));
+        assert!(!MaxFailures::Percent(50).crossed(usize::MAX / 2, usize::MAX));
+        assert_eq!(wave_ends(&[WaveSize::Percent(100)], usize::MAX).unwrap(), [usize::MAX]);
+        assert_eq!(
+            wave_ends(&[WaveSize::Percent(50), WaveSize::Percent(100)], usize::MAX).unwrap()[0],
+            usize::MAX / 2 + 1
+        );
     }
 }

@@ -9,7 +9,7 @@ use async_nats::jetstream::{kv, stream};
 use futures_util::StreamExt;
 use harmony_score_wire::names::ROLLOUTS_BUCKET;
 use harmony_score_wire::{
-    bounded_text, from_cbor, now_ms, to_cbor, try_to_cbor, Check, DeploymentName, DeploymentStatus, DeviceId,
+    bounded_text, from_cbor, now_ms, try_to_cbor, Check, DeploymentName, DeploymentStatus, DeviceId,
     DeviceScore,
 };
 use harmony_topology::async_trait;
@@ -78,12 +78,13 @@ pub trait RolloutStore: DeviceFleet {
     /// Every device that published its info, with its labels.
     async fn device_labels(&self) -> Result<Vec<(DeviceId, BTreeMap<String, String>)>, FleetError>;
 
-    /// The document the device holds for `deployment`; `None` when none.
+    /// The document the device holds for `deployment` and its generation;
+    /// `None` when none.
     async fn current_document(
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
-    ) -> Result<Option<RolloutDocument>, FleetError>;
+    ) -> Result<Option<(RolloutDocument, u64)>, FleetError>;
 
     /// Deletes the deployment from the device; `false` when it held none.
     async fn delete_deployment(
@@ -109,10 +110,13 @@ pub trait RolloutStore: DeviceFleet {
     /// all); the new revision, or [`FleetError::RolloutTakenOver`].
     async fn save_rollout(&self, state: &RolloutState, revision: u64) -> Result<u64, FleetError>;
 
-    /// Every rollout, by deployment.
-    async fn list_rollouts(&self) -> Result<Vec<StoredRollout>, FleetError>;
+    /// Every rollout, by deployment: its state, or why the value under its
+    /// key is not a usable one (one bad value does not hide the others).
+    async fn list_rollouts(
+        &self,
+    ) -> Result<Vec<(DeploymentName, Result<StoredRollout, FleetError>)>, FleetError>;
 
-    /// Stores a document beside the rollout under `name` (`doc`, `prev.<digest>`).
+    /// Stores a document beside the rollout under `name` (`doc.<sha256>`, `prev.<sha256>`).
     async fn save_document(
         &self,
         deployment: &DeploymentName,
@@ -168,15 +172,29 @@ impl FleetClient {
     }
 }
 
-fn decode_state(key: &str, entry: &kv::Entry) -> Result<StoredRollout, FleetError> {
-    let state: RolloutState = from_cbor(&entry.value, MAX_VALUE_BYTES, "rollout state")
+/// A state read from the bucket under `key`, checked.
+fn decode_state_value(key: &str, value: &[u8]) -> Result<RolloutState, FleetError> {
+    let state: RolloutState = from_cbor(value, MAX_VALUE_BYTES, "rollout state")
         .map_err(|source| FleetError::BadValue { key: key.to_owned(), source })?;
-    if let Err(reason) = state.check() {
-        return Err(FleetError::RolloutRefused {
+    let checked = match state.check() {
+        // The key decides which rollout it is: a state copied from another
+        // key would have `--resume` write another deployment.
+        Ok(()) if state.deployment.as_str() != key => {
+            Err(format!("it is the state of deployment {}", state.deployment))
+        }
+        checked => checked,
+    };
+    match checked {
+        Ok(()) => Ok(state),
+        Err(reason) => Err(FleetError::RolloutRefused {
             deployment: state.deployment.clone(),
-            reason: bounded_text(&format!("its stored state is not usable: {reason}"), 512),
-        });
+            reason: bounded_text(&format!("its stored state under {key} is not usable: {reason}"), 512),
+        }),
     }
+}
+
+fn decode_state(key: &str, entry: &kv::Entry) -> Result<StoredRollout, FleetError> {
+    let state = decode_state_value(key, &entry.value)?;
     let age = Duration::from_millis(now_ms().saturating_sub(server_ms(entry)));
     Ok(StoredRollout { state, revision: entry.revision, age })
 }
@@ -196,12 +214,15 @@ impl RolloutStore for FleetClient {
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
-    ) -> Result<Option<RolloutDocument>, FleetError> {
-        Ok(self.desired_state(device, deployment).await?.map(|doc| RolloutDocument {
-            scores: doc.scores,
-            health: doc.health,
-            health_timeout_s: doc.health_timeout_s,
-            expires_at: doc.expires_at,
+    ) -> Result<Option<(RolloutDocument, u64)>, FleetError> {
+        Ok(self.desired_state(device, deployment).await?.map(|doc| {
+            let document = RolloutDocument {
+                scores: doc.scores,
+                health: doc.health,
+                health_timeout_s: doc.health_timeout_s,
+                expires_at: doc.expires_at,
+            };
+            (document, doc.generation)
         }))
     }
 
@@ -235,7 +256,13 @@ impl RolloutStore for FleetClient {
     async fn save_rollout(&self, state: &RolloutState, revision: u64) -> Result<u64, FleetError> {
         let store = self.rollouts().await?;
         let key = state.deployment.to_string();
-        match store.update(&key, to_cbor(state).into(), revision).await {
+        let bytes = state.encode_within(MAX_VALUE_BYTES).map_err(|size| FleetError::RolloutRefused {
+            deployment: state.deployment.clone(),
+            reason: format!(
+                "its state takes {size} bytes, more than the {MAX_VALUE_BYTES} one value may hold"
+            ),
+        })?;
+        match store.update(&key, bytes.into(), revision).await {
             Ok(written) => return Ok(written),
             Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
             Err(err) => return Err(FleetError::nats(format!("write rollout {key}"), err)),
@@ -247,19 +274,26 @@ impl RolloutStore for FleetClient {
         Err(FleetError::RolloutTakenOver { deployment: state.deployment.clone(), owner })
     }
 
-    async fn list_rollouts(&self) -> Result<Vec<StoredRollout>, FleetError> {
+    async fn list_rollouts(
+        &self,
+    ) -> Result<Vec<(DeploymentName, Result<StoredRollout, FleetError>)>, FleetError> {
         let store = self.rollouts().await?;
         let mut keys = store.keys().await.map_err(|e| FleetError::nats("list rollouts", e))?;
         let mut found = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| FleetError::nats("list rollouts", e))?;
-            // Documents beside the states (`<deployment>.doc`) are not rollouts.
+            // Documents beside the states (`<deployment>.doc.<sha256>`) are not rollouts.
             let Ok(deployment) = DeploymentName::new(key.as_str()) else { continue };
-            if let Some(stored) = self.load_rollout(&deployment).await? {
-                found.push(stored);
+            let entry =
+                store.entry(&key).await.map_err(|e| FleetError::nats(format!("read rollout {key}"), e))?;
+            match entry {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    found.push((deployment, decode_state(&key, &entry)));
+                }
+                _ => {}
             }
         }
-        found.sort_by(|a, b| a.state.deployment.cmp(&b.state.deployment));
+        found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }
 
@@ -309,7 +343,7 @@ impl RolloutStore for FleetTopology {
         &self,
         device: &DeviceId,
         deployment: &DeploymentName,
-    ) -> Result<Option<RolloutDocument>, FleetError> {
+    ) -> Result<Option<(RolloutDocument, u64)>, FleetError> {
         self.client().current_document(device, deployment).await
     }
 
@@ -339,7 +373,9 @@ impl RolloutStore for FleetTopology {
         self.client().save_rollout(state, revision).await
     }
 
-    async fn list_rollouts(&self) -> Result<Vec<StoredRollout>, FleetError> {
+    async fn list_rollouts(
+        &self,
+    ) -> Result<Vec<(DeploymentName, Result<StoredRollout, FleetError>)>, FleetError> {
         self.client().list_rollouts().await
     }
 
@@ -358,5 +394,23 @@ impl RolloutStore for FleetTopology {
         name: &str,
     ) -> Result<(RolloutDocument, String), FleetError> {
         self.client().load_document(deployment, name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use harmony_score_wire::to_cbor;
+
+    use super::*;
+
+    // The state under key `web` that names deployment `db`: resuming `web`
+    // would write `db` on every device (and CAS `db`'s key with `web`'s revision).
+    #[test]
+    fn a_state_under_another_deployments_key_is_refused() {
+        let state = crate::rollout::plan::tests::state_of(1, &[1]);
+        let value = to_cbor(&state);
+        assert!(decode_state_value("web", &value).is_ok());
+        let err = decode_state_value("db", &value).unwrap_err();
+        assert!(crate::error_chain(&err).contains("deployment web"), "{}", crate::error_chain(&err));
     }
 }
