@@ -176,6 +176,48 @@ async fn a_rollout_stops_after_the_wave_where_the_third_device_fails_and_later_w
     assert_eq!(cells[1..5], ["aborted", "3/4", "10/20", "3"], "{listed}");
 }
 
+// The same rollout with --revert-on-abort, from the command line: after
+// the abort in wave 3, every device of waves 1 to 3 is back on v1 as
+// generation 3 (the healthy ones were on v2; the failed ones had rolled
+// themselves back), and wave 4 was never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_on_abort_from_the_command_line_puts_every_updated_device_back_on_the_old_content() {
+    let bad = [3, 7, 8];
+    let (f, _agents) = fleet_of(&bad).await;
+    let doc = document(&f, 2);
+    let out = fleet_cli(
+        &f,
+        &[
+            "rollout",
+            "--deployment",
+            "app",
+            doc.to_str().unwrap(),
+            "--selector",
+            "site=lab",
+            "--waves",
+            WAVES,
+            "--max-failures",
+            "2",
+            "--wave-timeout",
+            "60",
+            "--wait",
+            "--revert-on-abort",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("rollout reverted after wave 3 of 4"), "{stdout}");
+    assert_eq!(stdout.matches(": reverted: done (generation 3)").count(), 10, "{stdout}");
+    for n in 1..=10 {
+        assert_eq!((app_conf(&f, n), key_generation(&f, n).await), ("v1".into(), 3), "dev-{n:02}");
+    }
+    for n in 11..=DEVICES {
+        assert_eq!((app_conf(&f, n), key_generation(&f, n).await), ("v1".into(), 1), "dev-{n:02}");
+    }
+}
+
 // The library path: the Score through a Maestro, --revert-on-abort's
 // counterpart. The canary fails, the rollout stops after wave 1 and gives
 // it its previous document back as generation 3 (generations never go back).
