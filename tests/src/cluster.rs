@@ -340,6 +340,11 @@ impl LeafNode {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("leaf.log")).unwrap_or_default()
     }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for LeafNode {

@@ -5,10 +5,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use harmony_e2e::cluster::{LeafNode, NatsCluster};
 use harmony_e2e::{file_score, InProcessAgent, NatsServer};
 use harmony_fleet::FleetClient;
 use harmony_score_wire::names::{
-    desired_state_key, hint_subjects, index_key, AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
+    desired_state_key, hint_subjects, index_key, status_hint_republish_destination, AGENT_STATUS_BUCKET,
+    DESIRED_STATE_BUCKET,
 };
 use harmony_score_wire::{
     encode, from_cbor, to_cbor, AgentStatus, DeploymentIndex, DeploymentName, DesiredState, DeviceId, Phase,
@@ -71,17 +73,60 @@ pub enum Writer {
     Raw,
 }
 
-pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde_json::Value, BenchError> {
-    let nats = NatsServer::start();
-    let url = nats.url();
-    let client = FleetClient::connect(std::slice::from_ref(&url), None).await?;
+/// The servers of a run: one, or (`--leaf`) a three-node hub cluster with
+/// the agents behind a leaf node, as a site would be.
+enum Servers {
+    One(NatsServer),
+    Site { cluster: NatsCluster, leaf: LeafNode },
+}
+
+impl Servers {
+    /// Where the operator connects.
+    fn hub_urls(&self) -> Vec<String> {
+        match self {
+            Servers::One(nats) => vec![nats.url()],
+            Servers::Site { cluster, .. } => cluster.urls(),
+        }
+    }
+
+    /// Where the agents (and the floor's devices) connect.
+    fn device_url(&self) -> String {
+        match self {
+            Servers::One(nats) => nats.url(),
+            Servers::Site { leaf, .. } => leaf.url(),
+        }
+    }
+}
+
+pub async fn run(
+    agents: usize,
+    state_in: &Path,
+    writer: Writer,
+    leaf: bool,
+) -> Result<serde_json::Value, BenchError> {
+    let servers = if leaf {
+        let cluster = NatsCluster::start().await;
+        let leaf = cluster.start_leaf("site-1");
+        Servers::Site { cluster, leaf }
+    } else {
+        Servers::One(NatsServer::start())
+    };
+    let url = servers.device_url();
+    let client = FleetClient::connect(&servers.hub_urls(), None).await?;
+    // Behind a hub cluster, buckets on every node, as operations.md says.
+    let client = if leaf { client.with_replicas(3) } else { client };
     client.ensure_buckets().await?;
     let dir = tempfile::tempdir_in(state_in)?;
     let deployment = DeploymentName::new("bench")?;
     let limit = Duration::from_secs(60 + agents as u64 / 50);
 
     // Device status keys are one token (`<id>`); heartbeat keys are two.
+    // Behind a leaf node the agents' writes reach the hub's stream through
+    // the leaf's JetStream mapping, not as plain messages on `$KV.…`: there
+    // the statuses are followed with one watch (`wait_for_generations`),
+    // and "online" by the status bucket's republished hints.
     let mut statuses = client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.*")).await?;
+    let mut hints = client.nats().subscribe(status_hint_republish_destination()).await?;
     let devices: Vec<DeviceId> =
         (0..agents).map(|i| DeviceId::new(format!("fleet-{i}"))).collect::<Result<_, _>>()?;
     let started = Instant::now();
@@ -104,8 +149,11 @@ pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde
     let mut online = HashSet::new();
     within(limit, "every agent online", async {
         while online.len() < agents {
-            let Some(message) = statuses.next().await else { break };
-            online.insert(message.subject.to_string());
+            let Some(message) = hints.next().await else { break };
+            // Heartbeat keys (`<id>.heartbeat`) are hinted too.
+            if let Some(device) = message.subject.rsplit('.').next().filter(|d| d.starts_with("fleet-")) {
+                online.insert(device.to_owned());
+            }
         }
     })
     .await
@@ -114,6 +162,11 @@ pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde
     let agent_rss: u64 = children.iter().filter_map(|c| c.id()).map(|pid| proc_kib(pid, "VmRSS:")).sum();
 
     let (write_ms, converge_ms, awaited_ms) = match writer {
+        Writer::Raw if leaf => {
+            let (write, started) = write_generation(&client, &devices, &deployment).await?;
+            let converge_ms = converge_watch(&client, &devices, &deployment, started, limit).await?;
+            (write.as_millis() as u64, converge_ms, None)
+        }
         Writer::Raw => {
             let (write, started) = write_generation(&client, &devices, &deployment).await?;
             let converge_ms = converge(&mut statuses, &devices, &deployment, started, limit).await?;
@@ -132,21 +185,35 @@ pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde
                 }
                 Ok::<_, BenchError>((write_ms, started.elapsed().as_millis() as u64))
             };
-            let (converge_ms, operator) = tokio::join!(converged, operator);
-            let (write_ms, awaited_ms) = operator?;
-            (write_ms, converge_ms?, Some(awaited_ms))
+            let (write_ms, awaited_ms, converge_ms) = if leaf {
+                let (write_ms, awaited_ms) = operator.await?;
+                (write_ms, awaited_ms, awaited_ms)
+            } else {
+                let (converge_ms, operator) = tokio::join!(converged, operator);
+                let (write_ms, awaited_ms) = operator?;
+                (write_ms, awaited_ms, converge_ms?)
+            };
+            (write_ms, converge_ms, Some(awaited_ms))
         }
     };
-    let server_rss = nats.pid().map_or(0, |pid| proc_kib(pid, "VmRSS:"));
-    let server_hwm = nats.pid().map_or(0, |pid| proc_kib(pid, "VmHWM:"));
-    drop(statuses);
+    let (server_rss, server_hwm) = match &servers {
+        Servers::One(nats) => (
+            nats.pid().map_or(0, |pid| proc_kib(pid, "VmRSS:")),
+            nats.pid().map_or(0, |pid| proc_kib(pid, "VmHWM:")),
+        ),
+        Servers::Site { leaf, .. } => (
+            leaf.pid().map_or(0, |pid| proc_kib(pid, "VmRSS:")),
+            leaf.pid().map_or(0, |pid| proc_kib(pid, "VmHWM:")),
+        ),
+    };
+    drop((statuses, hints));
     // Closing their stdin stops the children's agents (each shuts down).
     for mut child in children {
         drop(child.stdin.take());
         let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
     }
 
-    let floor = floor(&client, &url, agents, &deployment, limit).await?;
+    let floor = floor(&client, &url, agents, &deployment, limit, leaf).await?;
     Ok(json!({
         "agents": agents,
         "converge_ms": converge_ms,
@@ -160,6 +227,7 @@ pub async fn run(agents: usize, state_in: &Path, writer: Writer) -> Result<serde
         "floor_converge_ms": floor.1,
         "floor_write_ms": floor.0,
         "state_in": state_in.display().to_string(),
+        "leaf": leaf,
     }))
 }
 
@@ -301,6 +369,27 @@ async fn converge(
     Ok(started.elapsed().as_millis() as u64)
 }
 
+/// [`converge`] through the operator's own path: one watch of the status
+/// bucket (`wait_for_generations`) for every device's generation 1.
+async fn converge_watch(
+    client: &FleetClient,
+    devices: &[DeviceId],
+    deployment: &DeploymentName,
+    started: Instant,
+    limit: Duration,
+) -> Result<u64, BenchError> {
+    let awaited: Vec<harmony_fleet::Awaited> = devices
+        .iter()
+        .map(|device| harmony_fleet::Awaited { device: device.clone(), generation: 1, digest: None })
+        .collect();
+    let results = client.wait_for_generations(deployment, &awaited, limit).await?;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        return Err(BenchError::from(format!("{failed} devices did not apply generation 1")));
+    }
+    Ok(started.elapsed().as_millis() as u64)
+}
+
 /// The floor: N bare devices (a connection each) that, on a hint, do a
 /// direct get of the key and put a status. No Maestro, no files. Returns
 /// (write ms, converge ms).
@@ -310,6 +399,7 @@ async fn floor(
     count: usize,
     deployment: &DeploymentName,
     limit: Duration,
+    leaf: bool,
 ) -> Result<(u64, u64), BenchError> {
     let devices: Vec<DeviceId> =
         (0..count).map(|i| DeviceId::new(format!("floor-{i}"))).collect::<Result<_, _>>()?;
@@ -352,7 +442,11 @@ async fn floor(
     }
     client.nats().flush().await?;
     let (write, started) = write_generation(client, &devices, deployment).await?;
-    let converge_ms = converge(&mut statuses, &devices, deployment, started, limit).await?;
+    let converge_ms = if leaf {
+        converge_watch(client, &devices, deployment, started, limit).await?
+    } else {
+        converge(&mut statuses, &devices, deployment, started, limit).await?
+    };
     for task in tasks {
         task.abort();
     }

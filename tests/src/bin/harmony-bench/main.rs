@@ -56,6 +56,11 @@ enum Command {
         /// puts of pre-encoded documents and index entries).
         #[arg(long, default_value = "client")]
         writer: fleet::Writer,
+        /// A three-node hub cluster (buckets with three replicas), the
+        /// agents and the floor's devices behind a leaf node, the operator
+        /// on the hub.
+        #[arg(long)]
+        leaf: bool,
     },
     /// (Internal) a child process of `fleet`: runs agents `fleet-FIRST` to
     /// `fleet-(FIRST+COUNT-1)` until its stdin closes.
@@ -101,7 +106,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Latency { count, state_in, signed } => latency::run(count, &state_in, signed).await,
-            Command::Fleet { agents, state_in, writer } => fleet::run(agents, &state_in, writer).await,
+            Command::Fleet { agents, state_in, writer, leaf } => {
+                fleet::run(agents, &state_in, writer, leaf).await
+            }
             Command::Operator { devices } => fleet::operator(devices).await,
             Command::Agents { url, dir, first, count } => fleet::agents(&url, &dir, first, count).await,
             Command::Footprint { agent, idle_secs } => {
