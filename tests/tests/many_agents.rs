@@ -58,8 +58,10 @@ async fn every_device_reaches_every_final_generation_through_hints_alone() {
     let devices: Vec<DeviceId> = (0..agents()).map(|i| DeviceId::new(format!("dev-{i}")).unwrap()).collect();
     let app = DeploymentName::new("app").unwrap();
 
-    // Every status any agent writes, as the operator would follow a fleet.
-    let mut statuses = within(client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.>"))).await.unwrap();
+    // Every status any agent writes, as the operator would follow a fleet:
+    // status keys are one token (`<id>`); a heartbeat key (`<id>.heartbeat`,
+    // the first beat at a random point of the hour) is two and not a status.
+    let mut statuses = within(client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.*"))).await.unwrap();
     let running: Vec<InProcessAgent> = devices
         .iter()
         .map(|d| {
