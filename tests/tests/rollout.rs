@@ -105,6 +105,15 @@ async fn fleet_cli(f: &Fleet, args: &[&str]) -> std::process::Output {
     tokio::time::timeout(Duration::from_secs(300), run).await.expect("harmony-fleet timed out").unwrap()
 }
 
+/// `harmony-fleet rollout` of `doc` to every `site=lab` device in
+/// [`WAVES`], at most 2 failures, the last wave awaited, plus `extra`.
+async fn roll_out(f: &Fleet, doc: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["rollout", "--deployment", "app", doc.to_str().unwrap(), "--selector", "site=lab"];
+    args.extend(["--waves", WAVES, "--max-failures", "2", "--wave-timeout", "60", "--wait"]);
+    args.extend(extra);
+    fleet_cli(f, &args).await
+}
+
 // With 3 devices labelled to fail and --max-failures 2, the rollout stops
 // after the wave where the third fails (wave 3): wave 4's devices never get
 // the new generation, and the command exits 1 with the table of who
@@ -114,25 +123,7 @@ async fn a_rollout_stops_after_the_wave_where_the_third_device_fails_and_later_w
     let bad = [3, 7, 8];
     let (f, _agents) = fleet_of(&bad).await;
     let doc = document(&f, 2);
-    let out = fleet_cli(
-        &f,
-        &[
-            "rollout",
-            "--deployment",
-            "app",
-            doc.to_str().unwrap(),
-            "--selector",
-            "site=lab",
-            "--waves",
-            WAVES,
-            "--max-failures",
-            "2",
-            "--wave-timeout",
-            "60",
-            "--wait",
-        ],
-    )
-    .await;
+    let out = roll_out(&f, &doc, &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -185,26 +176,7 @@ async fn revert_on_abort_from_the_command_line_puts_every_updated_device_back_on
     let bad = [3, 7, 8];
     let (f, _agents) = fleet_of(&bad).await;
     let doc = document(&f, 2);
-    let out = fleet_cli(
-        &f,
-        &[
-            "rollout",
-            "--deployment",
-            "app",
-            doc.to_str().unwrap(),
-            "--selector",
-            "site=lab",
-            "--waves",
-            WAVES,
-            "--max-failures",
-            "2",
-            "--wave-timeout",
-            "60",
-            "--wait",
-            "--revert-on-abort",
-        ],
-    )
-    .await;
+    let out = roll_out(&f, &doc, &["--revert-on-abort"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
