@@ -43,8 +43,8 @@ pub struct RolloutArgs {
     /// over every wave so far: a number, or a percentage of the devices updated.
     #[arg(long, default_value = "0", value_name = "N|P%")]
     max_failures: MaxFailures,
-    /// Seconds each wave's devices get to report applied (and committed).
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    /// Seconds each wave's devices get to report applied (and committed), 1 to 86400.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     wave_timeout: u64,
     /// Wait for the last wave too (else it is written and the command ends).
     #[arg(long)]
@@ -63,8 +63,8 @@ pub struct RolloutArgs {
     #[arg(long)]
     force: bool,
     /// Seconds after the state's last write before another operator may
-    /// resume it (this process writes it every third of this).
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    /// resume it (this process writes it every third of this), 1 to 3600.
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     lease: u64,
 }
 
