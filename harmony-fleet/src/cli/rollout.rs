@@ -179,8 +179,8 @@ impl Progress {
                 }
                 let message = self.message();
                 if let Some(bar) = &self.bar {
-                    bar.inc(1);
                     bar.set_message(message);
+                    bar.inc(1);
                 }
             }
             RolloutEvent::WaveFinished { wave, done, failed, rolled_back, failures_so_far } => {
