@@ -13,7 +13,7 @@ pub const INDEX_SUFFIX: &str = "_index";
 /// by name and sha256 from Scores: the operator writes, devices only read.
 pub const ARTIFACTS_BUCKET: &str = "harmony-artifacts";
 /// KV bucket of staged rollouts (the operators' own; no device reads it):
-/// key `<deployment>` → the rollout's state, `<deployment>.doc` → the
+/// key `<deployment>` → the rollout's state, `<deployment>.doc.<sha256>` → the
 /// document rolled out, `<deployment>.prev.<digest>` → a document devices
 /// had before it (CBOR).
 pub const ROLLOUTS_BUCKET: &str = "harmony-rollouts";
