@@ -13,6 +13,7 @@ mod client;
 mod desired;
 mod error;
 mod keyset;
+mod multi_get;
 pub mod nats_config;
 pub mod report;
 mod rollout;
