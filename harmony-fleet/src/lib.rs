@@ -10,6 +10,7 @@
 
 mod artifacts;
 mod client;
+mod deploy_many;
 mod desired;
 mod error;
 mod keyset;
