@@ -2,12 +2,13 @@
 //!
 //! [`FleetClient::deploy`] costs about four round trips one after the other
 //! (read the key, read the index, write the index, write the key). For many
-//! devices the same steps run phase by phase instead: every key and index
-//! read in batches of 512 devices, then every index written with its
-//! acknowledgements awaited together, then every key. Each device's
-//! attempt is `deploy`'s own (the same [`Job`] and plan); one that loses a
-//! compare-and-set goes on alone through `deploy`'s loop from its second
-//! attempt, exactly as `deploy` would have.
+//! devices the same steps run phase by phase, on batches of 512 devices (a
+//! few batches at once, so that one's reads go while another's writes do):
+//! the batch's keys and indexes in one batched read, then every index
+//! written with the acknowledgements awaited together, then every key.
+//! Each device's attempt is `deploy`'s own (the same [`Job`] and plan); one
+//! that loses a compare-and-set goes on alone through `deploy`'s loop from
+//! its second attempt, exactly as `deploy` would have.
 
 use std::collections::HashMap;
 
@@ -16,12 +17,16 @@ use futures_util::StreamExt;
 use harmony_score_wire::names::status_key;
 use harmony_score_wire::{DeviceId, DeviceInfo};
 
-use crate::client::decode_status;
+use crate::client::{decode_status, Buckets};
 use crate::desired::{backoff, cas_write, index_written, key_written, latest_of, CasWrite, Job, Plan};
+use crate::multi_get::MAX_SUBJECTS;
 use crate::{error_chain, DeployRequest, Deployed, FleetClient, FleetError};
 
-/// Compare-and-set writes in flight at once.
-const WRITES_IN_FLIGHT: usize = 512;
+/// Devices whose first attempts run phase by phase together: their keys
+/// and indexes are one batched read.
+const DEVICES_PER_BATCH: usize = MAX_SUBJECTS / 2;
+/// Batches of devices in flight at once.
+const BATCHES_IN_FLIGHT: usize = 4;
 /// Attempts planned at once (a plan reads nothing, except the history of a
 /// key another tool wrote past its index).
 const PLANS_IN_FLIGHT: usize = 64;
@@ -45,10 +50,12 @@ impl FleetClient {
     /// [`deploy`](Self::deploy) for many requests at once: one result per
     /// request, in order, each what `deploy` would have returned.
     ///
-    /// The reads of every device are batched (the key and the index of 512
-    /// devices per request, and the supported Scores of those not forced),
-    /// then the index writes are pipelined (every compare-and-set sent
-    /// before their acknowledgements are awaited), then the key writes.
+    /// Devices go in batches of 512, four batches at once. A batch's reads
+    /// are one batched request (the key and the index of each device, and,
+    /// beside it, the statuses of the devices not forced, for their
+    /// supported Scores), then its index writes are pipelined (every
+    /// compare-and-set sent before their acknowledgements are awaited),
+    /// then its key writes.
     /// Numbering, the index rules and the compare-and-set of each device
     /// are `deploy`'s: a device whose write lost to another writer waits
     /// as `deploy` does and goes on through `deploy`'s loop.
@@ -97,19 +104,64 @@ impl FleetClient {
             Ok(buckets) => buckets,
             Err(err) => {
                 let cause = error_chain(&err);
-                done.extend(
-                    jobs.into_iter()
-                        .map(|(at, ..)| (at, Err(FleetError::nats("open the buckets", cause.clone())))),
-                );
+                let failed = |at| (at, Err(FleetError::nats("open the buckets", cause.clone())));
+                done.extend(jobs.into_iter().map(|(at, ..)| failed(at)));
                 return done;
             }
         };
-        // The devices' reported Scores and features, for the requests not forced.
+        // Batches of devices one after the other, a few at once: a batch's
+        // reads go while another's writes do.
+        let mut batches = Vec::new();
+        while !jobs.is_empty() {
+            let rest = jobs.split_off(jobs.len().min(DEVICES_PER_BATCH));
+            batches.push(std::mem::replace(&mut jobs, rest));
+        }
+        let firsts: Vec<_> = futures_util::stream::iter(batches)
+            .map(|batch| self.first_attempts(buckets, batch))
+            .buffer_unordered(BATCHES_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut retries = Vec::new();
+        for (finished, lost) in firsts {
+            done.extend(finished);
+            retries.extend(lost);
+        }
+        let store = &buckets.desired;
+        let retried: Vec<(usize, Outcome)> = futures_util::stream::iter(retries)
+            .map(|(at, job)| async move {
+                backoff(0).await;
+                (at, self.run_job(store, job, 1).await)
+            })
+            .buffer_unordered(RETRIES_IN_FLIGHT)
+            .collect()
+            .await;
+        done.extend(retried);
+        done
+    }
+
+    /// The first attempt of each of `jobs` (`(position, job, forced)`, at
+    /// most [`DEVICES_PER_BATCH`]): their results, and the jobs that lost a
+    /// compare-and-set (to go on through `deploy`'s loop).
+    async fn first_attempts(
+        &self,
+        buckets: &Buckets,
+        jobs: Vec<(usize, Job, bool)>,
+    ) -> (Vec<(usize, Outcome)>, Vec<(usize, Job)>) {
+        let store = &buckets.desired;
+        let mut done: Vec<(usize, Outcome)> = Vec::new();
+        // The devices' reported Scores and features (for the requests not
+        // forced), and each device's key and index: both in one batched
+        // request, so read at one point in time. Were a page boundary to
+        // fall between them, the first attempt still writes the index with
+        // compare-and-set on the revision read, which fails if it changed.
         let checked: Vec<DeviceId> =
             jobs.iter().filter(|(_, _, force)| !force).map(|(_, job, _)| job.device.clone()).collect();
-        let mut infos = self.device_infos(&buckets.status, checked).await;
-        let mut reads = Vec::with_capacity(jobs.len() * 2);
-        let mut ready = Vec::with_capacity(jobs.len());
+        let keys: Vec<String> =
+            jobs.iter().flat_map(|(_, job, _)| [job.key.clone(), job.index_key.clone()]).collect();
+        let (mut infos, latest) =
+            tokio::join!(self.device_infos(&buckets.status, checked), self.latest_entries(store, keys));
+        let mut latest: HashMap<String, Result<Option<kv::Entry>, FleetError>> = latest.into_iter().collect();
+        let mut read = Vec::with_capacity(jobs.len());
         for (at, job, force) in jobs {
             if !force {
                 let info = infos.remove(&job.device).unwrap_or(Ok(None));
@@ -118,19 +170,6 @@ impl FleetClient {
                     continue;
                 }
             }
-            // Both in one batch (devices in pairs, 512 a batch): read at one
-            // point in time. Were a page boundary to fall between them, the
-            // first attempt still writes the index with compare-and-set on
-            // the revision read, which fails if it changed after.
-            reads.push(job.key.clone());
-            reads.push(job.index_key.clone());
-            ready.push((at, job));
-        }
-        let store = &buckets.desired;
-        let mut latest: HashMap<String, Result<Option<kv::Entry>, FleetError>> =
-            self.latest_entries(store, reads).await.into_iter().collect();
-        let mut read = Vec::with_capacity(ready.len());
-        for (at, job) in ready {
             let mut take = |key: &str| latest.remove(key).unwrap_or(Ok(None)).map(latest_of);
             match (take(&job.key), take(&job.index_key)) {
                 (Ok(key), Ok(index)) => read.push((at, job, key, index)),
@@ -187,26 +226,17 @@ impl FleetClient {
                 }
             }
         }
-        let mut retries = Vec::new();
+        let mut lost = Vec::new();
         for (p, w) in pending.into_iter().enumerate() {
             if let Some(err) = failed.remove(&p) {
                 done.push((w.at, Err(err)));
             } else if w.lost {
-                retries.push((w.at, w.job));
+                lost.push((w.at, w.job));
             } else {
                 done.push((w.at, Ok(w.deployed)));
             }
         }
-        let retried: Vec<(usize, Outcome)> = futures_util::stream::iter(retries)
-            .map(|(at, job)| async move {
-                backoff(0).await;
-                (at, self.run_job(store, job, 1).await)
-            })
-            .buffer_unordered(RETRIES_IN_FLIGHT)
-            .collect()
-            .await;
-        done.extend(retried);
-        done
+        (done, lost)
     }
 
     /// What each of `devices` last reported about itself (`None`: never
@@ -228,15 +258,16 @@ impl FleetClient {
     }
 }
 
-/// Sends every compare-and-set write of `writes` (`(tag, key, write)`),
-/// many before any acknowledgement is awaited: whether each won, by tag.
+/// Sends every compare-and-set write of `writes` (`(tag, key, write)`, at
+/// most a batch's) before any acknowledgement is awaited: whether each
+/// won, by tag.
 async fn cas_write_all(
     store: &kv::Store,
     writes: Vec<(usize, String, CasWrite)>,
 ) -> Vec<(usize, Result<bool, FleetError>)> {
     futures_util::stream::iter(writes)
         .map(|(tag, key, write)| async move { (tag, cas_write(store, &key, write.value, write.revision).await) })
-        .buffer_unordered(WRITES_IN_FLIGHT)
+        .buffer_unordered(DEVICES_PER_BATCH)
         .collect()
         .await
 }

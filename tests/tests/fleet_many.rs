@@ -438,11 +438,12 @@ async fn a_key_changed_by_another_writer_meanwhile_is_retried_as_deploy_does() {
 }
 
 // Another writer changes a device's index between `deploy_many`'s read and
-// its index write (here by a plain put of an index naming another
-// deployment: with 600 devices, the last index writes wait for the first
-// acknowledgements, and the other writer acts on the hint of the first).
-// The device then goes on as `deploy` does after losing the index: it
-// reads both again and keeps the other writer's entry beside its own.
+// its index write (a plain put of an index naming another deployment, sent
+// as soon as the other writer sees the batched read go by). The device
+// then goes on as `deploy` does after losing the index: it reads both
+// again and keeps the other writer's entry beside its own. Should the put
+// come after the index write instead (it then replaces the index), the
+// scenario runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_changed_by_another_writer_meanwhile_is_retried_as_deploy_does() {
     let server = NatsServer::start();
@@ -451,14 +452,18 @@ async fn an_index_changed_by_another_writer_meanwhile_is_retried_as_deploy_does(
     let mut conflicts = 0;
     for round in 0..5 {
         let deployment = name(&format!("web{round}"));
-        let devices: Vec<DeviceId> = (0..600).map(|i| dev(&format!("r{round}-{i:03}"))).collect();
-        let last = devices[599].clone();
-        let mut hints =
-            within(other.nats().subscribe(format!("harmony.hint.{}._index", devices[0]))).await.unwrap();
+        let devices: Vec<DeviceId> = (0..200).map(|i| dev(&format!("r{round}-{i:03}"))).collect();
+        let last = devices[199].clone();
+        // The body form of the direct get: batched reads only.
+        let mut reads =
+            within(other.nats().subscribe(format!("$JS.API.DIRECT.GET.KV_{DESIRED_STATE_BUCKET}")))
+                .await
+                .unwrap();
+        within(other.nats().flush()).await.unwrap();
         let bump = {
             let (desired, last) = (desired.clone(), last.clone());
             tokio::spawn(async move {
-                hints.next().await.unwrap();
+                reads.next().await.unwrap();
                 let mut index = harmony_score_wire::DeploymentIndex::default();
                 index.deployments.insert(name("side"), 5);
                 desired.put(format!("{last}._index"), to_cbor(&index).into()).await.unwrap();
@@ -471,7 +476,9 @@ async fn an_index_changed_by_another_writer_meanwhile_is_retried_as_deploy_does(
                     .force(true)
             })
             .collect();
+        let before = sent(&client);
         let results = within(client.deploy_many(requests)).await;
+        let messages = sent(&client) - before;
         within(bump).await.unwrap();
         for result in &results {
             assert_eq!(result.as_ref().unwrap().generation, 1);
@@ -481,6 +488,14 @@ async fn an_index_changed_by_another_writer_meanwhile_is_retried_as_deploy_does(
             // The other writer's plain put came after ours and replaced it.
             continue;
         }
+        // One batched read and 400 writes; a device that lost its index
+        // write (199 keys written) reads its key and index again and
+        // writes both.
+        if messages == 401 {
+            // The put came before the read: nothing conflicted.
+            continue;
+        }
+        assert_eq!(messages, 1 + 200 + 199 + 4, "one device retried");
         conflicts += 1;
         assert_eq!(index.deployments, BTreeMap::from([(name("side"), 5), (deployment.clone(), 1)]));
         let doc = within(client.desired_state(&last, &deployment)).await.unwrap().unwrap();
