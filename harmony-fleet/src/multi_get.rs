@@ -161,7 +161,7 @@ fn entry_of(store: &kv::Store, message: async_nats::Message) -> Result<kv::Entry
     Ok(kv::Entry {
         bucket: store.name.clone(),
         key,
-        operation: operation_of(&message),
+        operation: operation_of(&message.headers),
         value: message.payload,
         revision: message.sequence,
         delta: 0,
@@ -170,13 +170,14 @@ fn entry_of(store: &kv::Store, message: async_nats::Message) -> Result<kv::Entry
     })
 }
 
-/// The KV operation a stored message records, as `kv::Store::entry` reads
-/// it: `KV-Operation`, else a limit marker's reason, else a put.
-fn operation_of(message: &StreamMessage) -> kv::Operation {
-    if let Some(op) = message.headers.get("KV-Operation") {
+/// The KV operation a stored message's `headers` record, as
+/// `kv::Store::entry` reads them: `KV-Operation`, else a limit marker's
+/// reason, else a put.
+fn operation_of(headers: &async_nats::HeaderMap) -> kv::Operation {
+    if let Some(op) = headers.get("KV-Operation") {
         return op.as_str().parse().unwrap_or(kv::Operation::Put);
     }
-    match message.headers.get("Nats-Marker-Reason").map(|r| r.as_str()) {
+    match headers.get("Nats-Marker-Reason").map(|r| r.as_str()) {
         Some("MaxAge" | "Purge") => kv::Operation::Purge,
         Some("Remove") => kv::Operation::Delete,
         _ => kv::Operation::Put,
@@ -189,4 +190,44 @@ fn header_u64(message: &async_nats::Message, name: &str) -> u64 {
 
 fn status_text(status: StatusCode, message: &async_nats::Message) -> String {
     format!("{} {}", status.as_u16(), message.description.as_deref().unwrap_or(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_are_read_as_kv_store_entry_reads_them() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut map = async_nats::HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, *value);
+            }
+            map
+        };
+        for (pairs, operation) in [
+            (&[][..], kv::Operation::Put),
+            (&[("KV-Operation", "PUT")][..], kv::Operation::Put),
+            (&[("KV-Operation", "DEL")][..], kv::Operation::Delete),
+            (&[("KV-Operation", "PURGE")][..], kv::Operation::Purge),
+            (&[("KV-Operation", "bogus")][..], kv::Operation::Put),
+            (&[("Nats-Marker-Reason", "MaxAge")][..], kv::Operation::Purge),
+            (&[("Nats-Marker-Reason", "Purge")][..], kv::Operation::Purge),
+            (&[("Nats-Marker-Reason", "Remove")][..], kv::Operation::Delete),
+            (&[("KV-Operation", "DEL"), ("Nats-Marker-Reason", "MaxAge")][..], kv::Operation::Delete),
+        ] {
+            assert_eq!(operation_of(&headers(pairs)), operation, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_names_the_filters_the_page_size_and_only_a_later_page_its_start() {
+        let filters = vec!["$KV.b.>".to_owned()];
+        let first =
+            serde_json::to_value(Request { multi_last: &filters, max_bytes: PAGE_BYTES, seq: 0 }).unwrap();
+        assert_eq!(first, serde_json::json!({ "multi_last": ["$KV.b.>"], "max_bytes": PAGE_BYTES }));
+        let next =
+            serde_json::to_value(Request { multi_last: &filters, max_bytes: PAGE_BYTES, seq: 42 }).unwrap();
+        assert_eq!(next["seq"], 42);
+    }
 }
