@@ -35,8 +35,11 @@ async fn bucket(client: &FleetClient, name: &str) -> kv::Store {
     within(client.jetstream().get_key_value(name)).await.unwrap()
 }
 
+/// A key and its value.
+type KeyValue = (String, Vec<u8>);
+
 /// Puts every `(key, value)`, 64 at once.
-async fn put_all(kv: &kv::Store, values: Vec<(String, Vec<u8>)>) {
+async fn put_all(kv: &kv::Store, values: Vec<KeyValue>) {
     let puts: Vec<_> = within(
         futures_util::stream::iter(values)
             .map(|(key, value)| async move { kv.put(key, value.into()).await })
@@ -62,7 +65,7 @@ async fn stored_ms(kv: &kv::Store, key: &str) -> u64 {
 
 /// Statuses (heartbeat time 0 in the value) for `dev-<first>` to
 /// `dev-<last>`, and a heartbeat for every even one.
-fn statuses(range: std::ops::Range<usize>) -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
+fn statuses(range: std::ops::Range<usize>) -> (Vec<KeyValue>, Vec<KeyValue>) {
     let mut statuses = Vec::new();
     let mut beats = Vec::new();
     for i in range {
@@ -344,7 +347,7 @@ async fn deploy_many_gives_each_device_what_deploy_one_by_one_gives() {
     }
     let one_by_one = sent(&one) - before;
     assert_eq!(batched, sequential);
-    let expected = |i: usize| sequential[i + 2 * (i / 50 + usize::from(i % 50 != 0))].clone();
+    let expected = |i: usize| sequential[i + 2 * (i / 50 + usize::from(!i.is_multiple_of(50)))].clone();
     assert_eq!(expected(0), "generation 1 changed true");
     assert_eq!(expected(1), "generation 4 changed true");
     assert_eq!(expected(2), "generation 2 changed true", "after the tombstone");
