@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +24,17 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use crate::error::NatsError;
+use crate::multi_get::{last_entries, MultiGetError, MAX_SUBJECTS};
 use crate::FleetError;
 
 /// Largest status, index or reply value decoded (NATS' default max payload).
 pub(crate) const MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// How many versions of each desired-state key the bucket keeps.
 pub const DESIRED_STATE_HISTORY: i64 = 5;
+/// Batched reads (of up to [`MAX_SUBJECTS`] keys each) in flight at once.
+const BATCHES_IN_FLIGHT: usize = 4;
+/// One-key reads in flight at once, where batched reads are not taken.
+const READS_IN_FLIGHT: usize = 16;
 
 /// The desired-state bucket's server-side republish: every write (by any
 /// tool), headers only, to `harmony.hint.<device>.<deployment>`. Devices
@@ -110,6 +116,9 @@ pub struct FleetClient {
     /// Replicas of the buckets this client creates, and rescales existing
     /// ones to; `None`: creates with one, leaves existing ones as they are.
     pub(crate) replicas: Option<usize>,
+    /// Whether many keys are read with batched direct gets (cleared, for
+    /// this client and its clones, when the server refuses one).
+    batched_reads: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for FleetClient {
@@ -186,7 +195,101 @@ impl FleetClient {
     /// A fleet client over an existing connection.
     pub fn from_nats(nats: async_nats::Client) -> Self {
         let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(nats.clone());
-        Self { nats, js, buckets: Arc::new(OnceCell::new()), signer: None, trusted: None, replicas: None }
+        Self {
+            nats,
+            js,
+            buckets: Arc::new(OnceCell::new()),
+            signer: None,
+            trusted: None,
+            replicas: None,
+            batched_reads: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// This client reading many keys at once (statuses, the keys a
+    /// [`deploy_many`](Self::deploy_many) reads) with batched direct gets
+    /// (`multi_last`, nats-server 2.11 or newer), or, with `false`, with
+    /// one direct get per key. On by default; a client whose server refuses
+    /// a batched read says so in a warning and reads key by key from then
+    /// on. Turn it off for a principal allowed only the one-key form
+    /// `$JS.API.DIRECT.GET.<stream>.<subject>` (a monitor generated before
+    /// it was also allowed `$JS.API.DIRECT.GET.<stream>`): its batched
+    /// request is dropped and the first read waits 5 s before falling back.
+    #[must_use]
+    pub fn with_batched_reads(mut self, batched: bool) -> Self {
+        self.batched_reads = Arc::new(AtomicBool::new(batched));
+        self
+    }
+
+    /// Whether batched reads are (still) tried.
+    fn batched(&self) -> bool {
+        self.batched_reads.load(Ordering::Relaxed)
+    }
+
+    /// Stops trying batched reads on this client and its clones.
+    fn refuse_batched(&self, why: &str) {
+        if self.batched_reads.swap(false, Ordering::Relaxed) {
+            warn!(
+                cause = %harmony_score_wire::log_text(why),
+                "the server does not take batched direct gets (nats-server older than 2.11, or no \
+                 permission for the body form); reading keys one by one"
+            );
+        }
+    }
+
+    /// The latest entry of each of `keys` of `store` (delete and purge
+    /// markers included; `None`: the key has no message), in the order
+    /// given: batched reads of up to [`MAX_SUBJECTS`] keys, a few at once,
+    /// else one direct get per key. A batch that fails midway is read
+    /// again key by key.
+    pub(crate) async fn latest_entries(
+        &self,
+        store: &kv::Store,
+        keys: Vec<String>,
+    ) -> Vec<(String, Result<Option<kv::Entry>, FleetError>)> {
+        let chunks: Vec<Vec<String>> = keys.chunks(MAX_SUBJECTS).map(<[String]>::to_vec).collect();
+        futures_util::stream::iter(chunks)
+            .map(|chunk| self.latest_chunk(store, chunk))
+            .buffered(BATCHES_IN_FLIGHT)
+            .flat_map(futures_util::stream::iter)
+            .collect()
+            .await
+    }
+
+    async fn latest_chunk(
+        &self,
+        store: &kv::Store,
+        keys: Vec<String>,
+    ) -> Vec<(String, Result<Option<kv::Entry>, FleetError>)> {
+        if self.batched() {
+            let subjects: Vec<String> = keys.iter().map(|key| format!("{}{key}", store.prefix)).collect();
+            match last_entries(&self.nats, store, &subjects).await {
+                Ok(found) => {
+                    return keys
+                        .into_iter()
+                        .map(|key| {
+                            let entry = found.get(&key).cloned();
+                            (key, Ok(entry))
+                        })
+                        .collect()
+                }
+                Err(MultiGetError::Unsupported(why)) => self.refuse_batched(&why),
+                Err(err) => warn!(
+                    cause = %harmony_score_wire::log_text(&err),
+                    keys = keys.len(),
+                    "a batched read failed; reading its keys one by one"
+                ),
+            }
+        }
+        futures_util::stream::iter(keys)
+            .map(|key| async move {
+                let entry =
+                    store.entry(key.as_str()).await.map_err(|e| FleetError::nats(format!("read {key}"), e));
+                (key, entry)
+            })
+            .buffered(READS_IN_FLIGHT)
+            .collect()
+            .await
     }
 
     /// This client with every document it writes signed by `signer`
@@ -428,16 +531,34 @@ impl FleetClient {
         }))
     }
 
-    /// The last status of every device that reported, sorted by device id. A
-    /// status that cannot be decoded is skipped with a warning.
+    /// The last status of every device that reported, sorted by device id,
+    /// each with its last heartbeat merged in (from the key
+    /// `<id>.heartbeat`). A status that cannot be read or decoded, and a key
+    /// that is neither a device id nor a heartbeat key, are skipped with a
+    /// warning.
     ///
-    /// Keys are listed from the stream's info (its subjects), not with a
-    /// consumer: no consumer per listing against the stream's budget, and a
-    /// read-only principal (the generated `monitor`) may list too.
+    /// Read with batched direct gets (see
+    /// [`with_batched_reads`](Self::with_batched_reads)): one request for
+    /// the whole bucket when it holds at most 1,024 keys; else the keys are
+    /// listed from the stream's info (its subjects) and read 1,024 at a
+    /// time. No consumer: none per listing against the stream's budget, and
+    /// a read-only principal (the generated `monitor`) may list too.
     pub async fn list_statuses(&self) -> Result<Vec<AgentStatus>, FleetError> {
         let store = &self.buckets().await?.status;
+        if self.batched() {
+            match last_entries(&self.nats, store, &[format!("{}>", store.prefix)]).await {
+                Ok(found) => return Ok(statuses_of(found.into_iter().map(|(key, e)| (key, Ok(Some(e)))))),
+                // More keys than one request may match: listed, then read in batches.
+                Err(MultiGetError::TooMany) => {}
+                Err(MultiGetError::Unsupported(why)) => self.refuse_batched(&why),
+                Err(err) => warn!(
+                    cause = %harmony_score_wire::log_text(&err),
+                    "a batched read of every status failed; listing the keys"
+                ),
+            }
+        }
         let subject_prefix = format!("$KV.{AGENT_STATUS_BUCKET}.");
-        let keys: Vec<String> = store
+        let mut keys: Vec<String> = store
             .stream
             .info_with_subjects(format!("{subject_prefix}>"))
             .await
@@ -448,39 +569,8 @@ impl FleetClient {
             .try_collect()
             .await
             .map_err(|e| FleetError::nats("list status keys", e))?;
-        // Status keys are device ids; `<id>.heartbeat` keys hold each
-        // device's last beat (its status is written only when it changes).
-        let (keys, beats): (Vec<String>, Vec<String>) =
-            keys.into_iter().partition(|k| DeviceId::new(k).is_ok());
-        // Parsed first: a closure over `&String` in the stream trips the
-        // higher-ranked lifetime check of async-trait's boxed futures.
-        let beats: Vec<DeviceId> = beats.iter().filter_map(|k| parse_heartbeat_key(k)).collect();
-        let beats: HashMap<DeviceId, u64> = futures_util::stream::iter(beats)
-            .map(|device| async move {
-                let beat = read_heartbeat(store, &device).await;
-                (device, beat)
-            })
-            .buffer_unordered(16)
-            .collect()
-            .await;
-        let reads = futures_util::stream::iter(keys).map(|key| async move {
-            match read_status(store, &key).await {
-                Ok(found) => found.map(|(status, _)| status),
-                Err(err) => {
-                    warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(&err), "skipping unreadable status");
-                    None
-                }
-            }
-        });
-        let mut statuses: Vec<AgentStatus> =
-            reads.buffer_unordered(16).filter_map(|s| async { s }).collect().await;
-        for status in &mut statuses {
-            if let Some(beat) = beats.get(&status.device_id) {
-                status.heartbeat_at_ms = status.heartbeat_at_ms.max(*beat);
-            }
-        }
-        statuses.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-        Ok(statuses)
+        keys.sort_unstable();
+        Ok(statuses_of(self.latest_entries(store, keys).await))
     }
 
     /// What the device last reported about itself (agent version, supported Scores, labels).
@@ -593,18 +683,21 @@ fn valid_inbox_prefix(prefix: &str) -> bool {
     })
 }
 
-/// Reads and decodes one status key; deleted or missing → `None`.
-///
-/// The device's identity is the key, never the value: a device may write
-/// only its own key, but it writes whatever it likes into it, including
-/// another device's id.
 /// When the server stored the device's last heartbeat (milliseconds since
 /// the epoch); 0 when it never beat. The server's time, not the value the
 /// device wrote: a device (or its clock) claiming a beat in the future
 /// would otherwise never look stale.
 async fn read_heartbeat(store: &kv::Store, device: &DeviceId) -> u64 {
     match store.entry(heartbeat_key(device)).await {
-        Ok(Some(entry)) if entry.operation == kv::Operation::Put => server_ms(&entry),
+        Ok(Some(entry)) => beat_ms(&entry),
+        _ => 0,
+    }
+}
+
+/// When the server stored a heartbeat entry; 0 for a delete or purge marker.
+fn beat_ms(entry: &kv::Entry) -> u64 {
+    match entry.operation {
+        kv::Operation::Put => server_ms(entry),
         _ => 0,
     }
 }
@@ -614,16 +707,30 @@ pub(crate) fn server_ms(entry: &kv::Entry) -> u64 {
     u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
+/// Reads and decodes one status key; deleted or missing → `None`.
 async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus, u64)>, FleetError> {
     let Ok(device) = DeviceId::new(key) else {
         warn!(key = %harmony_score_wire::log_text(key), "status key is not a device id; skipped");
         return Ok(None);
     };
     let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read status {key}"), e))?;
+    decode_status(device, entry)
+}
+
+/// The status an entry of `device`'s status key holds, and its revision;
+/// `None` for a delete or purge marker or no entry.
+///
+/// The device's identity is the key, never the value: a device may write
+/// only its own key, but it writes whatever it likes into it, including
+/// another device's id.
+pub(crate) fn decode_status(
+    device: DeviceId,
+    entry: Option<kv::Entry>,
+) -> Result<Option<(AgentStatus, u64)>, FleetError> {
     match entry {
         Some(entry) if entry.operation == kv::Operation::Put => {
             let mut status: AgentStatus = from_cbor(&entry.value, MAX_VALUE_BYTES, "agent status")
-                .map_err(|source| FleetError::BadValue { key: key.to_owned(), source })?;
+                .map_err(|source| FleetError::BadValue { key: device.to_string(), source })?;
             if status.device_id != device {
                 warn!(key = %device, claimed = %status.device_id, "a status claims another device id; the key decides");
                 status.device_id = device;
@@ -637,6 +744,46 @@ async fn read_status(store: &kv::Store, key: &str) -> Result<Option<(AgentStatus
         }
         _ => Ok(None),
     }
+}
+
+/// The statuses among the status bucket's entries (by key), each with its
+/// device's last heartbeat merged in, sorted by device id. What cannot be
+/// read or decoded, and keys that are neither device ids nor heartbeat
+/// keys, are skipped with a warning.
+fn statuses_of(
+    entries: impl IntoIterator<Item = (String, Result<Option<kv::Entry>, FleetError>)>,
+) -> Vec<AgentStatus> {
+    let mut statuses = Vec::new();
+    let mut beats: HashMap<DeviceId, u64> = HashMap::new();
+    for (key, entry) in entries {
+        // Status keys are device ids; `<id>.heartbeat` keys hold each
+        // device's last beat (its status is written only when it changes).
+        if let Ok(device) = DeviceId::new(&key) {
+            match entry.and_then(|entry| decode_status(device, entry)) {
+                Ok(Some((status, _))) => statuses.push(status),
+                Ok(None) => {}
+                Err(err) => {
+                    warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(crate::error_chain(&err)), "skipping unreadable status")
+                }
+            }
+        } else if let Some(device) = parse_heartbeat_key(&key) {
+            if let Ok(Some(entry)) = entry {
+                beats.insert(device, beat_ms(&entry));
+            }
+        } else {
+            warn!(
+                key = %harmony_score_wire::log_text(&key),
+                "a key of the status bucket is neither a device id nor a heartbeat key; skipped"
+            );
+        }
+    }
+    for status in &mut statuses {
+        if let Some(beat) = beats.get(&status.device_id) {
+            status.heartbeat_at_ms = status.heartbeat_at_ms.max(*beat);
+        }
+    }
+    statuses.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    statuses
 }
 
 /// The status bucket's stream: what `create_key_value` would make with

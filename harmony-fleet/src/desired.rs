@@ -6,7 +6,7 @@ use async_nats::jetstream::{kv, stream};
 use harmony_score_wire::names::{desired_state_key, index_key};
 use harmony_score_wire::{
     check_health, check_scores, document_digest, encode, from_cbor, to_cbor, Check, DeploymentIndex,
-    DeploymentName, DesiredState, DeviceId, DeviceScore, EncodeError, HEALTH_FEATURE,
+    DeploymentName, DesiredState, DeviceId, DeviceInfo, DeviceScore, EncodeError, HEALTH_FEATURE,
 };
 use serde::Deserialize;
 use tracing::{debug, warn};
@@ -15,7 +15,7 @@ use crate::client::MAX_VALUE_BYTES;
 use crate::{error_chain, FleetClient, FleetError};
 
 /// How often a compare-and-set write is retried after losing to another writer.
-const MAX_CAS_ATTEMPTS: u32 = 50;
+pub(crate) const MAX_CAS_ATTEMPTS: u32 = 50;
 /// The most versions a KV bucket keeps per key (a limit of NATS KV).
 const MAX_KV_HISTORY: usize = 64;
 
@@ -133,6 +133,177 @@ pub(crate) struct Latest {
     pub(crate) value: Option<bytes::Bytes>,
 }
 
+/// One deployment being written to one device: the document, and what
+/// [`FleetClient::deploy`] carries from one compare-and-set attempt to the next.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) device: DeviceId,
+    pub(crate) deployment: DeploymentName,
+    wanted: Option<u64>,
+    skip_unchanged: bool,
+    doc: DesiredState,
+    issued_at: u64,
+    /// `<device>.<deployment>`.
+    pub(crate) key: String,
+    /// `<device>._index`.
+    pub(crate) index_key: String,
+    /// The generation this job reserved in the index, reused after
+    /// losing the key to another writer while the index still holds it.
+    reserved: Option<u64>,
+}
+
+impl Job {
+    /// The job of `request`, checked as far as it can be without reading
+    /// anything (a document a device would reject is refused before
+    /// anything is read or written), and whether it is forced (no check of
+    /// the device's supported Scores and features).
+    pub(crate) fn new(request: DeployRequest) -> Result<(Self, bool), FleetError> {
+        let DeployRequest {
+            device,
+            deployment,
+            scores,
+            generation: wanted,
+            expires_at,
+            health,
+            health_timeout_s,
+            force,
+            skip_unchanged,
+        } = request;
+        check_scores(&scores).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
+        let mut doc = DesiredState::new(device.clone(), deployment.clone(), 0, scores);
+        doc.expires_at = expires_at;
+        doc.health = health;
+        doc.health_timeout_s = health_timeout_s;
+        check_health(&doc).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
+        let job = Self {
+            key: desired_state_key(&device, &deployment),
+            index_key: index_key(&device),
+            issued_at: doc.issued_at,
+            device,
+            deployment,
+            wanted,
+            skip_unchanged,
+            doc,
+            reserved: None,
+        };
+        Ok((job, force))
+    }
+
+    /// Checks that the device, which reported `info` (`None`: never), runs
+    /// every Score tag of the document, and health checks if it has any.
+    pub(crate) fn check_device(&self, info: Option<&DeviceInfo>) -> Result<(), FleetError> {
+        check_supported_by(&self.device, info, &self.doc.scores)?;
+        if self.doc.is_health_gated() {
+            check_feature_of(&self.device, info, HEALTH_FEATURE)?;
+        }
+        Ok(())
+    }
+}
+
+/// A compare-and-set write: the value, and the key's revision it replaces.
+#[derive(Debug)]
+pub(crate) struct CasWrite {
+    pub(crate) value: Vec<u8>,
+    pub(crate) revision: u64,
+}
+
+/// What one attempt of a [`Job`] writes.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// Nothing: this is the result.
+    Done(Deployed),
+    /// The index (when `index`), then the key (when `key`), each with
+    /// compare-and-set; `deployed` once both are written. A job that wins
+    /// the index and loses the key keeps the generation reserved.
+    Write { index: Option<CasWrite>, key: Option<CasWrite>, deployed: Deployed },
+}
+
+/// Writes `plan` for `job`, index first: the result when every write won,
+/// `None` when one lost to another writer (the attempt is over).
+pub(crate) async fn write_plan(
+    store: &kv::Store,
+    job: &mut Job,
+    plan: Plan,
+) -> Result<Option<Deployed>, FleetError> {
+    let (index, key, deployed) = match plan {
+        Plan::Done(deployed) => return Ok(Some(deployed)),
+        Plan::Write { index, key, deployed } => (index, key, deployed),
+    };
+    if let Some(index) = index {
+        if !index_written(
+            job,
+            &deployed,
+            key.is_some(),
+            cas_write(store, &job.index_key, index.value, index.revision).await?,
+        ) {
+            return Ok(None);
+        }
+    }
+    if let Some(key) = key {
+        if !key_written(job, &deployed, cas_write(store, &job.key, key.value, key.revision).await?) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(deployed))
+}
+
+/// Records the outcome of `job`'s index write (`won`) for the key write
+/// that follows (`then_key`): the generation is reserved in the index.
+pub(crate) fn index_written(job: &mut Job, deployed: &Deployed, then_key: bool, won: bool) -> bool {
+    if won && then_key {
+        job.reserved = Some(deployed.generation);
+    }
+    won
+}
+
+/// Records the outcome of `job`'s key write (`won`).
+pub(crate) fn key_written(job: &Job, deployed: &Deployed, won: bool) -> bool {
+    if won {
+        debug!(key = %job.key, generation = deployed.generation, "deployment written");
+    }
+    won
+}
+
+/// The key's latest entry as [`Latest`], from a read that returned `entry`.
+pub(crate) fn latest_of(entry: Option<kv::Entry>) -> Latest {
+    match entry {
+        None => Latest { revision: 0, value: None },
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            Latest { revision: entry.revision, value: Some(entry.value) }
+        }
+        Some(entry) => Latest { revision: entry.revision, value: None },
+    }
+}
+
+/// [`FleetError::UnsupportedScores`] naming the tags of `scores` that
+/// `info` does not list; [`FleetError::NoDeviceInfo`] without info.
+fn check_supported_by(
+    device: &DeviceId,
+    info: Option<&DeviceInfo>,
+    scores: &[Box<dyn DeviceScore>],
+) -> Result<(), FleetError> {
+    let info = info.ok_or_else(|| FleetError::NoDeviceInfo { device: device.clone() })?;
+    let mut missing: Vec<String> =
+        scores.iter().map(|s| s.typetag_name().to_owned()).filter(|t| !info.supports(t)).collect();
+    missing.sort();
+    missing.dedup();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(FleetError::UnsupportedScores { device: device.clone(), tags: missing })
+    }
+}
+
+/// [`FleetError::UnsupportedFeature`] unless `info` lists `feature`.
+fn check_feature_of(device: &DeviceId, info: Option<&DeviceInfo>, feature: &str) -> Result<(), FleetError> {
+    let info = info.ok_or_else(|| FleetError::NoDeviceInfo { device: device.clone() })?;
+    if info.has_feature(feature) {
+        Ok(())
+    } else {
+        Err(FleetError::UnsupportedFeature { device: device.clone(), feature: feature.to_owned() })
+    }
+}
+
 impl FleetClient {
     /// Checks that the device reported support for every Score tag in
     /// `scores`: [`FleetError::UnsupportedScores`] names the missing ones,
@@ -142,34 +313,14 @@ impl FleetClient {
         device: &DeviceId,
         scores: &[Box<dyn DeviceScore>],
     ) -> Result<(), FleetError> {
-        let info = self
-            .device_info(device)
-            .await?
-            .ok_or_else(|| FleetError::NoDeviceInfo { device: device.clone() })?;
-        let mut missing: Vec<String> =
-            scores.iter().map(|s| s.typetag_name().to_owned()).filter(|t| !info.supports(t)).collect();
-        missing.sort();
-        missing.dedup();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(FleetError::UnsupportedScores { device: device.clone(), tags: missing })
-        }
+        check_supported_by(device, self.device_info(device).await?.as_ref(), scores)
     }
 
     /// Checks that the device listed `feature` in its info: an agent without
     /// it would read the document and silently ignore what needs it (an
     /// older agent commits a document with health checks unverified).
     pub async fn check_feature(&self, device: &DeviceId, feature: &str) -> Result<(), FleetError> {
-        let info = self
-            .device_info(device)
-            .await?
-            .ok_or_else(|| FleetError::NoDeviceInfo { device: device.clone() })?;
-        if info.has_feature(feature) {
-            Ok(())
-        } else {
-            Err(FleetError::UnsupportedFeature { device: device.clone(), feature: feature.to_owned() })
-        }
+        check_feature_of(device, self.device_info(device).await?.as_ref(), feature)
     }
 
     /// Writes one deployment's desired state: first the device's index
@@ -198,148 +349,150 @@ impl FleetClient {
     /// warning naming the index key (after a purge of a signed key, continue
     /// the numbering with an explicit `generation`).
     pub async fn deploy(&self, request: DeployRequest) -> Result<Deployed, FleetError> {
-        let DeployRequest {
-            device,
-            deployment,
-            scores,
-            generation: wanted,
-            expires_at,
-            health,
-            health_timeout_s,
-            force,
-            skip_unchanged,
-        } = request;
-        // A document a device would reject is refused before anything is read or written.
-        check_scores(&scores).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
-        let mut doc = DesiredState::new(device.clone(), deployment.clone(), 0, scores);
-        doc.expires_at = expires_at;
-        doc.health = health;
-        doc.health_timeout_s = health_timeout_s;
-        check_health(&doc).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
+        let (job, force) = Job::new(request)?;
         if !force {
-            self.check_supported(&device, &doc.scores).await?;
-            if doc.is_health_gated() {
-                self.check_feature(&device, HEALTH_FEATURE).await?;
-            }
+            let info = self.device_info(&job.device).await?;
+            job.check_device(info.as_ref())?;
         }
         let store = &self.buckets().await?.desired;
-        let key = desired_state_key(&device, &deployment);
-        let index_key = index_key(&device);
-        let issued_at = doc.issued_at;
-        // The generation this call reserved in the index, reused after
-        // losing the key to another writer while the index still holds it.
-        let mut reserved: Option<u64> = None;
-        for attempt in 0..MAX_CAS_ATTEMPTS {
+        self.run_job(store, job, 0).await
+    }
+
+    /// [`deploy`](Self::deploy)'s compare-and-set loop, from attempt `first` on.
+    pub(crate) async fn run_job(
+        &self,
+        store: &kv::Store,
+        mut job: Job,
+        first: u32,
+    ) -> Result<Deployed, FleetError> {
+        for attempt in first..MAX_CAS_ATTEMPTS {
             // The key before the index: a writer that changes the key after
             // this read has reserved its generation in the index first, so
             // either the index read below sees it or the index write fails.
-            let latest = read_latest(store, &key).await?;
-            let latest_index = read_latest(store, &index_key).await?;
-            let mut index = decode_index(&index_key, latest_index.value.as_deref())?;
-            // A stored value that is not a document must not block replacing it.
-            // A signing client numbers only from values a trusted key signed.
-            let header = latest.value.as_ref().and_then(|value| {
-                self.numbering_header(&key, &device, &deployment, value)
-                    .inspect_err(|cause| warn!(key = %harmony_score_wire::log_text(&key), cause = %harmony_score_wire::log_text(cause), "replacing a value that does not count for numbering"))
-                    .ok()
-            });
-            if let (true, None, Some(header), Some(value)) = (skip_unchanged, wanted, &header, &latest.value)
-            {
-                doc.generation = header.generation;
-                doc.issued_at = header.issued_at;
-                if self.sealed(encode(&doc).map_err(FleetError::EncodeFailed)?) == value.as_ref() {
-                    // Already deployed; the index must still list it (another
-                    // tool may have written the key, or a delete raced).
-                    let listed = index.deployments.get(&deployment).is_some_and(|g| *g >= header.generation);
-                    if !listed || index.deleted.contains_key(&deployment) {
-                        index.deleted.remove(&deployment);
-                        let entry = index.deployments.entry(deployment.clone()).or_insert(0);
-                        *entry = (*entry).max(header.generation);
-                        if !cas_write(store, &index_key, to_cbor(&index), latest_index.revision).await? {
-                            backoff(attempt).await;
-                            continue;
-                        }
-                    }
-                    return Ok(Deployed {
-                        generation: header.generation,
-                        changed: false,
-                        digest: document_digest(value),
-                    });
-                }
-            }
-            // The index is written before every key this client writes, so
-            // when it knows the deployment at least as far as the key does,
-            // the key's history can hold nothing newer. Only a key written
-            // (or deleted) by another tool, past the index, costs the
-            // history read (one direct get per kept revision).
-            // A signing client trusts the (unsigned) index only where it
-            // agrees with the verified key.
-            let index_generation = index.last_generation(&deployment);
-            let index_covers_key = index_generation > 0
-                && match (&header, self.signer.is_some()) {
-                    (Some(h), true) => h.generation == index_generation,
-                    (None, true) => false,
-                    (h, false) => h.as_ref().is_none_or(|h| h.generation <= index_generation),
-                };
-            let in_history = match latest.revision {
-                0 => 0,
-                _ if index_covers_key => 0,
-                _ => self.last_generation_in_history(store, &key, &device, &deployment).await?,
-            };
-            let in_key = header.as_ref().map_or(0, |h| h.generation).max(in_history);
-            let ours = reserved.filter(|g| index.deployments.get(&deployment) == Some(g));
-            let in_index = match ours {
-                // Our own reservation does not count against itself.
-                Some(_) => index.deleted.get(&deployment).copied().unwrap_or(0),
-                None => index.last_generation(&deployment),
-            };
-            // The index is unsigned: a signing client does not number above
-            // every verified generation from it (a bucket writer could have
-            // set it to u64::MAX).
-            let in_index = if self.signer.is_some() && in_index > in_key {
-                warn!(
-                    key = %index_key,
-                    deployment = %deployment,
-                    index_generation = in_index,
-                    verified_generation = in_key,
-                    "the index names a generation above every value signed by a trusted key; \
-                     not counted for numbering (if the key was purged, deploy with an explicit generation)"
-                );
-                0
-            } else {
-                in_index
-            };
-            let prior = in_key.max(in_index);
-            let generation = match (wanted, ours) {
-                (Some(requested), _) if requested <= prior => {
-                    return Err(FleetError::StaleGeneration { key, current: prior, requested })
-                }
-                (Some(requested), _) => requested,
-                (None, Some(ours)) if ours > prior => ours,
-                (None, _) => prior
-                    .checked_add(1)
-                    .ok_or_else(|| FleetError::GenerationExhausted { key: key.clone() })?,
-            };
-            doc.generation = generation;
-            doc.issued_at = issued_at;
-            let bytes = self.sealed(encode(&doc).map_err(FleetError::EncodeFailed)?);
-            if ours != Some(generation) {
-                index.deleted.remove(&deployment);
-                index.deployments.insert(deployment.clone(), generation);
-                if !cas_write(store, &index_key, to_cbor(&index), latest_index.revision).await? {
-                    backoff(attempt).await;
-                    continue;
-                }
-                reserved = Some(generation);
-            }
-            let digest = document_digest(&bytes);
-            if cas_write(store, &key, bytes, latest.revision).await? {
-                debug!(key = %key, generation, "deployment written");
-                return Ok(Deployed { generation, changed: true, digest });
+            let latest = read_latest(store, &job.key).await?;
+            let latest_index = read_latest(store, &job.index_key).await?;
+            let plan = self.plan(store, &mut job, latest, latest_index).await?;
+            if let Some(deployed) = write_plan(store, &mut job, plan).await? {
+                return Ok(deployed);
             }
             backoff(attempt).await;
         }
-        Err(lost(key))
+        Err(lost(job.key))
+    }
+
+    /// What one attempt of `job` writes, given the key's and the index's
+    /// latest entries.
+    pub(crate) async fn plan(
+        &self,
+        store: &kv::Store,
+        job: &mut Job,
+        latest: Latest,
+        latest_index: Latest,
+    ) -> Result<Plan, FleetError> {
+        let Job {
+            ref device,
+            ref deployment,
+            wanted,
+            skip_unchanged,
+            ref mut doc,
+            issued_at,
+            ref key,
+            ref index_key,
+            reserved,
+        } = *job;
+        let mut index = decode_index(index_key, latest_index.value.as_deref())?;
+        // A stored value that is not a document must not block replacing it.
+        // A signing client numbers only from values a trusted key signed.
+        let header = latest.value.as_ref().and_then(|value| {
+            self.numbering_header(key, device, deployment, value)
+                .inspect_err(|cause| warn!(key = %harmony_score_wire::log_text(key), cause = %harmony_score_wire::log_text(cause), "replacing a value that does not count for numbering"))
+                .ok()
+        });
+        if let (true, None, Some(header), Some(value)) = (skip_unchanged, wanted, &header, &latest.value) {
+            doc.generation = header.generation;
+            doc.issued_at = header.issued_at;
+            if self.sealed(encode(doc).map_err(FleetError::EncodeFailed)?) == value.as_ref() {
+                let unchanged = Deployed {
+                    generation: header.generation,
+                    changed: false,
+                    digest: document_digest(value),
+                };
+                // Already deployed; the index must still list it (another
+                // tool may have written the key, or a delete raced).
+                let listed = index.deployments.get(deployment).is_some_and(|g| *g >= header.generation);
+                if !listed || index.deleted.contains_key(deployment) {
+                    index.deleted.remove(deployment);
+                    let entry = index.deployments.entry(deployment.clone()).or_insert(0);
+                    *entry = (*entry).max(header.generation);
+                    let index = CasWrite { value: to_cbor(&index), revision: latest_index.revision };
+                    return Ok(Plan::Write { index: Some(index), key: None, deployed: unchanged });
+                }
+                return Ok(Plan::Done(unchanged));
+            }
+        }
+        // The index is written before every key this client writes, so
+        // when it knows the deployment at least as far as the key does,
+        // the key's history can hold nothing newer. Only a key written
+        // (or deleted) by another tool, past the index, costs the
+        // history read (one direct get per kept revision).
+        // A signing client trusts the (unsigned) index only where it
+        // agrees with the verified key.
+        let index_generation = index.last_generation(deployment);
+        let index_covers_key = index_generation > 0
+            && match (&header, self.signer.is_some()) {
+                (Some(h), true) => h.generation == index_generation,
+                (None, true) => false,
+                (h, false) => h.as_ref().is_none_or(|h| h.generation <= index_generation),
+            };
+        let in_history = match latest.revision {
+            0 => 0,
+            _ if index_covers_key => 0,
+            _ => self.last_generation_in_history(store, key, device, deployment).await?,
+        };
+        let in_key = header.as_ref().map_or(0, |h| h.generation).max(in_history);
+        let ours = reserved.filter(|g| index.deployments.get(deployment) == Some(g));
+        let in_index = match ours {
+            // Our own reservation does not count against itself.
+            Some(_) => index.deleted.get(deployment).copied().unwrap_or(0),
+            None => index.last_generation(deployment),
+        };
+        // The index is unsigned: a signing client does not number above
+        // every verified generation from it (a bucket writer could have
+        // set it to u64::MAX).
+        let in_index = if self.signer.is_some() && in_index > in_key {
+            warn!(
+                key = %index_key,
+                deployment = %deployment,
+                index_generation = in_index,
+                verified_generation = in_key,
+                "the index names a generation above every value signed by a trusted key; \
+                 not counted for numbering (if the key was purged, deploy with an explicit generation)"
+            );
+            0
+        } else {
+            in_index
+        };
+        let prior = in_key.max(in_index);
+        let generation = match (wanted, ours) {
+            (Some(requested), _) if requested <= prior => {
+                return Err(FleetError::StaleGeneration { key: key.clone(), current: prior, requested })
+            }
+            (Some(requested), _) => requested,
+            (None, Some(ours)) if ours > prior => ours,
+            (None, _) => {
+                prior.checked_add(1).ok_or_else(|| FleetError::GenerationExhausted { key: key.clone() })?
+            }
+        };
+        doc.generation = generation;
+        doc.issued_at = issued_at;
+        let bytes = self.sealed(encode(doc).map_err(FleetError::EncodeFailed)?);
+        let index = (ours != Some(generation)).then(|| {
+            index.deleted.remove(deployment);
+            index.deployments.insert(deployment.clone(), generation);
+            CasWrite { value: to_cbor(&index), revision: latest_index.revision }
+        });
+        let deployed = Deployed { generation, changed: true, digest: document_digest(&bytes) };
+        Ok(Plan::Write { index, key: Some(CasWrite { value: bytes, revision: latest.revision }), deployed })
     }
 
     /// Deletes a deployment. Returns whether the key held a value.
@@ -482,13 +635,7 @@ enum Deleted {
 /// revision is what the next compare-and-set write must name).
 pub(crate) async fn read_latest(store: &kv::Store, key: &str) -> Result<Latest, FleetError> {
     let entry = store.entry(key).await.map_err(|e| FleetError::nats(format!("read {key}"), e))?;
-    Ok(match entry {
-        None => Latest { revision: 0, value: None },
-        Some(entry) if entry.operation == kv::Operation::Put => {
-            Latest { revision: entry.revision, value: Some(entry.value) }
-        }
-        Some(entry) => Latest { revision: entry.revision, value: None },
-    })
+    Ok(latest_of(entry))
 }
 
 /// Writes `value` if the key's last revision is still `revision` (0: the key
@@ -616,7 +763,7 @@ fn lost(key: String) -> FleetError {
 
 /// A short, growing, jittered pause between compare-and-set attempts, so
 /// writers that collided do not collide again in lockstep.
-async fn backoff(attempt: u32) {
+pub(crate) async fn backoff(attempt: u32) {
     let jitter = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::from(d.subsec_nanos() % 7));

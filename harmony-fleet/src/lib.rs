@@ -10,9 +10,11 @@
 
 mod artifacts;
 mod client;
+mod deploy_many;
 mod desired;
 mod error;
 mod keyset;
+mod multi_get;
 pub mod nats_config;
 pub mod report;
 mod rollout;

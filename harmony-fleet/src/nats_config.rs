@@ -175,7 +175,8 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
 }
 
 /// The user block of the read-only monitor: stream info and direct gets of
-/// both buckets (every key, no consumer), and subscriptions to heartbeats,
+/// both buckets (every key, no consumer; one key by its subject, or many in
+/// one batched request by the body form), and subscriptions to heartbeats,
 /// device info and hints. No KV or stream write, no consumer, no command,
 /// no response.
 pub fn monitor_user(password: &str) -> String {
@@ -186,7 +187,9 @@ pub fn monitor_user(password: &str) -> String {
         publish: {{ allow: [
           "$JS.API.STREAM.INFO.{desired}",
           "$JS.API.STREAM.INFO.{status}",
+          "$JS.API.DIRECT.GET.{desired}",
           "$JS.API.DIRECT.GET.{desired}.>",
+          "$JS.API.DIRECT.GET.{status}",
           "$JS.API.DIRECT.GET.{status}.>"
         ] }},
         subscribe: {{ allow: [

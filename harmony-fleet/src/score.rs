@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use harmony_score_wire::{
     from_cbor, try_to_cbor, Check, DeploymentName, DeploymentStatus, DeviceId, DeviceScore,
 };
@@ -14,9 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::report::{check_lines, score_lines, scores_summary};
 use crate::{error_chain, Awaited, DeployRequest, Deployed, DeviceFleet, FleetError};
-
-/// How many devices are deployed to (and waited for) at once.
-const PARALLEL_DEVICES: usize = 32;
 
 /// Deploys one deployment — the same device Scores — to each of `devices`,
 /// and with `wait` waits until each device reports exactly that document
@@ -110,6 +106,11 @@ pub struct DeviceDeploymentInterpret {
     health_timeout_s: Option<u64>,
 }
 
+/// A device's failed result, saying why.
+fn failed(line: String) -> DeviceResult {
+    DeviceResult { status: InterpretStatus::FAILURE, line, scores: Vec::new() }
+}
+
 /// How one device fared.
 struct DeviceResult {
     status: InterpretStatus,
@@ -118,25 +119,15 @@ struct DeviceResult {
 }
 
 impl DeviceDeploymentInterpret {
-    /// Writes one device's document: what was written, or the device's failed result.
-    async fn write_one<T: DeviceFleet>(
-        &self,
-        fleet: &T,
-        device: &DeviceId,
-    ) -> Result<Deployed, DeviceResult> {
-        let failed =
-            |line: String| DeviceResult { status: InterpretStatus::FAILURE, line, scores: Vec::new() };
+    /// One device's request, or the device's failed result.
+    fn request(&self, device: &DeviceId) -> Result<DeployRequest, DeviceResult> {
         let scores = self.scores.copy().map_err(|err| failed(format!("cannot copy the scores: {err}")))?;
-        let request = DeployRequest::new(device.clone(), self.deployment.clone(), scores)
+        Ok(DeployRequest::new(device.clone(), self.deployment.clone(), scores)
             .generation(self.generation)
             .expires_at(self.expires_at)
             .health(self.health.clone(), self.health_timeout_s)
             .force(self.force)
-            .skip_unchanged(true);
-        fleet
-            .write_desired_state(request)
-            .await
-            .map_err(|err| failed(format!("not deployed: {}", error_chain(&err))))
+            .skip_unchanged(true))
     }
 
     /// A written device's result, given how its wait ended (`None`: not awaited).
@@ -178,13 +169,32 @@ impl DeviceDeploymentInterpret {
     /// waits for all of them with one follow of the status bucket: exactly
     /// the document written (generation and digest of the bytes stored).
     async fn deploy_all<T: DeviceFleet>(&self, fleet: &T) -> Vec<DeviceResult> {
-        // Indices rather than `&DeviceId`s: a closure over references trips
-        // the higher-ranked lifetime check of async-trait's boxed future.
-        let written: Vec<Result<Deployed, DeviceResult>> = futures_util::stream::iter(0..self.devices.len())
-            .map(|i| self.write_one(fleet, &self.devices[i]))
-            .buffered(PARALLEL_DEVICES)
-            .collect()
-            .await;
+        // Every device's request at once: the fleet batches their reads
+        // and pipelines their writes.
+        let mut requests = Vec::with_capacity(self.devices.len());
+        let refused: Vec<Option<DeviceResult>> = self
+            .devices
+            .iter()
+            .map(|device| match self.request(device) {
+                Ok(request) => {
+                    requests.push(request);
+                    None
+                }
+                Err(failed) => Some(failed),
+            })
+            .collect();
+        let mut results = fleet.write_desired_states(requests).await.into_iter();
+        let written: Vec<Result<Deployed, DeviceResult>> = refused
+            .into_iter()
+            .map(|refused| match refused {
+                Some(failed) => Err(failed),
+                None => match results.next() {
+                    Some(Ok(deployed)) => Ok(deployed),
+                    Some(Err(err)) => Err(failed(format!("not deployed: {}", error_chain(&err)))),
+                    None => Err(failed("not deployed: no result".to_owned())),
+                },
+            })
+            .collect();
         let Some(timeout) = self.wait else {
             return written
                 .into_iter()

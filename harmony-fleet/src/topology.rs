@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use harmony_score_wire::{AgentStatus, DeploymentName, DeploymentStatus, DeviceId};
 use harmony_topology::{async_trait, PreparationError, PreparationOutcome, Topology};
 
@@ -17,6 +19,18 @@ use crate::{error_chain, Awaited, DeployRequest, Deployed, FleetClient, FleetErr
 pub trait DeviceFleet: Send + Sync {
     /// Writes one deployment's desired state for one device.
     async fn write_desired_state(&self, request: DeployRequest) -> Result<Deployed, FleetError>;
+
+    /// Writes many devices' deployments: one result per request, in order.
+    /// By default [`write_desired_state`](Self::write_desired_state) for
+    /// each, 32 at once; a fleet that can batch them does
+    /// ([`FleetClient::deploy_many`]).
+    async fn write_desired_states(&self, requests: Vec<DeployRequest>) -> Vec<Result<Deployed, FleetError>> {
+        futures_util::stream::iter(requests)
+            .map(|request| self.write_desired_state(request))
+            .buffered(32)
+            .collect()
+            .await
+    }
 
     /// The device's last reported status; `None` when it never reported.
     async fn read_status(&self, device: &DeviceId) -> Result<Option<AgentStatus>, FleetError>;
@@ -49,6 +63,10 @@ pub trait DeviceFleet: Send + Sync {
 impl DeviceFleet for FleetClient {
     async fn write_desired_state(&self, request: DeployRequest) -> Result<Deployed, FleetError> {
         self.deploy(request).await
+    }
+
+    async fn write_desired_states(&self, requests: Vec<DeployRequest>) -> Vec<Result<Deployed, FleetError>> {
+        self.deploy_many(requests).await
     }
 
     async fn read_status(&self, device: &DeviceId) -> Result<Option<AgentStatus>, FleetError> {
@@ -127,6 +145,10 @@ impl Topology for FleetTopology {
 impl DeviceFleet for FleetTopology {
     async fn write_desired_state(&self, request: DeployRequest) -> Result<Deployed, FleetError> {
         self.client.write_desired_state(request).await
+    }
+
+    async fn write_desired_states(&self, requests: Vec<DeployRequest>) -> Vec<Result<Deployed, FleetError>> {
+        self.client.write_desired_states(requests).await
     }
 
     async fn read_status(&self, device: &DeviceId) -> Result<Option<AgentStatus>, FleetError> {

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use harmony_score_wire::{bounded_text, now_ms, Check, DeploymentName, DeviceId, DeviceScore};
 use harmony_topology::{
     async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory, Outcome, Score,
@@ -31,9 +30,6 @@ pub use plan::{
 pub use store::{OnDone, RolloutDocument, RolloutStore, StoredRollout};
 
 use crate::{error_chain, Awaited, DeployRequest, Deployed, FleetError};
-
-/// How many devices of a wave are written at once.
-const PARALLEL_WRITES: usize = 32;
 
 /// Which devices a rollout reaches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,12 +247,46 @@ impl<T: RolloutStore> Run<'_, T> {
     /// Writes one device's document (its next generation, unless it holds it already).
     async fn write(&self, device: &DeviceId, document: &RolloutDocument) -> Result<Deployed, FleetError> {
         let doc = document.copy()?;
-        let request = DeployRequest::new(device.clone(), self.state.deployment.clone(), doc.scores)
+        self.fleet.write_desired_state(self.request(device, doc)).await
+    }
+
+    /// The request writing `doc` to `device`.
+    fn request(&self, device: &DeviceId, doc: RolloutDocument) -> DeployRequest {
+        DeployRequest::new(device.clone(), self.state.deployment.clone(), doc.scores)
             .expires_at(doc.expires_at)
             .health(doc.health, doc.health_timeout_s)
             .force(self.state.force)
-            .skip_unchanged(true);
-        self.fleet.write_desired_state(request).await
+            .skip_unchanged(true)
+    }
+
+    /// [`write`](Self::write) for each of `devices`, all at once: the fleet batches their reads and
+    /// pipelines their writes. One result per device, in order.
+    async fn write_all(
+        &self,
+        devices: &[DeviceId],
+        document: &RolloutDocument,
+    ) -> Vec<Result<Deployed, FleetError>> {
+        let mut requests = Vec::with_capacity(devices.len());
+        let copies: Vec<Option<FleetError>> = devices
+            .iter()
+            .map(|device| match document.copy() {
+                Ok(doc) => {
+                    requests.push(self.request(device, doc));
+                    None
+                }
+                Err(err) => Some(err),
+            })
+            .collect();
+        let mut written = self.fleet.write_desired_states(requests).await.into_iter();
+        copies
+            .into_iter()
+            .map(|copy| match copy {
+                Some(err) => Err(err),
+                None => {
+                    written.next().unwrap_or_else(|| Err(FleetError::nats("deploy", "no result (a bug)")))
+                }
+            })
+            .collect()
     }
 
     /// Records, once per device, the document it holds before the rollout
@@ -295,12 +325,7 @@ impl<T: RolloutStore> Run<'_, T> {
             if self.state.revert_on_abort {
                 self.remember_previous(&devices).await?;
             }
-            // Indices, not `&DeviceId`s: see `DeviceDeploymentInterpret::deploy_all`.
-            let written: Vec<Result<Deployed, FleetError>> = futures_util::stream::iter(0..devices.len())
-                .map(|i| self.write(&devices[i], document))
-                .buffered(PARALLEL_WRITES)
-                .collect()
-                .await;
+            let written = self.write_all(&devices, document).await;
             let mut results: Vec<Option<DeviceResult>> = Vec::with_capacity(devices.len());
             let mut awaited = Vec::new();
             let mut positions = Vec::new();

@@ -9,11 +9,12 @@ use harmony_e2e::cluster::{LeafNode, NatsCluster};
 use harmony_e2e::{file_score, InProcessAgent, NatsServer};
 use harmony_fleet::FleetClient;
 use harmony_score_wire::names::{
-    desired_state_key, hint_subjects, index_key, status_hint_republish_destination, AGENT_STATUS_BUCKET,
-    DESIRED_STATE_BUCKET,
+    desired_state_key, heartbeat_key, hint_subjects, index_key, status_hint_republish_destination,
+    AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET,
 };
 use harmony_score_wire::{
-    encode, from_cbor, to_cbor, AgentStatus, DeploymentIndex, DeploymentName, DesiredState, DeviceId, Phase,
+    encode, from_cbor, now_ms, to_cbor, AgentStatus, DeploymentIndex, DeploymentName, DesiredState, DeviceId,
+    Phase,
 };
 use serde_json::json;
 
@@ -176,7 +177,7 @@ pub async fn run(
             let started = Instant::now();
             let converged = converge(&mut statuses, &devices, &deployment, started, limit);
             let operator = async {
-                let written = deploy_all(&client, &devices, &deployment).await?;
+                let written = deploy_all(&client, &devices, &deployment, DEPLOYS_IN_FLIGHT).await?;
                 let write_ms = started.elapsed().as_millis() as u64;
                 let results = client.wait_for_generations(&deployment, &written, limit).await?;
                 let failed = results.iter().filter(|r| r.is_err()).count();
@@ -231,32 +232,54 @@ pub async fn run(
     }))
 }
 
-/// The operator's side alone: N devices' generation written through
-/// `FleetClient::deploy` and raw, then N statuses (written raw) read back
-/// with `list_statuses`.
+/// The operator's side alone. Writes: N devices' generation raw (the
+/// floor), then through `FleetClient::deploy` (one call per device, 2,048
+/// at once) and `FleetClient::deploy_many`, each for a new deployment and
+/// then for its next generation, then `deploy` 32 at once (what
+/// `DeviceDeploymentScore` did before). Reads: N statuses and N heartbeats
+/// (written raw, as agents do) listed with `list_statuses`, batched and key
+/// by key, against the floor of one batched read of every message of the
+/// bucket, undecoded.
 pub async fn operator(count: usize) -> Result<serde_json::Value, BenchError> {
     let nats = NatsServer::start();
     let client = FleetClient::connect(&[nats.url()], None).await?;
     client.ensure_buckets().await?;
     let devices: Vec<DeviceId> =
         (0..count).map(|i| DeviceId::new(format!("op-{i}"))).collect::<Result<_, _>>()?;
-    let started = Instant::now();
-    deploy_all(&client, &devices, &DeploymentName::new("client")?).await?;
-    let client_ms = started.elapsed().as_millis() as u64;
+    // Raw first: it puts each index without compare-and-set (naming only
+    // its own deployment); the client writes after it keep every entry.
     let (raw, _) = write_generation(&client, &devices, &DeploymentName::new("raw")?).await?;
-    // Statuses as agents write them (one put each), then listed.
+    let (one, many) = (DeploymentName::new("client")?, DeploymentName::new("many")?);
+    let started = Instant::now();
+    deploy_all(&client, &devices, &one, DEPLOYS_IN_FLIGHT).await?;
+    let client_ms = started.elapsed().as_millis() as u64;
+    let started = Instant::now();
+    deploy_many(&client, &devices, &many, 1).await?;
+    let many_ms = started.elapsed().as_millis() as u64;
+    let started = Instant::now();
+    deploy_all(&client, &devices, &one, DEPLOYS_IN_FLIGHT).await?;
+    let client_next_ms = started.elapsed().as_millis() as u64;
+    let started = Instant::now();
+    deploy_many(&client, &devices, &many, 2).await?;
+    let many_next_ms = started.elapsed().as_millis() as u64;
+    // What `DeviceDeploymentScore` did before `deploy_many`: 32 at once.
+    let started = Instant::now();
+    deploy_all(&client, &devices, &one, 32).await?;
+    let client_32_ms = started.elapsed().as_millis() as u64;
+    // Statuses and heartbeats as agents write them (one put each), then listed.
     let mut acks = VecDeque::new();
     for device in &devices {
         let status = harmony_e2e::reported_status(device, None, Default::default());
-        acks.push_back(
-            client
-                .jetstream()
-                .publish(format!("$KV.{AGENT_STATUS_BUCKET}.{device}"), to_cbor(&status).into())
-                .await?,
-        );
-        if acks.len() >= WINDOW {
-            if let Some(ack) = acks.pop_front() {
-                ack.await?;
+        let values = [
+            (format!("$KV.{AGENT_STATUS_BUCKET}.{device}"), to_cbor(&status)),
+            (format!("$KV.{AGENT_STATUS_BUCKET}.{}", heartbeat_key(device)), to_cbor(&now_ms())),
+        ];
+        for (subject, value) in values {
+            acks.push_back(client.jetstream().publish(subject, value.into()).await?);
+            if acks.len() >= WINDOW {
+                if let Some(ack) = acks.pop_front() {
+                    ack.await?;
+                }
             }
         }
     }
@@ -269,20 +292,112 @@ pub async fn operator(count: usize) -> Result<serde_json::Value, BenchError> {
     if listed.len() != count {
         return Err(format!("listed {} statuses of {count}", listed.len()).into());
     }
+    let one_by_one = FleetClient::from_nats(client.nats().clone()).with_batched_reads(false);
+    let started = Instant::now();
+    let listed = one_by_one.list_statuses().await?;
+    let list_per_key_ms = started.elapsed().as_millis() as u64;
+    if listed.len() != count {
+        return Err(format!("listed {} statuses of {count} key by key", listed.len()).into());
+    }
+    let started = Instant::now();
+    let read = read_every_message(&client, 2 * count).await?;
+    let read_floor_ms = started.elapsed().as_millis() as u64;
+    if read != 2 * count {
+        return Err(format!("the floor read {read} messages of {}", 2 * count).into());
+    }
     Ok(json!({
         "devices": count,
-        "deploy_ms": client_ms,
         "raw_write_ms": raw.as_millis() as u64,
+        "deploy_ms": client_ms,
+        "deploy_many_ms": many_ms,
+        "deploy_next_ms": client_next_ms,
+        "deploy_many_next_ms": many_next_ms,
+        "deploy_32_next_ms": client_32_ms,
         "list_statuses_ms": list_ms,
+        "list_statuses_per_key_ms": list_per_key_ms,
+        "read_floor_ms": read_floor_ms,
+        "load": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     }))
 }
 
-/// Deploys generation 1 of `deployment` to every device through
-/// `FleetClient::deploy` (numbering, index, compare-and-set), many at once.
+/// Deploys generation `generation` of `deployment` to every device with
+/// one `FleetClient::deploy_many`.
+async fn deploy_many(
+    client: &FleetClient,
+    devices: &[DeviceId],
+    deployment: &DeploymentName,
+    generation: u64,
+) -> Result<(), BenchError> {
+    let requests = devices
+        .iter()
+        .map(|device| {
+            harmony_fleet::DeployRequest::new(
+                device.clone(),
+                deployment.clone(),
+                vec![file_score("/etc/bench", &format!("{generation}\n"))],
+            )
+            .force(true)
+        })
+        .collect();
+    for result in client.deploy_many(requests).await {
+        if result?.generation != generation {
+            return Err(format!("deploy_many wrote another generation than {generation}").into());
+        }
+    }
+    Ok(())
+}
+
+/// The floor of a listing: every message of the status bucket (`expected`
+/// of them) in one batched direct get by sequence (`next_by_subj`), paged by
+/// the server's byte limit, undecoded. Returns how many were read.
+async fn read_every_message(client: &FleetClient, expected: usize) -> Result<usize, BenchError> {
+    let nats = client.nats();
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await?;
+    let (mut read, mut from) = (0, 1);
+    loop {
+        let body =
+            json!({ "seq": from, "next_by_subj": format!("$KV.{AGENT_STATUS_BUCKET}.>"), "batch": expected });
+        nats.publish_with_reply(
+            format!("$JS.API.DIRECT.GET.KV_{AGENT_STATUS_BUCKET}"),
+            inbox.clone(),
+            serde_json::to_vec(&body)?.into(),
+        )
+        .await?;
+        let mut last = 0;
+        loop {
+            let message = within(Duration::from_secs(10), "the floor read", replies.next())
+                .await?
+                .ok_or("the reply subscription closed")?;
+            match message.status.map(|s| s.as_u16()) {
+                None => {
+                    read += 1;
+                    last = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Sequence"))
+                        .and_then(|v| v.as_str().parse().ok())
+                        .unwrap_or(last);
+                }
+                Some(204) => break,
+                Some(status) => return Err(format!("the floor read ended with status {status}").into()),
+            }
+        }
+        if read >= expected || last == 0 {
+            return Ok(read);
+        }
+        from = last + 1;
+    }
+}
+
+/// Deploys the next generation of `deployment` to every device through
+/// `FleetClient::deploy` (numbering, index, compare-and-set), `in_flight`
+/// at once.
 async fn deploy_all(
     client: &FleetClient,
     devices: &[DeviceId],
     deployment: &DeploymentName,
+    in_flight: usize,
 ) -> Result<Vec<harmony_fleet::Awaited>, BenchError> {
     let deploys = futures_util::stream::iter(devices.iter().cloned()).map(|device| async move {
         let request = harmony_fleet::DeployRequest::new(
@@ -298,7 +413,7 @@ async fn deploy_all(
             digest: Some(deployed.digest),
         })
     });
-    let written: Vec<_> = deploys.buffered(DEPLOYS_IN_FLIGHT).collect().await;
+    let written: Vec<_> = deploys.buffered(in_flight).collect().await;
     Ok(written.into_iter().collect::<Result<_, _>>()?)
 }
 
