@@ -479,25 +479,10 @@ impl Controller {
             Verdict::Accept => {}
         }
         let accepted = Accepted::new(doc);
-        // Conflicts by what the device's filesystem makes of each path (a
-        // symlinked parent is an alias: `/lib/x` is `/usr/lib/x` on a
-        // merged-/usr device), resolved now, on the blocking pool.
         let others = self.others(name);
         if let Some(message) = self.settings.policy.refused_score(&accepted.doc) {
             let generation = Some(accepted.doc.generation);
             return self.reject(name, generation, digest, ErrorKind::PolicyDenied, message, None);
-        }
-        let (topology, mine) = (self.maestro.topology().clone(), accepted.resources.clone());
-        let (policy, judged) = (self.settings.policy.clone(), accepted.judged_paths.clone());
-        let clash = tokio::task::spawn_blocking(move || {
-            outside_policy(&topology, &policy, &judged).or_else(|| alias_clash(&topology, &mine, &others))
-        })
-        .await
-        .unwrap_or_else(|join| Some((ErrorKind::ResourceConflict, format!("conflict check failed: {join}"))));
-        if let Some((kind, message)) = clash {
-            let generation = Some(accepted.doc.generation);
-            let keep = kind.may_clear().then_some((bytes, format));
-            return self.reject(name, generation, digest, kind, message, keep);
         }
         // Undos are recorded (and persisted) before anything runs, so a
         // crash mid-run never forgets a resource.
@@ -509,15 +494,44 @@ impl Controller {
             }
         };
         let generation = accepted.doc.generation;
+        // The record as it will be once accepted, built on a copy: the
+        // checks below may still refuse the document.
+        let mut record = self.deployments.get(name).map(|e| e.record.clone()).unwrap_or_default();
+        for owned in undos {
+            record.owned.retain(|o| o.resource != owned.resource);
+            record.owned.push(owned);
+        }
+        record.high_water = Some(HighWater { generation, digest: digest.clone() });
+        // The committed document stays on disk as what a failed check rolls back to.
+        let stored = StoredDocument { bytes: bytes.clone(), format, digest: digest.clone(), generation };
+        commit::accept(&mut record, stored);
+        // One hand-off to the blocking pool: the policy and the conflicts by
+        // what the device's filesystem makes of each path (a symlinked
+        // parent is an alias: `/lib/x` is `/usr/lib/x` on a merged-/usr
+        // device), then, only if both pass, the record persisted.
+        let (topology, mine) = (self.maestro.topology().clone(), accepted.resources.clone());
+        let (policy, judged) = (self.settings.policy.clone(), accepted.judged_paths.clone());
+        let (store, key) = (self.store.clone(), name.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            match outside_policy(&topology, &policy, &judged)
+                .or_else(|| alias_clash(&topology, &mine, &others))
+            {
+                Some(clash) => Err(clash),
+                None => Ok((store.save(&key, &record), record)),
+            }
+        })
+        .await
+        .unwrap_or_else(|join| Err((ErrorKind::ResourceConflict, format!("conflict check failed: {join}"))));
+        let (saved, record) = match checked {
+            Ok(checked) => checked,
+            Err((kind, message)) => {
+                let keep = kind.may_clear().then_some((bytes, format));
+                return self.reject(name, Some(generation), digest, kind, message, keep);
+            }
+        };
         info!(deployment = %name, generation, scores = accepted.doc.scores.len(), "accepted");
         let entry = self.deployments.entry(name.clone()).or_default();
-        for owned in undos {
-            entry.record.owned.retain(|o| o.resource != owned.resource);
-            entry.record.owned.push(owned);
-        }
-        entry.record.high_water = Some(HighWater { generation, digest: digest.clone() });
-        // The committed document stays on disk as what a failed check rolls back to.
-        commit::accept(&mut entry.record, StoredDocument { bytes, format, digest, generation });
+        entry.record = record;
         entry.document = Some(accepted);
         entry.health.clear();
         entry.rejected = None;
@@ -525,7 +539,7 @@ impl Controller {
         entry.pruned_at = None;
         entry.retry = None;
         self.dirty = true;
-        if self.save(name).await {
+        if self.after_save(name, saved) {
             self.schedule(name, true);
         }
     }
@@ -615,6 +629,12 @@ impl Controller {
                     source: std::io::Error::other(join.to_string()),
                 })
             });
+        self.after_save(name, saved)
+    }
+
+    /// Takes a save's result: a failure makes the deployment FAILED
+    /// (`persist_failed`) and schedules a retry instead of a run.
+    fn after_save(&mut self, name: &DeploymentName, saved: Result<(), StoreError>) -> bool {
         let Some(entry) = self.deployments.get_mut(name) else { return false };
         match saved {
             Ok(()) => {
