@@ -67,8 +67,8 @@ const DEPLOYS_IN_FLIGHT: usize = 2048;
 /// How the operator writes the new generation.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Writer {
-    /// `FleetClient::deploy` per device, many at once; then one
-    /// `wait_for_generations` for all.
+    /// `FleetClient::deploy_many` for every device (as
+    /// `DeviceDeploymentScore` writes); then one `wait_for_generations`.
     Client,
     /// Pipelined puts of pre-encoded documents and index entries.
     Raw,
@@ -177,7 +177,8 @@ pub async fn run(
             let started = Instant::now();
             let converged = converge(&mut statuses, &devices, &deployment, started, limit);
             let operator = async {
-                let written = deploy_all(&client, &devices, &deployment, DEPLOYS_IN_FLIGHT).await?;
+                // As `DeviceDeploymentScore` writes: `deploy_many`.
+                let written = deploy_many(&client, &devices, &deployment, 1).await?;
                 let write_ms = started.elapsed().as_millis() as u64;
                 let results = client.wait_for_generations(&deployment, &written, limit).await?;
                 let failed = results.iter().filter(|r| r.is_err()).count();
@@ -327,7 +328,7 @@ async fn deploy_many(
     devices: &[DeviceId],
     deployment: &DeploymentName,
     generation: u64,
-) -> Result<(), BenchError> {
+) -> Result<Vec<harmony_fleet::Awaited>, BenchError> {
     let requests = devices
         .iter()
         .map(|device| {
@@ -339,12 +340,19 @@ async fn deploy_many(
             .force(true)
         })
         .collect();
-    for result in client.deploy_many(requests).await {
-        if result?.generation != generation {
+    let mut awaited = Vec::with_capacity(devices.len());
+    for (result, device) in client.deploy_many(requests).await.into_iter().zip(devices) {
+        let deployed = result?;
+        if deployed.generation != generation {
             return Err(format!("deploy_many wrote another generation than {generation}").into());
         }
+        awaited.push(harmony_fleet::Awaited {
+            device: device.clone(),
+            generation,
+            digest: Some(deployed.digest),
+        });
     }
-    Ok(())
+    Ok(awaited)
 }
 
 /// The floor of a listing: every message of the status bucket (`expected`
