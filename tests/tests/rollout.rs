@@ -248,6 +248,14 @@ async fn revert_on_abort_puts_the_previous_document_back_on_the_devices_reached(
         let want = if bad.contains(&n) { "v1" } else { "v2" };
         assert_eq!(app_conf(&f, n), want, "dev-{n:02}");
     }
+    // The first rollout's documents (its own and dev-01's previous one)
+    // were purged when the second took the key: the state and one document.
+    let bucket = f.client.jetstream().get_key_value("harmony-rollouts").await.unwrap();
+    let mut keys: Vec<String> =
+        futures_util::TryStreamExt::try_collect(bucket.keys().await.unwrap()).await.unwrap();
+    keys.sort();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys[0] == "app" && keys[1].starts_with("app.doc."), "{keys:?}");
 }
 
 // An operator killed mid-rollout: a second operator is refused while the

@@ -626,6 +626,18 @@ impl FleetRolloutInterpret {
             }
             other => other,
         })?;
+        // This rollout owns the key now: what earlier rollouts stored
+        // beside it (their documents, their devices' previous documents)
+        // is no longer named by any state.
+        match fleet.prune_documents(&self.deployment, &run.state.document_name()).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                tracing::info!(deployment = %self.deployment, pruned, "earlier rollouts' documents purged")
+            }
+            Err(err) => {
+                tracing::warn!(deployment = %self.deployment, cause = %harmony_score_wire::log_text(error_chain(&err)), "earlier rollouts' documents not purged")
+            }
+        }
         Ok(run)
     }
 

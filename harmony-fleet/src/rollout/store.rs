@@ -130,6 +130,11 @@ pub trait RolloutStore: DeviceFleet {
         deployment: &DeploymentName,
         name: &str,
     ) -> Result<(RolloutDocument, String), FleetError>;
+
+    /// Purges every document stored beside the rollout of `deployment` but
+    /// `keep` (an earlier rollout's document and previous documents);
+    /// returns how many.
+    async fn prune_documents(&self, deployment: &DeploymentName, keep: &str) -> Result<usize, FleetError>;
 }
 
 fn document_key(deployment: &DeploymentName, name: &str) -> String {
@@ -331,6 +336,24 @@ impl RolloutStore for FleetClient {
         let digest = harmony_score_wire::document_digest(&value);
         Ok((decode_document(&value, &key)?, digest))
     }
+
+    async fn prune_documents(&self, deployment: &DeploymentName, keep: &str) -> Result<usize, FleetError> {
+        let store = self.rollouts().await?;
+        let prefix = format!("{deployment}.");
+        let keep = document_key(deployment, keep);
+        let mut keys = store.keys().await.map_err(|e| FleetError::nats("list rollout documents", e))?;
+        let mut stale = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| FleetError::nats("list rollout documents", e))?;
+            if key.starts_with(&prefix) && key != keep {
+                stale.push(key);
+            }
+        }
+        for key in &stale {
+            store.purge(key).await.map_err(|e| FleetError::nats(format!("purge {key}"), e))?;
+        }
+        Ok(stale.len())
+    }
 }
 
 #[async_trait]
@@ -394,6 +417,10 @@ impl RolloutStore for FleetTopology {
         name: &str,
     ) -> Result<(RolloutDocument, String), FleetError> {
         self.client().load_document(deployment, name).await
+    }
+
+    async fn prune_documents(&self, deployment: &DeploymentName, keep: &str) -> Result<usize, FleetError> {
+        self.client().prune_documents(deployment, keep).await
     }
 }
 
