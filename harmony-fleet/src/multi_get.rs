@@ -101,6 +101,7 @@ pub(crate) async fn last_entries(
     let mut entries: HashMap<String, kv::Entry> = HashMap::new();
     let mut answered = false;
     let mut from = 0;
+    let mut pages = 0;
     loop {
         let body = serde_json::to_vec(&Request { multi_last: filters, max_bytes: PAGE_BYTES, seq: from })
             .map_err(|e| failed(e.into()))?;
@@ -140,15 +141,48 @@ pub(crate) async fn last_entries(
                 },
             }
         };
-        if pending == 0 {
-            return Ok(entries);
+        pages += 1;
+        match next_page(from, last, pending, pages, entries.len()) {
+            Ok(None) => return Ok(entries),
+            Ok(Some(next)) => from = next,
+            Err(why) => return Err(failed(why.into())),
         }
-        if last == 0 {
-            return Err(failed(format!("{pending} entries pending, none sent").into()));
-        }
-        from = last + 1;
     }
 }
+
+/// Where the next page of an answer starts, `None` when there is none
+/// (`pending` 0). The answer comes from the server, and is judged as data:
+/// a page must move past the one before it (`last`, its highest sequence,
+/// at least `from`), no more pages than [`MAX_PAGES`] and no more entries
+/// than one request may match ([`MAX_SUBJECTS`]) are taken, and a sequence
+/// at `u64::MAX` ends it; otherwise a server announcing pages forever, or
+/// the same page again, would hold the caller in this loop.
+fn next_page(
+    from: u64,
+    last: u64,
+    pending: u64,
+    pages: usize,
+    entries: usize,
+) -> Result<Option<u64>, String> {
+    if entries > MAX_SUBJECTS {
+        return Err(format!("answered with {entries} keys, more than one request may match"));
+    }
+    if pending == 0 {
+        return Ok(None);
+    }
+    if last == 0 || last < from {
+        return Err(format!("{pending} entries pending, and the page sent none past sequence {from}"));
+    }
+    if pages >= MAX_PAGES {
+        return Err(format!("{pending} entries still pending after {pages} pages"));
+    }
+    last.checked_add(1).map(Some).ok_or_else(|| "the answer reached sequence u64::MAX".to_owned())
+}
+
+/// Most pages one read takes: a page holds at least one of at most
+/// [`MAX_SUBJECTS`] keys' last entries (a key written meanwhile may come
+/// again, once more).
+const MAX_PAGES: usize = 2 * MAX_SUBJECTS;
 
 /// A data message of an answer as the KV entry it is.
 fn entry_of(store: &kv::Store, message: async_nats::Message) -> Result<kv::Entry, NatsError> {
@@ -195,6 +229,20 @@ fn status_text(status: StatusCode, message: &async_nats::Message) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_that_does_not_move_on_or_never_ends_is_refused() {
+        assert_eq!(next_page(0, 0, 0, 1, 10), Ok(None));
+        assert_eq!(next_page(0, 41, 3, 1, 10), Ok(Some(42)));
+        assert_eq!(next_page(42, 90, 1, 2, 20), Ok(Some(91)));
+        // The same page again, or one before it: refused, not looped on.
+        assert!(next_page(42, 41, 3, 2, 10).is_err());
+        assert!(next_page(42, 0, 3, 2, 10).is_err());
+        // Pages forever, sequences at the end, more keys than asked for.
+        assert!(next_page(42, 90, 1, MAX_PAGES, 10).is_err());
+        assert!(next_page(42, u64::MAX, 1, 2, 10).is_err());
+        assert!(next_page(0, 5, 0, 1, MAX_SUBJECTS + 1).is_err());
+    }
 
     #[test]
     fn markers_are_read_as_kv_store_entry_reads_them() {
