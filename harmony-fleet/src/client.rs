@@ -108,6 +108,8 @@ pub struct FleetClient {
     pub(crate) nats: async_nats::Client,
     pub(crate) js: jetstream::Context,
     buckets: Arc<OnceCell<Buckets>>,
+    /// The rollouts bucket, once opened (`rollout::store`).
+    pub(crate) rollouts: Arc<OnceCell<kv::Store>>,
     /// Signs every document this client writes, when set.
     pub(crate) signer: Option<Arc<harmony_score_wire::DocumentSigner>>,
     /// Keys whose signed values count when a signing client numbers
@@ -199,6 +201,7 @@ impl FleetClient {
             nats,
             js,
             buckets: Arc::new(OnceCell::new()),
+            rollouts: Arc::new(OnceCell::new()),
             signer: None,
             trusted: None,
             replicas: None,

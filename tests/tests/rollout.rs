@@ -595,3 +595,36 @@ async fn rollouts_lists_the_others_when_one_value_is_undecodable() {
     let json = fleet_cli(&f, &["rollouts", "--json"]).await;
     assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
 }
+
+// --wave-timeout: a device that never reports (its agent stopped) counts
+// as failed when the wave's time is up, names the timeout, and with no
+// failure allowed stops the rollout before the next wave. The wave ends at
+// its timeout, not later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_reports_fails_its_wave_at_the_wave_timeout() {
+    let (f, mut agents) = fleet_of_n(4, &[]).await;
+    // dev-02's agent is gone: its key is written, nobody applies it.
+    within(agents.remove(1).stop()).await.unwrap();
+    let score = FleetRolloutScore {
+        wave_timeout_s: 2,
+        ..rollout_score(
+            "v2",
+            1..=4,
+            vec![WaveSize::Devices(1), WaveSize::Devices(2), WaveSize::Percent(100)],
+            30,
+        )
+    };
+    let started = Instant::now();
+    let outcome = within(maestro(&f).await.interpret(&score)).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(outcome.status, InterpretStatus::FAILURE, "{outcome:?}");
+    assert!(outcome.message.contains("rollout aborted after wave 2 of 3"), "{}", outcome.message);
+    let row = outcome.details.iter().find(|l| l.starts_with("dev-02")).cloned().unwrap_or_default();
+    assert!(row.contains("failed") && row.contains("timed out"), "{outcome:?}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(20), "{took:?}");
+    assert_eq!((app_conf(&f, 1), key_generation(&f, 2).await), ("v2".into(), 2));
+    // Wave 3 (dev-03, dev-04) never written.
+    for n in 3..=4 {
+        assert_eq!((app_conf(&f, n), key_generation(&f, n).await), ("v1".into(), 1), "dev-{n:02}");
+    }
+}

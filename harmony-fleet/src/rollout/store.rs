@@ -166,14 +166,23 @@ impl FleetClient {
         }
     }
 
+    /// The rollouts bucket, ensured and opened on first use (then shared
+    /// by this client and its clones: a rollout writes its state every few
+    /// seconds, and each write need not look the stream up again).
     async fn rollouts(&self) -> Result<kv::Store, FleetError> {
-        if self.stream_exists(&format!("KV_{ROLLOUTS_BUCKET}")).await?.is_none() {
-            self.ensure_rollouts_bucket().await?;
-        }
-        self.js
-            .get_key_value(ROLLOUTS_BUCKET)
-            .await
-            .map_err(|e| FleetError::nats(format!("open bucket {ROLLOUTS_BUCKET}"), e))
+        let store = self
+            .rollouts
+            .get_or_try_init(|| async {
+                if self.stream_exists(&format!("KV_{ROLLOUTS_BUCKET}")).await?.is_none() {
+                    self.ensure_rollouts_bucket().await?;
+                }
+                self.js
+                    .get_key_value(ROLLOUTS_BUCKET)
+                    .await
+                    .map_err(|e| FleetError::nats(format!("open bucket {ROLLOUTS_BUCKET}"), e))
+            })
+            .await?;
+        Ok(store.clone())
     }
 }
 
