@@ -262,7 +262,7 @@ impl Controller {
     pub async fn run(
         mut self,
         mut inbox: InboxReceiver,
-        status: watch::Sender<AgentStatus>,
+        status: watch::Sender<Arc<AgentStatus>>,
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
@@ -301,13 +301,13 @@ impl Controller {
         self.stop(&status).await;
     }
 
-    fn publish(&mut self, status: &watch::Sender<AgentStatus>) {
+    fn publish(&mut self, status: &watch::Sender<Arc<AgentStatus>>) {
         if std::mem::take(&mut self.dirty) {
-            status.send_replace(self.status());
+            status.send_replace(Arc::new(self.status()));
         }
     }
 
-    async fn stop(&mut self, status: &watch::Sender<AgentStatus>) {
+    async fn stop(&mut self, status: &watch::Sender<Arc<AgentStatus>>) {
         self.stopping = true;
         self.ready.clear();
         for d in self.deployments.values() {

@@ -117,7 +117,7 @@ struct Device {
 
 struct Running {
     inbox: InboxSender,
-    status: watch::Receiver<AgentStatus>,
+    status: watch::Receiver<std::sync::Arc<AgentStatus>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -152,7 +152,7 @@ impl Device {
         let store = Store::open(&self.state()).unwrap();
         let mut controller = Controller::new(settings, maestro, store);
         controller.boot();
-        let (status_tx, status) = watch::channel(controller.status());
+        let (status_tx, status) = watch::channel(std::sync::Arc::new(controller.status()));
         let (inbox_tx, inbox_rx) = inbox();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(controller.run(inbox_rx, status_tx, async {
@@ -186,7 +186,7 @@ impl Running {
                 {
                     let status = self.status.borrow_and_update();
                     if check(&status) {
-                        return status.clone();
+                        return AgentStatus::clone(&status);
                     }
                 }
                 self.status.changed().await.expect("controller alive");

@@ -19,8 +19,10 @@ use crate::{source, AGENT_VERSION};
 
 /// How long the source gets to stop after the controller did.
 const SOURCE_STOP_GRACE: Duration = Duration::from_secs(5);
-/// Least time between two writes of `<state_dir>/status.json`.
-const LOCAL_STATUS_EVERY: Duration = Duration::from_millis(250);
+/// Least time between two writes of `<state_dir>/status.json` (a change is
+/// written this long after it, with whatever followed it meanwhile: a run
+/// that ends within it is one write, not two).
+const LOCAL_STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +45,7 @@ pub struct SourceContext {
     /// read even if the index no longer lists them (deleted while down).
     pub known: Vec<DeploymentName>,
     /// The status to report, newest value.
-    pub status: watch::Receiver<AgentStatus>,
+    pub status: watch::Receiver<Arc<AgentStatus>>,
     /// Turns true at shutdown.
     pub stop: watch::Receiver<bool>,
     /// Where a source with a NATS connection hands it to the artifact store.
@@ -114,7 +116,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     let mut controller = Controller::new(settings, maestro, store);
     controller.boot();
-    let (status_tx, status_rx) = watch::channel(controller.status());
+    let (status_tx, status_rx) = watch::channel(Arc::new(controller.status()));
     let (inbox_tx, inbox_rx) = inbox();
     let (stop_tx, stop_rx) = watch::channel(false);
     let context = SourceContext {
@@ -148,27 +150,37 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 /// air-gapped devices) up to date, at most every [`LOCAL_STATUS_EVERY`].
 async fn write_local_status(
     path: PathBuf,
-    mut status: watch::Receiver<AgentStatus>,
+    mut status: watch::Receiver<Arc<AgentStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let report = status.borrow_and_update().clone();
+        // The status itself, shared: not a copy of it.
+        let report = Arc::clone(&status.borrow_and_update());
         let target = path.clone();
         let _ = tokio::task::spawn_blocking(move || write_status_file(&target, &report)).await;
-        tokio::select! {
-            changed = status.changed() => if changed.is_err() { return },
-            _ = stop.changed() => {
-                let report = status.borrow().clone();
-                let _ = tokio::task::spawn_blocking(move || write_status_file(&path, &report)).await;
-                return;
-            }
+        let stopping = tokio::select! {
+            changed = status.changed() => if changed.is_err() { return } else {
+                // What follows the change within the pause is written with it.
+                tokio::select! {
+                    () = tokio::time::sleep(LOCAL_STATUS_EVERY) => false,
+                    _ = stop.changed() => true,
+                }
+            },
+            _ = stop.changed() => true,
+        };
+        if stopping {
+            // The last status, at once.
+            let report = Arc::clone(&status.borrow());
+            let _ = tokio::task::spawn_blocking(move || write_status_file(&path, &report)).await;
+            return;
         }
-        tokio::time::sleep(LOCAL_STATUS_EVERY).await;
     }
 }
 
 fn write_status_file(path: &Path, status: &AgentStatus) {
-    let result = serde_json::to_vec_pretty(status)
+    let mut bytes = Vec::with_capacity(8 * 1024);
+    let result = serde_json::to_writer_pretty(&mut bytes, status)
+        .map(|()| bytes)
         .map_err(std::io::Error::other)
         .and_then(|bytes| harmony_topology::local::write_file_replacing(path, &bytes, 0o644));
     if let Err(err) = result {

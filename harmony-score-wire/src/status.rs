@@ -354,17 +354,31 @@ impl AgentStatus {
     /// Scores that hold, every Score list, supported tags, then deployments
     /// from the end) with `truncated` set.
     pub fn bound(&mut self, max_bytes: usize) {
-        let b = |t: &mut String| *t = bounded_text(t, MAX_MESSAGE_BYTES);
+        self.to_bounded_cbor(max_bytes);
+    }
+
+    /// [`AgentStatus::bound`], returning the bounded report's CBOR encoding
+    /// (the one the size check made: a status is encoded once when it fits).
+    pub fn to_bounded_cbor(&mut self, max_bytes: usize) -> Vec<u8> {
+        // Most strings need nothing: they are left as they are, not copied.
+        let b = |t: &mut String| {
+            if t.len() > MAX_MESSAGE_BYTES || t.chars().any(char::is_control) {
+                *t = bounded_text(t, MAX_MESSAGE_BYTES);
+            }
+        };
         b(&mut self.agent_version);
         b(&mut self.instance_id);
         self.errors.iter_mut().for_each(|e| b(&mut e.message));
         if let Some(info) = &mut self.info {
             b(&mut info.hostname);
             b(&mut info.agent_version);
-            info.labels = std::mem::take(&mut info.labels)
-                .into_iter()
-                .map(|(k, v)| (bounded_text(&k, MAX_MESSAGE_BYTES), bounded_text(&v, MAX_MESSAGE_BYTES)))
-                .collect();
+            let safe = |t: &String| t.len() <= MAX_MESSAGE_BYTES && !t.chars().any(char::is_control);
+            if !info.labels.iter().all(|(k, v)| safe(k) && safe(v)) {
+                info.labels = std::mem::take(&mut info.labels)
+                    .into_iter()
+                    .map(|(k, v)| (bounded_text(&k, MAX_MESSAGE_BYTES), bounded_text(&v, MAX_MESSAGE_BYTES)))
+                    .collect();
+            }
         }
         for d in self.deployments.values_mut() {
             if let Some(e) = &mut d.error {
@@ -387,7 +401,6 @@ impl AgentStatus {
                 score.details.iter_mut().for_each(b);
             }
         }
-        let fits = |s: &AgentStatus| crate::to_cbor(s).len() <= max_bytes;
         type Step = fn(&mut AgentStatus);
         let steps: [Step; 4] = [
             |s| s.deployments.values_mut().flat_map(|d| &mut d.scores).for_each(|sc| sc.details.clear()),
@@ -405,8 +418,9 @@ impl AgentStatus {
             },
         ];
         for step in steps {
-            if fits(self) {
-                return;
+            let encoded = crate::to_cbor(self);
+            if encoded.len() <= max_bytes {
+                return encoded;
             }
             step(self);
             self.truncated = true;
@@ -414,9 +428,10 @@ impl AgentStatus {
         // Then whole deployments from the end, in proportion to the excess
         // (encoding the report once per step, not once per deployment).
         loop {
-            let size = crate::to_cbor(self).len();
+            let encoded = crate::to_cbor(self);
+            let size = encoded.len();
             if size <= max_bytes || self.deployments.is_empty() {
-                return;
+                return encoded;
             }
             let keep = (self.deployments.len() as u128 * max_bytes as u128 * 9 / 10 / size as u128) as usize;
             let keep = keep.min(self.deployments.len() - 1);
@@ -646,5 +661,26 @@ mod tests {
         assert!(crate::to_cbor(&huge).len() <= MAX_STATUS_BYTES);
         assert!(huge.truncated);
         assert!(!huge.deployments.is_empty(), "deployments are kept while Score lists can go");
+
+        // The encoding handed back is the bounded report's, small or cut;
+        // labels and host name from outside are bounded too.
+        for (deployments, scores) in [(1, 1), (300, 50)] {
+            let mut report = status_with(deployments, scores);
+            report.info = Some(DeviceInfo {
+                agent_version: "1".into(),
+                scores: Vec::new(),
+                hostname: "host\u{1b}[2J".into(),
+                arch: String::new(),
+                os: String::new(),
+                labels: [("site\n".to_owned(), "x".repeat(2 * MAX_MESSAGE_BYTES))].into(),
+                started_at_ms: 0,
+                features: Vec::new(),
+            });
+            let encoded = report.to_bounded_cbor(MAX_STATUS_BYTES);
+            assert_eq!(encoded, crate::to_cbor(&report));
+            let info = report.info.as_ref().unwrap();
+            assert!(!info.hostname.contains('\u{1b}'));
+            assert!(info.labels.iter().all(|(k, v)| !k.contains('\n') && v.len() <= MAX_MESSAGE_BYTES));
+        }
     }
 }

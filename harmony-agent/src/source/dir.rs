@@ -145,7 +145,7 @@ mod tests {
     fn start(dir: &Path) -> (InboxReceiver, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = inbox();
         let (stop_tx, stop) = watch::channel(false);
-        let (_, status) = watch::channel(harmony_score_wire::AgentStatus {
+        let (_, status) = watch::channel(std::sync::Arc::new(harmony_score_wire::AgentStatus {
             device_id: harmony_score_wire::DeviceId::new("dev-1").unwrap(),
             agent_version: String::new(),
             updated_at_ms: 0,
@@ -157,7 +157,7 @@ mod tests {
             errors: Vec::new(),
             keyset_version: None,
             truncated: false,
-        });
+        }));
         let known = vec![DeploymentName::new("usb").unwrap()];
         let task = tokio::spawn(run(
             dir.to_owned(),

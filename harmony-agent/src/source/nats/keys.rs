@@ -161,7 +161,13 @@ impl Follower {
             }
             match deployment {
                 Some(name) => Key::Deployment(name),
-                None => Key::Index,
+                // The index changes beside a deployment's key (the
+                // operator writes or deletes the key, then the index), and
+                // that key's own hint carries the change: reading the index
+                // here too was one direct get per deploy for nothing. The
+                // index is for discovery when no hint can be had: at start,
+                // after a reconnect, on resync.
+                None => return,
             }
         };
         let sequence = message
@@ -178,7 +184,7 @@ impl Follower {
     /// sequence hinted, unless a value at least that new was already passed
     /// on (a burst of writes to one key is then one direct get, not one per
     /// write, however far behind the hints are). The key set goes first
-    /// (documents signed by a new key need it), then the index.
+    /// (documents signed by a new key need it).
     pub(super) async fn on_hints(&mut self, hints: Hints) {
         let mut hinted: Vec<(Key, u64)> = hints.0.into_iter().collect();
         hinted.sort_by_key(|(key, _)| match key {

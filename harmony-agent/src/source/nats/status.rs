@@ -13,6 +13,7 @@
 //! answered, after a pause, by writing its status again, so its newest
 //! status lands in the end without waiting for a heartbeat.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
@@ -20,7 +21,10 @@ use async_nats::{header, HeaderMap, HeaderValue};
 use harmony_score_wire::names::{
     heartbeat_key, heartbeat_subject, status_hint_subject, status_key, AGENT_STATUS_BUCKET,
 };
-use harmony_score_wire::{from_cbor, now_ms, to_cbor, AgentStatus, ErrorKind, StatusError, MAX_STATUS_BYTES};
+use harmony_score_wire::{
+    from_cbor, now_ms, to_cbor, AgentStatus, DeploymentStatus, ErrorKind, Phase, StatusError,
+    MAX_STATUS_BYTES,
+};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -28,9 +32,10 @@ use crate::config::AgentConfig;
 
 /// How long after a failed write the status is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
-/// How long a run started again of an applied generation may show
-/// `applying` before the status says so (most end NOOP well within it).
-const RERUN_QUIET: Duration = Duration::from_millis(250);
+/// How long a run may show `applying` (or its progress) before the status
+/// says so: most runs end well within it, and their end is then the one
+/// write (a resync's NOOP run: none at all).
+const RUN_QUIET: Duration = Duration::from_secs(1);
 /// How long a status write under way at shutdown may still take.
 const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// How long a `duplicate_device` report stays after the last conflict.
@@ -75,7 +80,7 @@ pub(super) async fn write_loop(
     js: jetstream::Context,
     client: async_nats::Client,
     config: AgentConfig,
-    mut status: watch::Receiver<AgentStatus>,
+    mut status: watch::Receiver<Arc<AgentStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let stream = match js.get_stream_no_info(format!("KV_{AGENT_STATUS_BUCKET}")).await {
@@ -105,9 +110,9 @@ pub(super) async fn write_loop(
     // Written even when nothing but timestamps changed (someone else wrote
     // over it, a duplicate report expired, the first write).
     let mut force = true;
-    // What was last written, timestamps zeroed: a resync that finds
-    // everything as it was does not write the status again.
-    let mut written: Option<AgentStatus> = None;
+    // What was last written: a resync that finds everything as it was
+    // (timestamps aside) does not write the status again.
+    let mut written: Option<Arc<AgentStatus>> = None;
     let mut hold_until: Option<tokio::time::Instant> = None;
     let mut last_error: Option<String> = None;
     loop {
@@ -159,28 +164,28 @@ pub(super) async fn write_loop(
             }
         }
         if dirty {
-            let report = status.borrow_and_update().clone();
-            let comparable = without_timestamps(&report);
-            debug!(force, held = ?hold_until, same = (written.as_ref() == Some(&comparable)), rerun = written.as_ref().is_some_and(|w| only_reruns_started(w, &comparable)), "DBG status");
+            let report = Arc::clone(&status.borrow_and_update());
             if !force && writer.revision.is_some() {
-                if written.as_ref() == Some(&comparable) {
+                if written.as_ref().is_some_and(|w| same_but_timestamps(w, &report)) {
                     (dirty, hold_until) = (false, None);
                     continue;
                 }
-                // A run of a generation already applied (a resync, a
-                // reconcile) shows `applying` for a moment and most often
-                // ends where it started: wait a little before saying so.
-                // A new generation is written at once.
+                // A run under way (a new generation accepted, its
+                // progress, or a resync's run of an applied one) is news
+                // only if it lasts: wait a little before saying so. Most
+                // runs end within it, and their end (or, for a resync's
+                // NOOP run, nothing) is then the one write. An end, a
+                // failure, a rejection or a prune is written at once.
                 let now = tokio::time::Instant::now();
-                if written.as_ref().is_some_and(|w| only_reruns_started(w, &comparable)) {
-                    let until = *hold_until.get_or_insert(now + RERUN_QUIET);
+                if written.as_ref().is_some_and(|w| only_runs_under_way(w, &report)) {
+                    let until = *hold_until.get_or_insert(now + RUN_QUIET);
                     if until > now {
                         continue;
                     }
                 }
             }
             hold_until = None;
-            let write = writer.write(&js, &stream, &subject, report);
+            let write = writer.write(&js, &stream, &subject, Arc::clone(&report));
             tokio::pin!(write);
             // At shutdown a write under way gets a moment to land (the last
             // status); with no server to take it, the agent does not wait.
@@ -199,7 +204,7 @@ pub(super) async fn write_loop(
             match result {
                 Ok(()) => {
                     (dirty, force) = (false, false);
-                    written = Some(comparable);
+                    written = Some(report);
                     if last_error.take().is_some() {
                         info!("status written again");
                     }
@@ -219,35 +224,81 @@ pub(super) async fn write_loop(
     }
 }
 
-/// `status` with every timestamp zeroed: what decides whether it changed.
-fn without_timestamps(status: &AgentStatus) -> AgentStatus {
-    let mut status = status.clone();
-    status.updated_at_ms = 0;
-    status.heartbeat_at_ms = 0;
-    for deployment in status.deployments.values_mut() {
-        deployment.last_attempt_at_ms = 0;
-        deployment.last_applied_at_ms = 0;
-    }
-    status
+/// Whether `a` and `b` are the same status but for their timestamps (what
+/// decides whether it changed). Compared field by field, without a copy:
+/// it runs at every change of the status. The destructuring is
+/// exhaustive, so a field added to the status must be placed here.
+fn same_but_timestamps(a: &AgentStatus, b: &AgentStatus) -> bool {
+    same_outside_deployments(a, b)
+        && a.deployments.len() == b.deployments.len()
+        && a.deployments
+            .iter()
+            .zip(&b.deployments)
+            .all(|((na, da), (nb, db))| na == nb && same_deployment(da, db))
 }
 
-/// Whether `now` differs from `written` only by runs started again of the
-/// generations `written` shows settled (phase `applying` now, not before;
-/// same desired and observed generations): a resync's NOOP runs, not news.
-/// A new generation, a run's progress or its end is news.
-fn only_reruns_started(written: &AgentStatus, now: &AgentStatus) -> bool {
-    let rest = |s: &AgentStatus| AgentStatus { deployments: Default::default(), ..s.clone() };
-    rest(written) == rest(now)
-        && written.deployments.len() == now.deployments.len()
+/// Everything but the deployments and the timestamps.
+fn same_outside_deployments(a: &AgentStatus, b: &AgentStatus) -> bool {
+    let AgentStatus {
+        device_id,
+        agent_version,
+        updated_at_ms: _,
+        heartbeat_at_ms: _,
+        heartbeat_interval_ms,
+        info,
+        deployments: _,
+        instance_id,
+        errors,
+        keyset_version,
+        truncated,
+    } = a;
+    *device_id == b.device_id
+        && *agent_version == b.agent_version
+        && *heartbeat_interval_ms == b.heartbeat_interval_ms
+        && *info == b.info
+        && *instance_id == b.instance_id
+        && *errors == b.errors
+        && *keyset_version == b.keyset_version
+        && *truncated == b.truncated
+}
+
+/// One deployment's status but for its timestamps.
+fn same_deployment(a: &DeploymentStatus, b: &DeploymentStatus) -> bool {
+    let DeploymentStatus {
+        desired_generation,
+        observed_generation,
+        phase,
+        scores,
+        error,
+        last_attempt_at_ms: _,
+        last_applied_at_ms: _,
+        desired_digest,
+        observed_digest,
+        current_score,
+        superseded_generation,
+        health,
+    } = a;
+    *desired_generation == b.desired_generation
+        && *observed_generation == b.observed_generation
+        && *phase == b.phase
+        && *scores == b.scores
+        && *error == b.error
+        && *desired_digest == b.desired_digest
+        && *observed_digest == b.observed_digest
+        && *current_score == b.current_score
+        && *superseded_generation == b.superseded_generation
+        && *health == b.health
+}
+
+/// Whether `now` differs from `written` only by runs under way: every
+/// deployment that changed (or is new) shows `applying`, none went away,
+/// nothing else changed. A run's end (applied, failed, verifying, rolled
+/// back), a rejection or a prune is news. Timestamps are no change.
+fn only_runs_under_way(written: &AgentStatus, now: &AgentStatus) -> bool {
+    same_outside_deployments(written, now)
+        && written.deployments.keys().all(|name| now.deployments.contains_key(name))
         && now.deployments.iter().all(|(name, d)| {
-            written.deployments.get(name).is_some_and(|w| {
-                w == d
-                    || (d.phase == harmony_score_wire::Phase::Applying
-                        && w.phase != harmony_score_wire::Phase::Applying
-                        && d.desired_generation == w.desired_generation
-                        && d.observed_generation == w.observed_generation
-                        && d.desired_digest == w.desired_digest)
-            })
+            d.phase == Phase::Applying || written.deployments.get(name).is_some_and(|w| same_deployment(w, d))
         })
 }
 
@@ -275,7 +326,7 @@ impl CasWriter {
         js: &jetstream::Context,
         stream: &jetstream::stream::Stream<()>,
         subject: &str,
-        mut report: AgentStatus,
+        report: Arc<AgentStatus>,
     ) -> Result<(), WriteError> {
         if self.duplicate_expired() {
             self.duplicate = None;
@@ -285,15 +336,14 @@ impl CasWriter {
                 Some(rev) => rev,
                 None => self.read_and_judge(stream, subject, &report.instance_id).await?,
             };
-            report.heartbeat_at_ms = now_ms();
-            let mut value = report.clone();
+            let mut value = AgentStatus::clone(&report);
+            value.heartbeat_at_ms = now_ms();
             value.errors.extend(self.duplicate.iter().map(|(e, _)| e.clone()));
-            value.bound(MAX_STATUS_BYTES);
+            let encoded = value.to_bounded_cbor(MAX_STATUS_BYTES);
             let mut headers = HeaderMap::new();
             headers.insert(header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, HeaderValue::from(expected));
             self.revision = None;
-            let ack =
-                js.publish_with_headers(subject.to_owned(), headers, to_cbor(&value).into()).await?.await;
+            let ack = js.publish_with_headers(subject.to_owned(), headers, encoded.into()).await?.await;
             match ack {
                 Ok(ack) => {
                     self.revision = Some(ack.sequence);
@@ -347,7 +397,7 @@ impl CasWriter {
 mod tests {
     use harmony_score_wire::{AgentStatus, DeploymentName, DeploymentStatus, DeviceId, Phase};
 
-    use super::{only_reruns_started, without_timestamps};
+    use super::{only_runs_under_way, same_but_timestamps};
 
     fn status(phase: Phase, desired: u64, observed: u64, current: Option<&str>) -> AgentStatus {
         let mut status = AgentStatus {
@@ -375,24 +425,50 @@ mod tests {
         status
     }
 
-    // A resync's run of an applied generation is held back; the bench found
-    // the first version holding a new generation's progress and end too
+    // A run under way is held back, whatever started it; its end is not.
+    // The bench found a first version holding a new generation's end too
     // (every deploy took 250 ms more).
     #[test]
-    fn only_a_run_started_again_of_a_settled_generation_is_held() {
-        let applied = without_timestamps(&status(Phase::Applied, 3, 3, None));
-        let rerun = without_timestamps(&status(Phase::Applying, 3, 3, Some("1/1 file [/a]")));
-        assert!(only_reruns_started(&applied, &rerun));
-        // A new generation accepted, its progress, its end: news.
-        let accepted = without_timestamps(&status(Phase::Applying, 4, 3, None));
-        let progress = without_timestamps(&status(Phase::Applying, 4, 3, Some("1/1 file [/a]")));
-        let done = without_timestamps(&status(Phase::Applied, 4, 4, None));
-        assert!(!only_reruns_started(&applied, &accepted));
-        assert!(!only_reruns_started(&accepted, &progress));
-        assert!(!only_reruns_started(&progress, &done));
-        // A rerun that failed is news too.
-        assert!(!only_reruns_started(&applied, &without_timestamps(&status(Phase::Failed, 3, 3, None))));
-        // Timestamps alone are no change.
-        assert_eq!(applied, without_timestamps(&status(Phase::Applied, 3, 3, None)));
+    fn only_runs_under_way_are_held_never_their_end() {
+        let applied = status(Phase::Applied, 3, 3, None);
+        // A resync's run of the applied generation.
+        let rerun = status(Phase::Applying, 3, 3, Some("1/1 file [/a]"));
+        assert!(only_runs_under_way(&applied, &rerun));
+        // A new generation accepted, its progress: under way, held.
+        let accepted = status(Phase::Applying, 4, 3, None);
+        let progress = status(Phase::Applying, 4, 3, Some("1/1 file [/a]"));
+        assert!(only_runs_under_way(&applied, &accepted));
+        assert!(only_runs_under_way(&accepted, &progress));
+        // Its end, a failure, a rejection: news.
+        for end in [Phase::Applied, Phase::Failed, Phase::Verifying, Phase::Rejected, Phase::RolledBack] {
+            let ended = status(end, 4, 4, None);
+            assert!(!only_runs_under_way(&progress, &ended), "{end:?} held");
+            assert!(!only_runs_under_way(&applied, &ended), "{end:?} held");
+        }
+        // A new deployment under way is held; a deployment gone is news.
+        let mut two = progress.clone();
+        two.deployments.insert(
+            DeploymentName::new("other").unwrap(),
+            progress.deployments[&DeploymentName::new("app").unwrap()].clone(),
+        );
+        assert!(only_runs_under_way(&applied, &two));
+        assert!(!only_runs_under_way(&two, &progress));
+        // A change outside the deployments (an error reported) is news.
+        let mut erred = rerun.clone();
+        erred.errors.push(harmony_score_wire::StatusError {
+            kind: harmony_score_wire::ErrorKind::DuplicateDevice,
+            message: "twin".into(),
+        });
+        assert!(!only_runs_under_way(&applied, &erred));
+        // Timestamps alone are no change; anything else is.
+        let mut later = status(Phase::Applied, 3, 3, None);
+        (later.updated_at_ms, later.heartbeat_at_ms) = (5, 6);
+        later.deployments.values_mut().for_each(|d| (d.last_attempt_at_ms, d.last_applied_at_ms) = (7, 8));
+        assert!(same_but_timestamps(&applied, &later));
+        assert!(only_runs_under_way(&applied, &later));
+        assert!(!same_but_timestamps(&applied, &rerun));
+        assert!(!same_but_timestamps(&applied, &erred));
+        later.keyset_version = Some(2);
+        assert!(!same_but_timestamps(&applied, &later));
     }
 }

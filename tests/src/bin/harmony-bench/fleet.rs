@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use harmony_e2e::cluster::{LeafNode, NatsCluster};
-use harmony_e2e::{file_score, InProcessAgent, NatsServer};
+use harmony_e2e::{file_score, free_port, InProcessAgent, NatsServer};
 use harmony_fleet::FleetClient;
 use harmony_score_wire::names::{
     desired_state_key, heartbeat_key, hint_subjects, index_key, status_hint_republish_destination,
@@ -18,7 +18,7 @@ use harmony_score_wire::{
 };
 use serde_json::json;
 
-use crate::{proc_kib, within, BenchError};
+use crate::{proc_kib, server_messages, within, BenchError};
 
 /// Agents per child process.
 const AGENTS_PER_PROCESS: usize = 4000;
@@ -105,13 +105,17 @@ pub async fn run(
     writer: Writer,
     leaf: bool,
 ) -> Result<serde_json::Value, BenchError> {
-    let servers = if leaf {
-        let cluster = NatsCluster::start().await;
-        let leaf = cluster.start_leaf("site-1");
-        Servers::Site { cluster, leaf }
-    } else {
-        Servers::One(NatsServer::start())
+    // One server: its monitoring port counts the messages of a run.
+    let monitor = (!leaf).then(free_port);
+    let servers = match monitor {
+        None => {
+            let cluster = NatsCluster::start().await;
+            let leaf = cluster.start_leaf("site-1");
+            Servers::Site { cluster, leaf }
+        }
+        Some(port) => Servers::One(NatsServer::start_with_config(&format!("http: \"127.0.0.1:{port}\"\n"))),
     };
+    let messages = || monitor.map(server_messages).transpose();
     let url = servers.device_url();
     let client = FleetClient::connect(&servers.hub_urls(), None).await?;
     // Behind a hub cluster, buckets on every node, as operations.md says.
@@ -161,6 +165,7 @@ pub async fn run(
     .map_err(|err| format!("{err}: {} of {agents} online", online.len()))?;
     let online_ms = started.elapsed().as_millis() as u64;
     let agent_rss: u64 = children.iter().filter_map(|c| c.id()).map(|pid| proc_kib(pid, "VmRSS:")).sum();
+    let messages_before = messages()?;
 
     let (write_ms, converge_ms, awaited_ms) = match writer {
         Writer::Raw if leaf => {
@@ -198,6 +203,7 @@ pub async fn run(
             (write_ms, converge_ms, Some(awaited_ms))
         }
     };
+    let messages_after = messages()?;
     let (server_rss, server_hwm) = match &servers {
         Servers::One(nats) => (
             nats.pid().map_or(0, |pid| proc_kib(pid, "VmRSS:")),
@@ -215,7 +221,15 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
     }
 
-    let floor = floor(&client, &url, agents, &deployment, limit, leaf).await?;
+    let floor = floor(&client, &url, agents, &deployment, limit, leaf, monitor).await?;
+    // Every message the server took in or sent out while the generation
+    // went out and came back (the operator's writes and its status
+    // subscription included, in both runs alike), per device.
+    let per_device = |before: Option<u64>, after: Option<u64>| {
+        before
+            .zip(after)
+            .map(|(b, a)| ((a.saturating_sub(b)) as f64 / agents.max(1) as f64 * 10.0).round() / 10.0)
+    };
     Ok(json!({
         "agents": agents,
         "converge_ms": converge_ms,
@@ -228,6 +242,8 @@ pub async fn run(
         "agent_rss_kib_per_agent": agent_rss / agents.max(1) as u64,
         "floor_converge_ms": floor.1,
         "floor_write_ms": floor.0,
+        "msgs_per_device": per_device(messages_before, messages_after),
+        "floor_msgs_per_device": per_device(floor.2, floor.3),
         "state_in": state_in.display().to_string(),
         "leaf": leaf,
     }))
@@ -515,7 +531,8 @@ async fn converge_watch(
 
 /// The floor: N bare devices (a connection each) that, on a hint, do a
 /// direct get of the key and put a status. No Maestro, no files. Returns
-/// (write ms, converge ms).
+/// (write ms, converge ms, the server's message count before the write and
+/// after the last status when `monitor` is given).
 async fn floor(
     client: &FleetClient,
     url: &str,
@@ -523,7 +540,8 @@ async fn floor(
     deployment: &DeploymentName,
     limit: Duration,
     leaf: bool,
-) -> Result<(u64, u64), BenchError> {
+    monitor: Option<u16>,
+) -> Result<(u64, u64, Option<u64>, Option<u64>), BenchError> {
     let devices: Vec<DeviceId> =
         (0..count).map(|i| DeviceId::new(format!("floor-{i}"))).collect::<Result<_, _>>()?;
     let mut statuses = client.nats().subscribe(format!("$KV.{AGENT_STATUS_BUCKET}.*")).await?;
@@ -564,14 +582,16 @@ async fn floor(
         }));
     }
     client.nats().flush().await?;
+    let messages_before = monitor.map(server_messages).transpose()?;
     let (write, started) = write_generation(client, &devices, deployment).await?;
     let converge_ms = if leaf {
         converge_watch(client, &devices, deployment, started, limit).await?
     } else {
         converge(&mut statuses, &devices, deployment, started, limit).await?
     };
+    let messages_after = monitor.map(server_messages).transpose()?;
     for task in tasks {
         task.abort();
     }
-    Ok((write.as_millis() as u64, converge_ms))
+    Ok((write.as_millis() as u64, converge_ms, messages_before, messages_after))
 }

@@ -1,8 +1,6 @@
 //! `footprint`: the size-profile agent's binary size, idle RSS after applying
 //! a 100-Score document, and what it costs while idle (CPU ticks, messages).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -108,12 +106,7 @@ fn cpu_ticks(pid: u32) -> Result<u64, BenchError> {
 /// Messages the agent's connection sent plus received, from the server's
 /// monitoring endpoint (`/connz`).
 fn messages(monitor: u16) -> Result<u64, BenchError> {
-    let mut stream = TcpStream::connect(("127.0.0.1", monitor))?;
-    write!(stream, "GET /connz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let body = response.split("\r\n\r\n").nth(1).ok_or("no HTTP body")?;
-    let connz: serde_json::Value = serde_json::from_str(body)?;
+    let connz = crate::monitoring(monitor, "connz")?;
     let agent = connz["connections"]
         .as_array()
         .and_then(|all| {

@@ -175,6 +175,23 @@ pub fn proc_kib(pid: u32, field: &str) -> u64 {
     harmony_e2e::proc_status_kib(pid, field).unwrap_or(0)
 }
 
+/// A page of a server's monitoring endpoint (`/varz`, `/connz`), as JSON.
+pub fn monitoring(port: u16, page: &str) -> Result<serde_json::Value, BenchError> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(stream, "GET /{page} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).ok_or("no HTTP body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
+/// Messages the server has received plus sent, all connections (`/varz`).
+pub fn server_messages(port: u16) -> Result<u64, BenchError> {
+    let varz = monitoring(port, "varz")?;
+    Ok(varz["in_msgs"].as_u64().unwrap_or(0) + varz["out_msgs"].as_u64().unwrap_or(0))
+}
+
 /// Waits for `what` at most `limit`.
 pub async fn within<T>(
     limit: Duration,
