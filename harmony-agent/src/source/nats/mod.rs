@@ -7,6 +7,7 @@
 //! inbox). Every key is read again after each (re)connect and on the
 //! resync timer, so a hint lost while offline never leaves the device behind.
 
+mod creds;
 mod keys;
 mod logs;
 mod status;
@@ -55,7 +56,7 @@ pub async fn run(config: AgentConfig, context: SourceContext) {
         options = options.user_and_password(user, password);
     }
     if let Some(creds) = &config.creds {
-        options = match options.credentials_file(creds).await {
+        options = match creds::with_credentials_file(options, creds).await {
             Ok(options) => options,
             Err(err) => {
                 error!(cause = %log_text(&err), "cannot read NATS credentials; not connecting");
