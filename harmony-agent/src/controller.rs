@@ -26,7 +26,8 @@ use tracing::{debug, error, info, warn};
 use crate::commit;
 use crate::config::DevicePolicy;
 use crate::deployment::{
-    error_policy, Accepted, Action, Deployment, LastRun, Rejection, Running, Verdict, FORGET_PRUNED_AFTER,
+    error_policy, Accepted, Action, Deployment, LastRun, Rejection, Running, Verdict, CHECKED_HOLDS_FOR,
+    FORGET_PRUNED_AFTER,
 };
 use crate::inbox::{Command, InboxReceiver, Input, Item};
 use crate::runner::{self, PruneItem, RunEvent, RunPlan, RunResult, Timeouts};
@@ -391,6 +392,11 @@ impl Controller {
         if let Some(message) = self.settings.policy.refused_score(doc) {
             return Some(StatusError::new(ErrorKind::PolicyDenied, message));
         }
+        // Every path allowed (the default): nothing for the filesystem to
+        // say, and no hand-off to the blocking pool to hear it.
+        if self.settings.policy.allows_path("/") {
+            return None;
+        }
         let (topology, policy, judged) =
             (self.maestro.topology().clone(), self.settings.policy.clone(), accepted.judged_paths.clone());
         let outside =
@@ -538,6 +544,7 @@ impl Controller {
         entry.failure = None;
         entry.pruned_at = None;
         entry.retry = None;
+        entry.checked_at = Some(Instant::now());
         self.dirty = true;
         if self.after_save(name, saved) {
             self.schedule(name, true);
@@ -693,7 +700,11 @@ impl Controller {
         // restart, at every drift repair): a key removed from the trusted
         // set, a narrowed policy or a passed expiry stops it from running.
         // Nothing is undone: it stays owned, and a newer document replaces it.
-        if let Some(refusal) = self.recheck(name).await {
+        // A document its offer checked a moment ago is not checked twice.
+        let Some(entry) = self.deployments.get_mut(name) else { return };
+        let just_checked = entry.checked_at.take().is_some_and(|at| at.elapsed() < CHECKED_HOLDS_FOR);
+        let refusal = if just_checked { None } else { self.recheck(name).await };
+        if let Some(refusal) = refusal {
             let Some(entry) = self.deployments.get_mut(name) else { return };
             if entry.failure.as_ref() != Some(&refusal) {
                 warn!(deployment = %name, kind = %refusal.kind, message = %harmony_score_wire::log_text(&refusal.message), "accepted document no longer passes its checks; not run");

@@ -93,6 +93,8 @@ impl Controller {
             "key set accepted"
         );
         self.keyset = Some(HeldKeySet { keyset, trust, bytes: bytes.to_vec() });
+        // Documents checked under the keys held before are checked again.
+        self.deployments.values_mut().for_each(|d| d.checked_at = None);
         self.keyset_unusable = false;
         self.keyset_error = None;
         self.dirty = true;

@@ -165,7 +165,14 @@ pub struct Deployment {
     pub pending_failures: Vec<ScoreStatus>,
     /// The health checks of the generation being (or last) verified.
     pub health: Vec<CheckStatus>,
+    /// When the accepted document passed every check of an offer: a run
+    /// started soon after (within [`CHECKED_HOLDS_FOR`]) does not check
+    /// it again. Cleared when the trusted keys change.
+    pub checked_at: Option<Instant>,
 }
+
+/// How long an offer's checks stand for the run that follows it.
+pub const CHECKED_HOLDS_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Deployment {
     /// The accepted generation.
