@@ -276,7 +276,15 @@ impl Controller {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(event) = self.events_rx.recv() => self.on_event(event).await,
+                Some(event) = self.events_rx.recv() => {
+                    self.on_event(event).await;
+                    // Events already there are taken with it and the status
+                    // published once: a quick run's progress and end
+                    // arrive together.
+                    while let Ok(event) = self.events_rx.try_recv() {
+                        self.on_event(event).await;
+                    }
+                }
                 item = inbox.recv() => match item {
                     Item::Input(input) => self.handle(input).await,
                     Item::Command(command) => self.command(command).await,
