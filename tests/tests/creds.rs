@@ -106,25 +106,15 @@ async fn an_agent_authenticates_with_a_credentials_file_and_converges() {
     std::fs::create_dir(dir.path().join("root")).unwrap();
     let (state, root) = (dir.path().join("state"), dir.path().join("root"));
     let agent_args = |creds: &std::path::Path| {
-        [
-            "--allow-unsigned",
-            "--device-id",
-            "dev-1",
-            "--nats",
-            &nats.url(),
-            "--creds",
-            creds.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--root",
-            root.to_str().unwrap(),
-            "--resync",
-            "3600",
-        ]
-        .map(str::to_owned)
+        let mut args = harmony_e2e::agent_args("dev-1", &nats.url(), &state, &root);
+        args.extend(["--creds".to_owned(), creds.to_str().unwrap().to_owned()]);
+        args
     };
     let args = agent_args(&device_creds);
-    let agent = AgentProcess::start(&args.each_ref().map(String::as_str), &dir.path().join("agent.log"));
+    let agent = AgentProcess::start(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &dir.path().join("agent.log"),
+    );
     let status =
         client.wait_for_generation(&device, &app, deployed.generation, Some(&deployed.digest), WAIT).await;
     assert!(status.is_ok(), "{status:?}\n{}", agent.log_text());
@@ -143,7 +133,7 @@ async fn an_agent_authenticates_with_a_credentials_file_and_converges() {
     for (file, what) in [(&forged, "forged seed"), (&garbage, "no blocks")] {
         let args = agent_args(file);
         let agent = AgentProcess::start(
-            &args.each_ref().map(String::as_str),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
             &dir.path().join(format!("{what}.log")),
         );
         let refused = tokio::time::timeout(Duration::from_secs(20), async {
