@@ -88,3 +88,45 @@ async fn a_heartbeat_or_status_dated_in_the_future_does_not_keep_a_device_fresh(
         assert!(harmony_fleet::report::is_stale(&seen, now + 10 * 60 * 1000));
     }
 }
+
+// Issue 10, session 6: every deploy cost two status writes, `applying` at
+// the run's start and its end (two compare-and-sets, two acks, two hints
+// back, two copies to the operator), and the end waited for the first's
+// ack. A run that ends within a second is now one write: its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_apply_writes_its_status_once() {
+    use futures_util::StreamExt;
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent_process("dev-1", "dev-1", &[]);
+    f.online(&device).await;
+    let subject = format!("$KV.{AGENT_STATUS_BUCKET}.{}", status_key(&device));
+    let mut writes = within(f.client.nats().subscribe(subject)).await.unwrap();
+    within(f.client.nats().flush()).await.unwrap();
+    let app = harmony_e2e::deployment("app");
+    for round in 0..3 {
+        let g = f.deploy(&device, "app", vec![file_score("/etc/app", &format!("round {round}\n"))]).await;
+        // Every write that names this generation, until one shows it applied.
+        let mut seen = Vec::new();
+        within(async {
+            loop {
+                let message = writes.next().await.expect("subscription open");
+                let status: harmony_score_wire::AgentStatus =
+                    from_cbor(&message.payload, 1 << 20, "status").expect("a status");
+                let Some(d) = status.deployments.get(&app).filter(|d| d.desired_generation == g) else {
+                    continue;
+                };
+                seen.push(d.phase);
+                if d.phase == harmony_score_wire::Phase::Applied && d.observed_generation == g {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert_eq!(
+            seen,
+            vec![harmony_score_wire::Phase::Applied],
+            "round {round}: writes for generation {g}"
+        );
+    }
+}
