@@ -370,6 +370,20 @@ impl Controller {
         }
     }
 
+    /// Whether the accepted document's expiry has passed: the one check
+    /// that time alone changes, made before every run.
+    fn expired(&self, name: &DeploymentName) -> Option<StatusError> {
+        let doc = &self.deployments.get(name)?.document.as_ref()?.doc;
+        let expires_at = doc.expires_at?;
+        (expires_at <= now_ms() / 1000).then(|| {
+            let message = format!(
+                "accepted generation {} expired at {expires_at} (seconds since the epoch)",
+                doc.generation
+            );
+            StatusError::new(ErrorKind::Expired, message)
+        })
+    }
+
     /// Checks an accepted document again as if it were offered now:
     /// signature, device, expiry and policy. `None` when it may run.
     async fn recheck(&self, name: &DeploymentName) -> Option<StatusError> {
@@ -388,14 +402,8 @@ impl Controller {
                 format!("document is for device {}", doc.device_id),
             ));
         }
-        if let Some(expires_at) = doc.expires_at {
-            if expires_at <= now_ms() / 1000 {
-                let message = format!(
-                    "accepted generation {} expired at {expires_at} (seconds since the epoch)",
-                    doc.generation
-                );
-                return Some(StatusError::new(ErrorKind::Expired, message));
-            }
+        if let Some(expired) = self.expired(name) {
+            return Some(expired);
         }
         if let Some(message) = self.settings.policy.refused_score(doc) {
             return Some(StatusError::new(ErrorKind::PolicyDenied, message));
@@ -711,7 +719,9 @@ impl Controller {
         // A document its offer checked a moment ago is not checked twice.
         let Some(entry) = self.deployments.get_mut(name) else { return };
         let just_checked = entry.checked_at.take().is_some_and(|at| at.elapsed() < CHECKED_HOLDS_FOR);
-        let refusal = if just_checked { None } else { self.recheck(name).await };
+        // Its expiry is checked still: a run can start later than its offer
+        // (after the run before it ends), and time alone expires a document.
+        let refusal = if just_checked { self.expired(name) } else { self.recheck(name).await };
         if let Some(refusal) = refusal {
             let Some(entry) = self.deployments.get_mut(name) else { return };
             if entry.failure.as_ref() != Some(&refusal) {

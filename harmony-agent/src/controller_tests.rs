@@ -1652,5 +1652,54 @@ async fn an_invalid_undo_read_back_from_disk_is_reported_not_run() {
     agent.stop().await;
 }
 
+// Review, session 6: a document offered while its deployment's previous
+// run is still in flight waits for that run to end; the first version let
+// a run within a second of the offer skip every check, so a document whose
+// expiry passed in between still ran. Its expiry is checked before the run.
+#[tokio::test]
+async fn a_document_that_expired_while_it_waited_for_a_run_does_not_run() {
+    let device = Device::new();
+    let mut agent = device.start().await;
+    // At .200 of a second s: g1 runs for 1 s (ends at s+1.2, not cancellable).
+    while harmony_score_wire::now_ms() % 1000 > 150 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while harmony_score_wire::now_ms() % 1000 < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = harmony_score_wire::now_ms() / 1000;
+    agent.offer("web", 1, json!([sleep("a", 1000)]));
+    agent
+        .until("g1 running", |st| {
+            st.deployments
+                .get(&name("web"))
+                .is_some_and(|d| d.current_score.as_deref() == Some("1/1 sleep [a]"))
+        })
+        .await;
+    // At about s.500: g2, valid until s+1 (accepted now), waits for g1's end.
+    while harmony_score_wire::now_ms() < s * 1000 + 500 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut expiring: DesiredState =
+        serde_json::from_value(json!({"device_id": "dev-1", "deployment": "web",
+        "generation": 2, "expires_at": s + 1, "scores": [file("/g2", "ran")]}))
+        .unwrap();
+    expiring.issued_at = 0;
+    agent.offer_bytes("web", encode(&expiring).unwrap());
+    let status = agent
+        .until("g2 applied or refused", |st| {
+            st.deployments.get(&name("web")).is_some_and(|d| {
+                d.desired_generation == 2
+                    && matches!(d.phase, Phase::Applied | Phase::Failed | Phase::Rejected)
+            })
+        })
+        .await;
+    let web = &status.deployments[&name("web")];
+    assert!(harmony_score_wire::now_ms() >= (s + 1) * 1000, "g1 ended before g2 expired: timing off");
+    assert!(!device.root("/g2").exists(), "g2 ran after it expired at {}: {web:?}", s + 1);
+    assert_eq!(web.error.as_ref().map(|e| e.kind), Some(ErrorKind::Expired), "{web:?}");
+    agent.stop().await;
+}
+
 #[path = "controller_verify_tests.rs"]
 mod verify;

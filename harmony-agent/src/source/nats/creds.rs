@@ -4,7 +4,8 @@
 //! the agent's only path into it: about 400 KiB of the size-profile binary
 //! (`docs/performance.md`). This parser takes what async-nats' pattern
 //! takes: a decoration line (three dashes or more at both ends), one line
-//! of `[A-Za-z0-9_.=-]`, another decoration line; the first such block is
+//! of `[A-Za-z0-9_.=-]`, another decoration line (line endings and
+//! decorations judged as its pattern judges them); the first such block is
 //! the JWT, the second the seed. The seed is secret: no error or log line
 //! carries any part of the file.
 
@@ -24,6 +25,12 @@ pub enum CredsError {
         #[source]
         source: std::io::Error,
     },
+    /// Larger than any credentials file ([`MAX_CREDS_BYTES`]).
+    #[error("the credentials file {path} is larger than {MAX_CREDS_BYTES} bytes")]
+    TooLarge { path: String },
+    /// Not UTF-8 text.
+    #[error("the credentials file {path} is not UTF-8 text")]
+    NotText { path: String },
     /// No decorated JWT block.
     #[error("the credentials file holds no user JWT block")]
     NoJwt,
@@ -43,15 +50,18 @@ pub(super) async fn with_credentials_file(
     options: ConnectOptions,
     path: &Path,
 ) -> Result<ConnectOptions, CredsError> {
-    let read_failed = |source| CredsError::ReadFailed { path: path.display().to_string(), source };
+    use tokio::io::AsyncReadExt;
+    let shown = || path.display().to_string();
+    let read_failed = |source| CredsError::ReadFailed { path: shown(), source };
     let file = tokio::fs::File::open(path).await.map_err(read_failed)?;
-    let mut contents = String::new();
-    tokio::io::AsyncReadExt::read_to_string(
-        &mut tokio::io::AsyncReadExt::take(file, MAX_CREDS_BYTES),
-        &mut contents,
-    )
-    .await
-    .map_err(read_failed)?;
+    // One byte past the limit tells a file cut short from one that fits:
+    // a longer file is refused whole, never read in part.
+    let mut bytes = Vec::new();
+    file.take(MAX_CREDS_BYTES + 1).read_to_end(&mut bytes).await.map_err(read_failed)?;
+    if bytes.len() as u64 > MAX_CREDS_BYTES {
+        return Err(CredsError::TooLarge { path: shown() });
+    }
+    let contents = String::from_utf8(bytes).map_err(|_| CredsError::NotText { path: shown() })?;
     let (jwt, seed) = parse(&contents)?;
     let key_pair = Arc::new(nkeys::KeyPair::from_seed(seed).map_err(|_| CredsError::BadSeed)?);
     let jwt = jwt.to_owned();
@@ -63,7 +73,9 @@ pub(super) async fn with_credentials_file(
 
 /// The JWT and the seed of a credentials file's text.
 fn parse(contents: &str) -> Result<(&str, &str), CredsError> {
-    let mut blocks = Blocks { lines: contents.lines().collect(), at: 0 };
+    // Split at `\n` only: `str::lines` would also take a `\r` off each line,
+    // and then a line ending `\r\r\n` would pass for one ending `\r\n`.
+    let mut blocks = Blocks { lines: contents.split('\n').collect(), at: 0 };
     let jwt = blocks.next().ok_or(CredsError::NoJwt)?;
     let seed = blocks.next().ok_or(CredsError::NoSeed)?;
     Ok((jwt, seed))
@@ -82,9 +94,9 @@ impl<'a> Iterator for Blocks<'a> {
         while self.at + 2 < self.lines.len() {
             let (open, value, close) =
                 (self.lines[self.at], self.lines[self.at + 1], self.lines[self.at + 2]);
-            if is_decoration(open) && is_value(value) && is_decoration(close) {
+            if is_opening(open) && is_value(value) && is_closing(close) {
                 self.at += 3;
-                return Some(value.trim_end_matches('\r'));
+                return Some(value.strip_suffix('\r').unwrap_or(value));
             }
             self.at += 1;
         }
@@ -92,21 +104,30 @@ impl<'a> Iterator for Blocks<'a> {
     }
 }
 
-/// `---…---`: three dashes or more at the start and at the end (leading
-/// blanks allowed, as async-nats' pattern allows them).
-fn is_decoration(line: &str) -> bool {
-    let line = line.trim_start().trim_end_matches('\r');
+/// The line before a value: async-nats' `[-]{3,}.*[-]{3,}\r?\n`, which its
+/// unanchored pattern matches anywhere in a line: three dashes or more
+/// somewhere, three more at the end (one `\r` allowed after them, as
+/// `\r?\n`: a line ending `\r\r\n` is none).
+fn is_opening(line: &str) -> bool {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    line.len() >= 6 && line.ends_with("---") && line[..line.len() - 3].contains("---")
+}
+
+/// The line after a value: the same pattern, right after the value's
+/// newline, so from the line's first character.
+fn is_closing(line: &str) -> bool {
+    let line = line.strip_suffix('\r').unwrap_or(line);
     line.len() >= 6 && line.starts_with("---") && line.ends_with("---")
 }
 
 fn is_value(line: &str) -> bool {
-    let line = line.trim_end_matches('\r');
+    let line = line.strip_suffix('\r').unwrap_or(line);
     !line.is_empty() && line.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.=".contains(&b))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{parse, CredsError};
+    use super::{parse, with_credentials_file, CredsError, MAX_CREDS_BYTES};
 
     // A user seed made for these tests (nkeys' documentation example).
     const SEED: &str = "SUAIO3FHUX5PNV2LQIIP7TZ3N4L7TX3W53MQGEIVYFIGA635OZCKEYHFLM";
@@ -156,5 +177,91 @@ mod tests {
         assert!(matches!(parse(&file("eyJ0 x", "SU x", "\n")), Err(CredsError::NoJwt)));
         // Short decorations (fewer than three dashes at each end) are not.
         assert!(matches!(parse("--a--\neyJ0\n--b--\n--c--\nSU\n--d--\n"), Err(CredsError::NoJwt)));
+    }
+
+    // Review, session 6: the read was cut at 64 KiB and the cut judged as
+    // text ("incomplete utf-8 byte sequence", or "no seed block" for a
+    // block past the cut). A file over the limit is refused as such, a
+    // file that is not text as such, and neither error quotes the file.
+    #[tokio::test]
+    async fn an_oversized_or_binary_file_is_refused_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let jwt = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOiJBIn0.c2ln";
+        let good = file(jwt, SEED, "\n");
+        let path = dir.path().join("c.creds");
+        std::fs::write(&path, &good).unwrap();
+        assert!(with_credentials_file(async_nats::ConnectOptions::new(), &path).await.is_ok());
+        // Exactly at the limit: read whole.
+        let at_limit = format!("{good}{}", "#".repeat(MAX_CREDS_BYTES as usize - good.len()));
+        std::fs::write(&path, &at_limit).unwrap();
+        assert!(with_credentials_file(async_nats::ConnectOptions::new(), &path).await.is_ok());
+        // One character past it (a multi-byte one, which a cut read splits).
+        std::fs::write(&path, format!("{at_limit}é")).unwrap();
+        let err = with_credentials_file(async_nats::ConnectOptions::new(), &path).await.unwrap_err();
+        assert!(matches!(err, CredsError::TooLarge { .. }), "{err:?}");
+        let mut binary = good.clone().into_bytes();
+        binary.extend_from_slice(&[0xff, 0xfe, 0x00]);
+        std::fs::write(&path, &binary).unwrap();
+        let err = with_credentials_file(async_nats::ConnectOptions::new(), &path).await.unwrap_err();
+        assert!(matches!(err, CredsError::NotText { .. }), "{err:?}");
+        for text in [err.to_string(), format!("{err:?}")] {
+            assert!(!text.contains(SEED) && !text.contains(jwt), "{text}");
+        }
+    }
+
+    // Review, session 6: random files built from real and broken lines
+    // (CRLF, stray \r, blanks, short and indented decorations): every file
+    // async-nats' own parser takes, this one takes too.
+    #[test]
+    fn every_file_async_nats_takes_this_parser_takes() {
+        let jwt = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOiJBIn0.c2ln";
+        let jwt_block = format!("-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------");
+        let seed_block =
+            format!("-----BEGIN USER NKEY SEED-----\r\n{SEED}\r\n------END USER NKEY SEED------");
+        let pieces: &[&str] = &[
+            &jwt_block,
+            &seed_block,
+            &jwt_block,
+            &seed_block,
+            "-----BEGIN NATS USER JWT-----",
+            "------END NATS USER JWT------",
+            jwt,
+            SEED,
+            "-----BEGIN USER NKEY SEED-----",
+            "------END USER NKEY SEED------",
+            "",
+            "  ",
+            " -----X-----",
+            "---",
+            "------",
+            "-----\r",
+            "# comment",
+            "\r",
+            "*** IMPORTANT ***",
+        ];
+        let newlines = ["\n", "\r\n", "\r\r\n"];
+        let mut state = 0x1234_5678_u64;
+        let mut pick = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut taken, mut refused) = (0, Vec::new());
+        for _ in 0..5_000 {
+            let mut text = String::new();
+            for _ in 0..3 + pick(8) {
+                text.push_str(pieces[pick(pieces.len())]);
+                text.push_str(newlines[pick(newlines.len())]);
+            }
+            if async_nats::ConnectOptions::with_credentials(&text).is_ok() {
+                taken += 1;
+                if !parse(&text).is_ok_and(|(_, seed)| nkeys::KeyPair::from_seed(seed).is_ok()) {
+                    refused.push(text);
+                }
+            }
+        }
+        assert!(taken > 0, "no generated file was a credentials file: the test proves nothing");
+        assert!(refused.is_empty(), "{} refused, e.g. {:?}", refused.len(), refused.first());
     }
 }

@@ -117,7 +117,18 @@ pub(super) async fn write_loop(
     let mut last_error: Option<String> = None;
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // A status held back (a run under way) or not yet written
+                // is the device's last word: written now, if a server takes
+                // it, as a write under way is below.
+                let last = Arc::clone(&status.borrow());
+                let news = !written.as_ref().is_some_and(|w| same_but_timestamps(w, &last));
+                if news && client.connection_state() == async_nats::connection::State::Connected {
+                    let write = writer.write(&js, &stream, &subject, last);
+                    let _ = tokio::time::timeout(SHUTDOWN_WRITE_GRACE, write).await;
+                }
+                return;
+            }
             changed = status.changed() => {
                 if changed.is_err() {
                     return;
