@@ -130,3 +130,47 @@ async fn a_quick_apply_writes_its_status_once() {
         );
     }
 }
+
+// Issue 10, session 6: the operator writes a deployment's key and its index
+// entry; both hints reached the agent and it read both keys, one direct get
+// per deploy for nothing (the key's own hint carries the change). The
+// agent's reads are seen on the server as requests from its own inbox
+// prefix: after a deploy it reads the key, never the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_costs_the_agent_one_read_of_its_key_and_none_of_its_index() {
+    use futures_util::StreamExt;
+    let f = Fleet::new().await;
+    let device = DeviceId::new("dev-1").unwrap();
+    let _agent = f.agent_process("dev-1", "dev-1", &[]);
+    // The start's full read (index, then keys) is over once this applied.
+    let g = f.deploy(&device, "app", vec![file_score("/etc/app", "0\n")]).await;
+    f.applied(&device, "app", g).await;
+    let api = format!("$JS.API.DIRECT.GET.KV_{}.>", harmony_score_wire::names::DESIRED_STATE_BUCKET);
+    let mut reads = within(f.client.nats().subscribe(api)).await.unwrap();
+    within(f.client.nats().flush()).await.unwrap();
+    for round in 1..=3 {
+        let g = f.deploy(&device, "app", vec![file_score("/etc/app", &format!("{round}\n"))]).await;
+        f.applied(&device, "app", g).await;
+    }
+    // Every read of the agent reached the server before its last status
+    // did; a marker published now arrives after them on this subscription.
+    let marker = format!("$JS.API.DIRECT.GET.KV_{}.marker", harmony_score_wire::names::DESIRED_STATE_BUCKET);
+    within(f.client.nats().publish(marker.clone(), "".into())).await.unwrap();
+    let mut agents = Vec::new();
+    loop {
+        let read = within(reads.next()).await.expect("subscription open");
+        if read.subject.as_str() == marker {
+            break;
+        }
+        let from_agent = read
+            .reply
+            .as_ref()
+            .is_some_and(|r| r.starts_with(&harmony_score_wire::names::inbox_prefix(&device)));
+        if from_agent {
+            agents.push(read.subject.to_string());
+        }
+    }
+    assert!(!agents.iter().any(|s| s.ends_with("._index")), "the agent read its index: {agents:?}");
+    let key_reads = agents.iter().filter(|s| s.ends_with("dev-1.app")).count();
+    assert_eq!(key_reads, 3, "one read of the key per deploy: {agents:?}");
+}
