@@ -1,8 +1,8 @@
 //! Reading a NATS credentials file (a user JWT and its nkey seed) without a regular-expression engine.
 //!
 //! async-nats reads these files with the `regex` crate, and that call was
-//! the agent's only path into it: about 400 KiB of the size-profile binary
-//! (`docs/performance.md`). This parser takes what async-nats' pattern
+//! the agent's only path into it: 1.1 MB of the size-profile binary with
+//! its tables and unwinding data (`docs/performance.md`). This parser takes what async-nats' pattern
 //! takes: a decoration line (three dashes or more at both ends), one line
 //! of `[A-Za-z0-9_.=-]`, another decoration line (line endings and
 //! decorations judged as its pattern judges them); the first such block is
@@ -96,7 +96,7 @@ impl<'a> Iterator for Blocks<'a> {
                 (self.lines[self.at], self.lines[self.at + 1], self.lines[self.at + 2]);
             if is_opening(open) && is_value(value) && is_closing(close) {
                 self.at += 3;
-                return Some(value.strip_suffix('\r').unwrap_or(value));
+                return Some(one_cr_off(value));
             }
             self.at += 1;
         }
@@ -109,19 +109,24 @@ impl<'a> Iterator for Blocks<'a> {
 /// somewhere, three more at the end (one `\r` allowed after them, as
 /// `\r?\n`: a line ending `\r\r\n` is none).
 fn is_opening(line: &str) -> bool {
-    let line = line.strip_suffix('\r').unwrap_or(line);
+    let line = one_cr_off(line);
     line.len() >= 6 && line.ends_with("---") && line[..line.len() - 3].contains("---")
 }
 
 /// The line after a value: the same pattern, right after the value's
 /// newline, so from the line's first character.
 fn is_closing(line: &str) -> bool {
-    let line = line.strip_suffix('\r').unwrap_or(line);
+    let line = one_cr_off(line);
     line.len() >= 6 && line.starts_with("---") && line.ends_with("---")
 }
 
+/// A line without the one `\r` its pattern allows before the newline.
+fn one_cr_off(line: &str) -> &str {
+    line.strip_suffix('\r').unwrap_or(line)
+}
+
 fn is_value(line: &str) -> bool {
-    let line = line.strip_suffix('\r').unwrap_or(line);
+    let line = one_cr_off(line);
     !line.is_empty() && line.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.=".contains(&b))
 }
 

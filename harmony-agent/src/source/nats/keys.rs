@@ -187,11 +187,8 @@ impl Follower {
     /// (documents signed by a new key need it).
     pub(super) async fn on_hints(&mut self, hints: Hints) {
         let mut hinted: Vec<(Key, u64)> = hints.0.into_iter().collect();
-        hinted.sort_by_key(|(key, _)| match key {
-            Key::SigningKeys => 0,
-            Key::Index => 1,
-            Key::Deployment(_) => 2,
-        });
+        // (Index hints are never added: see `add_hint`.)
+        hinted.sort_by_key(|(key, _)| !matches!(key, Key::SigningKeys));
         for (key, min_revision) in hinted {
             if let Key::Deployment(name) = &key {
                 if min_revision > 0 && self.passed.get(name).is_some_and(|(r, _)| *r >= min_revision) {
