@@ -42,9 +42,11 @@ const STATUS_STREAM: &str = "KV_harmony-agent-status";
 /// Generations written per phase of a round (before the kill, while the
 /// node is down, after its restart).
 const WRITES_PER_PHASE: usize = 10;
-/// Generations written while the agent's node hangs: each read the
-/// operator makes then may be routed to the hung replica (direct gets are
-/// answered by any replica) and wait out its 5 s timeout before the retry.
+/// Generations written while the agent's node hangs: until the two others
+/// drop its routes (route pings, about 4 s: see `NatsCluster::start`), a
+/// read the operator makes may be routed to the hung replica (direct gets
+/// are answered by any replica) and wait out its 5 s timeout before the
+/// retry.
 const WRITES_WHILE_HUNG: usize = 3;
 /// How long one operator write may keep failing (an election takes a few
 /// seconds) before the test fails.
