@@ -548,32 +548,53 @@ impl FleetClient {
     /// a read-only principal (the generated `monitor`) may list too.
     pub async fn list_statuses(&self) -> Result<Vec<AgentStatus>, FleetError> {
         let store = &self.buckets().await?.status;
+        Ok(statuses_of(self.every_latest(store, ">", "status keys").await?))
+    }
+
+    /// The latest entry (delete and purge markers included) of every key of
+    /// `store` whose subject matches `<prefix><filter>` (`>`: every key;
+    /// `*`: keys of one token), sorted by key. One batched direct get when
+    /// at most 1,024 keys match; else the keys are listed from the stream's
+    /// info (its subjects) and read 1,024 at a time, or one by one where
+    /// batched reads are refused. No consumer: none per listing against the
+    /// stream's budget, and a read-only principal may list. `what` names the
+    /// keys in an error.
+    pub(crate) async fn every_latest(
+        &self,
+        store: &kv::Store,
+        filter: &str,
+        what: &str,
+    ) -> Result<Vec<(String, Result<Option<kv::Entry>, FleetError>)>, FleetError> {
         if self.batched() {
-            match last_entries(&self.nats, store, &[format!("{}>", store.prefix)]).await {
-                Ok(found) => return Ok(statuses_of(found.into_iter().map(|(key, e)| (key, Ok(Some(e)))))),
+            match last_entries(&self.nats, store, &[format!("{}{filter}", store.prefix)]).await {
+                Ok(found) => {
+                    let mut found: Vec<_> = found.into_iter().map(|(key, e)| (key, Ok(Some(e)))).collect();
+                    found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                    return Ok(found);
+                }
                 // More keys than one request may match: listed, then read in batches.
                 Err(MultiGetError::TooMany) => {}
                 Err(MultiGetError::Unsupported(why)) => self.refuse_batched(&why),
                 Err(err) => warn!(
                     cause = %harmony_score_wire::log_text(&err),
-                    "a batched read of every status failed; listing the keys"
+                    "a batched read of {what} failed; listing the keys"
                 ),
             }
         }
-        let subject_prefix = format!("$KV.{AGENT_STATUS_BUCKET}.");
+        let subject_prefix = store.prefix.as_str();
         let mut keys: Vec<String> = store
             .stream
-            .info_with_subjects(format!("{subject_prefix}>"))
+            .info_with_subjects(format!("{subject_prefix}{filter}"))
             .await
-            .map_err(|e| FleetError::nats("list status keys", e))?
+            .map_err(|e| FleetError::nats(format!("list {what}"), e))?
             .try_filter_map(|(subject, _)| {
-                std::future::ready(Ok(subject.strip_prefix(&subject_prefix).map(str::to_owned)))
+                std::future::ready(Ok(subject.strip_prefix(subject_prefix).map(str::to_owned)))
             })
             .try_collect()
             .await
-            .map_err(|e| FleetError::nats("list status keys", e))?;
+            .map_err(|e| FleetError::nats(format!("list {what}"), e))?;
         keys.sort_unstable();
-        Ok(statuses_of(self.latest_entries(store, keys).await))
+        Ok(self.latest_entries(store, keys).await)
     }
 
     /// What the device last reported about itself (agent version, supported Scores, labels).

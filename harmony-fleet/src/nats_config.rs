@@ -10,8 +10,8 @@
 //! object of the artifacts bucket (its metadata by name, its chunks by
 //! sequence), with direct gets only, and write none.
 //!
-//! The monitor reads (statuses, desired state, stream info, heartbeats,
-//! device info, hints) and writes nothing. The commander sends
+//! The monitor reads (statuses, desired state, rollouts, stream info,
+//! heartbeats, device info, hints) and writes nothing. The commander sends
 //! `device-commands.<id>.<verb>` requests and reads their replies, nothing
 //! else. Neither may answer anything (`allow_responses` is the device's
 //! alone).
@@ -21,7 +21,7 @@ use std::io::Read;
 use harmony_score_wire::names::{
     artifact_meta_subjects, artifacts_stream, hint_subjects, inbox_prefix, keyset_hint_subject,
     status_hint_subject, AGENT_STATUS_BUCKET, COMMANDER_INBOX_PREFIX, DESIRED_STATE_BUCKET,
-    HEARTBEAT_KEY_SUFFIX, HINT_PREFIX, KEYSET_KEY,
+    HEARTBEAT_KEY_SUFFIX, HINT_PREFIX, KEYSET_KEY, ROLLOUTS_BUCKET,
 };
 use harmony_score_wire::DeviceId;
 
@@ -175,22 +175,26 @@ pub fn device_user(id: &DeviceId, password: &str) -> String {
 }
 
 /// The user block of the read-only monitor: stream info and direct gets of
-/// both buckets (every key, no consumer; one key by its subject, or many in
-/// one batched request by the body form), and subscriptions to heartbeats,
-/// device info and hints. No KV or stream write, no consumer, no command,
-/// no response.
+/// the desired-state, status and rollouts buckets (every key, no consumer;
+/// one key by its subject, or many in one batched request by the body
+/// form), and subscriptions to heartbeats, device info and hints. No KV or
+/// stream write, no consumer, no command, no response.
 pub fn monitor_user(password: &str) -> String {
     let desired = format!("KV_{DESIRED_STATE_BUCKET}");
     let status = format!("KV_{AGENT_STATUS_BUCKET}");
+    let rollouts = format!("KV_{ROLLOUTS_BUCKET}");
     format!(
         r#"{{ user: "{MONITOR_USER}", password: "{password}", permissions: {{
         publish: {{ allow: [
           "$JS.API.STREAM.INFO.{desired}",
           "$JS.API.STREAM.INFO.{status}",
+          "$JS.API.STREAM.INFO.{rollouts}",
           "$JS.API.DIRECT.GET.{desired}",
           "$JS.API.DIRECT.GET.{desired}.>",
           "$JS.API.DIRECT.GET.{status}",
-          "$JS.API.DIRECT.GET.{status}.>"
+          "$JS.API.DIRECT.GET.{status}.>",
+          "$JS.API.DIRECT.GET.{rollouts}",
+          "$JS.API.DIRECT.GET.{rollouts}.>"
         ] }},
         subscribe: {{ allow: [
           "{MONITOR_INBOX_PREFIX}.>",

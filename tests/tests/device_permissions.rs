@@ -412,6 +412,7 @@ async fn the_monitor_reads_statuses_and_desired_state_and_every_write_is_refused
         "$KV.harmony-desired-state.dev-1.app",
         "$KV.harmony-desired-state.dev-1._index",
         "$KV.harmony-agent-status.dev-2",
+        "$KV.harmony-rollouts.app",
     ] {
         let put = js.publish(subject, "forged".into()).await.unwrap().await;
         assert!(put.is_err(), "the monitor wrote {subject}");
@@ -454,6 +455,7 @@ async fn the_monitor_reads_statuses_and_desired_state_and_every_write_is_refused
     for denied in [
         "$KV.harmony-desired-state.dev-1.app",
         "$KV.harmony-agent-status.dev-2",
+        "$KV.harmony-rollouts.app",
         "$JS.API.STREAM.DELETE.KV_harmony-agent-status",
         "$JS.API.STREAM.PURGE.KV_harmony-desired-state",
         "$JS.API.STREAM.UPDATE.KV_harmony-desired-state",
@@ -560,6 +562,24 @@ async fn the_commander_sends_commands_and_reaches_no_bucket() {
     );
     let ping = fleet("monitor.env", &["ping", "dev-1", "--timeout", "1"]);
     assert_eq!(ping.status.code(), Some(1), "the monitor sent a command");
+    // The monitor follows staged rollouts: `rollouts` reads their states
+    // without a consumer and without creating anything.
+    let listed = fleet("monitor.env", &["rollouts"]);
+    assert!(listed.status.success(), "monitor rollouts: {}", String::from_utf8_lossy(&listed.stderr));
+    let doc = dir.path().join("app-v3.json");
+    let scores = serde_json::json!([{"type": "harmony.file/v1", "path": "/etc/app", "content": "v3"}]);
+    let body =
+        serde_json::json!({"device_id": "dev-1", "deployment": "app", "generation": 1, "scores": scores});
+    std::fs::write(&doc, body.to_string()).unwrap();
+    let rolled = fleet(
+        "operator.env",
+        &["rollout", "--deployment", "app", doc.to_str().unwrap(), "--devices", "dev-1", "--wait"],
+    );
+    assert!(rolled.status.success(), "operator rollout: {}", String::from_utf8_lossy(&rolled.stderr));
+    let listed = fleet("monitor.env", &["rollouts"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "monitor rollouts: {}", String::from_utf8_lossy(&listed.stderr));
+    assert!(stdout.lines().any(|l| l.starts_with("app ") && l.contains("completed")), "{stdout}");
 
     // By hand: the commander's credentials reach no bucket.
     let commander: harmony_fleet::nats_config::Principal = {
@@ -586,6 +606,9 @@ async fn the_commander_sends_commands_and_reaches_no_bucket() {
     let read = status.direct_get_last_for_subject("$KV.harmony-agent-status.dev-1").await;
     assert!(read.is_err(), "the commander read a status");
     assert!(js.get_stream("KV_harmony-agent-status").await.is_err(), "the commander read stream info");
+    let rollouts = js.get_stream_no_info("KV_harmony-rollouts").await.unwrap();
+    let read = rollouts.direct_get_last_for_subject("$KV.harmony-rollouts.app").await;
+    assert!(read.is_err(), "the commander read a rollout");
     for subject in ["$KV.harmony-desired-state.dev-1.app", "$KV.harmony-agent-status.dev-1"] {
         let put = js.publish(subject, "forged".into()).await.unwrap().await;
         assert!(put.is_err(), "the commander wrote {subject}");
@@ -605,6 +628,7 @@ async fn the_commander_sends_commands_and_reaches_no_bucket() {
     for denied in [
         "$JS.API.DIRECT.GET.KV_harmony-desired-state",
         "$JS.API.STREAM.INFO.KV_harmony-agent-status",
+        "$JS.API.DIRECT.GET.KV_harmony-rollouts",
         "$KV.harmony-desired-state.dev-1.app",
         "harmony.hint.>",
         "$KV.>",

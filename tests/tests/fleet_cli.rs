@@ -98,6 +98,11 @@ async fn deploy_refuses_unsupported_tags_with_exit_2_and_writes_nothing_unless_f
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_status_devices_and_ping_print_what_the_fleet_holds() {
     let server = NatsServer::start();
+    // Listing rollouts is a read: before `init` it finds none and creates
+    // no bucket (`init` below still creates the rollouts bucket).
+    let run = fleet(&server, &["rollouts"]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout.lines().count(), 1, "the header alone: {}", run.stdout);
     let run = fleet(&server, &["init"]).await;
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert_eq!(

@@ -166,6 +166,22 @@ impl FleetClient {
         }
     }
 
+    /// The rollouts bucket if it exists, opened but never created.
+    async fn existing_rollouts(&self) -> Result<Option<kv::Store>, FleetError> {
+        if let Some(store) = self.rollouts.get() {
+            return Ok(Some(store.clone()));
+        }
+        if self.stream_exists(&format!("KV_{ROLLOUTS_BUCKET}")).await?.is_none() {
+            return Ok(None);
+        }
+        let store = self
+            .js
+            .get_key_value(ROLLOUTS_BUCKET)
+            .await
+            .map_err(|e| FleetError::nats(format!("open bucket {ROLLOUTS_BUCKET}"), e))?;
+        Ok(Some(store))
+    }
+
     /// The rollouts bucket, ensured and opened on first use (then shared
     /// by this client and its clones: a rollout writes its state every few
     /// seconds, and each write need not look the stream up again).
@@ -288,26 +304,25 @@ impl RolloutStore for FleetClient {
         Err(FleetError::RolloutTakenOver { deployment: state.deployment.clone(), owner })
     }
 
+    /// Read like statuses (batched direct gets of the keys of one token,
+    /// no consumer), from the bucket only if it exists: listing creates
+    /// nothing, so the read-only monitor may list too.
     async fn list_rollouts(
         &self,
     ) -> Result<Vec<(DeploymentName, Result<StoredRollout, FleetError>)>, FleetError> {
-        let store = self.rollouts().await?;
-        let mut keys = store.keys().await.map_err(|e| FleetError::nats("list rollouts", e))?;
+        let Some(store) = self.existing_rollouts().await? else { return Ok(Vec::new()) };
+        // Documents beside the states (`<deployment>.doc.<sha256>`) have three tokens.
         let mut found = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| FleetError::nats("list rollouts", e))?;
-            // Documents beside the states (`<deployment>.doc.<sha256>`) are not rollouts.
+        for (key, entry) in self.every_latest(&store, "*", "rollouts").await? {
             let Ok(deployment) = DeploymentName::new(key.as_str()) else { continue };
-            let entry =
-                store.entry(&key).await.map_err(|e| FleetError::nats(format!("read rollout {key}"), e))?;
             match entry {
-                Some(entry) if entry.operation == kv::Operation::Put => {
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
                     found.push((deployment, decode_state(&key, &entry)));
                 }
-                _ => {}
+                Ok(_) => {}
+                Err(err) => found.push((deployment, Err(err))),
             }
         }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }
 
