@@ -5,6 +5,7 @@
 //! that directory's descriptor (`openat`, `renameat`, `unlinkat`,
 //! `mkdirat`, `fchmod`), never following a symlink there.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{DirBuilder, File, Permissions};
 use std::io::{self, Read, Write};
@@ -12,11 +13,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rustix::fs::{mkdirat, openat, renameat, statat, unlinkat, AtFlags, Dir, FileType, Mode, OFlags};
+use rustix::fs::{
+    mkdirat, openat, renameat, statat, statx, unlinkat, AtFlags, Dir, FileType, Mode, OFlags, StatxFlags,
+};
 use rustix::io::Errno;
 use tracing::debug;
 
@@ -196,7 +199,8 @@ fn temp_stem() -> &'static str {
 /// `O_NOFOLLOW`), its exact mode set through its descriptor, fsync,
 /// `renameat` over `name` (which replaces whatever is there, a symlink
 /// included, and never writes through it), fsync of `dir`. Then the temp
-/// files of writes that a dead process left in `dir` are removed.
+/// files of writes that a dead process left in `dir` are removed, if this
+/// process has not swept `dir` lately (see [`sweep_if_due`]).
 pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: u32) -> io::Result<()> {
     write_at_with(dir, name, content, mode, Durability::Flushed)
 }
@@ -234,8 +238,62 @@ fn write_at_with(
     // A kill or a power cut between a temp file's creation and its rename
     // leaves it behind, up to a whole file's size each time: without this,
     // a device that crashes often fills the directories it manages.
-    remove_stale_temp_files(dir);
+    sweep_if_due(dir);
     Ok(())
+}
+
+/// How long a directory this process swept clean is not swept again. The
+/// temp files a dead process left are all there when this one first writes
+/// to the directory; only a process dying later (another agent writing the
+/// same directory) can add more, and they wait at most this long. Reading
+/// the directory at every write cost a `getdents` of the whole directory
+/// per file written.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// Directories remembered as swept; past this many the memory is cleared
+/// (each is then swept again at its next write).
+const SWEPT_MAX: usize = 4096;
+
+/// A directory by identity: device, inode and birth time (inode numbers are
+/// reused once a directory is removed; the birth time is 0 on a file system
+/// that keeps none).
+type DirId = (u32, u32, u64, i64, u32);
+
+fn dir_id(dir: BorrowedFd<'_>) -> Option<DirId> {
+    let st = statx(dir, "", AtFlags::EMPTY_PATH, StatxFlags::INO | StatxFlags::BTIME).ok()?;
+    let born = if st.stx_mask & StatxFlags::BTIME.bits() != 0 {
+        (st.stx_btime.tv_sec, st.stx_btime.tv_nsec)
+    } else {
+        (0, 0)
+    };
+    Some((st.stx_dev_major, st.stx_dev_minor, st.stx_ino, born.0, born.1))
+}
+
+/// Sweeps `dir` of dead processes' temp files ([`remove_stale_temp_files`])
+/// unless this process swept it clean less than [`SWEEP_EVERY`] ago. A
+/// sweep that could not read the directory or remove a file is not
+/// remembered: the next write tries again.
+fn sweep_if_due(dir: BorrowedFd<'_>) {
+    static SWEPT: OnceLock<Mutex<HashMap<DirId, Instant>>> = OnceLock::new();
+    let swept = SWEPT.get_or_init(Mutex::default);
+    let Some(id) = dir_id(dir) else {
+        remove_stale_temp_files(dir);
+        return;
+    };
+    let now = Instant::now();
+    let recent = |at: &Instant| now.saturating_duration_since(*at) < SWEEP_EVERY;
+    if swept.lock().unwrap_or_else(PoisonError::into_inner).get(&id).is_some_and(recent) {
+        return;
+    }
+    let clean = sweep(dir).clean;
+    let mut swept = swept.lock().unwrap_or_else(PoisonError::into_inner);
+    if !clean {
+        swept.remove(&id);
+        return;
+    }
+    if swept.len() >= SWEPT_MAX {
+        swept.clear();
+    }
+    swept.insert(id, now);
 }
 
 /// Removes from `dir` the temp files of atomic writes that a process no
@@ -244,9 +302,25 @@ fn write_at_with(
 /// agent's) are kept. Best effort: what cannot be removed now is tried
 /// again at the next write in `dir`. Returns how many were removed.
 pub(super) fn remove_stale_temp_files(dir: BorrowedFd<'_>) -> usize {
-    let Ok(entries) = Dir::read_from(dir) else { return 0 };
-    let mut removed = 0;
-    for entry in entries.filter_map(Result::ok) {
+    sweep(dir).removed
+}
+
+/// What [`sweep`] did.
+struct Sweep {
+    /// Temp files removed.
+    removed: usize,
+    /// The whole directory was read and every stale temp file removed.
+    clean: bool,
+}
+
+fn sweep(dir: BorrowedFd<'_>) -> Sweep {
+    let Ok(entries) = Dir::read_from(dir) else { return Sweep { removed: 0, clean: false } };
+    let (mut removed, mut clean) = (0, true);
+    for entry in entries {
+        let Ok(entry) = entry else {
+            clean = false;
+            continue;
+        };
         let Ok(file_name) = entry.file_name().to_str() else { continue };
         if !is_stale_temp_name(file_name) {
             continue;
@@ -259,14 +333,20 @@ pub(super) fn remove_stale_temp_files(dir: BorrowedFd<'_>) -> usize {
                 .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::RegularFile),
             _ => false,
         };
-        if regular && unlinkat(dir, file_name, AtFlags::empty()).is_ok() {
-            removed += 1;
+        if !regular {
+            continue;
+        }
+        match unlinkat(dir, file_name, AtFlags::empty()) {
+            Ok(()) => removed += 1,
+            // Removed meanwhile (another agent's sweep).
+            Err(Errno::NOENT) => {}
+            Err(_) => clean = false,
         }
     }
     if removed > 0 {
         debug!(removed, "removed temp files of writes an earlier process did not finish");
     }
-    removed
+    Sweep { removed, clean }
 }
 
 /// Whether `file_name` is the temp file of a write by a process that is
@@ -683,6 +763,42 @@ mod tests {
             want.sort();
             assert_eq!(left, want);
             fs::remove_dir_all(&etc).unwrap();
+        }
+    }
+
+    // A directory is read for dead processes' temp files at this process's
+    // first write in it, not at every write (a `getdents` of the whole
+    // directory per file written); a directory removed and made again
+    // (its inode number possibly reused) is a new directory, swept again.
+    #[tokio::test]
+    async fn a_directory_is_swept_at_the_first_write_and_again_when_it_is_made_anew() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = |n: u32| format!(".harmony-tmp.{dead}.0123abcd.{n}");
+        let dir = tempfile::tempdir().unwrap();
+        for topo in both(dir.path()) {
+            let etc = topo.root().join("srv");
+            let _ = fs::remove_dir_all(&etc);
+            fs::create_dir_all(&etc).unwrap();
+            fs::write(etc.join(stale(1)), b"x").unwrap();
+            topo.write_file("/srv/a", b"a", 0o644).await.unwrap();
+            assert!(!etc.join(stale(1)).exists(), "the first write sweeps");
+            // Left since the sweep (a process that died after it): kept
+            // until the directory is due again.
+            fs::write(etc.join(stale(2)), b"x").unwrap();
+            topo.write_file("/srv/b", b"b", 0o644).await.unwrap();
+            assert!(etc.join(stale(2)).exists(), "swept at every write");
+            let inode = fs::metadata(&etc).unwrap().ino();
+            fs::remove_dir_all(&etc).unwrap();
+            fs::create_dir_all(&etc).unwrap();
+            fs::write(etc.join(stale(3)), b"x").unwrap();
+            topo.write_file("/srv/a", b"a", 0o644).await.unwrap();
+            assert!(
+                !etc.join(stale(3)).exists(),
+                "a directory made anew (inode {} then {inode}) was not swept",
+                fs::metadata(&etc).unwrap().ino()
+            );
         }
     }
 
