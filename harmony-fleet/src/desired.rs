@@ -565,19 +565,28 @@ impl FleetClient {
     ) -> Result<Option<DesiredState>, FleetError> {
         let store = &self.buckets().await?.desired;
         let key = desired_state_key(device, deployment);
-        match read_latest(store, &key).await?.value {
-            Some(value) => {
-                let payload =
-                    harmony_score_wire::payload_of(&value).map_err(|e| FleetError::BadDocument {
-                        key: key.clone(),
-                        source: harmony_score_wire::DecodeError::Malformed { message: e.to_string() },
-                    })?;
-                harmony_score_wire::decode(&payload, &Default::default())
-                    .map(Some)
-                    .map_err(|source| FleetError::BadDocument { key, source })
-            }
-            None => Ok(None),
-        }
+        let value = read_latest(store, &key).await?.value;
+        decode_desired(key, value.as_deref())
+    }
+
+    /// [`desired_state`](Self::desired_state) of `deployment` on each of
+    /// `devices`, one result per device in order, read in batches of up to
+    /// 1,024 keys (one request each) instead of one get per device.
+    pub async fn desired_states(
+        &self,
+        devices: &[DeviceId],
+        deployment: &DeploymentName,
+    ) -> Result<Vec<Result<Option<DesiredState>, FleetError>>, FleetError> {
+        let store = &self.buckets().await?.desired;
+        let keys = devices.iter().map(|device| desired_state_key(device, deployment)).collect();
+        Ok(self
+            .latest_entries(store, keys)
+            .await
+            .into_iter()
+            .map(|(key, entry)| {
+                entry.and_then(|entry| decode_desired(key, latest_of(entry).value.as_deref()))
+            })
+            .collect())
     }
 
     /// Moves `deployment` from the index's deployments to its tombstones,
@@ -618,6 +627,18 @@ impl FleetClient {
         }
         Err(lost(key))
     }
+}
+
+/// The document a desired-state key's latest value holds (`None`: no value).
+fn decode_desired(key: String, value: Option<&[u8]>) -> Result<Option<DesiredState>, FleetError> {
+    let Some(value) = value else { return Ok(None) };
+    let payload = harmony_score_wire::payload_of(value).map_err(|e| FleetError::BadDocument {
+        key: key.clone(),
+        source: harmony_score_wire::DecodeError::Malformed { message: e.to_string() },
+    })?;
+    harmony_score_wire::decode(&payload, &Default::default())
+        .map(Some)
+        .map_err(|source| FleetError::BadDocument { key, source })
 }
 
 /// What [`FleetClient::delete`] found under the key.

@@ -258,6 +258,56 @@ async fn revert_on_abort_puts_the_previous_document_back_on_the_devices_reached(
     assert!(keys[0] == "app" && keys[1].starts_with("app.doc."), "{keys:?}");
 }
 
+// A rollout with --revert-on-abort reads the document each device holds
+// before the wave (to put it back) and again before reverting. Both reads
+// are batched: with one get per device, a wave of 5,000 devices was 5,000
+// round trips before its first write (minutes across a WAN). The test
+// counts the operator's one-key direct gets of desired state
+// (`…DIRECT.GET.<stream>.<subject>`) while one wave of 20 devices is
+// written, aborts and is reverted: 0 now, 80 before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverted_rollout_reads_the_devices_documents_in_batches_not_one_get_each() {
+    use futures_util::StreamExt;
+    let bad = [1, 2];
+    let (f, _agents) = fleet_of(&bad).await;
+    let raw = async_nats::connect(f.nats.url()).await.unwrap();
+    let mut gets = raw.subscribe("$JS.API.DIRECT.GET.KV_harmony-desired-state.>").await.unwrap();
+    raw.flush().await.unwrap();
+    let score = FleetRolloutScore {
+        deployment: deployment("app"),
+        scores: vec![file_score("/etc/app.conf", "v2")],
+        health: vec![Check::FileSha256 { path: "/etc/canary-ok".into(), sha256: OK_SHA.into() }],
+        health_timeout_s: Some(2),
+        expires_at: None,
+        targets: RolloutTargets::Devices((1..=DEVICES).map(id).collect()),
+        waves: vec![WaveSize::Percent(100)],
+        max_failures: MaxFailures::Devices(0),
+        wave_timeout_s: 60,
+        wait: true,
+        revert_on_abort: true,
+        force: false,
+        lease_s: 30,
+        resume: false,
+        events: None,
+    };
+    let maestro =
+        Maestro::initialize(Inventory::empty(), FleetTopology::from_client(f.client.clone())).await.unwrap();
+    let outcome = within(maestro.interpret(&score)).await.unwrap();
+    assert!(outcome.message.contains("rollout reverted after wave 1 of 1"), "{}", outcome.message);
+    for n in 1..=DEVICES {
+        assert_eq!(app_conf(&f, n), "v1", "dev-{n:02}");
+    }
+    let stored = f.client.load_rollout(&deployment("app")).await.unwrap().unwrap().state;
+    assert_eq!(stored.reverted.len(), DEVICES, "every device reached was reverted");
+    raw.flush().await.unwrap();
+    let mut one_key = 0;
+    while let Ok(Some(get)) = tokio::time::timeout(Duration::from_millis(200), gets.next()).await {
+        // The operator's, by its inbox (each agent reads its own key under `_INBOX_<id>`).
+        one_key += usize::from(get.reply.is_some_and(|r| r.starts_with("_INBOX.")));
+    }
+    assert!(one_key < DEVICES, "{one_key} one-key gets for {DEVICES} devices: one per device");
+}
+
 // An operator killed mid-rollout: a second operator is refused while the
 // first one holds the rollout, `--resume` is refused until its lease runs
 // out, then resumes and finishes it. No device gets the document twice.

@@ -12,7 +12,7 @@
 mod plan;
 mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,6 +168,14 @@ impl<T: Topology + RolloutStore> Score<T> for FleetRolloutScore {
     }
 }
 
+/// What reverting one device comes to.
+enum Revert {
+    /// Its previous document is to be written back.
+    Write(DeployRequest),
+    /// It had none: the deployment was deleted.
+    Deleted,
+}
+
 /// Runs a [`FleetRolloutScore`] against a [`RolloutStore`].
 #[derive(Debug)]
 pub struct FleetRolloutInterpret {
@@ -244,12 +252,6 @@ impl<T: RolloutStore> Run<'_, T> {
         }
     }
 
-    /// Writes one device's document (its next generation, unless it holds it already).
-    async fn write(&self, device: &DeviceId, document: &RolloutDocument) -> Result<Deployed, FleetError> {
-        let doc = document.copy()?;
-        self.fleet.write_desired_state(self.request(device, doc)).await
-    }
-
     /// The request writing `doc` to `device`.
     fn request(&self, device: &DeviceId, doc: RolloutDocument) -> DeployRequest {
         DeployRequest::new(device.clone(), self.state.deployment.clone(), doc.scores)
@@ -259,7 +261,8 @@ impl<T: RolloutStore> Run<'_, T> {
             .skip_unchanged(true)
     }
 
-    /// [`write`](Self::write) for each of `devices`, all at once: the fleet batches their reads and
+    /// Writes `document` to each of `devices` (its next generation, unless
+    /// it holds it already), all at once: the fleet batches their reads and
     /// pipelines their writes. One result per device, in order.
     async fn write_all(
         &self,
@@ -294,11 +297,11 @@ impl<T: RolloutStore> Run<'_, T> {
     /// that hold the same).
     async fn remember_previous(&mut self, devices: &[DeviceId]) -> Result<(), FleetError> {
         let mut stored: Vec<String> = self.state.previous.values().flatten().cloned().collect();
-        for device in devices {
-            if self.state.previous.contains_key(device) {
-                continue;
-            }
-            let previous = match self.fleet.current_document(device, &self.state.deployment).await? {
+        let unknown: Vec<DeviceId> =
+            devices.iter().filter(|d| !self.state.previous.contains_key(*d)).cloned().collect();
+        let current = self.fleet.current_documents(&unknown, &self.state.deployment).await?;
+        for (device, current) in unknown.into_iter().zip(current) {
+            let previous = match current? {
                 Some((doc, _)) => {
                     let (bytes, digest) = doc.encoded()?;
                     let name = format!("prev.{}", digest.trim_start_matches("sha256:"));
@@ -310,7 +313,7 @@ impl<T: RolloutStore> Run<'_, T> {
                 }
                 None => None,
             };
-            self.state.previous.insert(device.clone(), previous);
+            self.state.previous.insert(device, previous);
         }
         self.save().await
     }
@@ -424,20 +427,33 @@ impl<T: RolloutStore> Run<'_, T> {
     /// is, unless it holds the previous document already (a revert that was
     /// interrupted after writing it): the revert undoes the rollout's write,
     /// never a later one by another operator.
-    async fn revert_one(&self, device: &DeviceId, generation: u64) -> Result<Option<Deployed>, FleetError> {
+    ///
+    /// `current` is what the device's key holds now; `loaded` the previous
+    /// documents read so far, by name (each read once for all devices).
+    async fn revert_one(
+        &self,
+        device: &DeviceId,
+        generation: u64,
+        current: Result<Option<(RolloutDocument, u64)>, FleetError>,
+        loaded: &mut HashMap<String, RolloutDocument>,
+    ) -> Result<Revert, FleetError> {
         let deployment = &self.state.deployment;
         // No entry is "not known", never "had none": that would delete.
         let previous = match self.state.previous.get(device) {
             Some(Some(name)) => {
-                let (doc, _) = self.fleet.load_document(deployment, name).await?;
+                if !loaded.contains_key(name) {
+                    let (doc, _) = self.fleet.load_document(deployment, name).await?;
+                    loaded.insert(name.clone(), doc);
+                }
+                let doc = loaded.get(name).map(RolloutDocument::copy).transpose()?;
                 // Without its expiry: the revert is a new decision, and a
                 // past expiry would have every device refuse it.
-                Some(RolloutDocument { expires_at: None, ..doc })
+                doc.map(|doc| RolloutDocument { expires_at: None, ..doc })
             }
             Some(None) => None,
             None => return Err(self.left("its previous document was not recorded")),
         };
-        let current = self.fleet.current_document(device, deployment).await?;
+        let current = current?;
         let ours = current.as_ref().is_some_and(|(_, g)| *g == generation);
         let reverted_already = match (&current, &previous) {
             (None, None) => true,
@@ -455,9 +471,15 @@ impl<T: RolloutStore> Run<'_, T> {
             return Err(self.left(&format!("{now} since the rollout wrote generation {generation}")));
         }
         match previous {
-            Some(doc) => self.write(device, &doc).await.map(Some),
-            None => self.fleet.delete_deployment(device, deployment).await.map(|_| None),
+            Some(doc) => Ok(Revert::Write(self.request(device, doc))),
+            None => self.fleet.delete_deployment(device, deployment).await.map(|_| Revert::Deleted),
         }
+    }
+
+    /// Reports and records how reverting `device` ended.
+    fn reverted(&mut self, device: DeviceId, result: DeviceResult) {
+        self.emit(RolloutEvent::Reverted { device: device.clone(), result: result.clone() });
+        self.state.reverted.insert(device, result);
     }
 
     fn left(&self, why: &str) -> FleetError {
@@ -478,15 +500,19 @@ impl<T: RolloutStore> Run<'_, T> {
             .filter(|(device, r)| r.generation > 0 && !self.state.reverted.contains_key(*device))
             .map(|(device, r)| (device.clone(), r.wave, r.generation))
             .collect();
-        let mut awaited = Vec::new();
-        for (device, wave, generation) in &reached {
-            match self.revert_one(device, *generation).await {
-                Ok(Some(deployed)) => awaited.push(Awaited {
-                    device: device.clone(),
-                    generation: deployed.generation,
-                    digest: Some(deployed.digest),
-                }),
-                Ok(None) => {
+        let devices: Vec<DeviceId> = reached.iter().map(|(device, _, _)| device.clone()).collect();
+        let current = self.fleet.current_documents(&devices, &self.state.deployment).await?;
+        let mut loaded = HashMap::new();
+        // The writes, all at once: the fleet batches their reads and
+        // pipelines them, as for a wave.
+        let (mut requests, mut writing) = (Vec::new(), Vec::new());
+        for ((device, wave, generation), current) in reached.iter().zip(current) {
+            match self.revert_one(device, *generation, current, &mut loaded).await {
+                Ok(Revert::Write(request)) => {
+                    requests.push(request);
+                    writing.push((device.clone(), *wave));
+                }
+                Ok(Revert::Deleted) => {
                     let result = DeviceResult {
                         wave: *wave,
                         state: DeviceState::Written,
@@ -494,13 +520,26 @@ impl<T: RolloutStore> Run<'_, T> {
                         check: None,
                         detail: "it had no previous document: the deployment was deleted".into(),
                     };
-                    self.emit(RolloutEvent::Reverted { device: device.clone(), result: result.clone() });
-                    self.state.reverted.insert(device.clone(), result);
+                    self.reverted(device.clone(), result);
                 }
                 Err(err) => {
                     let result = DeviceResult::not_written(*wave, &err);
-                    self.emit(RolloutEvent::Reverted { device: device.clone(), result: result.clone() });
-                    self.state.reverted.insert(device.clone(), result);
+                    self.reverted(device.clone(), result);
+                }
+            }
+        }
+        let written = self.fleet.write_desired_states(requests).await;
+        let mut awaited = Vec::new();
+        for ((device, wave), written) in writing.into_iter().zip(written) {
+            match written {
+                Ok(deployed) => awaited.push(Awaited {
+                    device,
+                    generation: deployed.generation,
+                    digest: Some(deployed.digest),
+                }),
+                Err(err) => {
+                    let result = DeviceResult::not_written(wave, &err);
+                    self.reverted(device, result);
                 }
             }
         }
@@ -509,8 +548,7 @@ impl<T: RolloutStore> Run<'_, T> {
             for (a, w) in awaited.iter().zip(&waited) {
                 let wave = self.state.results.get(&a.device).map_or(0, |r| r.wave);
                 let result = DeviceResult::from_wait(wave, a.generation, w);
-                self.emit(RolloutEvent::Reverted { device: a.device.clone(), result: result.clone() });
-                self.state.reverted.insert(a.device.clone(), result);
+                self.reverted(a.device.clone(), result);
             }
         }
         self.state.phase = RolloutPhase::Reverted;

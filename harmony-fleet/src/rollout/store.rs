@@ -78,13 +78,15 @@ pub trait RolloutStore: DeviceFleet {
     /// Every device that published its info, with its labels.
     async fn device_labels(&self) -> Result<Vec<(DeviceId, BTreeMap<String, String>)>, FleetError>;
 
-    /// The document the device holds for `deployment` and its generation;
-    /// `None` when none.
-    async fn current_document(
+    /// The document each of `devices` holds for `deployment` and its
+    /// generation (`None` when none), one result per device in order, read
+    /// in batches rather than one round trip per device. `Err` as a whole
+    /// when the bucket cannot be reached.
+    async fn current_documents(
         &self,
-        device: &DeviceId,
+        devices: &[DeviceId],
         deployment: &DeploymentName,
-    ) -> Result<Option<(RolloutDocument, u64)>, FleetError>;
+    ) -> Result<Vec<Result<Option<(RolloutDocument, u64)>, FleetError>>, FleetError>;
 
     /// Deletes the deployment from the device; `false` when it held none.
     async fn delete_deployment(
@@ -240,20 +242,26 @@ impl RolloutStore for FleetClient {
             .collect())
     }
 
-    async fn current_document(
+    async fn current_documents(
         &self,
-        device: &DeviceId,
+        devices: &[DeviceId],
         deployment: &DeploymentName,
-    ) -> Result<Option<(RolloutDocument, u64)>, FleetError> {
-        Ok(self.desired_state(device, deployment).await?.map(|doc| {
-            let document = RolloutDocument {
-                scores: doc.scores,
-                health: doc.health,
-                health_timeout_s: doc.health_timeout_s,
-                expires_at: doc.expires_at,
-            };
-            (document, doc.generation)
-        }))
+    ) -> Result<Vec<Result<Option<(RolloutDocument, u64)>, FleetError>>, FleetError> {
+        let found = self.desired_states(devices, deployment).await?;
+        Ok(found
+            .into_iter()
+            .map(|doc| {
+                Ok(doc?.map(|doc| {
+                    let document = RolloutDocument {
+                        scores: doc.scores,
+                        health: doc.health,
+                        health_timeout_s: doc.health_timeout_s,
+                        expires_at: doc.expires_at,
+                    };
+                    (document, doc.generation)
+                }))
+            })
+            .collect())
     }
 
     async fn delete_deployment(
@@ -386,12 +394,12 @@ impl RolloutStore for FleetTopology {
         self.client().device_labels().await
     }
 
-    async fn current_document(
+    async fn current_documents(
         &self,
-        device: &DeviceId,
+        devices: &[DeviceId],
         deployment: &DeploymentName,
-    ) -> Result<Option<(RolloutDocument, u64)>, FleetError> {
-        self.client().current_document(device, deployment).await
+    ) -> Result<Vec<Result<Option<(RolloutDocument, u64)>, FleetError>>, FleetError> {
+        self.client().current_documents(devices, deployment).await
     }
 
     async fn delete_deployment(
