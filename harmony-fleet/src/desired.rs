@@ -42,6 +42,11 @@ pub struct DeployRequest {
     /// Write nothing when the deployed document already holds these Scores
     /// (only when `generation` is `None`).
     pub skip_unchanged: bool,
+    /// Write only if the key holds this generation when written (`0`: no
+    /// document), else fail with [`FleetError::GenerationMoved`] and write
+    /// nothing: an operator's read-decide-write that another writer cannot
+    /// slip between (the write is a compare-and-set on what was read).
+    pub if_generation: Option<u64>,
 }
 
 impl DeployRequest {
@@ -58,7 +63,16 @@ impl DeployRequest {
             health_timeout_s: None,
             force: false,
             skip_unchanged: false,
+            if_generation: None,
         }
+    }
+
+    /// Writes only if the key still holds `generation` (`0`: no document);
+    /// see [`DeployRequest::if_generation`](DeployRequest#structfield.if_generation).
+    #[must_use]
+    pub fn if_generation(mut self, generation: Option<u64>) -> Self {
+        self.if_generation = generation;
+        self
     }
 
     /// Writes this exact generation (it must be newer than the key's).
@@ -141,6 +155,8 @@ pub(crate) struct Job {
     pub(crate) deployment: DeploymentName,
     wanted: Option<u64>,
     skip_unchanged: bool,
+    /// [`DeployRequest::if_generation`](DeployRequest#structfield.if_generation).
+    expected: Option<u64>,
     doc: DesiredState,
     issued_at: u64,
     /// `<device>.<deployment>`.
@@ -168,6 +184,7 @@ impl Job {
             health_timeout_s,
             force,
             skip_unchanged,
+            if_generation: expected,
         } = request;
         check_scores(&scores).map_err(|e| FleetError::EncodeFailed(EncodeError::WouldBeRejected(e)))?;
         let mut doc = DesiredState::new(device.clone(), deployment.clone(), 0, scores);
@@ -183,6 +200,7 @@ impl Job {
             deployment,
             wanted,
             skip_unchanged,
+            expected,
             doc,
             reserved: None,
         };
@@ -394,6 +412,7 @@ impl FleetClient {
             ref deployment,
             wanted,
             skip_unchanged,
+            expected,
             ref mut doc,
             issued_at,
             ref key,
@@ -408,6 +427,14 @@ impl FleetClient {
                 .inspect_err(|cause| warn!(key = %harmony_score_wire::log_text(key), cause = %harmony_score_wire::log_text(cause), "replacing a value that does not count for numbering"))
                 .ok()
         });
+        // Checked on what this attempt read: the key's write below names the
+        // revision read, so it fails if the key moved since.
+        if let Some(expected) = expected {
+            let found = header.as_ref().map_or(0, |h| h.generation);
+            if found != expected {
+                return Err(FleetError::GenerationMoved { key: key.clone(), expected, found });
+            }
+        }
         if let (true, None, Some(header), Some(value)) = (skip_unchanged, wanted, &header, &latest.value) {
             doc.generation = header.generation;
             doc.issued_at = header.issued_at;

@@ -111,6 +111,18 @@ pub enum FleetError {
         /// The generation asked for.
         requested: u64,
     },
+    /// The key no longer holds the generation the request was conditioned
+    /// on ([`DeployRequest::if_generation`](crate::DeployRequest#structfield.if_generation));
+    /// nothing was written.
+    #[error("{key} holds generation {found}, not {expected}; nothing written")]
+    GenerationMoved {
+        /// The key.
+        key: String,
+        /// The generation the request expected (`0`: no document).
+        expected: u64,
+        /// The generation the key holds (`0`: no document, or none this client counts).
+        found: u64,
+    },
     /// The key's generation is already `u64::MAX`: no newer generation exists,
     /// so nothing was written (deploy under another deployment name).
     #[error("{key} is at the last generation ({}); no newer one can be written", u64::MAX)]

@@ -237,11 +237,13 @@ fn main() -> ExitCode {
 }
 
 /// 2: the input or the request must change (bad document or invalid Score,
-/// refused tags, stale or exhausted generation); 1: the fleet said no or did
-/// not answer in time.
+/// refused tags, stale or exhausted generation); 3: `--if-generation` did
+/// not hold (read again and decide); 1: the fleet said no or did not answer
+/// in time.
 fn exit_code(err: &CliError) -> u8 {
     match err {
         CliError::Usage(_) => 2,
+        CliError::Fleet(FleetError::GenerationMoved { .. }) => 3,
         CliError::Fleet(
             FleetError::UnsupportedScores { .. }
             | FleetError::NoDeviceInfo { .. }

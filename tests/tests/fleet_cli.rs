@@ -227,6 +227,76 @@ async fn deploy_wait_fails_with_exit_1_when_the_device_runs_a_newer_generation()
     assert!(!run.stdout.contains("timed out"), "ends at once, not at the timeout: {}", run.stdout);
 }
 
+// `deploy --if-generation N`: written only over generation N (0: none);
+// otherwise exit 3, a message naming what the key holds, nothing written.
+// With --wait, the conditioned write is awaited like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_if_generation_exits_3_and_writes_nothing_when_the_key_moved() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write_doc(dir.path());
+    let client = within(FleetClient::connect(&[server.url()], None)).await.unwrap();
+    let (device, web) = (DeviceId::new("dev-1").unwrap(), DeploymentName::new("web").unwrap());
+    let generation = |client: FleetClient| {
+        let (device, web) = (device.clone(), web.clone());
+        async move { client.desired_state(&device, &web).await.unwrap().map(|d| d.generation) }
+    };
+    let run = fleet(&server, &["deploy", &doc, "--force", "--if-generation", "0"]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let run = fleet(&server, &["deploy", &doc, "--force", "--if-generation", "0"]).await;
+    assert_eq!(run.code, Some(3), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("holds generation 1, not 0; nothing written"), "{}", run.stderr);
+    assert_eq!(generation(client.clone()).await, Some(1));
+    let run = fleet(&server, &["deploy", &doc, "--force", "--if-generation", "1"]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(generation(client.clone()).await, Some(2));
+    // With --wait: the write is awaited (the test reports for the device).
+    // (An identical document would not be written again.)
+    let changed = dir.path().join("web2.json");
+    std::fs::write(&changed, std::fs::read_to_string(&doc).unwrap().replace("hi\\n", "bye\\n")).unwrap();
+    let doc = changed.to_str().unwrap().to_owned();
+    let reporter = client.clone();
+    let report = tokio::spawn(async move {
+        let kv = reporter.jetstream().get_key_value(DESIRED_STATE_BUCKET).await.unwrap();
+        loop {
+            if let Some(bytes) = kv.get("dev-1.web").await.unwrap() {
+                let generation = harmony_score_wire::payload_of(&bytes)
+                    .ok()
+                    .and_then(|p| harmony_score_wire::decode(&p, &Default::default()).ok())
+                    .map_or(0, |d| d.generation);
+                if generation == 3 {
+                    let digest = harmony_score_wire::document_digest(&bytes);
+                    let applied = DeploymentStatus {
+                        desired_generation: 3,
+                        observed_generation: 3,
+                        phase: Phase::Applied,
+                        desired_digest: Some(digest.clone()),
+                        observed_digest: Some(digest),
+                        ..Default::default()
+                    };
+                    let id = DeviceId::new("dev-1").unwrap();
+                    let web = DeploymentName::new("web").unwrap();
+                    report_status(
+                        &reporter,
+                        &reported_status(&id, Some(&["harmony.file/v1"]), [(web, applied)].into()),
+                    )
+                    .await;
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let run =
+        fleet(&server, &["deploy", &doc, "--force", "--if-generation", "2", "--wait", "--timeout", "20"])
+            .await;
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("dev-1/web: generation 3 applied"), "{}", run.stdout);
+    within(report).await.unwrap();
+    let run = fleet(&server, &["deploy", &doc, "--force", "--if-generation", "2", "--wait"]).await;
+    assert_eq!(run.code, Some(3), "{}\n{}", run.stdout, run.stderr);
+}
+
 // Issue 7 §3: `keygen` writes a key pair (the secret 0600, never
 // overwritten); `encode --sign-key` and `deploy` with `HARMONY_SIGN_KEY`
 // write envelopes that verify against the public key, and nothing else does.

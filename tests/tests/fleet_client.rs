@@ -466,6 +466,76 @@ async fn concurrent_operators_never_lose_each_others_index_entries_or_generation
     assert_eq!(index.deployments.len(), 11);
 }
 
+// `if_generation`: an operator's read-decide-write. Another writer between
+// the read and the write (here: ten at once, each conditioned on the same
+// generation, from two clients, all through the batched and the single
+// path) makes all but one fail with a typed error, and nothing of theirs
+// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn if_generation_writes_only_over_the_generation_it_names_and_one_of_racing_writers_wins() {
+    let server = NatsServer::start();
+    let clients = [connect(&server).await, connect(&server).await];
+    within(clients[0].ensure_buckets()).await.unwrap();
+    let (device, app) = (dev("dev-1"), name("app"));
+    let request = |content: &str, expected: u64| {
+        DeployRequest::new(device.clone(), app.clone(), vec![file_score("/etc/x", content)])
+            .force(true)
+            .if_generation(Some(expected))
+    };
+    let content = |client: &FleetClient| {
+        let (client, device, app) = (client.clone(), device.clone(), app.clone());
+        async move {
+            let doc = client.desired_state(&device, &app).await.unwrap().unwrap();
+            (doc.generation, format!("{:?}", doc.scores))
+        }
+    };
+    // 0: no document yet; then only over the generation named.
+    let moved = clients[0].deploy(request("a", 1)).await;
+    assert!(matches!(moved, Err(FleetError::GenerationMoved { expected: 1, found: 0, .. })), "{moved:?}");
+    assert!(clients[0].desired_state(&device, &app).await.unwrap().is_none(), "nothing written");
+    assert_eq!(clients[0].deploy(request("a", 0)).await.unwrap().generation, 1);
+    assert_eq!(clients[1].deploy(request("b", 1)).await.unwrap().generation, 2);
+    let before = content(&clients[0]).await;
+    let moved = clients[0].deploy(request("c", 1)).await;
+    assert!(
+        matches!(&moved, Err(FleetError::GenerationMoved { expected: 1, found: 2, key }) if key == "dev-1.app"),
+        "{moved:?}"
+    );
+    assert_eq!(content(&clients[0]).await, before, "the key is unchanged");
+
+    // Ten racing writers, each conditioned on generation 2: exactly one wins.
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let client = clients[i % 2].clone();
+            let request = request(&format!("race {i}"), 2);
+            tokio::spawn(async move {
+                if i % 3 == 0 {
+                    client.deploy_many(vec![request]).await.remove(0)
+                } else {
+                    client.deploy(request).await
+                }
+            })
+        })
+        .collect();
+    let (mut won, mut lost) = (Vec::new(), 0);
+    for task in tasks {
+        match within(task).await.unwrap() {
+            Ok(deployed) => won.push(deployed.generation),
+            Err(FleetError::GenerationMoved { expected: 2, found, .. }) if found > 2 => lost += 1,
+            Err(err) => panic!("{err:?}"),
+        }
+    }
+    assert_eq!((won.len(), lost), (1, 9), "{won:?}");
+    let (generation, _) = content(&clients[1]).await;
+    assert_eq!(generation, won[0]);
+
+    // A deleted key holds no document: 0 again.
+    clients[0].delete(&device, &app).await.unwrap();
+    let moved = clients[0].deploy(request("d", generation)).await;
+    assert!(matches!(moved, Err(FleetError::GenerationMoved { found: 0, .. })), "{moved:?}");
+    assert!(clients[0].deploy(request("d", 0)).await.unwrap().generation > generation);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_score_tags_are_refused_unless_forced() {
     let server = NatsServer::start();

@@ -178,6 +178,11 @@ pub struct DeployArgs {
     /// Write this generation instead of the next (it must be newer).
     #[arg(long)]
     generation: Option<u64>,
+    /// Write only if the key still holds this generation (0: no document),
+    /// read and written as one compare-and-set; else exit 3 and write
+    /// nothing (another operator deployed or deleted since you looked).
+    #[arg(long, value_name = "GENERATION")]
+    if_generation: Option<u64>,
     /// Deploy even Score tags the device did not list as supported.
     #[arg(long)]
     force: bool,
@@ -225,14 +230,29 @@ pub async fn deploy(conn: &Connection, args: DeployArgs) -> Result<(), CliError>
     let device = args.device.unwrap_or(doc.device_id);
     let deployment = args.deployment.unwrap_or(doc.deployment);
     let client = conn.client().await?;
-    if !args.wait {
+    if !args.wait || args.if_generation.is_some() {
         let request = DeployRequest::new(device.clone(), deployment.clone(), doc.scores)
             .generation(args.generation)
+            .if_generation(args.if_generation)
             .expires_at(doc.expires_at)
             .health(doc.health, doc.health_timeout_s)
-            .force(args.force);
+            .force(args.force)
+            .skip_unchanged(args.wait);
         let deployed = client.deploy(request).await?;
         println!("{device}/{deployment}: generation {} written", deployed.generation);
+        if args.wait {
+            let timeout = Duration::from_secs(args.timeout);
+            client
+                .wait_for_generation(
+                    &device,
+                    &deployment,
+                    deployed.generation,
+                    Some(&deployed.digest),
+                    timeout,
+                )
+                .await?;
+            println!("{device}/{deployment}: generation {} applied", deployed.generation);
+        }
         return Ok(());
     }
     // Refuse before the Maestro runs, so that a refusal keeps its own exit code.

@@ -471,6 +471,9 @@ impl<T: RolloutStore> Run<'_, T> {
             return Err(self.left(&format!("{now} since the rollout wrote generation {generation}")));
         }
         match previous {
+            // Written only over the rollout's own generation: another
+            // operator's write between this read and the write fails it.
+            Some(doc) if ours => Ok(Revert::Write(self.request(device, doc).if_generation(Some(generation)))),
             Some(doc) => Ok(Revert::Write(self.request(device, doc))),
             None => self.fleet.delete_deployment(device, deployment).await.map(|_| Revert::Deleted),
         }
