@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_nats::{AuthError, ConnectOptions};
+use zeroize::Zeroizing;
 
 /// Why a credentials file cannot be used. No variant quotes the file.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,10 @@ pub enum CredsError {
         #[source]
         source: std::io::Error,
     },
+    /// Not a regular file (a FIFO would block the agent's start until
+    /// someone wrote to it; a device file is no credentials file).
+    #[error("the credentials file {path} is not a regular file")]
+    NotAFile { path: String },
     /// Larger than any credentials file ([`MAX_CREDS_BYTES`]).
     #[error("the credentials file {path} is larger than {MAX_CREDS_BYTES} bytes")]
     TooLarge { path: String },
@@ -50,25 +55,48 @@ pub(super) async fn with_credentials_file(
     options: ConnectOptions,
     path: &Path,
 ) -> Result<ConnectOptions, CredsError> {
-    use tokio::io::AsyncReadExt;
-    let shown = || path.display().to_string();
-    let read_failed = |source| CredsError::ReadFailed { path: shown(), source };
-    let file = tokio::fs::File::open(path).await.map_err(read_failed)?;
-    // One byte past the limit tells a file cut short from one that fits:
-    // a longer file is refused whole, never read in part.
-    let mut bytes = Vec::new();
-    file.take(MAX_CREDS_BYTES + 1).read_to_end(&mut bytes).await.map_err(read_failed)?;
-    if bytes.len() as u64 > MAX_CREDS_BYTES {
-        return Err(CredsError::TooLarge { path: shown() });
-    }
-    let contents = String::from_utf8(bytes).map_err(|_| CredsError::NotText { path: shown() })?;
-    let (jwt, seed) = parse(&contents)?;
-    let key_pair = Arc::new(nkeys::KeyPair::from_seed(seed).map_err(|_| CredsError::BadSeed)?);
-    let jwt = jwt.to_owned();
+    let owned = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || read_credentials(&owned)).await;
+    let (jwt, key_pair) = read.map_err(|e| CredsError::ReadFailed {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })??;
+    let key_pair = Arc::new(key_pair);
     Ok(options.jwt(jwt, move |nonce| {
         let key_pair = Arc::clone(&key_pair);
         async move { key_pair.sign(&nonce).map_err(AuthError::new) }
     }))
+}
+
+/// The JWT and the key pair of the credentials file at `path`. Read with
+/// `std::fs` into one buffer of the largest size taken (no copy in a
+/// runtime's buffer, no reallocation leaving parts behind), wiped when
+/// dropped.
+fn read_credentials(path: &Path) -> Result<(String, nkeys::KeyPair), CredsError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = || path.display().to_string();
+    let read_failed = |source| CredsError::ReadFailed { path: shown(), source };
+    // Without blocking: opening a FIFO for reading waits for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(read_failed)?;
+    if !file.metadata().map_err(read_failed)?.is_file() {
+        return Err(CredsError::NotAFile { path: shown() });
+    }
+    // One byte past the limit tells a file cut short from one that fits:
+    // a longer file is refused whole, never read in part.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_CREDS_BYTES as usize + 1));
+    file.take(MAX_CREDS_BYTES + 1).read_to_end(&mut bytes).map_err(read_failed)?;
+    if bytes.len() as u64 > MAX_CREDS_BYTES {
+        return Err(CredsError::TooLarge { path: shown() });
+    }
+    let contents = std::str::from_utf8(&bytes).map_err(|_| CredsError::NotText { path: shown() })?;
+    let (jwt, seed) = parse(contents)?;
+    let key_pair = nkeys::KeyPair::from_seed(seed).map_err(|_| CredsError::BadSeed)?;
+    Ok((jwt.to_owned(), key_pair))
 }
 
 /// The JWT and the seed of a credentials file's text.
@@ -212,6 +240,28 @@ mod tests {
         for text in [err.to_string(), format!("{err:?}")] {
             assert!(!text.contains(SEED) && !text.contains(jwt), "{text}");
         }
+    }
+
+    // A FIFO at the credentials path blocked the agent's start (opening it
+    // waits for a writer); it, a directory and a device file are refused
+    // at once. A symlink to a regular file (a mounted secret) still works.
+    #[tokio::test]
+    async fn a_fifo_a_directory_or_a_device_is_refused_at_once_a_symlink_followed() {
+        use rustix::fs::{mknodat, symlink, FileType, Mode, CWD};
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.creds");
+        mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        let within = std::time::Duration::from_secs(5);
+        for path in [fifo.as_path(), dir.path(), std::path::Path::new("/dev/zero")] {
+            let read = with_credentials_file(async_nats::ConnectOptions::new(), path);
+            let err = tokio::time::timeout(within, read).await.expect("not blocked").unwrap_err();
+            assert!(matches!(err, CredsError::NotAFile { .. }), "{}: {err:?}", path.display());
+        }
+        let real = dir.path().join("real.creds");
+        std::fs::write(&real, file("eyJ0eXAiOiJKV1QifQ.e30.c2ln", SEED, "\n")).unwrap();
+        let link = dir.path().join("link.creds");
+        symlink(&real, &link).unwrap();
+        assert!(with_credentials_file(async_nats::ConnectOptions::new(), &link).await.is_ok());
     }
 
     // Review, session 6: random files built from real and broken lines
