@@ -49,8 +49,15 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
     let device_url = auth.devices[0].1.url(&format!("127.0.0.1:{port}"));
     let state = dir.path().join("state");
     let root = dir.path().join("root");
+    // As `nats-config` writes it: commands arrive through the DEVICES
+    // account's service import, with the server's `_R_.` replies.
+    let config = dir.path().join("agent.toml");
+    let prefix = harmony_fleet::nats_config::IMPORTED_REPLY_PREFIX;
+    std::fs::write(&config, format!("trusted_inbox_prefix = \"{prefix}\"\n")).unwrap();
     let agent = AgentProcess::start(
         &[
+            "--config",
+            config.to_str().unwrap(),
             "--allow-unsigned",
             "--device-id",
             "dev-1",
@@ -613,7 +620,7 @@ async fn the_commander_sends_commands_and_reaches_no_bucket() {
         let put = js.publish(subject, "forged".into()).await.unwrap().await;
         assert!(put.is_err(), "the commander wrote {subject}");
     }
-    // A reply subject pointing into a bucket is not answered (confused deputy).
+    // A reply subject pointing into a bucket (confused deputy) reaches no bucket.
     raw.publish_with_reply("device-commands.dev-1.ping", "$KV.harmony-desired-state.dev-2.app", "".into())
         .await
         .unwrap();
@@ -636,8 +643,10 @@ async fn the_commander_sends_commands_and_reaches_no_bucket() {
     ] {
         assert!(seen.contains(denied), "no permission violation for {denied}:\n{seen}");
     }
+    // The device answered (the reply it saw was the server's `_R_.…`), and
+    // the answer went back to the commander's own account, where no bucket
+    // is: dev-2's key holds what the operator wrote.
     assert_eq!(operator.desired_state(&dev2, &app).await.unwrap().map(|d| d.generation), Some(1));
-    assert!(agent.log_text().contains("dropped a command"), "{}", agent.log_text());
     assert!(!agent.log_text().contains("Permissions Violation"), "{}", agent.log_text());
 }
 
@@ -763,4 +772,166 @@ async fn a_device_reads_artifacts_with_its_credentials_and_cannot_write_or_delet
     assert_eq!((listed[0].name.as_str(), listed[0].sha256.as_str()), ("blob.bin", sha.as_str()));
     let info = operator.jetstream().get_stream("OBJ_harmony-artifacts").await.unwrap().cached_info().clone();
     assert_eq!(info.state.consumer_count, 0);
+}
+
+// Attack: the monitor may publish JetStream read requests, and the server
+// answers on whatever reply subject the request names. Naming a bucket
+// subject as the reply makes the server itself publish the answer there:
+// a write by a principal allowed no write (here into a rollout state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_cannot_write_a_bucket_through_the_reply_subject_of_a_read() {
+    use harmony_fleet::nats_config::{Roles, MONITOR_INBOX_PREFIX};
+    harmony_scores::ensure_linked();
+    let (dev1, dev2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
+    let auth = harmony_fleet::nats_config::generate_with(
+        &[dev1.clone(), dev2.clone()],
+        Roles { monitor: true, commander: false },
+    )
+    .unwrap();
+    let nats = NatsServer::start_with_config(&auth.server_conf);
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let host = format!("127.0.0.1:{port}");
+    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
+        .await
+        .unwrap()
+        .unwrap();
+    operator.ensure_buckets().await.unwrap();
+    let app = DeploymentName::new("app").unwrap();
+    operator
+        .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
+        .await
+        .unwrap();
+    let rollouts = operator.jetstream().get_key_value("harmony-rollouts").await.unwrap();
+    rollouts.put("app", "the operator's state".into()).await.unwrap();
+    let desired = operator.jetstream().get_key_value("harmony-desired-state").await.unwrap();
+    let before_rollout = rollouts.entry("app").await.unwrap().unwrap().revision;
+
+    let (raw, _refused) = connect_as(auth.monitor.as_ref().unwrap(), &port, MONITOR_INBOX_PREFIX).await;
+    // Stream info of the rollouts bucket, answered into a rollout's key.
+    raw.publish_with_reply("$JS.API.STREAM.INFO.KV_harmony-rollouts", "$KV.harmony-rollouts.app", "".into())
+        .await
+        .unwrap();
+    // A direct get of dev-1's document, answered into dev-2's key.
+    raw.publish_with_reply(
+        "$JS.API.DIRECT.GET.KV_harmony-desired-state.$KV.harmony-desired-state.dev-1.app",
+        "$KV.harmony-desired-state.dev-2.app",
+        "".into(),
+    )
+    .await
+    .unwrap();
+    raw.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let after = rollouts.entry("app").await.unwrap().unwrap();
+    assert_eq!(
+        after.revision,
+        before_rollout,
+        "the monitor wrote the rollout state: {}",
+        String::from_utf8_lossy(&after.value)
+    );
+    let forged = desired.entry("dev-2.app").await.unwrap();
+    assert!(forged.is_none(), "the monitor wrote dev-2's desired state: {forged:?}");
+}
+
+// Attack: since the monitor may read the rollouts bucket it may read the
+// purge markers `prune_documents` leaves there (`KV-Operation: PURGE`,
+// `Nats-Rollup: sub`). A direct get answers with the stored headers; named
+// as the reply, a device's desired-state key receives them: the server
+// purges that key and the device removes its deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_cannot_purge_a_deployment_with_a_rollout_purge_marker() {
+    use harmony_fleet::nats_config::{Roles, MONITOR_INBOX_PREFIX};
+    harmony_scores::ensure_linked();
+    let dev1 = DeviceId::new("dev-1").unwrap();
+    let auth = harmony_fleet::nats_config::generate_with(
+        std::slice::from_ref(&dev1),
+        Roles { monitor: true, commander: false },
+    )
+    .unwrap();
+    let nats = NatsServer::start_with_config(&auth.server_conf);
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let host = format!("127.0.0.1:{port}");
+    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
+        .await
+        .unwrap()
+        .unwrap();
+    operator.ensure_buckets().await.unwrap();
+    let app = DeploymentName::new("app").unwrap();
+    let g1 = operator
+        .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
+        .await
+        .unwrap();
+    // What `prune_documents` does to an earlier rollout's document.
+    let rollouts = operator.jetstream().get_key_value("harmony-rollouts").await.unwrap();
+    rollouts.put("app.doc.0123", "an earlier document".into()).await.unwrap();
+    rollouts.purge("app.doc.0123").await.unwrap();
+
+    let (raw, _refused) = connect_as(auth.monitor.as_ref().unwrap(), &port, MONITOR_INBOX_PREFIX).await;
+    raw.publish_with_reply(
+        "$JS.API.DIRECT.GET.KV_harmony-rollouts.$KV.harmony-rollouts.app.doc.0123",
+        "$KV.harmony-desired-state.dev-1.app",
+        "".into(),
+    )
+    .await
+    .unwrap();
+    raw.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let desired = operator.desired_state(&dev1, &app).await.unwrap();
+    assert_eq!(desired.map(|d| d.generation), Some(g1.generation), "the monitor purged dev-1's deployment");
+}
+
+// Attack (the same channel, open to every device; older than both changes
+// reviewed): a device may direct-get its own keys, and it names the reply
+// subject. The server's `404` answer to a get of a key it does not have,
+// answered into another device's desired-state key, is stored there as an
+// empty value: that device's document is replaced by one nobody can read.
+// (A delete marker copied the same way deletes the deployment whenever the
+// `Nats-Expected-Last-Subject-Sequence` it carries happens to match.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_overwrite_another_devices_desired_state_through_the_reply_of_its_own_read() {
+    harmony_scores::ensure_linked();
+    let dev2 = DeviceId::new("dev-2").unwrap();
+    let auth = generated();
+    let nats = NatsServer::start_with_config(&auth.server_conf);
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let host = format!("127.0.0.1:{port}");
+    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
+        .await
+        .unwrap()
+        .unwrap();
+    operator.ensure_buckets().await.unwrap();
+    let app = DeploymentName::new("app").unwrap();
+    let g1 = operator
+        .deploy(DeployRequest::new(dev2.clone(), app.clone(), file("/etc/app", "v1")).force(true))
+        .await
+        .unwrap();
+
+    let (device, mut refused) = connect_as(&auth.devices[0].1, &port, "_INBOX_dev-1").await;
+    device
+        .publish_with_reply(
+            "$JS.API.DIRECT.GET.KV_harmony-desired-state.$KV.harmony-desired-state.dev-1.nothing",
+            "$KV.harmony-desired-state.dev-2.app",
+            "".into(),
+        )
+        .await
+        .unwrap();
+    // Its own status write, with the JetStream acknowledgement sent there.
+    device
+        .publish_with_reply(
+            "$KV.harmony-agent-status.dev-1",
+            "$KV.harmony-desired-state.dev-2.app",
+            "x".into(),
+        )
+        .await
+        .unwrap();
+    device.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(violations(&mut refused).await.is_empty(), "the get of its own key is allowed");
+    let desired = operator.desired_state(&dev2, &app).await;
+    assert_eq!(
+        desired.as_ref().ok().and_then(|d| d.as_ref().map(|d| d.generation)),
+        Some(g1.generation),
+        "dev-1 overwrote dev-2's desired state: {desired:?}"
+    );
 }

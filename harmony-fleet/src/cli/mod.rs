@@ -457,7 +457,7 @@ pub fn nats_config(
     url: &str,
     roles: harmony_fleet::nats_config::Roles,
 ) -> Result<(), CliError> {
-    use harmony_fleet::nats_config::{MONITOR_INBOX_PREFIX, RESERVED_USERS};
+    use harmony_fleet::nats_config::{IMPORTED_REPLY_PREFIX, MONITOR_INBOX_PREFIX, RESERVED_USERS};
     use harmony_score_wire::names::COMMANDER_INBOX_PREFIX;
     use std::os::unix::fs::OpenOptionsExt;
     // The URL is written into a TOML file and a shell environment file.
@@ -496,7 +496,12 @@ pub fn nats_config(
     for (device, principal) in &config.devices {
         write(
             &format!("{device}.toml"),
-            format!("device_id = \"{device}\"\nnats = [\"{}\"]\n", principal.url(url)),
+            format!(
+                "device_id = \"{device}\"\nnats = [\"{}\"]\n\
+                 # Commands reach the device through the DEVICES account's service import.\n\
+                 trusted_inbox_prefix = \"{IMPORTED_REPLY_PREFIX}\"\n",
+                principal.url(url)
+            ),
         )?;
     }
     for (principal, prefix) in
