@@ -198,9 +198,9 @@ fn temp_stem() -> &'static str {
 /// The atomic write within the directory `dir`: a new temp file (`O_EXCL`,
 /// `O_NOFOLLOW`), its exact mode set through its descriptor, fsync,
 /// `renameat` over `name` (which replaces whatever is there, a symlink
-/// included, and never writes through it), fsync of `dir`. Then the temp
-/// files of writes that a dead process left in `dir` are removed, if this
-/// process has not swept `dir` lately (see [`sweep_if_due`]).
+/// included, and never writes through it), fsync of `dir`. Before it, the
+/// temp files of writes that a dead process left in `dir` are removed, if
+/// this process has not swept `dir` lately (see [`sweep_if_due`]).
 pub(super) fn write_at(dir: BorrowedFd<'_>, name: &OsStr, content: &[u8], mode: u32) -> io::Result<()> {
     write_at_with(dir, name, content, mode, Durability::Flushed)
 }
@@ -212,6 +212,12 @@ fn write_at_with(
     mode: u32,
     durability: Durability,
 ) -> io::Result<()> {
+    // A kill or a power cut between a temp file's creation and its rename
+    // leaves it behind, up to a whole file's size each time: without this,
+    // a device that crashes often fills the directories it manages. Before
+    // the write, so that it runs even when the write then fails (a disk
+    // those temp files filled, a crash at every first write).
+    sweep_if_due(dir);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // The temp name does not embed the target's: a target name near
@@ -235,10 +241,6 @@ fn write_at_with(
     if durability == Durability::Flushed {
         rustix::fs::fsync(dir)?;
     }
-    // A kill or a power cut between a temp file's creation and its rename
-    // leaves it behind, up to a whole file's size each time: without this,
-    // a device that crashes often fills the directories it manages.
-    sweep_if_due(dir);
     Ok(())
 }
 
@@ -800,6 +802,23 @@ mod tests {
                 fs::metadata(&etc).unwrap().ino()
             );
         }
+    }
+
+    // The sweep runs before the write: a write that fails (here: its target
+    // is a non-empty directory; on a device, a disk the dead processes'
+    // temp files filled) still clears them.
+    #[test]
+    fn a_write_that_fails_still_sweeps_its_directory() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(format!(".harmony-tmp.{dead}.0123abcd.1"));
+        fs::write(&stale, b"x").unwrap();
+        fs::create_dir_all(dir.path().join("target/inside")).unwrap();
+        let fd = rustix::fs::open(dir.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        assert!(write_at(fd.as_fd(), OsStr::new("target"), b"x", 0o644).is_err());
+        assert!(!stale.exists(), "the failed write left the dead process's temp file");
     }
 
     #[test]
