@@ -15,6 +15,36 @@ fn generated() -> harmony_fleet::nats_config::NatsAuthConfig {
         .expect("random passwords")
 }
 
+/// A server running `auth`'s generated configuration, its client port, and
+/// the operator connected with the buckets made.
+struct Served {
+    auth: harmony_fleet::nats_config::NatsAuthConfig,
+    /// Stops the server when dropped.
+    nats: NatsServer,
+    port: String,
+    host: String,
+    operator: FleetClient,
+}
+
+async fn serve(auth: harmony_fleet::nats_config::NatsAuthConfig) -> Served {
+    let nats = NatsServer::start_with_config(&auth.server_conf);
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let host = format!("127.0.0.1:{port}");
+    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
+        .await
+        .unwrap()
+        .unwrap();
+    operator.ensure_buckets().await.unwrap();
+    Served { auth, nats, port, host, operator }
+}
+
+/// [`serve`] with dev-1, dev-2 and the monitor.
+async fn serve_with_monitor() -> Served {
+    let devices = [DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap()];
+    let roles = harmony_fleet::nats_config::Roles { monitor: true, commander: false };
+    serve(harmony_fleet::nats_config::generate_with(&devices, roles).unwrap()).await
+}
+
 fn device_user_with_password(id: &str, password: &str) -> String {
     harmony_fleet::nats_config::device_user(&DeviceId::new(id).unwrap(), password)
 }
@@ -356,22 +386,10 @@ async fn receives(sub: &mut async_nats::Subscriber, wait: Duration) -> bool {
 // key, heartbeats, device info and hints, and every write is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_reads_statuses_and_desired_state_and_every_write_is_refused() {
-    use harmony_fleet::nats_config::{Roles, MONITOR_INBOX_PREFIX};
+    use harmony_fleet::nats_config::MONITOR_INBOX_PREFIX;
     harmony_scores::ensure_linked();
     let (dev1, dev2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
-    let auth = harmony_fleet::nats_config::generate_with(
-        &[dev1.clone(), dev2.clone()],
-        Roles { monitor: true, commander: false },
-    )
-    .unwrap();
-    let nats = NatsServer::start_with_config(&auth.server_conf);
-    let port = nats.url().rsplit(':').next().unwrap().to_owned();
-    let host = format!("127.0.0.1:{port}");
-    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
-        .await
-        .unwrap()
-        .unwrap();
-    operator.ensure_buckets().await.unwrap();
+    let Served { auth, nats: _nats, port, host, operator } = serve_with_monitor().await;
     let app = DeploymentName::new("app").unwrap();
     let g1 = operator
         .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
@@ -780,22 +798,10 @@ async fn a_device_reads_artifacts_with_its_credentials_and_cannot_write_or_delet
 // a write by a principal allowed no write (here into a rollout state).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_cannot_write_a_bucket_through_the_reply_subject_of_a_read() {
-    use harmony_fleet::nats_config::{Roles, MONITOR_INBOX_PREFIX};
+    use harmony_fleet::nats_config::MONITOR_INBOX_PREFIX;
     harmony_scores::ensure_linked();
-    let (dev1, dev2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
-    let auth = harmony_fleet::nats_config::generate_with(
-        &[dev1.clone(), dev2.clone()],
-        Roles { monitor: true, commander: false },
-    )
-    .unwrap();
-    let nats = NatsServer::start_with_config(&auth.server_conf);
-    let port = nats.url().rsplit(':').next().unwrap().to_owned();
-    let host = format!("127.0.0.1:{port}");
-    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
-        .await
-        .unwrap()
-        .unwrap();
-    operator.ensure_buckets().await.unwrap();
+    let dev1 = DeviceId::new("dev-1").unwrap();
+    let Served { auth, nats: _nats, port, operator, .. } = serve_with_monitor().await;
     let app = DeploymentName::new("app").unwrap();
     operator
         .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
@@ -840,22 +846,10 @@ async fn the_monitor_cannot_write_a_bucket_through_the_reply_subject_of_a_read()
 // purges that key and the device removes its deployment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_cannot_purge_a_deployment_with_a_rollout_purge_marker() {
-    use harmony_fleet::nats_config::{Roles, MONITOR_INBOX_PREFIX};
+    use harmony_fleet::nats_config::MONITOR_INBOX_PREFIX;
     harmony_scores::ensure_linked();
     let dev1 = DeviceId::new("dev-1").unwrap();
-    let auth = harmony_fleet::nats_config::generate_with(
-        std::slice::from_ref(&dev1),
-        Roles { monitor: true, commander: false },
-    )
-    .unwrap();
-    let nats = NatsServer::start_with_config(&auth.server_conf);
-    let port = nats.url().rsplit(':').next().unwrap().to_owned();
-    let host = format!("127.0.0.1:{port}");
-    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
-        .await
-        .unwrap()
-        .unwrap();
-    operator.ensure_buckets().await.unwrap();
+    let Served { auth, nats: _nats, port, operator, .. } = serve_with_monitor().await;
     let app = DeploymentName::new("app").unwrap();
     let g1 = operator
         .deploy(DeployRequest::new(dev1.clone(), app.clone(), file("/etc/app", "v1")).force(true))
@@ -892,15 +886,7 @@ async fn the_monitor_cannot_purge_a_deployment_with_a_rollout_purge_marker() {
 async fn a_device_cannot_overwrite_another_devices_desired_state_through_the_reply_of_its_own_read() {
     harmony_scores::ensure_linked();
     let dev2 = DeviceId::new("dev-2").unwrap();
-    let auth = generated();
-    let nats = NatsServer::start_with_config(&auth.server_conf);
-    let port = nats.url().rsplit(':').next().unwrap().to_owned();
-    let host = format!("127.0.0.1:{port}");
-    let operator = tokio::time::timeout(WAIT, FleetClient::connect(&[auth.operator.url(&host)], None))
-        .await
-        .unwrap()
-        .unwrap();
-    operator.ensure_buckets().await.unwrap();
+    let Served { auth, nats: _nats, port, operator, .. } = serve(generated()).await;
     let app = DeploymentName::new("app").unwrap();
     let g1 = operator
         .deploy(DeployRequest::new(dev2.clone(), app.clone(), file("/etc/app", "v1")).force(true))
