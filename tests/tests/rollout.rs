@@ -274,24 +274,11 @@ async fn a_reverted_rollout_reads_the_devices_documents_in_batches_not_one_get_e
     let mut gets = raw.subscribe("$JS.API.DIRECT.GET.KV_harmony-desired-state.>").await.unwrap();
     raw.flush().await.unwrap();
     let score = FleetRolloutScore {
-        deployment: deployment("app"),
-        scores: vec![file_score("/etc/app.conf", "v2")],
-        health: vec![Check::FileSha256 { path: "/etc/canary-ok".into(), sha256: OK_SHA.into() }],
-        health_timeout_s: Some(2),
-        expires_at: None,
-        targets: RolloutTargets::Devices((1..=DEVICES).map(id).collect()),
-        waves: vec![WaveSize::Percent(100)],
-        max_failures: MaxFailures::Devices(0),
-        wave_timeout_s: 60,
-        wait: true,
         revert_on_abort: true,
-        force: false,
         lease_s: 30,
-        resume: false,
-        events: None,
+        ..rollout_score("v2", 1..=DEVICES, vec![WaveSize::Percent(100)], 2)
     };
-    let maestro =
-        Maestro::initialize(Inventory::empty(), FleetTopology::from_client(f.client.clone())).await.unwrap();
+    let maestro = maestro(&f).await;
     let outcome = within(maestro.interpret(&score)).await.unwrap();
     assert!(outcome.message.contains("rollout reverted after wave 1 of 1"), "{}", outcome.message);
     for n in 1..=DEVICES {
