@@ -266,6 +266,10 @@ async fn a_hint_that_arrives_before_its_value_is_readable_is_not_dropped() {
     .unwrap();
     let mut headers = HeaderMap::new();
     headers.insert(header::NATS_SEQUENCE, next.to_string().as_str());
+    // What the republish's headers-only copy carries (the agent ignores
+    // anything else on a hint subject).
+    headers.insert("Nats-Subject", "$KV.harmony-desired-state.dev-1.app");
+    headers.insert("Nats-Msg-Size", "0");
     within(f.client.nats().publish_with_headers("harmony.hint.dev-1.app", headers, Default::default()))
         .await
         .unwrap();
@@ -318,9 +322,18 @@ async fn hints_for_keys_that_do_not_exist_are_not_read_again_at_every_resync() {
         within(f.client.nats().subscribe("$JS.API.DIRECT.GET.KV_harmony-desired-state.>")).await.unwrap();
     const GHOSTS: usize = 2000;
     for i in 0..GHOSTS {
-        within(f.client.nats().publish(format!("harmony.hint.dev-1.ghost-{i}"), Default::default()))
-            .await
-            .unwrap();
+        // As the republish's headers-only copy would carry them.
+        let mut headers = harmony_fleet::async_nats::HeaderMap::new();
+        headers.insert("Nats-Subject", format!("$KV.harmony-desired-state.dev-1.ghost-{i}").as_str());
+        headers.insert("Nats-Sequence", "0");
+        headers.insert("Nats-Msg-Size", "0");
+        within(f.client.nats().publish_with_headers(
+            format!("harmony.hint.dev-1.ghost-{i}"),
+            headers,
+            Default::default(),
+        ))
+        .await
+        .unwrap();
     }
     within(f.client.nats().flush()).await.unwrap();
     // Every hint is read once.
@@ -357,7 +370,13 @@ async fn a_key_with_no_message_at_all_prunes_nothing() {
     let mut stream = within(f.client.jetstream().get_stream("KV_harmony-desired-state")).await.unwrap();
     within(stream.purge().filter("$KV.harmony-desired-state.dev-1.app").into_future()).await.unwrap();
     let _ = within(stream.info()).await.unwrap();
-    within(f.client.nats().publish("harmony.hint.dev-1.app", Default::default())).await.unwrap();
+    let mut headers = harmony_fleet::async_nats::HeaderMap::new();
+    headers.insert("Nats-Subject", "$KV.harmony-desired-state.dev-1.app");
+    headers.insert("Nats-Sequence", "1");
+    headers.insert("Nats-Msg-Size", "0");
+    within(f.client.nats().publish_with_headers("harmony.hint.dev-1.app", headers, Default::default()))
+        .await
+        .unwrap();
     let g = f.deploy(&device, "marker", vec![file_score("/marker", "x")]).await;
     let status = f.applied(&device, "marker", g).await;
     assert_eq!(status.deployments[&name("app")].phase, Phase::Applied);

@@ -921,3 +921,95 @@ async fn a_device_cannot_overwrite_another_devices_desired_state_through_the_rep
         "dev-1 overwrote dev-2's desired state: {desired:?}"
     );
 }
+
+// Attack (on the accounts of b41bf83): a device's JetStream reply still
+// lands in its own account, DEVICES, and every device listens there. dev-1
+// writes its own status with a stored `Nats-Sequence` header, then direct-
+// gets it with dev-2's hint and status-hint subjects as the reply: the
+// server delivers the answer (stored headers first, so async-nats' `get`
+// returns dev-1's sequence) to dev-2's agent, which held it for a hint.
+// It read its key again and again behind a sequence that never comes (a
+// real write batched with such a hint waits the whole lag cycle, ~16 s),
+// and rewrote its status each second as if another writer had taken it.
+// Devices hold no publish right on these subjects; the reply gives one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_make_another_agent_act_on_hints_forged_through_the_reply_of_its_own_read() {
+    harmony_scores::ensure_linked();
+    let dev2 = DeviceId::new("dev-2").unwrap();
+    let Served { auth, nats: _nats, port, host, operator } = serve(generated()).await;
+    let app = DeploymentName::new("app").unwrap();
+    let g1 = operator
+        .deploy(DeployRequest::new(dev2.clone(), app.clone(), file("/etc/app", "v1")).force(true))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (state, root) = (dir.path().join("state"), dir.path().join("root"));
+    std::fs::create_dir(&root).unwrap();
+    let config = dir.path().join("agent.toml");
+    let prefix = harmony_fleet::nats_config::IMPORTED_REPLY_PREFIX;
+    std::fs::write(&config, format!("trusted_inbox_prefix = \"{prefix}\"\n")).unwrap();
+    let agent = AgentProcess::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--allow-unsigned",
+            "--device-id",
+            "dev-2",
+            "--nats",
+            &auth.devices[1].1.url(&host),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--heartbeat",
+            "1",
+            "--resync",
+            "3600",
+        ],
+        &dir.path().join("agent.log"),
+    );
+    let applied = operator.wait_for_generation(&dev2, &app, g1.generation, Some(&g1.digest), WAIT).await;
+    assert!(applied.is_ok(), "{applied:?}\n{}", agent.log_text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = operator.device_status(&dev2).await.unwrap().unwrap().1;
+
+    let (device, mut refused) = connect_as(&auth.devices[0].1, &port, "_INBOX_dev-1").await;
+    let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(1)).build(device.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Sequence", "99999999999");
+    headers.insert("Nats-Msg-Size", "0");
+    js.publish_with_headers("$KV.harmony-agent-status.dev-1", headers, "".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        for reply in ["harmony.hint.dev-2.app", "harmony.status-hint.dev-2"] {
+            device
+                .publish_with_reply(
+                    "$JS.API.DIRECT.GET.KV_harmony-agent-status.$KV.harmony-agent-status.dev-1",
+                    reply,
+                    "".into(),
+                )
+                .await
+                .unwrap();
+        }
+        device.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(violations(&mut refused).await.is_empty(), "dev-1 used only its own rights");
+    let log = agent.log_text();
+    for acted in ["read is behind its hint", "written by someone else"] {
+        assert!(!log.contains(acted), "dev-2 acted on a message dev-1 forged ({acted}):\n{log}");
+    }
+    let after = operator.device_status(&dev2).await.unwrap().unwrap().1;
+    assert_eq!(after, before, "dev-2 rewrote its status on dev-1's forged status hints");
+    // The bucket's own hints still work: a new generation lands by its hint
+    // (resync is an hour away).
+    let g2 =
+        operator.deploy(DeployRequest::new(dev2.clone(), app.clone(), file("/etc/app", "v2")).force(true));
+    let g2 = g2.await.unwrap();
+    let applied = operator.wait_for_generation(&dev2, &app, g2.generation, Some(&g2.digest), WAIT).await;
+    assert!(applied.is_ok(), "{applied:?}\n{}", agent.log_text());
+}

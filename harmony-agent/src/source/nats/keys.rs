@@ -149,6 +149,7 @@ impl Follower {
         let Some(key) = message.subject.strip_prefix(HINT_PREFIX).and_then(|s| s.strip_prefix('.')) else {
             return;
         };
+        let source = format!("$KV.{DESIRED_STATE_BUCKET}.{key}");
         let key = if key == KEYSET_KEY && self.follow_keyset {
             Key::SigningKeys
         } else {
@@ -170,12 +171,12 @@ impl Follower {
                 None => return,
             }
         };
-        let sequence = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
-            .and_then(|v| v.as_str().parse::<u64>().ok())
-            .unwrap_or(0);
+        // Only the bucket's own republished copy of this key counts: any
+        // device can have the server deliver other messages here.
+        let Some(sequence) = super::republished_sequence(message, &source) else {
+            debug!(subject = %harmony_score_wire::log_text(&message.subject), "ignored a message on a hint subject that is no republished write");
+            return;
+        };
         let hinted = hints.0.entry(key).or_insert(sequence);
         *hinted = (*hinted).max(sequence);
     }

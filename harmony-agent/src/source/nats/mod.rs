@@ -249,6 +249,33 @@ async fn publish_info(client: &async_nats::Client, config: &AgentConfig, info: O
     }
 }
 
+/// The sequence a headers-only republish of `subject` carries, or `None`
+/// for any other message on a hint subject. Devices share an account, and
+/// the server delivers the answer to a device's JetStream request (a direct
+/// get of its own status, with headers it stored; an ack) on whatever reply
+/// subject it names: another device's hint or status-hint subject. Such an
+/// answer has a payload, or no `Nats-Msg-Size`, or the server's own
+/// `Nats-Subject` (the key actually read) beside any stored one; a real
+/// copy has an empty payload and exactly one `Nats-Subject`, the key's.
+pub(super) fn republished_sequence(message: &Message, subject: &str) -> Option<u64> {
+    if !message.payload.is_empty() || message.reply.is_some() || message.status.is_some() {
+        return None;
+    }
+    let headers = message.headers.as_ref()?;
+    let only = |name: &str| {
+        let mut values = headers.get_all(name);
+        match (values.next(), values.next()) {
+            (Some(value), None) => Some(value.as_str().to_owned()),
+            _ => None,
+        }
+    };
+    only("Nats-Msg-Size")?;
+    if only("Nats-Subject")? != subject {
+        return None;
+    }
+    only("Nats-Sequence")?.parse().ok()
+}
+
 /// Whether a command's reply subject may be answered: only under the
 /// operator's inbox prefix. A reply subject is chosen by whoever sent the
 /// command; answering `$KV.…` would write into a bucket with the device's
@@ -314,7 +341,7 @@ async fn answer(client: async_nats::Client, config: AgentConfig, inbox: InboxSen
 mod tests {
     use std::time::Duration;
 
-    use super::{reconnect_delay, trusted_reply, MAX_RECONNECT_DELAY};
+    use super::{reconnect_delay, republished_sequence, trusted_reply, MAX_RECONNECT_DELAY};
 
     // Issue 9 §1: retries after a server loss are bounded and jittered.
     #[test]
@@ -348,5 +375,53 @@ mod tests {
         ] {
             assert!(!trusted_reply(bad, "_INBOX."), "{bad}");
         }
+    }
+
+    // What a device can have the server deliver on another device's hint
+    // subject (the answer to its own direct get or write) is no hint; the
+    // bucket's headers-only copy of the key named is.
+    #[test]
+    fn only_the_buckets_headers_only_copy_of_the_key_is_a_hint() {
+        const KEY: &str = "$KV.harmony-desired-state.dev-2.app";
+        let message = |headers: &[(&str, &str)], payload: &'static [u8], reply: Option<&str>| {
+            let mut map = async_nats::HeaderMap::new();
+            for (name, value) in headers {
+                map.append(*name, *value);
+            }
+            async_nats::Message {
+                subject: "harmony.hint.dev-2.app".into(),
+                reply: reply.map(Into::into),
+                payload: bytes::Bytes::from_static(payload),
+                headers: Some(map),
+                status: None,
+                description: None,
+                length: 0,
+            }
+        };
+        let copy =
+            [("Nats-Stream", "KV_x"), ("Nats-Subject", KEY), ("Nats-Sequence", "7"), ("Nats-Msg-Size", "12")];
+        assert_eq!(republished_sequence(&message(&copy, b"", None), KEY), Some(7));
+        // A direct get of dev-1's own key, its stored headers first.
+        let forged = [
+            ("Nats-Sequence", "99999999999"),
+            ("Nats-Subject", "$KV.harmony-agent-status.dev-1"),
+            ("Nats-Sequence", "3"),
+            ("Nats-Msg-Size", "0"),
+        ];
+        assert_eq!(republished_sequence(&message(&forged, b"", None), KEY), None);
+        let stored_subject = [
+            ("Nats-Subject", KEY),
+            ("Nats-Subject", "$KV.x.dev-1"),
+            ("Nats-Sequence", "3"),
+            ("Nats-Msg-Size", "0"),
+        ];
+        assert_eq!(republished_sequence(&message(&stored_subject, b"", None), KEY), None);
+        assert_eq!(republished_sequence(&message(&copy, b"{}", None), KEY), None, "a payload");
+        assert_eq!(republished_sequence(&message(&copy, b"", Some("_INBOX.x")), KEY), None, "a reply");
+        assert_eq!(republished_sequence(&message(&copy[..3], b"", None), KEY), None, "no Nats-Msg-Size");
+        assert_eq!(
+            republished_sequence(&message(&copy, b"", None), "$KV.harmony-desired-state.dev-2.web"),
+            None
+        );
     }
 }

@@ -153,11 +153,9 @@ pub(super) async fn write_loop(
             }
             () = tokio::time::sleep(RETRY_AFTER), if dirty => {}
             Some(hint) = next_overwrite(&mut overwrites) => {
-                let sequence = hint
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
-                    .and_then(|v| v.as_str().parse::<u64>().ok());
+                // Only the bucket's own copy of a write to this key: another
+                // device can have the server deliver other messages here.
+                let sequence = super::republished_sequence(&hint, &subject);
                 let foreign = matches!((sequence, writer.revision), (Some(seq), Some(mine)) if seq > mine);
                 if foreign && rewrite_at.is_none() {
                     // Not at once: two agents sharing a device id would
