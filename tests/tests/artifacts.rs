@@ -309,6 +309,16 @@ async fn forge_announced_digest(client: &FleetClient, artifact: &str, sha256: &s
 
 /// A stand-in `podman` that runs the real one, except that a `load` first
 /// says so (the file `started`) and then waits for the file `release`.
+/// A podman that writes each call's arguments, one line each, to `calls`.
+fn recording_podman(dir: &Path, calls: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("podman");
+    let script = format!("#!/bin/sh\necho \"$*\" >> '{}'\nexec podman \"$@\"\n", calls.display());
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 fn slow_loading_podman(dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join("podman");
@@ -391,7 +401,9 @@ async fn logs_are_bounded_and_refused_for_a_container_the_agent_does_not_manage(
     }
     let f = Fleet::new().await;
     let device = DeviceId::new("dev-1").unwrap();
-    let _agent = agent(&f, &device, None).await;
+    let wrapper_dir = tempfile::tempdir().unwrap();
+    let calls = wrapper_dir.path().join("calls");
+    let _agent = agent(&f, &device, Some(&recording_podman(wrapper_dir.path(), &calls))).await;
     let printer = Container::unique("printer");
     // 3000 lines of 110 bytes: more than one reply may carry.
     // `done` on stdout too: podman keeps the two streams' order only within each.
@@ -418,6 +430,15 @@ async fn logs_are_bounded_and_refused_for_a_container_the_agent_does_not_manage(
     };
     assert_eq!(last.lines.len(), 2);
     assert!(last.lines[0].starts_with("line 2999 ") && !last.truncated, "{last:?}");
+    // One inspection per request (by name: the label and the log file);
+    // the runtime's logs call inspected the container a second time (by id).
+    let inspections = || {
+        let text = std::fs::read_to_string(&calls).unwrap_or_default();
+        text.lines().filter(|l| l.starts_with("container inspect")).count()
+    };
+    let before = inspections();
+    within(f.client.logs(&device, &printer.0, 2, Duration::from_secs(10))).await.unwrap();
+    assert_eq!(inspections() - before, 1, "{}", std::fs::read_to_string(&calls).unwrap_or_default());
 
     let all = within(f.client.logs(&device, &printer.0, 10_000, Duration::from_secs(10))).await.unwrap();
     assert!(all.truncated, "{} lines", all.lines.len());

@@ -116,6 +116,9 @@ pub struct ContainerState {
     pub started_at: String,
     /// How often the runtime restarted it by its restart policy.
     pub restart_count: u64,
+    /// The file its output is logged to, when the runtime logs to a file
+    /// it can be read from directly (podman's `k8s-file`).
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 /// The lifecycle state of a container.
@@ -267,6 +270,16 @@ pub trait ContainerRuntime: Send + Sync {
     /// stderr, in the order the runtime kept them), at most `max_bytes` of
     /// them: older lines are dropped first, and the result says so.
     async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError>;
+    /// [`logs`](Self::logs) of a container already inspected: what the
+    /// inspection said (its log file) is not asked for again.
+    async fn logs_of(
+        &self,
+        container: &ContainerState,
+        tail: u32,
+        max_bytes: usize,
+    ) -> Result<ContainerLogs, ContainerError> {
+        self.logs(&container.id, tail, max_bytes).await
+    }
 }
 
 /// What [`ContainerRuntime::logs`] returns: lines without their line ends,

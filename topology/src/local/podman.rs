@@ -244,6 +244,7 @@ struct InspectedConfig {
 
 impl From<Inspected> for ContainerState {
     fn from(c: Inspected) -> Self {
+        let log_file = c.k8s_log_file();
         ContainerState {
             id: c.id,
             name: c.name,
@@ -251,6 +252,7 @@ impl From<Inspected> for ContainerState {
             status: ContainerStatus::from_name(&c.state.status),
             exit_code: c.state.exit_code,
             labels: c.config.labels.unwrap_or_default(),
+            log_file,
             started_at: c.state.started_at,
             restart_count: c.restart_count,
         }
@@ -436,7 +438,30 @@ impl ContainerRuntime for Podman {
     /// wrongly); otherwise, or when that file cannot be read,
     /// `podman logs --tail N -- NAME`.
     async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError> {
-        if let Some(path) = self.inspect(name).await?.and_then(|found| found.k8s_log_file()) {
+        let log_file = self.inspect(name).await?.and_then(|found| found.k8s_log_file());
+        self.logs_from(name, log_file, tail, max_bytes).await
+    }
+
+    async fn logs_of(
+        &self,
+        container: &ContainerState,
+        tail: u32,
+        max_bytes: usize,
+    ) -> Result<ContainerLogs, ContainerError> {
+        self.logs_from(&container.id, container.log_file.clone(), tail, max_bytes).await
+    }
+}
+
+impl Podman {
+    /// The logs of `name`, from `log_file` when it has one (see [`Podman::logs`]).
+    async fn logs_from(
+        &self,
+        name: &str,
+        log_file: Option<PathBuf>,
+        tail: u32,
+        max_bytes: usize,
+    ) -> Result<ContainerLogs, ContainerError> {
+        if let Some(path) = log_file {
             let read = tokio::task::spawn_blocking({
                 let path = path.clone();
                 move || podman_logs::tail_k8s_file(&path, tail, max_bytes)
@@ -662,6 +687,15 @@ impl ContainerRuntime for LocalDeviceTopology {
 
     async fn logs(&self, name: &str, tail: u32, max_bytes: usize) -> Result<ContainerLogs, ContainerError> {
         self.podman.logs(name, tail, max_bytes).await
+    }
+
+    async fn logs_of(
+        &self,
+        container: &ContainerState,
+        tail: u32,
+        max_bytes: usize,
+    ) -> Result<ContainerLogs, ContainerError> {
+        self.podman.logs_of(container, tail, max_bytes).await
     }
 }
 

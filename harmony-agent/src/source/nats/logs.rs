@@ -55,7 +55,8 @@ async fn read(
             format!("container {name} is not managed by this agent (no label {MANAGED_LABEL}=true); its logs are not served"),
         ));
     }
-    let logs = runtime.logs(&container.id, request.tail, MAX_LOG_BYTES).await.map_err(runtime_error)?;
+    // The inspection above found the log file: not inspected again.
+    let logs = runtime.logs_of(&container, request.tail, MAX_LOG_BYTES).await.map_err(runtime_error)?;
     let message = match logs.truncated {
         true => format!(
             "{name}: last {} lines (older lines dropped: at most {MAX_LOG_BYTES} bytes)",
