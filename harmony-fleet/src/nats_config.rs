@@ -385,4 +385,35 @@ mod tests {
             .commander
             .is_none());
     }
+
+    // Only the operator shares the buckets' account: any other principal
+    // there could have the server answer into a bucket (docs/security.md).
+    #[test]
+    fn only_the_operator_is_a_user_of_the_buckets_account() {
+        let devices = [DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap()];
+        for roles in [Roles::default(), Roles { monitor: true, commander: true }] {
+            let config = generate_with(&devices, roles).unwrap();
+            let conf = &config.server_conf;
+            let block = |name: &str| {
+                let start =
+                    conf.find(&format!("  {name} {{")).unwrap_or_else(|| panic!("no {name}:\n{conf}"));
+                let end = conf[start + 3..].find("\n  }\n").map_or(conf.len(), |e| start + 3 + e);
+                &conf[start..end]
+            };
+            let fleet = block(FLEET_ACCOUNT);
+            assert!(fleet.contains("jetstream: enabled") && fleet.contains(&config.operator.password));
+            assert_eq!(fleet.matches("password:").count(), 1, "{fleet}");
+            let devices_block = block(DEVICES_ACCOUNT);
+            assert!(!devices_block.contains("jetstream"), "{devices_block}");
+            for (_, principal) in &config.devices {
+                assert!(devices_block.contains(&principal.password));
+            }
+            if let Some(monitor) = &config.monitor {
+                assert!(block(MONITOR_ACCOUNT).contains(&monitor.password));
+            }
+            if let Some(commander) = &config.commander {
+                assert!(block(COMMANDER_ACCOUNT).contains(&commander.password));
+            }
+        }
+    }
 }
