@@ -45,6 +45,36 @@ async fn serve_with_monitor() -> Served {
     serve(harmony_fleet::nats_config::generate_with(&devices, roles).unwrap()).await
 }
 
+/// The agent binary as device `device` at `url`, unsigned documents
+/// allowed, state and root under `dir`, heartbeat every second, resync an
+/// hour away, and, as `nats-config` writes it, trusting the `_R_.` replies
+/// commands arrive with through the DEVICES account's service import.
+/// The agent and its root.
+fn start_agent(dir: &std::path::Path, device: &str, url: &str) -> (AgentProcess, std::path::PathBuf) {
+    let (state, root, config) = (dir.join("state"), dir.join("root"), dir.join("agent.toml"));
+    std::fs::create_dir_all(&root).unwrap();
+    let prefix = harmony_fleet::nats_config::IMPORTED_REPLY_PREFIX;
+    std::fs::write(&config, format!("trusted_inbox_prefix = \"{prefix}\"\n")).unwrap();
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--allow-unsigned",
+        "--device-id",
+        device,
+        "--nats",
+        url,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--heartbeat",
+        "1",
+        "--resync",
+        "3600",
+    ];
+    (AgentProcess::start(&args, &dir.join("agent.log")), root)
+}
+
 fn device_user_with_password(id: &str, password: &str) -> String {
     harmony_fleet::nats_config::device_user(&DeviceId::new(id).unwrap(), password)
 }
@@ -75,35 +105,8 @@ async fn an_agent_with_device_credentials_converges_and_cannot_reach_another_dev
         .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("root")).unwrap();
     let device_url = auth.devices[0].1.url(&format!("127.0.0.1:{port}"));
-    let state = dir.path().join("state");
-    let root = dir.path().join("root");
-    // As `nats-config` writes it: commands arrive through the DEVICES
-    // account's service import, with the server's `_R_.` replies.
-    let config = dir.path().join("agent.toml");
-    let prefix = harmony_fleet::nats_config::IMPORTED_REPLY_PREFIX;
-    std::fs::write(&config, format!("trusted_inbox_prefix = \"{prefix}\"\n")).unwrap();
-    let agent = AgentProcess::start(
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--allow-unsigned",
-            "--device-id",
-            "dev-1",
-            "--nats",
-            &device_url,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--root",
-            root.to_str().unwrap(),
-            "--heartbeat",
-            "1",
-            "--resync",
-            "3600",
-        ],
-        &dir.path().join("agent.log"),
-    );
+    let (agent, root) = start_agent(dir.path(), "dev-1", &device_url);
     let status = client.wait_for_generation(&dev1, &app, g1.generation, Some(&g1.digest), WAIT).await;
     assert!(status.is_ok(), "{status:?}\n{}", agent.log_text());
     let g2 =
@@ -943,31 +946,7 @@ async fn a_device_cannot_make_another_agent_act_on_hints_forged_through_the_repl
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (state, root) = (dir.path().join("state"), dir.path().join("root"));
-    std::fs::create_dir(&root).unwrap();
-    let config = dir.path().join("agent.toml");
-    let prefix = harmony_fleet::nats_config::IMPORTED_REPLY_PREFIX;
-    std::fs::write(&config, format!("trusted_inbox_prefix = \"{prefix}\"\n")).unwrap();
-    let agent = AgentProcess::start(
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--allow-unsigned",
-            "--device-id",
-            "dev-2",
-            "--nats",
-            &auth.devices[1].1.url(&host),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--root",
-            root.to_str().unwrap(),
-            "--heartbeat",
-            "1",
-            "--resync",
-            "3600",
-        ],
-        &dir.path().join("agent.log"),
-    );
+    let (agent, _root) = start_agent(dir.path(), "dev-2", &auth.devices[1].1.url(&host));
     let applied = operator.wait_for_generation(&dev2, &app, g1.generation, Some(&g1.digest), WAIT).await;
     assert!(applied.is_ok(), "{applied:?}\n{}", agent.log_text());
     tokio::time::sleep(Duration::from_secs(2)).await;
