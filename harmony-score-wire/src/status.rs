@@ -346,6 +346,7 @@ pub const MAX_STATUS_BYTES: usize = 256 * 1024;
 /// The one escaping rule for echoed text, shared with logs (see
 /// [`harmony_topology::text`]).
 pub use harmony_topology::text::bounded_text;
+use harmony_topology::text::{bound_in_place, is_bounded};
 
 impl AgentStatus {
     /// Makes the report safe to write: every echoed string bounded and
@@ -361,18 +362,14 @@ impl AgentStatus {
     /// (the one the size check made: a status is encoded once when it fits).
     pub fn to_bounded_cbor(&mut self, max_bytes: usize) -> Vec<u8> {
         // Most strings need nothing: they are left as they are, not copied.
-        let b = |t: &mut String| {
-            if t.len() > MAX_MESSAGE_BYTES || t.chars().any(char::is_control) {
-                *t = bounded_text(t, MAX_MESSAGE_BYTES);
-            }
-        };
+        let b = |t: &mut String| bound_in_place(t, MAX_MESSAGE_BYTES);
         b(&mut self.agent_version);
         b(&mut self.instance_id);
         self.errors.iter_mut().for_each(|e| b(&mut e.message));
         if let Some(info) = &mut self.info {
             b(&mut info.hostname);
             b(&mut info.agent_version);
-            let safe = |t: &String| t.len() <= MAX_MESSAGE_BYTES && !t.chars().any(char::is_control);
+            let safe = |t: &String| is_bounded(t, MAX_MESSAGE_BYTES);
             if !info.labels.iter().all(|(k, v)| safe(k) && safe(v)) {
                 info.labels = std::mem::take(&mut info.labels)
                     .into_iter()

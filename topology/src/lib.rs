@@ -38,7 +38,7 @@ pub use service::{
     check_unit_name, Enablement, ServiceError, ServiceManager, ServiceRuntime, UnitState,
     MAX_UNIT_NAME_BYTES, UNIT_SUFFIXES,
 };
-pub use text::{bounded_text, log_text};
+pub use text::{bound_in_place, bounded_text, is_bounded, log_text};
 pub use topology::{PreparationError, PreparationOutcome, Topology};
 
 /// Re-exported so that Score crates implement [`Interpret`] with the same macro.

@@ -37,6 +37,19 @@ pub fn bounded_text(text: &str, max: usize) -> String {
     out
 }
 
+/// Whether [`bounded_text`] would leave `text` as it is (at most `max`
+/// bytes, no control character).
+pub fn is_bounded(text: &str, max: usize) -> bool {
+    text.len() <= max && !text.chars().any(char::is_control)
+}
+
+/// `text` made [`bounded_text`] in place, copied only when that changes it.
+pub fn bound_in_place(text: &mut String, max: usize) {
+    if !is_bounded(text, max) {
+        *text = bounded_text(text, max);
+    }
+}
+
 /// A log field's text: `value` displayed, then made one safe line by
 /// [`bounded_text`] (at most [`MAX_LOG_FIELD_BYTES`]). Use it for every
 /// field that carries text from outside the process — an error that may
@@ -59,5 +72,19 @@ mod tests {
         assert!(log_text("x".repeat(5000)).len() <= MAX_LOG_FIELD_BYTES);
         let err = std::io::Error::other("quoted \"a\nb\"");
         assert_eq!(log_text(&err), "quoted \"a\\nb\"");
+    }
+
+    // The shortcut agrees with the rule: left alone exactly when
+    // `bounded_text` would not change it.
+    #[test]
+    fn bounding_in_place_changes_exactly_what_bounded_text_changes() {
+        for text in
+            ["plain", "a\nb", "\u{1b}[2J", "\u{9b}", "é".repeat(300).as_str(), "x".repeat(512).as_str()]
+        {
+            let mut owned = text.to_owned();
+            bound_in_place(&mut owned, 512);
+            assert_eq!(owned, bounded_text(text, 512), "{text:?}");
+            assert_eq!(is_bounded(text, 512), bounded_text(text, 512) == text, "{text:?}");
+        }
     }
 }
