@@ -1,8 +1,10 @@
 //! Test harness for end-to-end tests: a real `nats-server` owned by a guard, and the workspace binaries.
 
 pub mod cluster;
+pub mod sleep;
 
 pub use cluster::{LeafNode, NatsCluster};
+pub use sleep::{sleep_score, SleepScore};
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -6,83 +6,12 @@
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
+use harmony_e2e::sleep_score as sleep;
 use harmony_e2e::{
     agent_config, deployment as name, file_score, until_status, within, Fleet, InProcessAgent,
 };
 use harmony_fleet::DeployRequest;
-use harmony_score_wire::{
-    device_score, DeviceId, DeviceScore, ErrorKind, Phase, ResourceId, ScoreValidationError,
-};
-use harmony_topology::{
-    async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
-    LocalDeviceTopology, Outcome, Score, Version,
-};
-use serde::{Deserialize, Serialize};
-
-/// A test-only Score that sleeps (ignoring cancellation), then writes a marker.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SleepScore {
-    name: String,
-    millis: u64,
-}
-
-impl Score<LocalDeviceTopology> for SleepScore {
-    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
-        Box::new(SleepInterpret(self.clone()))
-    }
-    fn name(&self) -> String {
-        format!("sleep [{}]", self.name)
-    }
-}
-
-#[derive(Debug)]
-struct SleepInterpret(SleepScore);
-
-#[async_trait]
-impl Interpret<LocalDeviceTopology> for SleepInterpret {
-    async fn execute(
-        &self,
-        _: &Inventory,
-        topology: &LocalDeviceTopology,
-    ) -> Result<Outcome, InterpretError> {
-        tokio::time::sleep(Duration::from_millis(self.0.millis)).await;
-        std::fs::write(topology.root().join(format!("slept-{}", self.0.name)), b"done")
-            .map_err(|e| InterpretError::new(e.to_string()))?;
-        Ok(Outcome::success("slept"))
-    }
-    fn get_name(&self) -> InterpretName {
-        InterpretName::Custom("Sleep")
-    }
-    fn get_version(&self) -> Version {
-        Version::from("1.0.0")
-    }
-    fn get_status(&self) -> InterpretStatus {
-        InterpretStatus::QUEUED
-    }
-    fn get_children(&self) -> Vec<Id> {
-        Vec::new()
-    }
-}
-
-device_score! {
-    tag: "test.e2e-sleep/v1",
-    summary: "test only: sleeps, then writes a marker",
-    impl DeviceScore for SleepScore {
-        fn validate(&self) -> Result<(), ScoreValidationError> {
-            harmony_score_wire::validate::check_text("name", &self.name, 64)
-        }
-        fn resource(&self) -> ResourceId {
-            ResourceId::named("sleep", &self.name).expect("validated name")
-        }
-        fn undo(&self) -> Option<Box<dyn DeviceScore>> {
-            None
-        }
-    }
-}
-
-fn sleep(name: &str, millis: u64) -> Box<dyn DeviceScore> {
-    Box::new(SleepScore { name: name.into(), millis })
-}
+use harmony_score_wire::{DeviceId, ErrorKind, Phase};
 
 // Issue 6 §1/§8: while one Score ran, newer generations, deletes, commands
 // and SIGTERM all waited.

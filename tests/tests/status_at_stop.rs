@@ -4,79 +4,10 @@
 
 use std::time::Duration;
 
-use harmony_e2e::{agent_config, file_score, until_status, within, InProcessAgent, NatsServer};
+use harmony_e2e::{agent_config, file_score, until_status, within, InProcessAgent, NatsServer, SleepScore};
 use harmony_fleet::{DeployRequest, FleetClient};
 use harmony_score_wire::names::{status_key, AGENT_STATUS_BUCKET};
 use harmony_score_wire::{AgentStatus, DeploymentName, DeviceId, DeviceScore, Phase};
-use harmony_topology::{
-    async_trait, Id, Interpret, InterpretError, InterpretName, InterpretStatus, Inventory,
-    LocalDeviceTopology, Outcome, Score, Version,
-};
-use serde::{Deserialize, Serialize};
-
-/// Writes a marker, then runs until its run is cancelled (or 30 s).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SlowScore {
-    name: String,
-}
-
-impl Score<LocalDeviceTopology> for SlowScore {
-    fn create_interpret(&self) -> Box<dyn Interpret<LocalDeviceTopology>> {
-        Box::new(SlowInterpret(self.name.clone()))
-    }
-    fn name(&self) -> String {
-        format!("slow [{}]", self.name)
-    }
-}
-
-#[derive(Debug)]
-struct SlowInterpret(String);
-
-#[async_trait]
-impl Interpret<LocalDeviceTopology> for SlowInterpret {
-    async fn execute(
-        &self,
-        _: &Inventory,
-        topology: &LocalDeviceTopology,
-    ) -> Result<Outcome, InterpretError> {
-        std::fs::write(topology.root().join(format!("started-{}", self.0)), b"").unwrap();
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(30)) => {}
-            () = harmony_topology::run::cancelled() => {
-                return Err(InterpretError::with_kind(harmony_topology::InterpretErrorKind::Cancelled, "cancelled"));
-            }
-        }
-        Ok(Outcome::success("slept"))
-    }
-    fn get_name(&self) -> InterpretName {
-        InterpretName::Custom("TestSlow")
-    }
-    fn get_version(&self) -> Version {
-        Version::from("1.0.0")
-    }
-    fn get_status(&self) -> InterpretStatus {
-        InterpretStatus::QUEUED
-    }
-    fn get_children(&self) -> Vec<Id> {
-        Vec::new()
-    }
-}
-
-harmony_score_wire::device_score! {
-    tag: "test.slow-until-cancelled/v1",
-    summary: "test only: runs until cancelled",
-    impl DeviceScore for SlowScore {
-        fn validate(&self) -> Result<(), harmony_score_wire::ScoreValidationError> {
-            Ok(())
-        }
-        fn resource(&self) -> harmony_score_wire::ResourceId {
-            harmony_score_wire::ResourceId::named("slow", &self.name).expect("valid resource")
-        }
-        fn undo(&self) -> Option<Box<dyn DeviceScore>> {
-            None
-        }
-    }
-}
 
 async fn stored_status(client: &FleetClient, device: &DeviceId) -> AgentStatus {
     let kv = within(client.jetstream().get_key_value(AGENT_STATUS_BUCKET)).await.unwrap();
@@ -105,7 +36,9 @@ async fn the_last_status_reaches_the_bucket_when_the_agent_stops_during_a_new_ru
     .await;
 
     // g2 starts a run; the agent is stopped (a reboot, an upgrade) while it runs.
-    deploy(vec![Box::new(SlowScore { name: "x".into() })]).await.unwrap();
+    deploy(vec![Box::new(SleepScore { name: "x".into(), millis: 30_000, honour_cancel: true })])
+        .await
+        .unwrap();
     let marker = dir.path().join("root/started-x");
     let waited = tokio::time::timeout(Duration::from_secs(10), async {
         while !marker.exists() {
