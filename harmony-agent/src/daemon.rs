@@ -159,7 +159,8 @@ async fn write_local_status(
         let target = path.clone();
         let _ = tokio::task::spawn_blocking(move || write_status_file(&target, &report)).await;
         let stopping = tokio::select! {
-            changed = status.changed() => if changed.is_err() { return } else {
+            // Closed: the controller stopped, its last status published.
+            changed = status.changed() => changed.is_err() || {
                 // What follows the change within the pause is written with it.
                 tokio::select! {
                     () = tokio::time::sleep(LOCAL_STATUS_EVERY) => false,

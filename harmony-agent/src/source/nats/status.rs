@@ -118,20 +118,14 @@ pub(super) async fn write_loop(
     loop {
         tokio::select! {
             _ = stop.changed() => {
-                // A status held back (a run under way) or not yet written
-                // is the device's last word: written now, if a server takes
-                // it, as a write under way is below.
-                let last = Arc::clone(&status.borrow());
-                let news = !written.as_ref().is_some_and(|w| same_but_timestamps(w, &last));
-                if news && client.connection_state() == async_nats::connection::State::Connected {
-                    let write = writer.write(&js, &stream, &subject, last);
-                    let _ = tokio::time::timeout(SHUTDOWN_WRITE_GRACE, write).await;
-                }
-                return;
+                return last_word(&mut writer, &js, &stream, &subject, &client, written.as_deref(), &status).await;
             }
             changed = status.changed() => {
+                // Closed: the controller stopped (it drops its sender just
+                // before the source is told to stop), with its last status.
                 if changed.is_err() {
-                    return;
+                    return last_word(&mut writer, &js, &stream, &subject, &client, written.as_deref(), &status)
+                        .await;
                 }
                 dirty = true;
             }
@@ -230,6 +224,25 @@ pub(super) async fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// At stop: a status held back (a run under way) or not yet written is the
+/// device's last word, written now if a server takes it (as a write under
+/// way is given [`SHUTDOWN_WRITE_GRACE`]).
+async fn last_word(
+    writer: &mut CasWriter,
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream<()>,
+    subject: &str,
+    client: &async_nats::Client,
+    written: Option<&AgentStatus>,
+    status: &watch::Receiver<Arc<AgentStatus>>,
+) {
+    let last = Arc::clone(&status.borrow());
+    let news = !written.is_some_and(|w| same_but_timestamps(w, &last));
+    if news && client.connection_state() == async_nats::connection::State::Connected {
+        let _ = tokio::time::timeout(SHUTDOWN_WRITE_GRACE, writer.write(js, stream, subject, last)).await;
     }
 }
 
